@@ -522,6 +522,7 @@ def write_atomic(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a vocabulary is not a secret
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -579,8 +580,4 @@ def main():
 
 if __name__ == "__main__":
     import cli
-    cli.override(globals())
-    try:
-        main()
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main, globals())

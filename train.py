@@ -1,17 +1,16 @@
 """train.py - the training loop, from a 2-core laptop to a 124M GPT-2 on one GPU or many.
 
 What you will learn
-  * AdamW written out: two running moments, bias correction, decoupled weight decay, and
-    parameter groups (no decay on norms, biases, embeddings); torch's fused AdamW is the fast
-    path and the test checks the two agree step for step;
+  * AdamW written out (two moments, bias correction, decoupled weight decay, no decay on norms,
+    biases, embeddings), checked step for step against torch's fused AdamW, the fast path;
   * learning-rate schedules: linear warmup, then cosine decay or warmup-stable-decay (WSD);
   * gradient accumulation, clipping (the norm is logged), mixed precision (bf16 autocast, fp16
-    with a GradScaler), TF32 matmuls, torch.compile, activation checkpointing;
-  * evaluation as val loss and bits per byte, so char-level and BPE runs compare;
-  * MFU: how much of the chip's peak arithmetic the model actually uses;
+    with a GradScaler), TF32 matmuls, torch.compile, activation checkpointing, and
+    data-parallel training with torchrun (DDP);
+  * evaluation as val loss and bits per byte, so char-level and BPE runs compare; MFU: how
+    much of the chip's peak arithmetic the model actually uses;
   * checkpoints that resume exactly (model, optimizer, every RNG, data position), written
-    atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops the run;
-  * data-parallel training with torchrun (DDP).
+    atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops the run.
 
 Run it
   python train.py                      # "cpu" preset: built-in plays, minutes on 2 cores
@@ -31,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -96,8 +96,16 @@ keep_checkpoints = 3     # the newest K are kept
 init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
 plot = False             # write out_dir/loss.png at the end (needs matplotlib)
 
-# Named presets. The defaults above are "cpu". The GPU ones expect GPT-2's tokenizer
-# files next to the data (see dataloader.py) and a corpus of a few GB for a real run.
+# GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
+# 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
+GPU_16GB = dict(
+    n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
+    batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
+    beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
+    log_interval=10, save_interval=1000, out_dir="out/gpu-16gb")
+
+# Named presets; the defaults above are "cpu". The GPU ones need --gpt2_dir (GPT-2's vocab
+# and merges files) and, for a real run, --data with a few GB of text.
 PRESETS_TRAIN = {
     "cpu": {},
     "laptop-8gb": dict(  # 11.5M parameters; peak RSS 1.5 GiB measured, BPE training included
@@ -105,17 +113,8 @@ PRESETS_TRAIN = {
         batch_size=8, grad_accum=2, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
         dropout=0.1, eval_interval=250, save_interval=250, log_interval=10,
         out_dir="out/laptop-8gb"),
-    "gpu-16gb": dict(  # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-steps = 524,288 a step;
-        # peak 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort)
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
-        batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
-        beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
-        log_interval=10, save_interval=1000, out_dir="out/gpu-16gb"),
-    "gpu-80gb": dict(  # the same run with 4x larger micro-batches (24.7 GiB on an H100)
-        n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
-        batch_size=32, grad_accum=16, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
-        beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
-        log_interval=10, save_interval=1000, out_dir="out/gpu-80gb"),
+    "gpu-16gb": GPU_16GB,
+    "gpu-80gb": dict(GPU_16GB, batch_size=32, grad_accum=16, out_dir="out/gpu-80gb"),  # 24.7 GiB
     # nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
     "shakespeare-char-baseline": dict(
         tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
@@ -137,20 +136,17 @@ SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char")
 
 # ----------------------------------------------------------------------------- AdamW
 class AdamW(torch.optim.Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), one tensor at a time.
-
-    For each parameter p with gradient g, at step t = 1, 2, ...:
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), one tensor at a time. For
+    each parameter p with gradient g, at step t = 1, 2, ...:
         m = b1*m + (1-b1)*g          running mean of the gradient (momentum)
         v = b2*v + (1-b2)*g*g        running mean of its square (a per-weight scale)
         p = p - lr*wd*p              decay the weight itself, not through the gradient
         p = p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
     m and v start at zero, so early on they are too small: dividing by 1-b^t undoes that.
-    The state uses torch.optim.AdamW's names, so checkpoints move between the two.
-    """
+    The state uses torch.optim.AdamW's names, so checkpoints move between the two."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        # decoupled_weight_decay is never read here; torch.optim.AdamW reads it when it loads our
-        # state (without it, torch would fall back to Adam's L2 penalty)
+        # decoupled_weight_decay: unused here, but torch.optim.AdamW loading our state needs it
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=True))
 
@@ -162,10 +158,9 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g, state = p.grad, self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)     # m
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # v
+                if not state:  # m is exp_avg, v is exp_avg_sq
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 t = state["step"].item()
@@ -177,12 +172,9 @@ class AdamW(torch.optim.Optimizer):
 
 
 def param_groups(model, weight_decay):
-    """Decay the matrices that multiply activations; leave norms, biases and embeddings alone.
-
-    Decay pulls weights toward zero. A norm's gain or a bias has no reason to shrink, and an
-    embedding row only sees a gradient when its token appears, so decay would erase rare tokens.
-    (A tied output head shares the embedding's weight, so it is not decayed either.)
-    """
+    """Decay the matrices that multiply activations, not norms, biases or embeddings: a gain or
+    bias has no reason to shrink, and an embedding row (and a head tied to it) only sees a
+    gradient when its token appears, so decay would erase rare tokens."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # a tied weight is listed once
@@ -192,26 +184,21 @@ def param_groups(model, weight_decay):
 
 
 def make_optimizer(model, c, device_type):
-    groups = param_groups(model, c.weight_decay)
+    if c.optimizer not in ("ours", "torch", "fused"):
+        raise ValueError(f"optimizer={c.optimizer!r}; expected 'ours', 'torch' or 'fused'")
     kw = dict(lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
-    if c.optimizer == "ours":
-        return AdamW(groups, **kw)
-    if c.optimizer == "torch":
-        return torch.optim.AdamW(groups, **kw)
     if c.optimizer == "fused":  # one kernel over all tensors (CPU and CUDA since torch 2.4)
-        return torch.optim.AdamW(groups, fused=device_type in ("cpu", "cuda"), **kw)
-    raise ValueError(f"optimizer={c.optimizer!r}; expected 'ours', 'torch' or 'fused'")
+        kw["fused"] = device_type in ("cpu", "cuda")
+    return (AdamW if c.optimizer == "ours" else torch.optim.AdamW)(
+        param_groups(model, c.weight_decay), **kw)
 
 
 # ----------------------------------------------------------------------------- schedule
 def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
-    """Learning rate for step 0, 1, ... max_iters-1.
-
-    Warmup: ramp up linearly, so the first updates (from a random model, with Adam's moment
-    estimates still noisy) are small. Then "cosine" glides from lr to min_lr along half a
-    cosine; "wsd" holds lr (the stable phase) and decays linearly over the last decay_frac of
-    the run, so a run can be extended from any stable-phase checkpoint.
-    """
+    """Learning rate for step 0, 1, ... max_iters-1. Warmup ramps up linearly, so the first
+    updates (a random model, Adam's moments still noisy) are small. Then "cosine" glides from lr
+    to min_lr along half a cosine; "wsd" holds lr (the stable phase) and decays linearly over
+    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint."""
     if step < warmup_iters:
         return lr * (step + 1) / (warmup_iters + 1)
     if schedule == "cosine":
@@ -225,38 +212,26 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_fr
 
 
 # ----------------------------------------------------------------------------- peak FLOPs, MFU
-# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, and memory
-# bandwidth in bytes/s. "bf16"/"fp16" accumulate in fp32; "tf32" is what fp32 matmuls run at
-# with TF32 on; None: the chip has no such unit. Keys are substrings of the device name;
-# the longest match wins ("A100" before "A10", "H100 PCIe" before "H100").
-TFLOPS = 1e12
-PEAK_FLOPS = {
-    "H100": {"bf16": 989.4 * TFLOPS, "fp16": 989.4 * TFLOPS, "tf32": 494.7 * TFLOPS, "fp32": 66.9 * TFLOPS,
-             "bandwidth": 3.35e12},                                   # H100 SXM
-    "H100 PCIe": {"bf16": 756.5 * TFLOPS, "fp16": 756.5 * TFLOPS, "tf32": 378.0 * TFLOPS, "fp32": 51.2 * TFLOPS,
-                  "bandwidth": 2.0e12},
-    "H100 NVL": {"bf16": 835.5 * TFLOPS, "fp16": 835.5 * TFLOPS, "tf32": 417.5 * TFLOPS, "fp32": 60.0 * TFLOPS,
-                 "bandwidth": 3.9e12},
-    "H200": {"bf16": 989.4 * TFLOPS, "fp16": 989.4 * TFLOPS, "tf32": 494.7 * TFLOPS, "fp32": 66.9 * TFLOPS,
-             "bandwidth": 4.8e12},                                    # H200 SXM
-    "A100": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
-             "bandwidth": 1.555e12},                                  # A100 40GB
-    "A100-SXM4-80GB": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
-                       "bandwidth": 2.039e12},
-    "A100 80GB PCIe": {"bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "tf32": 156 * TFLOPS, "fp32": 19.5 * TFLOPS,
-                       "bandwidth": 1.935e12},
-    "A10": {"bf16": 125 * TFLOPS, "fp16": 125 * TFLOPS, "tf32": 62.5 * TFLOPS, "fp32": 31.2 * TFLOPS,
-            "bandwidth": 600e9},
-    "L4": {"bf16": 121 * TFLOPS, "fp16": 121 * TFLOPS, "tf32": 60 * TFLOPS, "fp32": 30.3 * TFLOPS,
-           "bandwidth": 300e9},
-    "RTX 4090": {"bf16": 165.2 * TFLOPS, "fp16": 165.2 * TFLOPS, "tf32": 82.6 * TFLOPS, "fp32": 82.6 * TFLOPS,
-                 "bandwidth": 1008e9},
-    "RTX 3090": {"bf16": 71 * TFLOPS, "fp16": 71 * TFLOPS, "tf32": 35.6 * TFLOPS, "fp32": 35.6 * TFLOPS,
-                 "bandwidth": 936e9},
-    "V100": {"bf16": None, "fp16": 125 * TFLOPS, "tf32": None, "fp32": 15.7 * TFLOPS,
-             "bandwidth": 900e9},                                     # V100 SXM2
-    "T4": {"bf16": None, "fp16": 65 * TFLOPS, "tf32": None, "fp32": 8.1 * TFLOPS, "bandwidth": 320e9},
-}
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets. bf16/fp16 accumulate in
+# fp32; tf32 is what fp32 matmuls run at with TF32 on; None: the chip has no such unit. Keys
+# are substrings of the device name; the longest match wins ("A100" before "A10").
+#                      bf16    fp16    tf32   fp32   (TFLOP/s)   memory bandwidth (TB/s)
+_PEAKS = {"H100":           (989.4, 989.4, 494.7, 66.9, 3.35),   # SXM
+          "H100 PCIe":      (756.5, 756.5, 378.0, 51.2, 2.0),
+          "H100 NVL":       (835.5, 835.5, 417.5, 60.0, 3.9),
+          "H200":           (989.4, 989.4, 494.7, 66.9, 4.8),    # SXM
+          "A100":           (312.0, 312.0, 156.0, 19.5, 1.555),  # 40GB
+          "A100-SXM4-80GB": (312.0, 312.0, 156.0, 19.5, 2.039),
+          "A100 80GB PCIe": (312.0, 312.0, 156.0, 19.5, 1.935),
+          "A10":            (125.0, 125.0, 62.5, 31.2, 0.6),
+          "L4":             (121.0, 121.0, 60.0, 30.3, 0.3),
+          "RTX 4090":       (165.2, 165.2, 82.6, 82.6, 1.008),
+          "RTX 3090":       (71.0, 71.0, 35.6, 35.6, 0.936),
+          "V100":           (None, 125.0, None, 15.7, 0.9),      # SXM2
+          "T4":             (None, 65.0, None, 8.1, 0.32)}
+PEAK_FLOPS = {name: {"bf16": b and b * 1e12, "fp16": h * 1e12, "tf32": t and t * 1e12,
+                     "fp32": f * 1e12, "bandwidth": bw * 1e12}
+              for name, (b, h, t, f, bw) in _PEAKS.items()}  # FLOP/s and bytes/s
 
 
 def device_peak(device):
@@ -267,18 +242,12 @@ def device_peak(device):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         return str(torch.device(device).type), None  # no table for CPUs: MFU is not shown
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in name:
-            return name, PEAK_FLOPS[key]
-    return name, None
+    return name, PEAK_FLOPS.get(max((k for k in PEAK_FLOPS if k in name), key=len, default=""))
 
 
 def mfu(flops_per_token, tokens_per_s, peak_flops):
-    """Model FLOPs utilization: the model's own FLOPs per second over the chip's peak.
-
-    Counts only the arithmetic the model needs (6 per weight per token, plus attention), not
-    recomputation, so activation checkpointing lowers MFU even though the chip is as busy.
-    """
+    """Model FLOPs utilization: the model's own FLOPs/s over the chip's peak. Recomputation is
+    not counted, so activation checkpointing lowers MFU even though the chip is as busy."""
     return flops_per_token * tokens_per_s / peak_flops if peak_flops else None
 
 
@@ -292,11 +261,8 @@ def checkpoints(out_dir):
 
 
 def save_checkpoint(state, out_dir, step, keep=3):
-    """Write out_dir/ckpt_STEP.pt atomically, then delete all but the newest `keep`.
-
-    torch.save goes to a temporary file in the same folder; os.replace then swaps it in whole.
-    A crash mid-write leaves at most a stray temporary file, never a half checkpoint.
-    """
+    """Write out_dir/ckpt_STEP.pt, then delete all but the newest `keep`. Atomic: a temporary
+    file in the same folder, swapped in by os.replace, so a crash never leaves half a file."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
     tmp = path + ".tmp"
@@ -316,9 +282,7 @@ def save_checkpoint(state, out_dir, step, keep=3):
 
 def load_checkpoint(path):
     """Read a checkpoint onto the CPU (no GPU memory spike), refusing anything but ours.
-
-    weights_only=True unpickles only tensors and plain containers: a checkpoint cannot run code.
-    """
+    weights_only=True unpickles only tensors and plain containers: it cannot run code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -333,13 +297,7 @@ def load_checkpoint(path):
 
 def clean_state_dict(sd):
     """Plain parameter names: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("_orig_mod.", "")
-        while k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
-    return out
+    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
 
 
 def config_diff(saved, current, ignore=("dropout",)):
@@ -351,21 +309,16 @@ def config_diff(saved, current, ignore=("dropout",)):
 
 def rng_state():
     """Every random generator a run uses, as tensors and plain lists (weights_only-safe)."""
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state["state"]["key"].tolist(), np_state["state"]["pos"],
-                  np_state["has_gauss"], np_state["gauss"]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [key.tolist(), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
     key, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(key, np.uint32),
-                         "pos": pos}, "has_gauss": has_gauss, "gauss": gauss})
+    np.random.set_state(("MT19937", np.array(key, np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -387,30 +340,9 @@ def make_config(**overrides):
     return dataclasses.make_dataclass("Config", list(c))(**c)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name, device):
-    if name == "auto":  # bf16 where the chip has bf16 matmul units, else fp32
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype={name!r}; expected auto, float32, bfloat16 or float16")
-    return dtypes[name]
-
-
 def checkpoint_blocks(model):
-    """Activation checkpointing: keep only each block's input, recompute the rest in backward.
-
-    Saves most activation memory for about one more forward pass of compute.
-    """
+    """Activation checkpointing: keep only each block's input, recompute the rest in backward:
+    most of the activation memory saved for about one more forward pass of compute."""
     from block import Block
     for blk in (m for m in model.modules() if isinstance(m, Block)):
         def forward(x, cache=None, _f=blk.forward):
@@ -424,28 +356,23 @@ def peak_memory(dev):
     """Peak bytes this process held: CUDA allocations on a GPU, resident memory on a CPU."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)
-    try:
-        import resource  # Unix only
-    except ImportError:
+    if sys.platform == "win32":
         return None
-    kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
+    import resource
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def fmt_time(seconds):
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 @torch.no_grad()
 def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
-    """(loss per token, bits per byte) over a fixed list of val batches.
-
-    Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the targets. Longer tokens
-    raise the loss per token but not per byte, so char-level and BPE runs compare.
-    Each rank evaluates every world-th batch; the sums are added across ranks.
-    """
+    """(loss per token, bits per byte) over a fixed list of val batches, every world-th on each
+    rank. Bits per byte = nats / ln 2 / UTF-8 bytes of the targets: longer tokens raise the
+    loss per token but not per byte, so char-level and BPE runs compare."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
     for x, y in batches[rank::world]:
@@ -459,38 +386,37 @@ def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
 
 
 def write_plot(log_path, png_path):
-    """A loss curve from the JSONL log; returns a one-line note if matplotlib is missing."""
+    """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
     rows = [json.loads(line) for line in open(log_path)]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    plt.figure(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "val")):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "val")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
-            plt.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
-    plt.xlabel("step")
-    plt.ylabel("loss (nats/token)")
-    plt.legend()
-    plt.grid(alpha=0.3)
-    plt.savefig(png_path + ".tmp.png", dpi=100)
-    plt.close()
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set(xlabel="step", ylabel="loss (nats per token)")
+    ax.legend()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    plt.close(fig)
     os.replace(png_path + ".tmp.png", png_path)
     return f"wrote {png_path}"
 
 
 # ----------------------------------------------------------------------------- the run
-def setup_process(c):
-    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK for each process."""
+def train(c):
+    """Train with the hyperparameters c (from make_config); returns a summary dict.
+    Under torchrun, one process per GPU: it sets RANK, WORLD_SIZE and LOCAL_RANK for each."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if c.grad_accum > world and c.grad_accum % world:
         raise ValueError(f"grad_accum={c.grad_accum} must be a multiple of the {world} processes")
-    dev = pick_device(c.device)
+    dev = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available()
+                       else "mps" if torch.backends.mps.is_available() else "cpu")
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local)  # one GPU per process
         torch.cuda.set_device(dev)
@@ -501,19 +427,22 @@ def setup_process(c):
     if dev.type == "cuda":  # TF32: fp32 matmuls on the tensor cores, 10-bit mantissa inputs
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return rank, world, dev
+    try:
+        return run(c, rank, world, dev)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def load_data(c, rank, world, dev):
     """Tokenizer, train loader (this rank's share) and the fixed val batches."""
     if c.preset in SHAKESPEARE and not c.data:
         raise ValueError(f"preset {c.preset} needs --data=PATH/tinyshakespeare.txt")
-    tok_name = c.tokenizer
-    if tok_name == "gpt2":  # GPT-2's own 50,257-token vocabulary, saved once in our format
-        tok_name = gpt2_tokenizer_file(c.gpt2_dir, os.path.join(c.data_dir, "gpt2-tokenizer.json"))
+    tok_name = (c.tokenizer if c.tokenizer != "gpt2" else  # GPT-2's 50,257 ids, in our format
+                gpt2_tokenizer_file(c.gpt2_dir, os.path.join(c.data_dir, "gpt2-tokenizer.json")))
     args = dict(data=c.data, tokenizer=tok_name, vocab_size=c.vocab_size, out_dir=c.data_dir,
                 val_fraction=c.val_frac, seed=c.seed)
-    error = [None]
+    prep, error = None, [None]
     if rank == 0:  # one process tokenizes; the others wait, then reuse its shards
         try:
             prep = prepare(**args)
@@ -523,20 +452,18 @@ def load_data(c, rank, world, dev):
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise error[0]
-    if rank != 0:
-        prep = prepare(**args)
+    prep = prep or prepare(**args)
     train_loader = DataLoader(prep.train, c.batch_size, c.block_size, rank, world, c.sampler,
                               c.seed, dev)
     if c.batch_size * world > train_loader.windows:
         raise ValueError(f"a batch of {c.batch_size * world} sequences is more than the "
-                         f"{train_loader.windows} windows of {c.block_size} tokens in {prep.train}; "
-                         f"use a smaller --batch_size or --block_size, or more data")
+                         f"{train_loader.windows} windows of {c.block_size} tokens in "
+                         f"{prep.train}; use a smaller --batch_size or --block_size, or more data")
     # val: a fixed set of windows, the same at every evaluation (and for every batch size)
     windows = DataLoader(prep.val, 1, c.block_size).windows
     n = windows if c.eval_iters == 0 else min(windows, c.eval_iters * c.batch_size)
     x, y = DataLoader(prep.val, n, c.block_size, sampler="epoch", seed=c.seed).next_batch()
-    val_batches = [(xb.to(dev), yb.to(dev)) for xb, yb in zip(x.split(c.batch_size),
-                                                             y.split(c.batch_size))]
+    val_batches = list(zip(x.to(dev).split(c.batch_size), y.to(dev).split(c.batch_size)))
     # bits per byte: each target token's length in UTF-8 bytes (special tokens count 0)
     tok = prep.tokenizer
     special = set(tok.special_tokens.values())
@@ -547,51 +474,24 @@ def load_data(c, rank, world, dev):
 
 
 def gpt2_tokenizer_file(folder, path):
-    """GPT-2's tokenizer saved in our format, made once from its vocab and merges files
-    (named as in OpenAI's release, Hugging Face's, or ../shared/data)."""
+    """GPT-2's tokenizer in our format, saved at path once from the vocab and merges files in
+    folder (named as Hugging Face's vocab.json / merges.txt, or gpt2_vocab.json / ...)."""
     if not os.path.exists(path):
-        found = []
-        for names in (("encoder.json", "vocab.json", "gpt2_vocab.json"),
-                      ("vocab.bpe", "merges.txt", "gpt2_merges.txt")):
-            found += [os.path.join(folder, n) for n in names
-                      if os.path.isfile(os.path.join(folder, n))][:1]
-        if len(found) < 2:
-            raise FileNotFoundError(f"tokenizer='gpt2' needs --gpt2_dir=FOLDER with GPT-2's vocab "
-                                    f"and merges files (vocab.json, merges.txt); got {folder!r}")
+        files = [[os.path.join(folder, p + n) for p in ("", "gpt2_")
+                  if os.path.isfile(os.path.join(folder, p + n))]
+                 for n in ("vocab.json", "merges.txt")]
+        if not all(files):
+            raise FileNotFoundError(f"tokenizer='gpt2' needs --gpt2_dir=FOLDER holding GPT-2's "
+                                    f"vocab.json and merges.txt; got {folder!r}")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        bpe.Tokenizer.from_gpt2_files(*found).save(path)
+        bpe.Tokenizer.from_gpt2_files(files[0][0], files[1][0]).save(path)
     return path
-
-
-def build_model(c, vocab_size, dev):
-    """GPT with the architecture of gpt.PRESETS[arch] and the size given here."""
-    if c.arch not in gpt.PRESETS:
-        raise ValueError(f"arch={c.arch!r}; expected one of {', '.join(gpt.PRESETS)}")
-    cfg = dataclasses.replace(gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head,
-                              n_embd=c.n_embd, block_size=c.block_size, dropout=c.dropout,
-                              vocab_size=vocab_size, pad_vocab=c.pad_vocab)
-    return gpt.GPT(cfg).to(dev), cfg
-
-
-def find_init(c):
-    """The checkpoint to resume from, or None for a fresh start."""
-    existing = checkpoints(c.out_dir)
-    if c.init == "auto":
-        return existing[-1] if existing else None
-    if c.init == "scratch":
-        if existing:
-            raise ValueError(f"{c.out_dir} already holds {os.path.basename(existing[-1])}; "
-                             "--init=scratch will not overwrite it: pick another --out_dir")
-        return None
-    return c.init
 
 
 @contextlib.contextmanager
 def catch_signals():
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to save and stop after this step.
-
-    Yields a list that receives the signal number; a second Ctrl-C quits at once.
-    """
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to save and stop after this step: yields
+    the list that receives the signal number. A second Ctrl-C quits at once."""
     got = []
 
     def handler(signum, frame):
@@ -601,10 +501,8 @@ def catch_signals():
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
               "(Ctrl-C again to quit now)", file=sys.stderr)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield got  # signal handlers can only be set from the main thread
-        return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+           if threading.current_thread() is threading.main_thread()}  # only it may set them
     try:
         yield got
     finally:
@@ -612,33 +510,35 @@ def catch_signals():
             signal.signal(s, h)
 
 
-def train(c):
-    """Train with the hyperparameters c (from make_config); returns a summary dict."""
-    rank, world, dev = setup_process(c)
-    try:
-        return run(c, rank, world, dev)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
 def run(c, rank, world, dev):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    torch.manual_seed(c.seed + rank)  # different dropout masks on each rank
-    random.seed(c.seed + rank)
-    np.random.seed(c.seed + rank)
-    ptdtype = pick_dtype(c.dtype, dev)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # dropout differs per rank
+        seed(c.seed + rank)
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={c.dtype!r}; expected auto, float32, bfloat16 or float16")
+    ptdtype = (getattr(torch, c.dtype) if c.dtype != "auto"  # auto: bf16 where the chip has it
+               else torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported()
+               else torch.float32)
     autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
     tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
-    model, mcfg = build_model(c, tok.vocab_size, dev)
-    raw = model  # the plain module: weights are saved and evaluated through it
+    if c.arch not in gpt.PRESETS:  # the family from gpt.PRESETS, the size from here
+        raise ValueError(f"arch={c.arch!r}; expected one of {', '.join(gpt.PRESETS)}")
+    mcfg = dataclasses.replace(gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head,
+                               n_embd=c.n_embd, block_size=c.block_size, dropout=c.dropout,
+                               vocab_size=tok.vocab_size, pad_vocab=c.pad_vocab)
+    model = raw = gpt.GPT(mcfg).to(dev)  # raw, the plain module, is saved and evaluated
     opt = make_optimizer(raw, c, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
 
     step, log_path = 0, os.path.join(c.out_dir, "log.jsonl")
-    path = find_init(c)
+    ckpts = checkpoints(c.out_dir)
+    if c.init == "scratch" and ckpts:
+        raise ValueError(f"{c.out_dir} already holds {os.path.basename(ckpts[-1])}; "
+                         "--init=scratch will not overwrite it: pick another --out_dir")
+    last_ckpt = ckpts[-1] if ckpts else None
+    path = {"auto": last_ckpt, "scratch": None}.get(c.init, c.init)  # what to resume from
     if path:
         ck = load_checkpoint(path)
         diff = config_diff(ck["model_config"], dataclasses.asdict(mcfg))
@@ -649,19 +549,15 @@ def run(c, rank, world, dev):
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         loader.load_state_dict(ck["data"])  # a global position: any world size resumes
-        if len(ck["rng"]) == world:
+        if len(ck["rng"]) == world:  # else (another world size) the RNGs keep their seeds
             set_rng_state(ck["rng"][rank])
-        else:
-            say(f"note: {path} was written by {len(ck['rng'])} processes, this run has {world}: "
-                "random state restarts from the seed")
         step = ck["step"]
         say(f"resumed from {path} at step {step}")
     if master:  # the log holds this run's history: after a resume, drop what came later
         os.makedirs(c.out_dir, exist_ok=True)
-        rows = [line for line in open(log_path)] if path and os.path.exists(log_path) else []
-        rows = [r for r in rows if json.loads(r)["step"] <= step]
+        rows = list(open(log_path)) if path and os.path.exists(log_path) else []
         with open(log_path + ".tmp", "w") as f:
-            f.writelines(rows)
+            f.writelines(r for r in rows if json.loads(r)["step"] <= step)
         os.replace(log_path + ".tmp", log_path)
 
     if c.checkpointing:
@@ -695,20 +591,17 @@ def run(c, rank, world, dev):
         return loss, bpb
 
     def save_now():
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
+        rngs = [rng_state()] * world
+        if world > 1:  # every rank's generators, in rank order
             dist.all_gather_object(rngs, rng_state())
         if master:
             state = {"format": FORMAT, "step": step, "model": raw.state_dict(),
-                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "model_config": dataclasses.asdict(mcfg),
-                     "train_config": dataclasses.asdict(c), "rng": rngs,
-                     "data": loader.state_dict(),
+                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                     "model_config": dataclasses.asdict(mcfg), "data": loader.state_dict(),
+                     "train_config": dataclasses.asdict(c),
                      "tokenizer": os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json"))}
             return save_checkpoint(state, c.out_dir, step, c.keep_checkpoints)
 
-    last_ckpt = (checkpoints(c.out_dir) or [None])[-1]
     val = (None, None)
     t0 = t_log = time.time()
     steps_logged, start_step, logged = 0, step, []
@@ -720,8 +613,8 @@ def run(c, rank, world, dev):
             loss_sum = torch.zeros((), device=dev)
             for micro in range(accum):
                 x, y = loader.next_batch()
-                # DDP averages gradients across processes in backward; only on the last
-                # micro-batch, since the earlier ones just add into .grad
+                # DDP averages gradients in backward: only on the last micro-batch (the
+                # earlier ones just add into .grad)
                 last = micro == accum - 1
                 with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
                     with autocast:
@@ -781,9 +674,8 @@ def run(c, rank, world, dev):
         say(f"peak memory: {mem / 2**30:.2f} GiB ({'CUDA' if dev.type == 'cuda' else 'RSS'})")
     summary = {"step": step, "val_loss": val[0], "val_bpb": val[1], "checkpoint": last_ckpt,
                "time": time.time() - t0, "interrupted": signals[0] if signals else None,
-               "peak_memory": mem,
-               "tokens_per_s": float(np.median([r["tokens_per_s"] for r in logged]))
-               if logged else None, "log": logged}
+               "peak_memory": mem, "log": logged, "tokens_per_s":
+                   float(np.median([r["tokens_per_s"] for r in logged])) if logged else None}
     if master and c.sample_tokens and not summary["interrupted"]:
         prompt = val_batches[0][0][0, :16]
         with autocast:

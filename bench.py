@@ -1,0 +1,768 @@
+"""bench.py - every speed number in the README, measured against its reference in the same run.
+
+Each section times our code and the reference library one after the other in the same process
+(medians of --repeat runs) and reports the ratio, so numbers from different machines compare by
+ratio only. This machine class (2 shared cores) is noisy: rerun, and read the ratios.
+
+    python bench.py                                   # every section (about 15 minutes)
+    python bench.py --only=micrograd,bpe --repeat=5
+    python bench.py --only=model --device=cuda        # on a GPU
+    python bench.py --only=train --data=../shared/data
+
+Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
+training), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
+(shakespeare-char: nanoGPT's baseline config vs our preset). Rows also go to out/bench.json.
+"""
+import contextlib
+import gc
+import importlib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from importlib import metadata, util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
+
+import numpy as np  # noqa: E402
+import tiktoken  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import bpe  # noqa: E402
+import cuda_primer as cp  # noqa: E402
+import dataloader as dl  # noqa: E402
+import gpt  # noqa: E402
+import micrograd as mg  # noqa: E402
+import train  # noqa: E402
+from bpe import GPT2_PATTERN, Tokenizer  # noqa: E402
+from train import device_peak  # noqa: E402
+
+
+# ======================================================================
+# micrograd: Benchmarks for micrograd.py (the `micrograd` section of bench.py).
+# ======================================================================
+
+
+
+assert Path(mg.__file__).resolve() == ROOT / "micrograd.py", f"wrong micrograd imported: {mg.__file__}"
+
+
+def load_pypi_micrograd():
+    """(engine, nn) modules of the PyPI micrograd package, loaded without shadowing ours."""
+    root = Path(metadata.distribution("micrograd").locate_file("micrograd"))
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "micrograd"}
+    try:
+        spec = util.spec_from_file_location("micrograd", root / "__init__.py", submodule_search_locations=[str(root)])
+        sys.modules["micrograd"] = util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["micrograd"])
+        engine = importlib.import_module("micrograd.engine")
+        nn = importlib.import_module("micrograd.nn")  # its `from micrograd.engine import Value` finds PyPI's
+    finally:
+        for k in [k for k in sys.modules if k.split(".")[0] == "micrograd"]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    assert nn.Value is engine.Value and engine.Value is not mg.Value
+    return engine, nn
+
+
+def timed(fns, repeat, gc_on=False):
+    """Median seconds of each fn() over repeat rounds, and each fn's last result. The fns take
+    turns within a round, so a change in machine load hits all of them alike; the garbage
+    collector is paused while timing (as timeit does) unless gc_on."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            gc.collect()
+            if not gc_on:
+                gc.disable()
+            t0 = time.perf_counter()
+            try:
+                outs[i] = fn()
+            finally:
+                gc.enable()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], outs
+
+
+# ----------------------------------------------------------------------------- (a), (b): moons
+
+def sgd_steps(model, loss_fn, steps):
+    """Karpathy's demo loop: full batch, lr 1.0 decayed linearly to 0.1. Returns the losses."""
+    losses = []
+    for k in range(steps):
+        loss = loss_fn()
+        model.zero_grad()
+        loss.backward()
+        lr = 1.0 - 0.9 * k / steps
+        for p in model.parameters():
+            p.data -= lr * p.grad
+        losses.append(loss.data)
+    return losses
+
+
+def pypi_loss(model, Value, X, y, alpha=1e-4):
+    """The max-margin loss as PyPI micrograd's demo writes it."""
+    inputs = [list(map(Value, x)) for x in X]
+    scores = list(map(model, inputs))
+    losses = [(1 + -yi * s).relu() for yi, s in zip(y, scores)]
+    return sum(losses) * (1.0 / len(losses)) + alpha * sum(p * p for p in model.parameters())
+
+
+def same_graph_forward(model, x):
+    """Our MLP evaluated with binary ops only: exactly the graph PyPI's MLP builds."""
+    x = [mg.Value(v) for v in x]
+    for layer in model.layers:
+        x = [(lambda a: a.relu() if n.nonlin else a)(sum((w * xi for w, xi in zip(n.w, x)), n.b))
+             for n in layer.neurons]
+    return x[0]
+
+
+def tensor_moons(weights, X, y, steps, alpha=1e-4):
+    """The same training on the Tensor engine: weights as (in, out) matrices, all points at once."""
+    params = [mg.Tensor(w.copy()) for w in weights]  # Tensor wraps arrays without copying
+    Xt, yt = mg.Tensor(X, requires_grad=False), mg.Tensor(y, requires_grad=False)
+    losses = []
+    for k in range(steps):
+        h = (Xt @ params[0] + params[1]).relu()
+        h = (h @ params[2] + params[3]).relu()
+        scores = (h @ params[4] + params[5]).reshape(-1)
+        loss = (1 - yt * scores).relu().mean() + alpha * sum((p * p).sum() for p in params)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lr = 1.0 - 0.9 * k / steps
+        for p in params:
+            p.data -= lr * p.grad
+        losses.append(loss.item())
+    return losses
+
+
+def as_matrices(model):
+    """An MLP's Values as [W1, b1, W2, b2, ...] with W (in, out): column j is neuron j."""
+    out = []
+    for layer in model.layers:
+        out.append(np.array([[n.w[i].data for n in layer.neurons] for i in range(len(layer.neurons[0].w))]))
+        out.append(np.array([n.b.data for n in layer.neurons]))
+    return out
+
+
+def bench_moons(repeat, steps=100):
+    engine, nn = load_pypi_micrograd()
+    X, y = mg.make_moons(100, 0.1, seed=0)
+    Xl, yl = X.tolist(), y.tolist()
+    random.seed(1337)
+    ours = mg.MLP(2, [16, 16, 1])
+    init = [p.data for p in ours.parameters()]
+    theirs = nn.MLP(2, [16, 16, 1])
+
+    def reset():
+        for m in (ours, theirs):
+            for p, v in zip(m.parameters(), init):
+                p.data = v
+
+    def run_theirs(n=steps):
+        reset()
+        return sgd_steps(theirs, lambda: pypi_loss(theirs, engine.Value, Xl, yl), n)
+
+    def run_ours(n=steps):
+        reset()
+        return sgd_steps(ours, lambda: mg.hinge_loss(ours, X, y)[0], n)
+
+    def same_graph_loss():
+        scores = [same_graph_forward(ours, x) for x in Xl]
+        losses = [(1 + -yi * s).relu() for yi, s in zip(yl, scores)]
+        return sum(losses) * (1.0 / len(losses)) + 1e-4 * sum(p * p for p in ours.parameters())
+
+    def run_same_graph(n=steps):
+        reset()
+        return sgd_steps(ours, same_graph_loss, n)
+
+    mats = as_matrices(ours)
+    (t_theirs, t_ours, t_same, t_tensor), (l_theirs, l_ours, l_same, l_tensor) = timed(
+        [run_theirs, run_ours, run_same_graph, lambda: tensor_moons(mats, X, y, steps)], repeat)
+    diff = max(abs(a - b) for a, b in zip(l_ours, l_theirs))
+    diff_same = max(abs(a - b) for a, b in zip(l_same, l_theirs))
+    diff_tensor = max(abs(a - b) for a, b in zip(l_tensor, l_ours))
+    assert len(l_ours) == len(l_theirs) == len(l_tensor) == steps
+    assert max(diff, diff_same, diff_tensor) <= 1e-9, (diff, diff_same, diff_tensor)
+    # with Python's garbage collector on (the default), a few steps only: PyPI gets very slow
+    (t_theirs_gc, t_ours_gc), _ = timed([lambda: run_theirs(5), lambda: run_ours(5)], repeat, gc_on=True)
+    row = lambda name, ref, t_ref, t, check: dict(
+        section="micrograd", name=name, reference=ref, reference_s=round(t_ref, 4), ours_s=round(t, 4),
+        speedup=round(t_ref / t, 2), check=check)
+    return [
+        row(f"Value engine, {steps} SGD steps MLP(2,[16,16,1]) hinge, 100 moons", "PyPI micrograd 0.1.0",
+            t_theirs, t_ours, f"losses agree, max |diff| {diff:.1e}"),
+        row("  same graph as PyPI (binary ops only, no fused dot/sum)", "PyPI micrograd 0.1.0",
+            t_theirs, t_same, f"losses agree, max |diff| {diff_same:.1e}"),
+        row("  5 steps with the garbage collector on (Python default)", "PyPI micrograd 0.1.0",
+            t_theirs_gc, t_ours_gc, "-"),
+        row(f"Tensor engine, same {steps} steps (all points in one batch)", "our Value engine",
+            t_ours, t_tensor, f"losses agree, max |diff| {diff_tensor:.1e}"),
+    ]
+
+
+# ----------------------------------------------------------------------------- (c): vs torch
+
+def bench_torch_mlp(repeat, batch=64, width=256, n_classes=10, iters=20):
+    """x (64, 256) -> Linear 256 -> GELU -> Linear 256 -> GELU -> Linear 10 -> cross-entropy."""
+    rng = np.random.default_rng(0)
+    sizes = [width, width, width, n_classes]
+    ws = [(rng.standard_normal((i, o)) / np.sqrt(i)).astype(np.float32) for i, o in zip(sizes, sizes[1:])]
+    bs = [np.zeros(o, np.float32) for o in sizes[1:]]
+    x = rng.standard_normal((batch, width)).astype(np.float32)
+    t = rng.integers(0, n_classes, batch)
+
+    params = [mg.Tensor(a) for pair in zip(ws, bs) for a in pair]
+    xt = mg.Tensor(x, requires_grad=False)
+    tparams = [torch.tensor(a, requires_grad=True) for pair in zip(ws, bs) for a in pair]
+    xtt, ttt = torch.tensor(x), torch.tensor(t)
+
+    def ours():
+        h = xt
+        for i in range(0, len(params), 2):
+            h = h @ params[i] + params[i + 1]
+            h = h.gelu("tanh") if i < len(params) - 2 else h
+        loss = mg.cross_entropy(h, t)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return loss.item()
+
+    def ref():
+        h = xtt
+        for i in range(0, len(tparams), 2):
+            h = h @ tparams[i] + tparams[i + 1]
+            h = torch.nn.functional.gelu(h, approximate="tanh") if i < len(tparams) - 2 else h
+        loss = torch.nn.functional.cross_entropy(h, ttt)
+        for p in tparams:
+            p.grad = None
+        loss.backward()
+        return loss.item()
+
+    lo, lr_ = ours(), ref()
+    gdiff = max(float(np.abs(p.grad - tp.grad.numpy()).max()) for p, tp in zip(params, tparams))
+    assert abs(lo - lr_) < 1e-5 and gdiff < 1e-5, (lo, lr_, gdiff)
+    loop = lambda f: (lambda: [f() for _ in range(iters)])
+    (t_ours, t_ref), _ = timed([loop(ours), loop(ref)], 5 * repeat)  # short rounds: many of them
+    return [dict(section="micrograd",
+                 name=f"Tensor engine MLP fwd+bwd, batch {batch}, width {width}, float32 (per step)",
+                 reference=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads)",
+                 reference_s=round(t_ref / iters, 6), ours_s=round(t_ours / iters, 6),
+                 speedup=round(t_ref / t_ours, 2), check=f"loss and grads agree, max |diff| {gdiff:.1e}")]
+
+
+def bench_micrograd(args):
+    repeat = max(1, getattr(args, "repeat", None) or 3)
+    rows = bench_moons(repeat) + bench_torch_mlp(repeat)
+    print(f"{'benchmark':<72} {'reference':<28} {'ref s':>9} {'ours s':>9} {'speedup':>8}  check")
+    for r in rows:
+        print(f"{r['name']:<72} {r['reference']:<28} {r['reference_s']:>9.4g} {r['ours_s']:>9.4g} "
+              f"{r['speedup']:>7.2f}x  {r['check']}")
+    return rows
+
+
+# ======================================================================
+# bpe: Benchmarks for bpe.py: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory.
+# ======================================================================
+
+def median_time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_train(docs, vocab_size):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2 regex
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[3])
+    import bpe
+
+    def status(field):  # resident memory, MiB, from Linux's /proc (ru_maxrss would count the parent)
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+
+    tok = bpe.Tokenizer.load(sys.argv[1])
+    tok.encode_ordinary("warm up the regex")
+    base = status("VmRSS")
+    t0, n = time.perf_counter(), 0
+    with open(sys.argv[2], encoding="utf-8", newline="") as f:
+        for _ in tok.encode_iterable(f):
+            n += 1
+    print(base, status("VmHWM"), n, time.perf_counter() - t0)
+""")
+
+
+def bench_bpe(args):
+    repeat = max(1, getattr(args, "repeat", 3) or 3)
+    data = Path(getattr(args, "data", "") or Path(bpe.__file__).resolve().parent.parent / "shared" / "data")
+    plays = bpe.load_plays_markdown()
+    docs = list(plays.values())
+    corpus_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    rows = []
+
+    def row(name, ours, ref, unit, target, met, note=""):
+        rows.append({"section": "bpe", "name": name, "ours": round(ours, 3), "reference": None if ref is None else round(ref, 3),
+                     "unit": unit, "ratio": None if ref is None else round(ours / ref, 2), "target": target,
+                     "met": met, "note": note})
+
+    # 1. training at 4,096 on the built-in corpus; runs alternate so load changes hit both alike
+    ours_t, hf_t, serial_t = [], [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        trained = Tokenizer.train(docs, 4096)
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hf_train(docs, 4096)
+        hf_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        Tokenizer.train(docs, 4096, workers=1)
+        serial_t.append(time.perf_counter() - t0)
+    ours, hf, serial = map(statistics.median, (ours_t, hf_t, serial_t))
+    row(f"train 4096, {corpus_mb:.1f} MB plays, s (vs HF BpeTrainer)", ours, hf, "s", "ratio <= 3", ours / hf <= 3,
+        f"{os.cpu_count()} workers")
+    row("train 4096, one worker, s (vs HF BpeTrainer)", serial, hf, "s", "-", None)
+
+    # 2. the naive trainer is far slower: time a few merges, beside the fast one on the same counts
+    counts = bpe.count_pretokens(docs, GPT2_PATTERN, ["<|endoftext|>"], workers=1)
+    n = 64
+    t0 = time.perf_counter()
+    naive = bpe.train_naive(counts, n)
+    naive_s = time.perf_counter() - t0
+    fast_s = median_time(lambda: bpe.train_fast(counts, n), repeat)
+    assert bpe.train_fast(counts, n) == naive
+    row(f"naive trainer, {n} merges on the plays, s (vs incremental)", naive_s, fast_s, "s", "-", None,
+        f"one run; ~{naive_s / n * 3839:.0f} s for 3,839 merges at that pace")
+
+    # 3. encoding speed vs tiktoken, one thread each; ours cold (fresh cache) and warm
+    have_gpt2 = (data / "gpt2_vocab.json").exists() and (data / "gpt2_merges.txt").exists()
+    if have_gpt2:
+        tok = Tokenizer.from_gpt2_files(data / "gpt2_vocab.json", data / "gpt2_merges.txt")
+        texts = {"tinyshakespeare": (data / "tinyshakespeare.txt").read_text(encoding="utf-8"), "plays": "".join(docs)}
+        vocab_name = "GPT-2 ranks"
+    else:
+        tok, texts, vocab_name = trained, {"plays": "".join(docs)}, "our 4096 ranks (no GPT-2 files)"
+    enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=tok.to_tiktoken_ranks(),
+                            special_tokens=tok.special_tokens)
+    for name, text in texts.items():
+        mb = len(text.encode("utf-8")) / 1e6
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+        tik = median_time(lambda: enc.encode_ordinary(text), repeat)
+        cold = median_time(lambda: (tok.cache.clear(), tok.encode_ordinary(text)), repeat)
+        warm = median_time(lambda: tok.encode_ordinary(text), repeat)
+        for label, s in (("cold cache", cold), ("warm cache", warm)):
+            row(f"encode {name} ({mb:.1f} MB), {vocab_name}, {label}, MB/s (vs tiktoken)", mb / s, mb / tik, "MB/s",
+                "ratio >= 0.3", mb / s >= 0.3 * mb / tik)
+
+    # 4. peak memory of encode_iterable over a file of >= 100 MB, in a fresh process
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.txt"
+        block = "".join(docs).encode("utf-8")
+        with open(big, "wb") as f:
+            while f.tell() < 100 * 2**20:
+                f.write(block)
+        trained.save(Path(tmp) / "tok.json")
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(Path(tmp) / "tok.json"), str(big),
+                              str(Path(bpe.__file__).resolve().parent)], capture_output=True, text=True, check=True)
+        base, peak, n_ids, dt = map(float, out.stdout.split())
+        size = big.stat().st_size / 2**20
+    row(f"encode_iterable over a {size:.0f} MiB file, peak RSS, MiB", peak, None, "MiB", "< 100", peak < 100,
+        f"{base:.0f} MiB after import+load; {n_ids / 1e6:.1f}M ids at {size / dt:.1f} MiB/s")
+
+    print(f"\nbpe.py benchmarks (median of {repeat}; ratio = ours / reference)")
+    for r in rows:
+        ref = "" if r["reference"] is None else f" ref {r['reference']}"
+        ratio = "" if r["ratio"] is None else f" ratio {r['ratio']}"
+        print(f"  {r['name']}: {r['ours']}{ref}{ratio}  target {r['target']}  met {r['met']}  {r['note']}")
+    return rows
+
+
+# ======================================================================
+# data: Benchmark for dataloader.py (helper "data"): does the loader keep up with training?
+# ======================================================================
+
+def median_rate(fn, units, repeat):
+    """Median over `repeat` runs of units / seconds for one call of fn."""
+    rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        rates.append(units / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def loader_rate(folder, B, T, sampler, repeat, steps=2000):
+    loader = dl.DataLoader(folder, B, T, sampler=sampler, seed=0)
+    loader.next_batch()
+    return median_rate(lambda: [loader.next_batch() for _ in range(steps)], steps * B * T, repeat)
+
+
+def train_rate(B, T, repeat, steps=10):
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=T, vocab_size=65, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 65, (B, T))
+    y = torch.randint(0, 65, (B, T))
+
+    def run(n):
+        for _ in range(n):
+            _, loss = model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    run(3)  # warm up: allocations, first-call overheads
+    return median_rate(lambda: run(steps), steps * B * T, repeat)
+
+
+def bench_data(args):
+    repeat = max(3, getattr(args, "repeat", 5) or 5)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "shards"  # 4M random tokens in 4 shards: the loader cannot tell
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            dl.write_shard(folder / f"{i:06d}.bin", rng.integers(0, 65, 1_000_000).astype(np.uint16))
+        B, T = 12, 64
+        # the fastest the training loop can go: on a busy machine one thread can beat several
+        default, rates = torch.get_num_threads(), {}
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)
+            rates[threads] = train_rate(B, T, repeat)
+        torch.set_num_threads(default)
+        threads = max(rates, key=rates.get)
+        train = rates[threads]
+        rows.append({"bench": "data", "what": f"CPU training step consumes (gpt.GPT 4x128, B=12, T=64, AdamW, "
+                                              f"{threads} of {sorted(rates)} threads)",
+                     "median": train, "unit": "tokens/s", "ratio": 1.0})
+        for sampler in ("epoch", "random"):
+            rate = loader_rate(folder, B, T, sampler, repeat)
+            rows.append({"bench": "data", "what": f"DataLoader.next_batch, {sampler} sampler, B=12, T=64",
+                         "median": rate, "unit": "tokens/s", "ratio": rate / train})
+        rate = loader_rate(folder, 8, 1024, "epoch", repeat, steps=300)
+        rows.append({"bench": "data", "what": "DataLoader.next_batch, epoch sampler, B=8, T=1024 (GPT-2 shape)",
+                     "median": rate, "unit": "tokens/s", "ratio": rate / train})
+        t0 = time.perf_counter()
+        dl.prepare("", "bpe", vocab_size=512, out_dir=Path(tmp) / "data")
+        cold = time.perf_counter() - t0
+        warm = 1 / median_rate(lambda: dl.prepare("", "bpe", vocab_size=512, out_dir=Path(tmp) / "data"), 1, repeat)
+        rows.append({"bench": "data", "what": "prepare(): built-in plays, bpe 512, cold (train + tokenize + write)",
+                     "median": cold, "unit": "s", "ratio": None})
+        rows.append({"bench": "data", "what": "prepare(): same call again, cached folder reused",
+                     "median": warm, "unit": "s", "ratio": cold / warm})
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"  x{r['ratio']:,.1f}"
+        print(f"{r['what']:<82s} {r['median']:>14,.3f} {r['unit']}{ratio}")
+    return rows
+
+
+# ======================================================================
+# model: Benchmarks for block.py / gpt.py against transformers, in the same run (medians, ratios).
+# ======================================================================
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, repeat, device):
+    fn()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _models(name, device):
+    cfg = gpt.get_config(name, dropout=0.0)
+    torch.manual_seed(0)
+    ours = gpt.GPT(cfg).to(device)
+    hf = GPT2LMHeadModel(GPT2Config(**gpt.hf_config_kwargs(cfg))).to(device)
+    hf.load_state_dict(ours.to_hf())  # same weights: same logits, same work
+    return ours, hf
+
+
+def _row(bench, device, ours_s, hf_s, tokens, note=""):
+    ours, ref = tokens / ours_s, tokens / hf_s
+    return {"bench": bench, "device": device, "ours_tok_s": round(ours, 1),
+            "transformers_tok_s": round(ref, 1), "ratio": round(ours / ref, 3), "note": note}
+
+
+def bench_model(args):
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    repeat = getattr(args, "repeat", None) or 5
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
+    rows = []
+    # forward + backward
+    shapes = {"tiny": (16, 128), "gpt2": (8, 1024) if cuda else (1, 256)}
+    for preset, (B, T) in shapes.items():
+        ours, hf = _models(preset, device)
+        idx = torch.randint(0, ours.config.vocab_size, (B, T), device=device)
+
+        def step_ours():
+            with amp():
+                loss = ours(idx, idx)[1]
+            loss.backward()
+            ours.zero_grad(set_to_none=True)
+
+        def step_hf():
+            with amp():
+                loss = hf(input_ids=idx, labels=idx).loss
+            loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        rows.append(_row(f"fwd+bwd {preset} B={B} T={T}", name,
+                         _median_seconds(step_ours, repeat, device),
+                         _median_seconds(step_hf, repeat, device), B * T,
+                         "bf16 autocast" if cuda else "float32"))
+    # generation, greedy, batch 1
+    lengths = {"tiny": (16, 100), "gpt2": (32, 128) if cuda else (32, 32)}
+    for preset, (P, N) in lengths.items():
+        ours, hf = _models(preset, device)
+        ours.eval(), hf.eval()
+        prompt = torch.randint(0, ours.config.vocab_size, (1, P), device=device)
+        for cache in (True, False):
+            def gen_ours():
+                with amp():
+                    out = ours.generate(prompt, N, temperature=0, use_cache=cache)
+                assert out.shape[1] == P + N
+
+            def gen_hf():
+                with amp(), torch.no_grad():
+                    hf.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                use_cache=cache, pad_token_id=0)
+            rows.append(_row(f"generate {preset} {'with' if cache else 'without'} KV cache, "
+                             f"prompt {P} + {N} new", name,
+                             _median_seconds(gen_ours, repeat, device),
+                             _median_seconds(gen_hf, repeat, device), N))
+    print_rows(rows)
+    return rows
+
+
+def print_rows(rows):
+    print(f"{'benchmark':52s} {'ours tok/s':>12s} {'HF tok/s':>12s} {'ratio':>7s}  device")
+    for r in rows:
+        print(f"{r['bench']:52s} {r['ours_tok_s']:12,.0f} {r['transformers_tok_s']:12,.0f} "
+              f"{r['ratio']:7.2f}  {r['device']} {r['note']}")
+
+
+# ======================================================================
+# primer: Benchmark for cuda_primer.py (helper "primer"): the device's measured ceilings and fusion.
+# ======================================================================
+
+def bench_primer(args):
+    cp.repeat = max(3, getattr(args, "repeat", 5) or 5)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name, peak = cp.device_name(dev), device_peak(dev)[1]
+    rows = []
+
+    def row(what, median, unit, ratio=None):
+        rows.append({"bench": "primer", "what": f"{what} [{name}]", "median": median,
+                     "unit": unit, "ratio": ratio})
+
+    mb = 1024 if dev.type == "cuda" else 256
+    bw = cp.measure_bandwidth(dev, mb)
+    row(f"copy {mb} MB (read + write); ratio = of table peak", bw / 1e9, "GB/s",
+        bw / peak["bandwidth"] if peak else None)
+    sizes = [4096, 8192] if dev.type == "cuda" else [1024, 2048]
+    dtypes = [torch.bfloat16, torch.float32] if dev.type == "cuda" else [torch.float32]
+    for dtype in dtypes:
+        key = "bf16" if dtype == torch.bfloat16 else "fp32"
+        for n, fl in cp.measure_matmul(dev, sizes, dtype):
+            row(f"matmul {key} {n}^3; ratio = of table peak", fl / 1e12, "TFLOP/s",
+                fl / peak[key] if peak and peak.get(key) else None)
+    t0 = time.perf_counter()
+    fusion = cp.fusion_demo(dev)  # prints its own table; compile time included once here
+    for what, t, _, speedup in fusion + cp.kernels_demo(dev):
+        row(f"{what}; ratio = speedup vs the first of its group", t * 1e3, "ms", speedup)
+    print(f"(bench_primer: {time.perf_counter() - t0:.0f} s for fusion and kernels)")
+    return rows
+
+
+# ======================================================================
+# train: Benchmarks for train.py (merged into bench.py by the lead).
+# ======================================================================
+
+GiB = 2**30
+
+
+def find_shakespeare(data):
+    p = Path(data or ROOT.parent / "shared" / "data")
+    p = p if p.suffix == ".txt" else p / "tinyshakespeare.txt"
+    return p if p.is_file() else None
+
+
+def run_preset(name, text, data_dir, out_root, **overrides):
+    """One full run (model build, training, final eval on the whole val split), timed."""
+    c = train.make_config(preset=name, data=str(text), data_dir=str(data_dir), sample_tokens=0,
+                          out_dir=tempfile.mkdtemp(dir=out_root), init="scratch", **overrides)
+    t0 = time.perf_counter()
+    r = train.train(c)
+    wall = time.perf_counter() - t0
+    return {"preset": name, "steps": r["step"], "tokens": r["step"] * c.batch_size * c.block_size,
+            "tokens_per_s": r["step"] * c.batch_size * c.block_size / wall, "wall_s": wall,
+            "val_loss": r["val_loss"], "threads": torch.get_num_threads()}
+
+
+def bench_shakespeare(text, repeat, threads=1):
+    rows = {name: [] for name in train.SHAKESPEARE}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        train.prepare(str(text), "char", out_dir=str(data_dir), val_fraction=0.1)  # untimed
+        for i in range(repeat):  # alternate, so both see the same machine load
+            for name in train.SHAKESPEARE:
+                # the same thread count for both: on a shared 2-core machine a second
+                # thread waits on the other processes and can cost 10x
+                r = run_preset(name, text, data_dir, tmp, threads=threads)
+                rows[name].append(r)
+                print(f"  run {i + 1}/{repeat} {name:26s} {r['steps']:5d} steps "
+                      f"{r['wall_s']:6.1f} s  val {r['val_loss']:.4f}  ({r['threads']} threads)",
+                      flush=True)
+    out = []
+    for name, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs)
+               for k in ("wall_s", "tokens_per_s", "val_loss")}
+        out.append({"bench": "train", "name": name, "steps": runs[0]["steps"],
+                    "tokens": runs[0]["tokens"], "runs": len(runs), **med,
+                    "val_losses": [round(r["val_loss"], 4) for r in runs],
+                    "wall_times": [round(r["wall_s"], 1) for r in runs]})
+    base, ours = out
+    ours["wall_ratio"] = ours["wall_s"] / base["wall_s"]
+    print(f"\n{'preset':27s} {'steps':>6s} {'tokens':>10s} {'tok/s':>8s} {'wall s':>7s} "
+          f"{'val loss':>9s}  runs")
+    for r in out:
+        print(f"{r['name']:27s} {r['steps']:6d} {r['tokens']:10,d} {r['tokens_per_s']:8.0f} "
+              f"{r['wall_s']:7.1f} {r['val_loss']:9.4f}  {r['val_losses']}")
+    print(f"wall time ratio (ours / baseline): {ours['wall_ratio']:.2f}  "
+          f"(target: <= 0.60 with val loss <= 1.88)")
+    return out
+
+
+def activation_bytes(cfg, batch_size, dtype=torch.bfloat16):
+    """Bytes autograd keeps for backward in one forward pass (each storage counted once,
+    parameters excluded), measured with saved-tensor hooks on the CPU."""
+    torch.manual_seed(0)
+    model = gpt.GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype):
+            _, loss = model(x, x)
+    return sum(seen.values()), model
+
+
+def bench_fit_16gb():
+    p = train.PRESETS_TRAIN["gpu-16gb"]
+    cfg = gpt.GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
+                        block_size=p["block_size"], vocab_size=50257, pad_vocab=p["pad_vocab"])
+    # two batch sizes separate what grows with the batch from what does not (autocast's
+    # bf16 copies of the weights)
+    act1, model = activation_bytes(cfg, 1)
+    act2, _ = activation_bytes(cfg, 2)
+    per_seq, fixed = act2 - act1, 2 * act1 - act2
+    n = sum(t.numel() for t in model.parameters())  # as stored: tied once, padding included
+    B = p["batch_size"]
+    rows = [("parameters (fp32)", 4 * n), ("gradients (fp32)", 4 * n),
+            ("AdamW m and v (fp32)", 8 * n),
+            ("bf16 copies of the weights (autocast)", fixed),
+            (f"activations: {B} x {per_seq / 2**20:.0f} MiB a sequence of {cfg.block_size}",
+             B * per_seq),
+            # not saved for backward, but alive for a moment in it: the loss's gradient
+            # with respect to the logits, fp32, one row of the (padded) vocabulary a token
+            ("largest transient: fp32 gradient of the logits", 4 * B * cfg.block_size * cfg.padded_vocab)]
+    total = sum(b for _, b in rows)
+    print(f"\ngpu-16gb memory ({n / 1e6:.1f}M stored parameters, micro-batch {B} x "
+          f"{cfg.block_size} tokens, grad_accum {p['grad_accum']}; eager, bf16 autocast)")
+    for what, b in rows:
+        print(f"  {what:48s} {b / GiB:6.2f} GiB")
+    print(f"  {'total':48s} {total / GiB:6.2f} GiB  (a 16 GB card holds {16e9 / GiB:.1f} GiB)")
+    return [{"bench": "train", "name": "gpu-16gb memory", "params": n, "bytes_params": 4 * n,
+             "bytes_grads": 4 * n, "bytes_adamw": 8 * n, "bytes_weight_copies": fixed,
+             "bytes_activations": B * per_seq, "bytes_total": total, "fits_15gb": total < 15e9}]
+
+
+def bench_train(args):
+    rows = []
+    text = find_shakespeare(getattr(args, "data", None))
+    if text is None:
+        print("shakespeare benchmark skipped: no tinyshakespeare.txt (pass --data=../shared/data)")
+    else:
+        print(f"shakespeare-char: baseline vs ours on {text}, {args.repeat} run(s) each")
+        rows += bench_shakespeare(text, args.repeat, getattr(args, "threads", 1))
+    rows += bench_fit_16gb()
+    return rows
+
+
+# ======================================================================
+# main
+# ======================================================================
+
+only = "all"          # comma-separated sections, or "all"
+data = ""             # folder with tinyshakespeare.txt, gpt2_vocab.json, gpt2_merges.txt
+repeat = 5            # timed runs per number (the median is reported)
+device = "cpu"        # model section: "cuda" on a GPU
+out = "out/bench.json"
+
+SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
+            "model": bench_model, "primer": bench_primer, "train": bench_train}
+
+if __name__ == "__main__":
+    import json
+    import types
+
+    import cli
+    cli.override(globals())
+    names = list(SECTIONS) if only == "all" else only.split(",")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"error: unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
+    default = Path(__file__).resolve().parent.parent / "shared" / "data"
+    args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
+                                 repeat=repeat, device=device)
+    results = {}
+    for name in names:
+        print(f"\n## {name}")
+        t0 = time.perf_counter()
+        results[name] = SECTIONS[name](args)
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, out)
+    print(f"\nrows written to {out}")
