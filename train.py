@@ -104,6 +104,14 @@ GPU_16GB = dict(
     beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
     log_interval=10, save_interval=1000, out_dir="out/gpu-16gb")
 
+# nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
+SHAKESPEARE_BASELINE = dict(
+    tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+    batch_size=12, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+    schedule="cosine", beta2=0.99, weight_decay=0.1, sampler="random", optimizer="torch",
+    dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
+    save_interval=2000, out_dir="out/shakespeare-char-baseline")
+
 # Named presets; the defaults above are "cpu". The GPU ones need --gpt2_dir (GPT-2's vocab
 # and merges files) and, for a real run, --data with a few GB of text.
 PRESETS_TRAIN = {
@@ -115,21 +123,13 @@ PRESETS_TRAIN = {
         out_dir="out/laptop-8gb"),
     "gpu-16gb": GPU_16GB,
     "gpu-80gb": dict(GPU_16GB, batch_size=32, grad_accum=16, out_dir="out/gpu-80gb"),  # 24.7 GiB
-    # nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
-    "shakespeare-char-baseline": dict(
-        tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-        batch_size=12, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-        schedule="cosine", beta2=0.99, weight_decay=0.1, sampler="random", optimizer="torch",
-        dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
-        save_interval=2000, out_dir="out/shakespeare-char-baseline"),
+    "shakespeare-char-baseline": SHAKESPEARE_BASELINE,
     # ours on the same data and model size: 4x the peak lr, warmup-stable-decay to ~0,
     # every window once per epoch, fused AdamW: 1,100 steps instead of 2,000
     "shakespeare-char": dict(
-        tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-        batch_size=12, grad_accum=1, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
-        schedule="wsd", decay_frac=0.4, beta2=0.99, weight_decay=0.1, sampler="epoch",
-        optimizer="fused", dtype="float32", compile=False, eval_interval=1100, eval_iters=0,
-        log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
+        SHAKESPEARE_BASELINE, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
+        schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
+        eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
 }
 SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char")
 
