@@ -73,6 +73,20 @@ def load_pypi_micrograd():
     return engine, nn
 
 
+def median_time(fn, repeat, device=None):
+    """Median wall seconds of fn() over `repeat` calls; on a GPU, synchronised around each call
+    (kernels run asynchronously: without the sync we would time only the launches)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def timed(fns, repeat, gc_on=False):
     """Median seconds of each fn() over repeat rounds, and each fn's last result. The fns take
     turns within a round, so a change in machine load hits all of them alike; the garbage
@@ -274,13 +288,6 @@ def bench_micrograd(args):
 # bpe: Benchmarks for bpe.py: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory.
 # ======================================================================
 
-def median_time(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def hf_train(docs, vocab_size):
@@ -404,13 +411,8 @@ def bench_bpe(args):
 # ======================================================================
 
 def median_rate(fn, units, repeat):
-    """Median over `repeat` runs of units / seconds for one call of fn."""
-    rates = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        rates.append(units / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    """units / the median seconds of one call of fn."""
+    return units / median_time(fn, repeat)
 
 
 def loader_rate(folder, B, T, sampler, repeat, steps=2000):
@@ -482,21 +484,9 @@ def bench_data(args):
 # model: Benchmarks for block.py / gpt.py against transformers, in the same run (medians, ratios).
 # ======================================================================
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _median_seconds(fn, repeat, device):
     fn()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_time(fn, repeat, device)
 
 
 def _models(name, device):

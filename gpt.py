@@ -289,10 +289,8 @@ def truncate(logits, top_k=None, top_p=None):
 def save_checkpoint(path, model, **extra):
     """Write {"model": state_dict, "config": asdict(config), **extra} atomically (a temp
     file in the same folder, then os.replace: a crash never leaves half a checkpoint)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, tmp)
-    os.replace(tmp, path)
+    with dataloader.atomic_open(path) as f:
+        torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, f)
 
 
 def load_checkpoint(path, device="cpu"):

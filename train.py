@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 import cli
 import gpt
-from dataloader import DataLoader, prepare
+from dataloader import DataLoader, atomic_open, prepare
 
 # ----------------------------------------------------------------------------- hyperparameters
 preset = "cpu"           # a name from PRESETS_TRAIN below; explicit --name=value wins
@@ -263,18 +263,9 @@ def checkpoints(out_dir):
 def save_checkpoint(state, out_dir, step, keep=3):
     """Write out_dir/ckpt_STEP.pt, then delete all but the newest `keep`. Atomic: a temporary
     file in the same folder, swapped in by os.replace, so a crash never leaves half a file."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as f:
+        torch.save(state, f)
     for old in checkpoints(out_dir)[:-keep]:
         os.remove(old)
     return path
