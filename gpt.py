@@ -451,8 +451,9 @@ def to_hf_state_dict(sd, config):
 
 
 # ----------------------------------------------------------------------------- demo
-def fmt_time(s):
-    return f"{int(s) // 60}:{int(s) % 60:02d}"
+def fmt_time(seconds):
+    h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 @torch.no_grad()

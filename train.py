@@ -354,11 +354,6 @@ def peak_memory(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
-def fmt_time(seconds):
-    h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 @torch.no_grad()
 def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
     """(loss per token, bits per byte) over a fixed list of val batches, every world-th on each
@@ -645,7 +640,7 @@ def run(c, rank, world, dev):
                 say(f"step {step:5d}/{c.max_iters} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                     f"norm {row['grad_norm']:.3f} | {tps / 1e3:.1f}k tok/s | "
                     + (f"mfu {row['mfu']:.1%} | " if row["mfu"] is not None else "")
-                    + f"{fmt_time(now - t0)} elapsed, {fmt_time(left)} left")
+                    + f"{gpt.fmt_time(now - t0)} elapsed, {gpt.fmt_time(left)} left")
                 write_log(row)
                 logged.append(row)
                 t_log, steps_logged = time.time(), 0
