@@ -8,10 +8,13 @@ ratio only. This machine class (2 shared cores) is noisy: rerun, and read the ra
     python bench.py --only=micrograd,bpe --repeat=5
     python bench.py --only=model --device=cuda        # on a GPU
     python bench.py --only=train --data=../shared/data
+    python bench.py --only=mfu --device=cuda --variants=0,3   # rows of MFU_VARIANTS
 
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
 training), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
-(shakespeare-char: nanoGPT's baseline config vs our preset). Rows also go to out/bench.json.
+(shakespeare-char: nanoGPT's baseline config vs our preset; the 16 GB fit), mfu (the 124M
+training micro-step on a GPU, variant by variant, vs transformers'). Rows also go to
+out/bench.json.
 """
 import contextlib
 import gc
@@ -47,10 +50,8 @@ from train import device_peak  # noqa: E402
 
 
 # ======================================================================
-# micrograd: Benchmarks for micrograd.py (the `micrograd` section of bench.py).
+# micrograd: the Value engine vs PyPI micrograd, the Tensor engine vs torch
 # ======================================================================
-
-
 
 assert Path(mg.__file__).resolve() == ROOT / "micrograd.py", f"wrong micrograd imported: {mg.__file__}"
 
@@ -285,7 +286,7 @@ def bench_micrograd(args):
 
 
 # ======================================================================
-# bpe: Benchmarks for bpe.py: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory.
+# bpe: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory
 # ======================================================================
 
 
@@ -407,7 +408,7 @@ def bench_bpe(args):
 
 
 # ======================================================================
-# data: Benchmark for dataloader.py (helper "data"): does the loader keep up with training?
+# data: does the loader keep up with training?
 # ======================================================================
 
 def median_rate(fn, units, repeat):
@@ -481,7 +482,7 @@ def bench_data(args):
 
 
 # ======================================================================
-# model: Benchmarks for block.py / gpt.py against transformers, in the same run (medians, ratios).
+# model: block.py / gpt.py against transformers' GPT-2
 # ======================================================================
 
 def _median_seconds(fn, repeat, device):
@@ -565,7 +566,7 @@ def print_rows(rows):
 
 
 # ======================================================================
-# primer: Benchmark for cuda_primer.py (helper "primer"): the device's measured ceilings and fusion.
+# primer: cuda_primer.py's measured ceilings, fusion and kernels
 # ======================================================================
 
 def bench_primer(args):
@@ -598,7 +599,7 @@ def bench_primer(args):
 
 
 # ======================================================================
-# train: Benchmarks for train.py (merged into bench.py by the lead).
+# train: shakespeare-char, nanoGPT's baseline config vs our preset; the 16 GB fit
 # ======================================================================
 
 GiB = 2**30
@@ -720,17 +721,125 @@ def bench_train(args):
 
 
 # ======================================================================
+# mfu: the 124M training micro-step on a GPU, one variant at a time
+# ======================================================================
+
+# (model, micro-batch, torch.compile mode or None for eager, SDPA backend or None for torch's
+# choice, loss). Row 0 is train.py's gpu-16gb micro-step; "hf" is the reference, transformers'
+# GPT-2 (unpadded vocabulary, SDPA attention) compiled the same way. Slow compiles come last.
+MFU_VARIANTS = [
+    ("ours", 8, "default", None, "slice"),
+    ("hf", 8, "default", None, "-"),
+    ("ours", 8, None, None, "slice"),
+    ("ours", 16, "default", None, "slice"),
+    ("ours", 16, "default", None, "mask"),
+    ("ours", 16, "default", "flash", "slice"),
+    ("ours", 16, "default", "cudnn", "slice"),
+    ("ours", 32, "default", None, "slice"),
+    ("ours", 16, "reduce-overhead", None, "slice"),
+    ("ours", 16, "max-autotune-no-cudagraphs", None, "slice"),
+]
+
+
+def masked_loss(model):
+    """The same loss as gpt.GPT.forward's, over the padded vocabulary with the padding columns
+    at -inf instead of sliced off: their probability is exactly 0, and no strided copy of the
+    (B, T, vocab) logits is made."""
+    c = model.config
+    pad = torch.zeros(c.padded_vocab, device=model.lm_head.weight.device)
+    pad[c.vocab_size:] = float("-inf")
+
+    def loss(idx, targets):
+        logits = model.lm_head(model.hidden(idx)) + pad             # (B, T, padded vocab)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                 ignore_index=-1)
+    return loss
+
+
+def mfu_step(variant, device, repeat, micro=4):
+    """Tokens/s of fwd + bwd (bf16 autocast, gradients accumulating as in train.py) for one
+    variant, median of `repeat` timings of `micro` micro-steps; peak memory; compile time.
+    Without a GPU: the tiny model in float32 at a quarter of the batch, to try the code paths."""
+    kind, B, mode, backend, loss_kind = variant
+    cuda = device.type == "cuda"
+    cfg = gpt.get_config("gpt2" if cuda else "tiny", dropout=0.0)
+    B = B if cuda else max(1, B // 4)
+    torch.manual_seed(0)
+    ours = gpt.GPT(cfg).to(device)
+    if kind == "hf":
+        model = GPT2LMHeadModel(GPT2Config(**gpt.hf_config_kwargs(cfg))).to(device)
+        fn = lambda x, y: model(input_ids=x, labels=y).loss  # noqa: E731
+    else:
+        fn = masked_loss(ours) if loss_kind == "mask" else (lambda x, y: ours(x, y)[1])
+    fn = torch.compile(fn, mode=mode) if mode else fn
+    sdpa = torch.nn.attention
+    backends = {"flash": sdpa.SDPBackend.FLASH_ATTENTION, "cudnn": sdpa.SDPBackend.CUDNN_ATTENTION}
+    x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), device=device)
+    amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def steps(n=micro):
+        with sdpa.sdpa_kernel(backends[backend]) if backend else contextlib.nullcontext():
+            for _ in range(n):
+                with amp:
+                    loss = fn(x, x)
+                loss.backward()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    steps(3)  # compiles, autotunes, warms up
+    if cuda:
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - t0
+    seconds = median_time(steps, repeat, device) / micro
+    tps = B * cfg.block_size / seconds
+    peak = device_peak(device)[1]
+    return {"bench": "mfu", "device": device_peak(device)[0], "model": kind, "micro_batch": B,
+            "compile": mode or "eager", "sdpa": backend or "auto", "loss": loss_kind,
+            "tokens_per_s": tps, "mfu": train.mfu(ours.flops_per_token(), tps, peak and peak["bf16"]),
+            "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
+            "compile_s": compile_s}
+
+
+def bench_mfu(args):
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    picked = [int(i) for i in args.variants.split(",")] if getattr(args, "variants", "") else None
+    variants = [v for i, v in enumerate(MFU_VARIANTS) if picked is None or i in picked]
+    if device.type != "cuda":  # a quick run of the code paths with the tiny model
+        print("no GPU: the tiny model, float32, eager only (MFU needs a GPU)")
+        variants = list(dict.fromkeys((m, B, None, None, loss) for m, B, _, _, loss in variants))
+    rows = []
+    print(f"{'#':>2s} {'model':5s} {'B':>3s} {'compile':27s} {'sdpa':6s} {'loss':6s} "
+          f"{'tok/s':>10s} {'MFU':>6s} {'GiB':>6s} {'compile s':>9s}")
+    for v in variants:
+        r = mfu_step(v, device, getattr(args, "repeat", None) or 5)
+        rows.append(r)
+        mfu_s = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        gib = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        i = MFU_VARIANTS.index(v) if v in MFU_VARIANTS else "-"
+        print(f"{i:>2} {v[0]:5s} {r['micro_batch']:3d} {r['compile']:27s} {r['sdpa']:6s} "
+              f"{v[4]:6s} {r['tokens_per_s']:10,.0f} {mfu_s:>6s} {gib:>6s} {r['compile_s']:9.1f}",
+              flush=True)
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ======================================================================
 # main
 # ======================================================================
 
 only = "all"          # comma-separated sections, or "all"
 data = ""             # folder with tinyshakespeare.txt, gpt2_vocab.json, gpt2_merges.txt
 repeat = 5            # timed runs per number (the median is reported)
-device = "cpu"        # model section: "cuda" on a GPU
+device = "cpu"        # model and mfu sections: "cuda" on a GPU
+variants = ""         # mfu section: indices into MFU_VARIANTS, e.g. "0,3,4" ("" = all)
 out = "out/bench.json"
 
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
-            "model": bench_model, "primer": bench_primer, "train": bench_train}
+            "model": bench_model, "primer": bench_primer, "train": bench_train,
+            "mfu": bench_mfu}
 
 if __name__ == "__main__":
     import json
@@ -744,7 +853,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
     default = Path(__file__).resolve().parent.parent / "shared" / "data"
     args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
-                                 repeat=repeat, device=device)
+                                 repeat=repeat, device=device, variants=variants)
     results = {}
     for name in names:
         print(f"\n## {name}")
