@@ -858,7 +858,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 # ======================================================================
-# data: Tests for dataloader.py (helper "data"); the lead merges them into test_all.py.
+# data: tests for dataloader.py
 # ======================================================================
 
 def make_shards(folder, lengths, dtype=np.uint16):
@@ -1938,7 +1938,7 @@ def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
 
 
 # ======================================================================
-# train: Tests for train.py (merged into test_all.py by the lead).
+# train: tests for train.py
 # ======================================================================
 
 # ----------------------------------------------------------------------------- helpers
@@ -2142,6 +2142,18 @@ def test_loss_falls(corpus, tmp_path):
     assert min(losses[-5:]) < losses[0] - 1.0
     assert r["val_loss"] < math.log(65) - 1.0  # 65 symbols: uniform is 4.17 nats
     assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)  # 1 byte a char
+
+
+def test_samples_at_each_evaluation_leave_training_unchanged(corpus, tmp_path, capsys):
+    """Sampling uses its own seeded generator: the weights equal a run without samples."""
+    kw = dict(max_iters=10, dropout=0.1, sampler="random", eval_interval=5, save_interval=10)
+    plain = train.train(tiny(corpus, tmp_path / "a", **kw))
+    sampled = train.train(tiny(corpus, tmp_path / "b", sample_tokens=12, **kw))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain["val_loss"] == sampled["val_loss"]
+    out = capsys.readouterr().out
+    assert "sample at step 5:" in out and "sample at step 10:" in out
+    assert "sample" not in plain and len(sampled["sample"]) > 0
 
 
 def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):

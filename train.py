@@ -89,7 +89,7 @@ seed = 1337
 eval_interval = 500      # steps between evaluations (and at the end)
 eval_iters = 20          # val batches per evaluation; 0 = the whole val split
 log_interval = 50
-sample_tokens = 300      # tokens sampled at the end (0 = none)
+sample_tokens = 300      # tokens sampled at each evaluation (0 = none)
 out_dir = "out/cpu"
 save_interval = 500      # steps between checkpoints (and at the end)
 keep_checkpoints = 3     # the newest K are kept
@@ -570,10 +570,16 @@ def run(c, rank, world, dev):
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate_now():
+    def evaluate_now():  # val loss, and a sample to read how the model is doing
         loss, bpb = evaluate(raw, val_batches, val_bytes, autocast, rank, world)
         say(f"step {step:5d} | val loss {loss:.4f} | {bpb:.3f} bits per byte")
         write_log({"step": step, "val_loss": loss, "val_bpb": bpb})
+        if master and c.sample_tokens:
+            with autocast:  # continues the first 16 tokens of a val window
+                out = raw.generate(val_batches[0][0][0, :16], c.sample_tokens, temperature=0.8,
+                                   top_p=0.95, eot_id=eot, seed=c.seed)
+            sample[0] = tok.decode(out[0].tolist())
+            say(f"sample at step {step}:\n{sample[0]}")
         return loss, bpb
 
     def save_now():
@@ -588,7 +594,7 @@ def run(c, rank, world, dev):
                      "tokenizer": os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json"))}
             return save_checkpoint(state, c.out_dir, step, c.keep_checkpoints)
 
-    val = (None, None)
+    val, sample, eot = (None, None), [None], tok.special_tokens.get("<|endoftext|>")
     t0 = t_log = time.time()
     steps_logged, start_step, logged = 0, step, []
     with catch_signals() as signals:
@@ -662,13 +668,8 @@ def run(c, rank, world, dev):
                "time": time.time() - t0, "interrupted": signals[0] if signals else None,
                "peak_memory": mem, "log": logged, "tokens_per_s":
                    float(np.median([r["tokens_per_s"] for r in logged])) if logged else None}
-    if master and c.sample_tokens and not summary["interrupted"]:
-        prompt = val_batches[0][0][0, :16]
-        with autocast:
-            out = raw.generate(prompt, c.sample_tokens, temperature=0.8, top_p=0.95,
-                               eot_id=tok.special_tokens.get("<|endoftext|>"), seed=c.seed)
-        summary["sample"] = tok.decode(out[0].tolist())
-        say("sample:\n" + summary["sample"])
+    if sample[0] is not None:
+        summary["sample"] = sample[0]
     if master and c.plot:
         say(write_plot(log_path, os.path.join(c.out_dir, "loss.png")))
     return summary
