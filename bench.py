@@ -1,8 +1,9 @@
 """bench.py - every speed number in the README, measured against its reference in the same run.
 
-Each section times our code and the reference library one after the other in the same process
-(medians of --repeat runs) and reports the ratio, so numbers from different machines compare by
-ratio only. This machine class (2 shared cores) is noisy: rerun, and read the ratios.
+Each section times our code and the reference library in the same process, taking turns
+(cuda_primer.timed: medians of --repeat rounds), and reports the ratio, so numbers from different
+machines compare by ratio only. This machine class (2 shared cores) is noisy: rerun, and read
+the ratios.
 
     python bench.py                                   # every section (about 15 minutes)
     python bench.py --only=micrograd,bpe --repeat=5
@@ -17,8 +18,8 @@ training micro-step on a GPU, variant by variant, vs transformers'). Rows also g
 out/bench.json.
 """
 import contextlib
-import gc
 import importlib
+import json
 import os
 import random
 import statistics
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from importlib import metadata, util
 from pathlib import Path
 
@@ -48,6 +50,13 @@ import train  # noqa: E402
 from bpe import GPT2_PATTERN, Tokenizer  # noqa: E402
 from train import device_peak  # noqa: E402
 
+# python bench.py --name=value
+only = "all"          # comma-separated sections, or "all"
+data = ""             # folder with tinyshakespeare.txt, gpt2_vocab.json, gpt2_merges.txt
+repeat = 5            # timed runs per number (the median is reported)
+device = "cpu"        # model and mfu sections: "cuda" on a GPU
+variants = ""         # mfu section: indices into MFU_VARIANTS, e.g. "0,3,4" ("" = all)
+out = "out/bench.json"
 
 # ======================================================================
 # micrograd: the Value engine vs PyPI micrograd, the Tensor engine vs torch
@@ -72,39 +81,6 @@ def load_pypi_micrograd():
         sys.modules.update(ours)
     assert nn.Value is engine.Value and engine.Value is not mg.Value
     return engine, nn
-
-
-def median_time(fn, repeat, device=None):
-    """Median wall seconds of fn() over `repeat` calls; on a GPU, synchronised around each call
-    (kernels run asynchronously: without the sync we would time only the launches)."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def timed(fns, repeat, gc_on=False):
-    """Median seconds of each fn() over repeat rounds, and each fn's last result. The fns take
-    turns within a round, so a change in machine load hits all of them alike; the garbage
-    collector is paused while timing (as timeit does) unless gc_on."""
-    times, outs = [[] for _ in fns], [None] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            gc.collect()
-            if not gc_on:
-                gc.disable()
-            t0 = time.perf_counter()
-            try:
-                outs[i] = fn()
-            finally:
-                gc.enable()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], outs
 
 
 # ----------------------------------------------------------------------------- (a), (b): moons
@@ -201,7 +177,7 @@ def bench_moons(repeat, steps=100):
         return sgd_steps(ours, same_graph_loss, n)
 
     mats = as_matrices(ours)
-    (t_theirs, t_ours, t_same, t_tensor), (l_theirs, l_ours, l_same, l_tensor) = timed(
+    (t_theirs, t_ours, t_same, t_tensor), (l_theirs, l_ours, l_same, l_tensor) = cp.timed(
         [run_theirs, run_ours, run_same_graph, lambda: tensor_moons(mats, X, y, steps)], repeat)
     diff = max(abs(a - b) for a, b in zip(l_ours, l_theirs))
     diff_same = max(abs(a - b) for a, b in zip(l_same, l_theirs))
@@ -209,7 +185,7 @@ def bench_moons(repeat, steps=100):
     assert len(l_ours) == len(l_theirs) == len(l_tensor) == steps
     assert max(diff, diff_same, diff_tensor) <= 1e-9, (diff, diff_same, diff_tensor)
     # with Python's garbage collector on (the default), a few steps only: PyPI gets very slow
-    (t_theirs_gc, t_ours_gc), _ = timed([lambda: run_theirs(5), lambda: run_ours(5)], repeat, gc_on=True)
+    (t_theirs_gc, t_ours_gc), _ = cp.timed([lambda: run_theirs(5), lambda: run_ours(5)], repeat, gc_on=True)
     row = lambda name, ref, t_ref, t, check: dict(
         section="micrograd", name=name, reference=ref, reference_s=round(t_ref, 4), ours_s=round(t, 4),
         speedup=round(t_ref / t, 2), check=check)
@@ -267,7 +243,7 @@ def bench_torch_mlp(repeat, batch=64, width=256, n_classes=10, iters=20):
     gdiff = max(float(np.abs(p.grad - tp.grad.numpy()).max()) for p, tp in zip(params, tparams))
     assert abs(lo - lr_) < 1e-5 and gdiff < 1e-5, (lo, lr_, gdiff)
     loop = lambda f: (lambda: [f() for _ in range(iters)])
-    (t_ours, t_ref), _ = timed([loop(ours), loop(ref)], 5 * repeat)  # short rounds: many of them
+    (t_ours, t_ref), _ = cp.timed([loop(ours), loop(ref)], 5 * repeat)  # short rounds: many of them
     return [dict(section="micrograd",
                  name=f"Tensor engine MLP fwd+bwd, batch {batch}, width {width}, float32 (per step)",
                  reference=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads)",
@@ -336,19 +312,10 @@ def bench_bpe(args):
                      "unit": unit, "ratio": None if ref is None else round(ours / ref, 2), "target": target,
                      "met": met, "note": note})
 
-    # 1. training at 4,096 on the built-in corpus; runs alternate so load changes hit both alike
-    ours_t, hf_t, serial_t = [], [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        trained = Tokenizer.train(docs, 4096)
-        ours_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        hf_train(docs, 4096)
-        hf_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        Tokenizer.train(docs, 4096, workers=1)
-        serial_t.append(time.perf_counter() - t0)
-    ours, hf, serial = map(statistics.median, (ours_t, hf_t, serial_t))
+    # 1. training at 4,096 on the built-in corpus; runs take turns so load changes hit all alike
+    (ours, hf, serial), (trained, _, _) = cp.timed(
+        [lambda: Tokenizer.train(docs, 4096), lambda: hf_train(docs, 4096),
+         lambda: Tokenizer.train(docs, 4096, workers=1)], repeat, gc_on=True)
     row(f"train 4096, {corpus_mb:.1f} MB plays, s (vs HF BpeTrainer)", ours, hf, "s", "ratio <= 3", ours / hf <= 3,
         f"{os.cpu_count()} workers")
     row("train 4096, one worker, s (vs HF BpeTrainer)", serial, hf, "s", "-", None)
@@ -359,7 +326,7 @@ def bench_bpe(args):
     t0 = time.perf_counter()
     naive = bpe.train_naive(counts, n)
     naive_s = time.perf_counter() - t0
-    fast_s = median_time(lambda: bpe.train_fast(counts, n), repeat)
+    (fast_s,), _ = cp.timed([lambda: bpe.train_fast(counts, n)], repeat, gc_on=True)
     assert bpe.train_fast(counts, n) == naive
     row(f"naive trainer, {n} merges on the plays, s (vs incremental)", naive_s, fast_s, "s", "-", None,
         f"one run; ~{naive_s / n * 3839:.0f} s for 3,839 merges at that pace")
@@ -377,9 +344,9 @@ def bench_bpe(args):
     for name, text in texts.items():
         mb = len(text.encode("utf-8")) / 1e6
         assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
-        tik = median_time(lambda: enc.encode_ordinary(text), repeat)
-        cold = median_time(lambda: (tok.cache.clear(), tok.encode_ordinary(text)), repeat)
-        warm = median_time(lambda: tok.encode_ordinary(text), repeat)
+        (tik, cold, warm), _ = cp.timed([lambda: enc.encode_ordinary(text),
+                                         lambda: (tok.cache.clear(), tok.encode_ordinary(text)),
+                                         lambda: tok.encode_ordinary(text)], repeat, gc_on=True)
         for label, s in (("cold cache", cold), ("warm cache", warm)):
             row(f"encode {name} ({mb:.1f} MB), {vocab_name}, {label}, MB/s (vs tiktoken)", mb / s, mb / tik, "MB/s",
                 "ratio >= 0.3", mb / s >= 0.3 * mb / tik)
@@ -413,7 +380,7 @@ def bench_bpe(args):
 
 def median_rate(fn, units, repeat):
     """units / the median seconds of one call of fn."""
-    return units / median_time(fn, repeat)
+    return units / cp.timed([fn], repeat, gc_on=True)[0][0]
 
 
 def loader_rate(folder, B, T, sampler, repeat, steps=2000):
@@ -485,11 +452,6 @@ def bench_data(args):
 # model: block.py / gpt.py against transformers' GPT-2
 # ======================================================================
 
-def _median_seconds(fn, repeat, device):
-    fn()  # warm-up (allocations, kernel selection)
-    return median_time(fn, repeat, device)
-
-
 def _models(name, device):
     cfg = gpt.get_config(name, dropout=0.0)
     torch.manual_seed(0)
@@ -530,9 +492,8 @@ def bench_model(args):
             loss.backward()
             hf.zero_grad(set_to_none=True)
 
-        rows.append(_row(f"fwd+bwd {preset} B={B} T={T}", name,
-                         _median_seconds(step_ours, repeat, device),
-                         _median_seconds(step_hf, repeat, device), B * T,
+        (t_ours, t_hf), _ = cp.timed([step_ours, step_hf], repeat, device, warmup=1, gc_on=True)
+        rows.append(_row(f"fwd+bwd {preset} B={B} T={T}", name, t_ours, t_hf, B * T,
                          "bf16 autocast" if cuda else "float32"))
     # generation, greedy, batch 1
     lengths = {"tiny": (16, 100), "gpt2": (32, 128) if cuda else (32, 32)}
@@ -550,10 +511,9 @@ def bench_model(args):
                 with amp(), torch.no_grad():
                     hf.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False,
                                 use_cache=cache, pad_token_id=0)
+            (t_ours, t_hf), _ = cp.timed([gen_ours, gen_hf], repeat, device, warmup=1, gc_on=True)
             rows.append(_row(f"generate {preset} {'with' if cache else 'without'} KV cache, "
-                             f"prompt {P} + {N} new", name,
-                             _median_seconds(gen_ours, repeat, device),
-                             _median_seconds(gen_hf, repeat, device), N))
+                             f"prompt {P} + {N} new", name, t_ours, t_hf, N))
     print_rows(rows)
     return rows
 
@@ -579,17 +539,12 @@ def bench_primer(args):
         rows.append({"bench": "primer", "what": f"{what} [{name}]", "median": median,
                      "unit": unit, "ratio": ratio})
 
-    mb = 1024 if dev.type == "cuda" else 256
-    bw = cp.measure_bandwidth(dev, mb)
+    mb, bw, matmuls = cp.measure_ceilings(dev)  # the primer's sizes and dtypes
     row(f"copy {mb} MB (read + write); ratio = of table peak", bw / 1e9, "GB/s",
         bw / peak["bandwidth"] if peak else None)
-    sizes = [4096, 8192] if dev.type == "cuda" else [1024, 2048]
-    dtypes = [torch.bfloat16, torch.float32] if dev.type == "cuda" else [torch.float32]
-    for dtype in dtypes:
-        key = "bf16" if dtype == torch.bfloat16 else "fp32"
-        for n, fl in cp.measure_matmul(dev, sizes, dtype):
-            row(f"matmul {key} {n}^3; ratio = of table peak", fl / 1e12, "TFLOP/s",
-                fl / peak[key] if peak and peak.get(key) else None)
+    for key, n, fl in matmuls:
+        row(f"matmul {key} {n}^3; ratio = of table peak", fl / 1e12, "TFLOP/s",
+            fl / peak[key] if peak and peak.get(key) else None)
     t0 = time.perf_counter()
     fusion = cp.fusion_demo(dev)  # prints its own table; compile time included once here
     for what, t, _, speedup in fusion + cp.kernels_demo(dev):
@@ -791,7 +746,7 @@ def mfu_step(variant, device, repeat, micro=4):
     if cuda:
         torch.cuda.synchronize(device)
     compile_s = time.perf_counter() - t0
-    seconds = median_time(steps, repeat, device) / micro
+    seconds = cp.timed([steps], repeat, device, gc_on=True)[0][0] / micro
     tps = B * cfg.block_size / seconds
     peak = device_peak(device)[1]
     return {"bench": "mfu", "device": device_peak(device)[0], "model": kind, "micro_batch": B,
@@ -830,27 +785,27 @@ def bench_mfu(args):
 # main
 # ======================================================================
 
-only = "all"          # comma-separated sections, or "all"
-data = ""             # folder with tinyshakespeare.txt, gpt2_vocab.json, gpt2_merges.txt
-repeat = 5            # timed runs per number (the median is reported)
-device = "cpu"        # model and mfu sections: "cuda" on a GPU
-variants = ""         # mfu section: indices into MFU_VARIANTS, e.g. "0,3,4" ("" = all)
-out = "out/bench.json"
-
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
             "mfu": bench_mfu}
 
-if __name__ == "__main__":
-    import json
-    import types
 
-    import cli
-    cli.override(globals())
+def main():
     names = list(SECTIONS) if only == "all" else only.split(",")
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        raise SystemExit(f"error: unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device={device!r} is not a torch device; try cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}, but torch sees no CUDA GPU")
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {repeat}")
+    if not all(i.isdigit() and int(i) < len(MFU_VARIANTS) for i in variants.split(",") if variants):
+        raise ValueError(f"--variants wants indices 0..{len(MFU_VARIANTS) - 1} like 0,3, "
+                         f"got {variants!r}")
     default = Path(__file__).resolve().parent.parent / "shared" / "data"
     args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
                                  repeat=repeat, device=device, variants=variants)
@@ -865,3 +820,8 @@ if __name__ == "__main__":
     tmp.write_text(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out)
     print(f"\nrows written to {out}")
+
+
+if __name__ == "__main__":
+    import cli
+    cli.run(main, globals())

@@ -10,10 +10,12 @@ type of the constant already there:
     data = ""                # --data=../shared/data/tinyshakespeare.txt
 
 A file with presets passes them in; `--preset=NAME` is applied first and the
-explicit overrides win. A bad name or value prints one line and exits 2.
+explicit overrides win. A bad name or value (an int written "3.0", a float that
+is nan or inf) prints one line and exits 2.
 `run(main, globals())` is how every demo ends: overrides, then main(), with
 expected errors (bad files, bad values) shown as one `error: ...` line, exit 1.
 """
+import math
 import sys
 
 TYPES = (bool, int, float, str)
@@ -35,9 +37,12 @@ def parse_value(name, text, current):
             return False
         raise ValueError(f"--{name} expects true or false, got {text!r}")
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):  # a nan learning rate trains garbage silently
+        raise ValueError(f"--{name} expects a finite number, got {text!r}")
+    return value
 
 
 def fail(message):

@@ -16,10 +16,11 @@ Without a GPU the ideas are simulated with counts in numpy and the GPU kernels s
 message; on a GPU the same file measures the real thing.
 
 Run it
-  python cuda_primer.py                              # everything, a few minutes on a laptop CPU
+  python cuda_primer.py                              # everything, ~10-20 s on a 2-core CPU
   python cuda_primer.py --sections=tiling,flash      # only some sections
   python cuda_primer.py --out=out                    # plot: out/roofline.png (needs matplotlib)
 """
+import gc
 import math
 import os
 import platform
@@ -59,29 +60,48 @@ seed = 0
 SECTIONS = ("device", "roofline", "tiling", "flash", "fusion", "kernels", "profile")
 
 
+# ----------------------------------------------------------------------------- timing
+# How to time code fairly (bench.py times everything with timed() too):
+#   * warm up: first calls allocate memory, pick kernels, compile;
+#   * synchronize: a GPU call returns before the GPU is done, so wait for it before reading
+#     the clock, and time several calls per reading so the wait (~10 us) does not swamp them;
+#   * take turns: run the variants in rounds, so that a change in machine load hits all alike;
+#   * report the median: one slow run (another process, the garbage collector) does not move it.
+
 def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
-def bench(fn, dev):
-    """Median seconds per call of fn over `repeat` timed runs, after two warm-up calls.
-
-    A GPU call returns before the GPU is done, so we synchronize before reading the clock;
-    on a GPU each run times 10 calls, so the synchronize (~10 us) does not swamp fast kernels.
-    """
-    calls = 10 if dev.type == "cuda" else 1
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def timed(fns, repeat, dev=None, warmup=0, calls=1, gc_on=False):
+    """Median seconds per call of each fn() over `repeat` rounds in which the fns take turns,
+    and each fn's last result. Python's garbage collector is paused while timing (as timeit
+    does) unless gc_on."""
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-        sync(dev)
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+    times, outs = [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            gc.collect()
+            if not gc_on:
+                gc.disable()
+            try:
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    outs[i] = fn()
+                sync(dev)
+            finally:
+                gc.enable()
+            times[i].append((time.perf_counter() - t0) / calls)
+    return [statistics.median(t) for t in times], outs
+
+
+def bench(fns, dev):
+    """timed() as this file uses it: `repeat` rounds, two warm-up calls, 10 calls per reading
+    on a GPU."""
+    return timed(fns, repeat, dev, warmup=2, calls=10 if dev.type == "cuda" else 1)
 
 
 # ----------------------------------------------------------------------------- 1. device
@@ -131,7 +151,7 @@ def measure_bandwidth(dev, mb):
     """Bytes per second of a large copy: every byte is read once and written once."""
     x = torch.randn(mb * 2**20 // 4, device=dev)
     y = torch.empty_like(x)
-    t = bench(lambda: y.copy_(x), dev)
+    (t,), _ = bench([lambda: y.copy_(x)], dev)
     return 2 * x.nbytes / t
 
 
@@ -141,7 +161,8 @@ def measure_matmul(dev, sizes, dtype):
     for n in sizes:
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
-        rows.append((n, 2 * n**3 / bench(lambda: a @ b, dev)))
+        (t,), _ = bench([lambda: a @ b], dev)
+        rows.append((n, 2 * n**3 / t))
     return rows
 
 
@@ -240,31 +261,35 @@ def plot_roofline(path, costs, flops, bw, title):
     print(f"roofline plot -> {path}")
 
 
-def roofline(dev):
-    peak = device_peak(dev)[1]
+def measure_ceilings(dev):
+    """(MB copied, copy bytes/s, [(dtype name, n, matmul FLOP/s)]) on dev, the fast dtype first:
+    tensor cores make bf16 the GPU's fast path; on a CPU we stay in fp32."""
     mb = copy_mb or (1024 if dev.type == "cuda" else 256)
-    bw = measure_bandwidth(dev, mb)
-    note = f" = {bw / peak['bandwidth']:.0%} of the table's peak" if peak else ""
-    print(f"copy of {mb} MB: {bw / 1e9:.1f} GB/s (read + write){note}")
     sizes = [int(s) for s in matmul_sizes.split(",")] if matmul_sizes else (
         [1024, 2048, 4096, 8192] if dev.type == "cuda" else [256, 512, 1024, 2048])
-    # tensor cores make bf16 the GPU's fast path; on a CPU we stay in fp32
-    dtypes = [torch.bfloat16, torch.float32] if dev.type == "cuda" else [torch.float32]
-    best = {}
-    for dtype in dtypes:
-        key = "bf16" if dtype == torch.bfloat16 else "fp32"
-        for n, fl in measure_matmul(dev, sizes, dtype):
-            frac = f" = {fl / peak[key]:.0%} of peak {key}" if peak and peak.get(key) else ""
-            print(f"matmul {key} {n:>5}^3: {fl / 1e12:8.3f} TFLOP/s{frac}")
-            best[dtype] = max(best.get(dtype, 0.0), fl)
-    dtype = dtypes[0]
-    flops, nbytes = best[dtype], torch.tensor([], dtype=dtype).element_size()
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32} if dev.type == "cuda" else \
+        {"fp32": torch.float32}
+    return mb, measure_bandwidth(dev, mb), [(key, n, fl) for key, dtype in dtypes.items()
+                                            for n, fl in measure_matmul(dev, sizes, dtype)]
+
+
+def roofline(dev):
+    peak = device_peak(dev)[1]
+    mb, bw, matmuls = measure_ceilings(dev)
+    note = f" = {bw / peak['bandwidth']:.0%} of the table's peak" if peak else ""
+    print(f"copy of {mb} MB: {bw / 1e9:.1f} GB/s (read + write){note}")
+    for key, n, fl in matmuls:
+        frac = f" = {fl / peak[key]:.0%} of peak {key}" if peak and peak.get(key) else ""
+        print(f"matmul {key} {n:>5}^3: {fl / 1e12:8.3f} TFLOP/s{frac}")
+    key = matmuls[0][0]
+    flops, nbytes = max(fl for k, _, fl in matmuls if k == key), 2 if key == "bf16" else 4
     print(f"measured ridge point: {flops / 1e12:.3f} TFLOP/s / {bw / 1e9:.1f} GB/s = "
-          f"{flops / bw:.1f} FLOP/byte ({str(dtype).split('.')[1]})")
+          f"{flops / bw:.1f} FLOP/byte ({key})")
     cfg = PRESETS["gpt2"]
     costs = op_costs(cfg, batch_size, nbytes)
-    print(f"\nGPT-2 124M forward, per layer, batch {batch_size} x {cfg.block_size} tokens, "
-          f"{nbytes}-byte elements, against the measured roofline:")
+    print(f"\nGPT-2 124M, one forward pass (x/fwd: how often each op runs in it), batch "
+          f"{batch_size} x {cfg.block_size} tokens, {nbytes}-byte elements, against the "
+          "measured roofline:")
     roofline_table(costs, flops, bw)
     plot_roofline(Path(out) / "roofline.png", costs, flops, bw,
                   f"GPT-2 124M ops on {device_name(dev)}")
@@ -393,13 +418,14 @@ def flash_demo():
     qkvo = 4 * T * d * nb                                 # read q, k, v; write o
     naive_mem = 2 * T * T * nb                            # scores S and probabilities P
     naive_io = qkvo + 2 * naive_mem                       # S, P each written, then read back
-    tile_mem = (block_q * block_k + 2 * block_q * d + 2 * block_q) * 4  # s, q, acc, m, l fp32
+    # on chip, fp32: the scores s, q and acc, the k and v tiles, m and l
+    tile_mem = (block_q * block_k + 2 * block_q * d + 2 * block_k * d + 2 * block_q) * 4
     flash_io = qkvo + (math.ceil(T / block_q) - 1) * 2 * T * d * nb  # k, v again per q block
     print(f"GPT-2 attention per head (T={T}, d={d}, bf16):\n"
           f"  naive: S and P, (T, T) each, in HBM: {naive_mem / 2**20:.1f} MiB (x {cfg.n_head} "
           f"heads x batch x {cfg.n_layer} layers, kept for backward); HBM traffic "
           f"{naive_io / 2**20:.1f} MiB\n"
-          f"  flash: one tile on chip, {tile_mem / 1024:.0f} KiB; in HBM only o and a log-sum-exp"
+          f"  flash: one tile on chip, {tile_mem / 1024:.1f} KiB; in HBM only o and a log-sum-exp"
           f" per row ({T * 4 / 1024:.0f} KiB); HBM traffic at most {flash_io / 2**20:.1f} MiB "
           f"(k, v re-read per block of {block_q} queries, mostly from L2)")
 
@@ -419,18 +445,15 @@ def bias_gelu_torch(x, b):
 
 
 def compare(variants, args, dev, min_bytes):
-    """Check each fn(*args) against the first; time it; print and return rows of (name,
-    median seconds, max |diff|, speedup over the first). Effective bandwidth = the least bytes
-    the op must move / time."""
-    ref, rows = None, []
-    for name, fn in variants.items():
-        y = fn(*args)
-        ref = y if ref is None else ref
-        err = (y - ref).abs().max().item()
-        t = bench(lambda: fn(*args), dev)
-        rows.append((name, t, err, rows[0][1] / t if rows else 1.0))
+    """Time the fn(*args) of variants, taking turns, and check each result against the first;
+    print and return rows of (name, median seconds, max |diff|, speedup over the first).
+    Effective bandwidth = the least bytes the op must move / time."""
+    times, outs = bench([lambda fn=fn: fn(*args) for fn in variants.values()], dev)
+    rows = []
+    for name, t, y in zip(variants, times, outs):
+        rows.append((name, t, (y - outs[0]).abs().max().item(), times[0] / t))
         print(f"  {name:<36} {t * 1e3:9.3f} ms {min_bytes / t / 1e9:8.1f} GB/s  "
-              f"x{rows[-1][3]:5.2f}  max |diff| {err:.1e}")
+              f"x{rows[-1][3]:5.2f}  max |diff| {rows[-1][2]:.1e}")
     return rows
 
 
@@ -595,6 +618,9 @@ def main():
     for name in ("repeat", "batch_size", "tile_n", "attn_t", "block_q", "block_k"):
         if globals()[name] < 1:
             raise ValueError(f"--{name} must be at least 1, got {globals()[name]}")
+    for name in ("copy_mb", "fusion_tokens"):
+        if globals()[name] < 0:
+            raise ValueError(f"--{name} must be 0 (the default) or more, got {globals()[name]}")
     if not all(s.strip().isdigit() and int(s) > 0 for s in matmul_sizes.split(",") if matmul_sizes):
         raise ValueError(f"--matmul_sizes wants positive integers like 512,1024, "
                          f"got {matmul_sizes!r}")

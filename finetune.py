@@ -79,10 +79,8 @@ ROLES = ("user", "assistant")
 
 # ----------------------------------------------------------------------------- chat format
 def add_chat_tokens(tok):
-    """A copy of tok with the chat tokens as new special tokens after its last id.
-
-    The merges (or characters) are untouched, so every text encodes exactly as before.
-    """
+    """A copy of tok with the chat tokens as new special tokens after its last id. The
+    merges (or characters) are untouched, so every text encodes exactly as before."""
     special, next_id = dict(tok.special_tokens), tok.vocab_size
     for s in CHAT_TOKENS:
         if s not in special:
@@ -139,9 +137,7 @@ def prompt_ids(tok, messages):
 
 def collate(examples):
     """(ids, mask) pairs -> x, y (B, T) padded to the longest; y = -1 where no loss is taken.
-
-    Right padding is safe: attention is causal, so real tokens never look at the padding.
-    """
+    Right padding is safe: attention is causal, so real tokens never look at the padding."""
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.zeros(len(examples), T, dtype=torch.long)
     y = torch.full((len(examples), T), -1, dtype=torch.long)
@@ -192,6 +188,8 @@ def synthetic_tasks(names, n_train, n_eval, seed):
     The held-out questions never appear in training, so accuracy on them measures a skill
     learned, not an answer remembered. (None: no rejected answer; DPO makes its own.)
     """
+    if not names:
+        raise ValueError("no task named; valid tasks: add, reverse, count, quote")
     rng = random.Random(seed)
     lines = quote_lines() if "quote" in names else []
     train_set, held_out = [], []
@@ -289,9 +287,7 @@ class LoRALinear(nn.Module):
 
 def add_lora(model, targets, rank, alpha, dropout=0.0):
     """Freeze model and wrap the blocks' Linear layers named in targets; returns the adapters.
-
-    targets: names like "c_attn", "c_proj" (attention and MLP both), or "mlp.c_fc".
-    """
+    targets: names like "c_attn", "c_proj" (attention and MLP both), or "mlp.c_fc"."""
     model.requires_grad_(False)
     wrapped = []
     for name, module in model.h.named_modules():
@@ -414,9 +410,7 @@ def val_loss(model, batches):
 def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weight_decay=0.0,
              seed=0, log_every=100):
     """The loop SFT and DPO share: train.py's AdamW and its warmup + cosine schedule.
-
-    step_loss(batch of examples) -> loss. Only parameters with requires_grad train.
-    """
+    step_loss(batch of examples) -> loss. Only parameters with requires_grad train."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2 and p is not model.wte.weight],
                    weight_decay=weight_decay),                    # LoRA's A and B, or matrices
@@ -430,6 +424,8 @@ def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weigh
         for g in opt.param_groups:
             g["lr"] = train.lr_at(it, lr, lr / 10, warmup, iters)
         loss = step_loss(rng.sample(examples, min(batch_size, len(examples))))
+        if not math.isfinite(loss.item()):  # stop before a nan reaches the weights or a file
+            raise ValueError(f"loss {loss.item()} at iteration {it + 1}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -468,6 +464,14 @@ def dpo_step(policy, reference, beta, sft_weight=0.0):
     return step_loss
 
 
+def dpo_reference(model, lora=None):
+    """A frozen copy of model for DPO; model is the policy, with new adapters if lora."""
+    reference = copy.deepcopy(model).requires_grad_(False)
+    if lora:
+        add_lora(model, *lora)
+    return reference
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def newest_checkpoint(folder):
     """The newest checkpoint that gpt.py (folder/gpt_*.pt) or train.py (folder/<run>/ckpt_*.pt)
@@ -502,10 +506,11 @@ def load_base(path, tok_path=""):
     except TypeError as e:
         raise ValueError(f"{path}: bad model config ({e})") from None
     model.load_weights(state)
-    tok_path = tok_path or saved
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{path} names the tokenizer {tok_path!r}, which does not exist; "
+    if not os.path.isfile(tok_path or saved):  # name where the path came from: that is the fix
+        raise FileNotFoundError(f"no tokenizer at {tok_path}" if tok_path else
+                                f"{path} names the tokenizer {saved!r}, which does not exist; "
                                 "pass --tokenizer=PATH")
+    tok_path = tok_path or saved
     tok = dataloader.load_tokenizer(tok_path)
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"vocabulary mismatch: {path} has {model.config.vocab_size} token ids, "
@@ -568,7 +573,12 @@ def main():
         torch.set_num_threads(threads)
     if method not in ("lora", "full"):
         raise ValueError(f"method={method!r}; expected 'lora' or 'full'")
-    targets = [t for t in lora_targets.split(",") if t]
+    for name, least in dict(lora_rank=1, n_train=1, n_eval=1, batch_size=1, dpo_prompts=0).items():
+        if globals()[name] < least:  # checked before minutes of loading and training
+            raise ValueError(f"--{name} must be at least {least}, got {globals()[name]}")
+    if not 0 < eval_frac < 1:
+        raise ValueError(f"--eval_frac must be between 0 and 1, got {eval_frac}")
+    lora = ([t for t in lora_targets.split(",") if t], lora_rank, lora_alpha, lora_dropout)
     # 1. data first: a bad file should fail before minutes of work, with nothing written
     if data:
         examples = read_conversations(data)
@@ -594,11 +604,13 @@ def main():
     if data:
         examples = check_fits(tok, examples, block, data)
         random.Random(seed).shuffle(examples)
-        k = max(1, round(eval_frac * len(examples)))
+        k = min(max(1, round(eval_frac * len(examples))), len(examples) - 1)  # both sides: >= 1
         held_out, train_set = examples[:k], examples[k:]
     else:  # (a model with a short context may have to skip some)
         train_set = check_fits(tok, train_set, block, "synthetic")
         held_out = check_fits(tok, held_out, block, "synthetic")
+        if not (train_set and held_out):
+            raise ValueError(f"no synthetic question fits in the context of {block} tokens")
     print(f"{len(train_set)} training conversations, {len(held_out)} held out")
     val = val_batches(data_dir, block)
     if not val:
@@ -615,7 +627,7 @@ def main():
     measure("base model")
     total = model.num_params()
     if method == "lora":
-        adapters = add_lora(model, targets, lora_rank, lora_alpha, lora_dropout)
+        adapters = add_lora(model, *lora)
         hook = train_new_rows(model, first_new)
         n_lora = sum(a.A.numel() + a.B.numel() for a in adapters)
         n_rows = (tok.vocab_size - first_new) * model.config.n_embd
@@ -627,10 +639,10 @@ def main():
         print(f"SFT, full finetuning: all {total:,} parameters train")
     replay_data = None
     if replay > 0 and data_dir and glob.glob(os.path.join(data_dir, "train", "*.bin")):
-        replay_data = dataloader.DataLoader(os.path.join(data_dir, "train"), batch_size // 4,
-                                            block, sampler="random", seed=seed)
-        print(f"replay: each step adds {replay:g} x the loss on {batch_size // 4} windows of "
-              "pretraining text")
+        n = max(1, batch_size // 4)
+        replay_data = dataloader.DataLoader(os.path.join(data_dir, "train"), n, block,
+                                            sampler="random", seed=seed)
+        print(f"replay: each step adds {replay:g} x the loss on {n} windows of pretraining text")
     elif replay > 0:
         print("replay off: no pretraining train split found next to the tokenizer")
     encoded = [encode_chat(tok, msgs) for msgs, _, _ in train_set]
@@ -646,9 +658,8 @@ def main():
         print(f"merged the adapters into the weights: logits change by at most {diff:.1e}")
     replies = measure(f"after SFT ({method})")
 
-    # 4. DPO. Pairs: the JSONL's "rejected" answers, or else the SFT model's own mistakes
-    #    (on dpo_prompts training questions; on the held-out ones for evaluation). The SFT
-    #    model, frozen, is the reference; the policy gets fresh adapters.
+    # 4. DPO against the frozen SFT model. Pairs: the JSONL's "rejected" answers, or else the
+    #    SFT model's own mistakes (on dpo_prompts training questions; held-out ones to evaluate)
     if data:
         pairs, pairs_eval = preference_pairs(tok, train_set), preference_pairs(tok, held_out)
     else:
@@ -656,24 +667,21 @@ def main():
         pairs = preference_pairs(tok, mistakes(asked, accuracy(model, tok, asked)[2]))
         pairs_eval = preference_pairs(tok, mistakes(held_out, replies))
     if pairs and pairs_eval:
-        reference = copy.deepcopy(model).requires_grad_(False)
-        pref0 = preference_accuracy(model, pairs_eval)
-        if method == "lora":
-            add_lora(model, targets, lora_rank, lora_alpha, lora_dropout)
+        reference = dpo_reference(model, lora if method == "lora" else None)
+        pref0 = preference_accuracy(reference, pairs_eval)
         print(f"DPO on {len(pairs)} (right answer, wrong answer) pairs, beta={dpo_beta:g}"
               + (f", plus {dpo_sft:g} x the right answers' NLL" if dpo_sft else ""))
         optimize(model, pairs, dpo_step(model, reference, dpo_beta, dpo_sft), dpo_iters, dpo_lr,
-                 batch_size // 2, warmup_iters, weight_decay, seed + 1)
+                 max(1, batch_size // 2), warmup_iters, weight_decay, seed + 1)
         merge_lora(model)
-        pref1 = preference_accuracy(model, pairs_eval)
         print(f"== DPO: the right answer scores above the wrong one on {pref0:.1%} -> "
-              f"{pref1:.1%} of {len(pairs_eval)} held-out pairs")
+              f"{preference_accuracy(model, pairs_eval):.1%} of {len(pairs_eval)} held-out pairs")
         measure("after DPO")
     else:
         print("DPO skipped: no (right, wrong) answer pairs to learn from")
 
     # 5. a few conversations, then save
-    for msgs, _, _ in held_out[:: max(1, len(held_out) // num_samples)][:num_samples]:
+    for msgs, _, _ in held_out[:: max(1, len(held_out) // max(1, num_samples))][:num_samples]:
         text, done = answer(model, tok, msgs[:-1])
         print(f"---- user: {msgs[-2]['content']}\n     assistant: {text}"
               + ("" if done else " [no <|end|>]") + f"   (expected: {msgs[-1]['content']})")
