@@ -86,7 +86,8 @@ class BlockConfig:
             return self.n_hidden
         if self.mlp == "gelu":
             return 4 * self.n_embd
-        # SwiGLU has three matrices instead of two: 2/3 of 4*C keeps the parameter count
+        # SwiGLU has three matrices instead of two: a width of 2/3 * 4C gives them as many
+        # weights as GELU's two (rounded up to a multiple of 32: exact at C = 384 or 768)
         return 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
 

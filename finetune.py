@@ -422,7 +422,7 @@ def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weigh
     t0 = time.time()
     for it in range(iters):
         for g in opt.param_groups:
-            g["lr"] = train.lr_at(it, lr, lr / 10, warmup, iters)
+            g["lr"] = gpt.lr_at(it, lr, lr / 10, warmup, iters)
         loss = step_loss(rng.sample(examples, min(batch_size, len(examples))))
         if not math.isfinite(loss.item()):  # stop before a nan reaches the weights or a file
             raise ValueError(f"loss {loss.item()} at iteration {it + 1}: lower the learning rate")
@@ -485,15 +485,9 @@ def load_base(path, tok_path=""):
     """(model, tokenizer, pretraining data folder or None) from a checkpoint of gpt.py,
     train.py or this file. The tokenizer is the one the checkpoint names, unless tok_path.
     The data folder (dataloader.prepare's, with train/ and val/ shards) sits beside it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle with code in it
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict):
-        raise ValueError(f"{path} is not a nanollm checkpoint")
-    if ck.get("format") == train.FORMAT:                  # train.py: tokenizer path from the cwd
+    ck = gpt.read_checkpoint(path)
+    if ck.get("format") == train.FORMAT and {"model", "model_config"} <= ck.keys():
+        # train.py: the tokenizer path is relative to the cwd
         config, saved = ck["model_config"], ck.get("tokenizer", "")
         state = train.clean_state_dict(ck["model"])
     elif "config" in ck and "model" in ck:                # gpt.py / finetune.py: beside the file

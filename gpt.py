@@ -13,6 +13,7 @@ What you will learn
 Run it
   python gpt.py                          # tokenizer + data + train "tiny" + sample, < 5 min
   python gpt.py --max_iters=50 --out_dir=/tmp/demo
+  python gpt.py --time_limit=0           # all max_iters steps, however long they take
 
 What it writes (under --out_dir, default ./out)
   data/...           bpe vocabulary + token shards (dataloader.prepare; reused on the next run)
@@ -23,6 +24,7 @@ What it writes (under --out_dir, default ./out)
 """
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +43,7 @@ vocab_size = 512         # bpe vocabulary trained on the built-in corpus
 batch_size = 16
 block_size = 128
 max_iters = 1500
-time_limit = 200.0       # seconds for data preparation + training at most (keeps the demo short)
+time_limit = 200.0       # seconds for data preparation + training at most; 0 = no limit
 lr = 3e-3
 weight_decay = 0.1
 eval_iters = 20
@@ -51,7 +53,7 @@ temperature = 0.8
 top_k = 0                # 0 = off
 top_p = 0.95
 seed = 1337
-device = "cpu"
+device = "cpu"           # "cpu", "cuda", "mps" or "auto" (the best one here)
 threads = 0              # torch threads; 0 = torch's default
 
 
@@ -150,17 +152,13 @@ class GPT(nn.Module):
         return [block.new_cache(batch_size, max_len) for block in self.h]
 
     # ------------------------------------------------------------------ accounting
-    def num_params(self, non_embedding=False):
+    def num_params(self):
         """Parameters, each shared tensor once, without the vocabulary padding rows (they
-        never get a logit or a gradient): "gpt2" gives Hugging Face's 124,439,808.
-        non_embedding=True also leaves out the token and position tables."""
+        never get a logit or a gradient): "gpt2" gives Hugging Face's 124,439,808."""
         c = self.config
+        pad_rows = c.padded_vocab - c.vocab_size  # in wte, and in an untied lm_head too
         n = sum(p.numel() for p in self.parameters())
-        pad_rows = c.padded_vocab - c.vocab_size
-        n -= pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
-        if non_embedding:
-            n -= c.vocab_size * c.n_embd + (self.wpe.weight.numel() if self.wpe is not None else 0)
-        return n
+        return n - pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
 
     def flops_per_token(self, T=None):
         """Forward + backward FLOPs per token at sequence length T (default block_size):
@@ -285,6 +283,60 @@ def truncate(logits, top_k=None, top_p=None):
     return logits
 
 
+# ----------------------------------------------------------------------------- training helpers
+# used by the demo below and by train.py (and finetune.py through it)
+def param_groups(model, weight_decay):
+    """Decay the matrices that multiply activations, not norms, biases or embeddings: a gain or
+    bias has no reason to shrink, and an embedding row (and a head tied to it) only sees a
+    gradient when its token appears, so decay would erase rare tokens."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied weight is listed once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
+    """Learning rate for step 0, 1, ... max_iters-1. Warmup ramps up linearly, so the first
+    updates (a random model, Adam's moments still noisy) are small. Then "cosine" glides from lr
+    to min_lr along half a cosine; "wsd" holds lr (the stable phase) and decays linearly over
+    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint."""
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if schedule == "cosine":
+        progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
+    if schedule == "wsd":
+        decay_iters = max(1, round(decay_frac * max_iters))
+        progress = (step - (max_iters - decay_iters)) / decay_iters
+        return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
+    raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
+
+
+def check_options(values, rules):
+    """Refuse a bad setting before any work starts: rules are (name, ok, what it must be)."""
+    for name, ok, need in rules:
+        if not ok:
+            raise ValueError(f"--{name}={values[name]!r}: must be {need}")
+
+
+def pick_device(name):
+    """torch.device for "cpu", "cuda", "cuda:N", "mps" or "auto" (CUDA, else MPS, else CPU);
+    one that does not exist here is a clear error now, not an assertion deep inside torch."""
+    if name == "auto":
+        name = ("cuda" if torch.cuda.is_available() else
+                "mps" if torch.backends.mps.is_available() else "cpu")
+    dev = torch.device(name) if re.fullmatch(r"cpu|mps|cuda(:\d+)?", name) else None
+    if dev is None:
+        raise ValueError(f"--device={name!r}: expected cpu, cuda, cuda:N, mps or auto")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count() \
+            or dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={name}: {dev.type.upper()} is not available here (torch "
+                         f"{torch.__version__}, {torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, **extra):
     """Write {"model": state_dict, "config": asdict(config), **extra} atomically (a temp
@@ -293,13 +345,30 @@ def save_checkpoint(path, model, **extra):
         torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, f)
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a file written by save_checkpoint."""
+def read_checkpoint(path, keys=(), fmt=None):
+    """The dict in a checkpoint file (ours, train.py's, finetune.py's), read onto the CPU (no
+    GPU memory spike) with weights_only=True: tensors and plain containers, never code. A
+    missing, truncated or foreign file, another format (when fmt is given: the dict's
+    "format"), or a missing key is one clear error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a nanollm checkpoint (needs 'model' and 'config')")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle with code in it
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(ck, dict) or fmt is not None and ck.get("format") != fmt:
+        raise ValueError(f"{path} is not a nanollm checkpoint"
+                         + (f" (format is not {fmt!r})" if fmt is not None else ""))
+    missing = [k for k in keys if k not in ck]
+    if missing:
+        raise ValueError(f"{path} is not a complete checkpoint (no {', '.join(missing)})")
+    return ck
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a file written by save_checkpoint."""
+    ckpt = read_checkpoint(path, ("model", "config"))
     try:
         config = GPTConfig(**ckpt["config"])
     except TypeError as e:
@@ -464,45 +533,39 @@ def estimate_loss(model, loader, iters):
     return sum(losses) / len(losses)
 
 
-def lr_at(it, progress):
-    """Linear warmup over 20 steps, then a cosine from lr down to lr/10 as progress goes 0 -> 1."""
-    warmup = min(1.0, (it + 1) / 20)
-    return lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def main():
     t_start = time.time()
+    check_options(globals(), [  # bad settings fail before any work
+        ("max_iters", max_iters >= 1, "at least 1"), ("batch_size", batch_size >= 1, "at least 1"),
+        ("eval_iters", eval_iters >= 1, "at least 1"), ("threads", threads >= 0, ">= 0"),
+        ("time_limit", time_limit >= 0, ">= 0 (0 = no limit)")])
+    config = get_config(preset, block_size=block_size)
+    check_sampling(temperature, top_k or None, top_p)
+    dev = pick_device(device)
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
-    config = get_config(preset, block_size=block_size)  # bad settings fail before any work
-    check_sampling(temperature, top_k or None, top_p)
     # 1. data: a bpe vocabulary and token shards, built on the first run and then reused
     data = dataloader.prepare("", "bpe", vocab_size, os.path.join(out_dir, "data"), seed=seed)
     tok = data.tokenizer
-    train_data = dataloader.DataLoader(data.train, batch_size, block_size, seed=seed, device=device)
-    val_data = dataloader.DataLoader(data.val, batch_size, block_size, seed=seed, device=device)
+    train_data = dataloader.DataLoader(data.train, batch_size, block_size, seed=seed, device=dev)
+    val_data = dataloader.DataLoader(data.val, batch_size, block_size, seed=seed, device=dev)
     # 2. model
-    model = GPT(replace(config, vocab_size=tok.vocab_size)).to(device)
+    model = GPT(replace(config, vocab_size=tok.vocab_size)).to(dev)
     print(f"preset {preset}: {model.num_params():,} parameters, "
           f"{model.flops_per_token() / 1e6:.1f} MFLOPs per token (forward+backward)")
     print(f"data ready in {time.time() - t_start:.0f}s: vocabulary {tok.vocab_size}, "
           f"{data.meta['splits']['train']['tokens']:,} training tokens")
-    # 3. train: AdamW, weight decay on matrices only; the schedule follows whichever budget
-    #    runs out first, iterations or time
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    budget = max(10.0, time_limit - (time.time() - t_start))
-    t0 = time.time()
-    it = 0
-    while True:
-        progress = max(it / max_iters, (time.time() - t0) / budget)
-        if progress >= 1:
-            break
+    # 3. train: AdamW, warmup + cosine; the schedule ends at max_iters or at the time limit
+    #    (data preparation included), whichever comes first
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    deadline = t_start + time_limit if time_limit else math.inf
+    t0, it = time.time(), 0
+    while it < max_iters and time.time() < deadline:
+        # the steps that fit before the deadline at the pace so far (at first: all of them)
+        steps = min(max_iters, it / (time.time() - t0) * (deadline - t0)) if it else max_iters
         for g in opt.param_groups:
-            g["lr"] = lr_at(it, progress)
+            g["lr"] = lr_at(it, lr, lr / 10, 20, steps)
         x, y = train_data.next_batch()
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -512,9 +575,11 @@ def main():
         it += 1
         if it % 25 == 0:
             dt = time.time() - t0
-            left = dt / max(progress, 1e-9) - dt
             print(f"iter {it:4d} | loss {loss.item():.3f} | {it * x.numel() / dt:,.0f} tok/s"
-                  f" | {fmt_time(left)} left")
+                  f" | {fmt_time(dt / it * max(0, steps - it))} left")
+    if it < max_iters:  # say so: fewer steps end at a higher loss
+        print(f"time limit: stopped at step {it} of {max_iters} ({time_limit:g} s, data "
+              f"preparation included); --time_limit=0 runs all {max_iters} steps")
     val = estimate_loss(model, val_data, eval_iters)
     per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
     print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "

@@ -542,6 +542,25 @@ def test_demo_reaches_100_percent_and_bad_flag_exits_2():
     assert r.stdout.count("|") >= 40  # the boundary drawing
     r = run("--stepz=3")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--stepz" in r.stderr
+    r = run("--lr=-1")
+    assert r.returncode == 1 and r.stderr == "error: --lr=-1.0: must be finite and > 0\n" and r.stdout == ""
+
+
+@pytest.mark.parametrize("name, value", [("lr", 0.0), ("lr", -1.0), ("lr", math.nan), ("lr", math.inf),
+                                         ("alpha", -1.0), ("noise", -1.0), ("noise", math.inf), ("seed", -5),
+                                         ("n_points", 1), ("hidden", 0), ("steps", 0)])
+def test_demo_options_out_of_range_name_the_option(name, value, monkeypatch, capsys):
+    monkeypatch.setattr(mg, name, value)
+    with pytest.raises(ValueError, match=f"^--{name}="):
+        mg.main()
+    assert capsys.readouterr().out == ""  # refused before any work
+
+
+def test_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
+    monkeypatch.setattr(mg, "lr", 1e200)  # finite, but the first step throws the weights to inf
+    with pytest.raises(ValueError, match=r"the loss is (inf|nan) at step \d+: training diverged; lower --lr=1e\+200"):
+        mg.main()
+    assert "final loss" not in capsys.readouterr().out
 
 
 # ======================================================================
@@ -784,6 +803,31 @@ def test_encode_iterable_equals_encode(trained, plays, tmp_path):
     # a text with no cut point is still cut (after 16 chunks) to bound memory, and still decodes
     blob = "a" * 5000
     assert trained.decode(list(trained.encode_iterable([blob[i:i + 10] for i in range(0, 5000, 10)], chunk=50))) == blob
+    # CUT points inside special tokens that hold a space (and one that goes on past a shorter one)
+    tok = Tokenizer([], ["<|im start|>", "<|a|>", "<|a|> <|b|>"])
+    text = "hello there<|im start|>world <|a|> <|b|> x<|a|> y " * 3
+    want = tok.encode(text, allowed_special="all")
+    assert want.count(256) == 3 and want.count(258) == 3 and want.count(257) == 3
+    for size in (1, 5, 7):
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        for chunk in (1, 8, 30):
+            assert list(tok.encode_iterable(pieces, allowed_special="all", chunk=chunk)) == want, (size, chunk)
+        with pytest.raises(ValueError, match="not allowed"):  # not hidden by a cut either
+            list(tok.encode_iterable(pieces, chunk=8))
+
+
+def test_encode_cache_overflow_keeps_ids(trained, plays, monkeypatch):
+    monkeypatch.setattr(bpe, "CACHE_SIZE", 64)
+    tok = Tokenizer(trained.merges, trained.special_tokens)  # a fresh, empty cache
+    enc = tiktoken.Encoding("trained", pat_str=GPT2_PATTERN, mergeable_ranks=trained.to_tiktoken_ranks(),
+                            special_tokens=trained.special_tokens)
+    sizes = []
+    for line in plays["hamlet"][:20_000].splitlines():  # each line has fewer than 64 distinct pre-tokens
+        assert tok.encode_ordinary(line) == enc.encode_ordinary(line), repr(line)
+        sizes.append(len(tok.cache))
+    assert max(sizes) <= 64 and any(b < a for a, b in zip(sizes, sizes[1:]))  # it filled up and was cleared
+    text = plays["hamlet"][20_000:40_000]  # one call with more distinct pre-tokens than the cache holds
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
 def test_bad_input(trained, tmp_path, monkeypatch):
@@ -804,6 +848,20 @@ def test_bad_input(trained, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="not bytes"):
         Tokenizer.train(b"hi", 300)
     assert Tokenizer.train("hi", 300, special_tokens="<|a|>").special_tokens == {"<|a|>": 257}
+    # one special token as a plain str, or None, means the same everywhere
+    assert Tokenizer.train("hi", 300, special_tokens=None).special_tokens == {}
+    assert Tokenizer([(104, 105)], "<|a|>").special_tokens == {"<|a|>": 257}
+    ranks = Tokenizer([(104, 105)]).to_tiktoken_ranks()
+    assert Tokenizer.from_tiktoken_ranks(ranks, "<|a|>").special_tokens == {"<|a|>": 257}
+    for bad in (300.0, "300", None):
+        with pytest.raises(TypeError, match=f"vocab_size must be an int, got {bad!r}"):
+            Tokenizer.train("hi", bad)
+    for bad in (5, [None], [""], ["<|a|>", 3], {"<|a|>"}):
+        with pytest.raises(ValueError, match="special tokens must be distinct non-empty strings"):
+            Tokenizer.train("hi", 300, special_tokens=bad)
+        if not isinstance(bad, set):
+            with pytest.raises(ValueError, match="special token"):
+                Tokenizer([], bad)
     # corrupt or truncated saved files: one clear error naming the file, and the file untouched
     path = tmp_path / "tok.json"
     trained.save(path)
@@ -837,6 +895,22 @@ def test_bad_input(trained, tmp_path, monkeypatch):
         Tokenizer.from_gpt2_files(tmp_path / "v.json", tmp_path / "m.txt")
     with pytest.raises(ValueError, match="merges must make ids"):
         Tokenizer([(1, 2), (3, 999)])
+
+
+def test_atomic_open_is_the_one_writer(tmp_path):
+    assert dl.atomic_open is bpe.atomic_open  # gpt.py and train.py write checkpoints through it
+    path = tmp_path / "sub" / "f.bin"
+    with bpe.atomic_open(path) as a, bpe.atomic_open(path) as b:  # two writers of one file
+        a.write(b"first")
+        b.write(b"second")
+        assert len(os.listdir(path.parent)) == 2 and not path.exists()  # own temp files; nothing visible yet
+    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["f.bin"]
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
+    with pytest.raises(KeyboardInterrupt):
+        with bpe.atomic_open(path) as f:
+            f.write(b"half")
+            raise KeyboardInterrupt
+    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["f.bin"]
 
 
 @needs_data
@@ -943,6 +1017,21 @@ def test_epoch_sees_every_window_once(tmp_path):
     assert again == got[:len(again)] and other != again  # the order is fixed by the seed
 
 
+def test_empty_shards_hold_no_windows(tmp_path):
+    lengths, T, B = [0, 100, 0, 57], 7, 4  # an empty shard first and in the middle
+    folder = make_shards(tmp_path / "s", lengths)
+    want = expected_windows(lengths, T)
+    loader = dl.DataLoader(folder, B, T, seed=2)
+    n = loader.windows
+    assert n == len(want) == 14 + 8
+    got = stream([loader], -(-2 * n // B))
+    assert sorted(got[:n]) == sorted(got[n:2 * n]) == want  # every window once per epoch
+    full = [x[:, 0].tolist() for x, _ in dl.DataLoader(folder, B, T).full_pass()]
+    assert sum(full, []) == want  # the evaluation pass agrees
+    with pytest.raises(ValueError, match="0 tokens in the longest shard, too few"):
+        dl.DataLoader(make_shards(tmp_path / "empty", [0]), B, T)
+
+
 def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
     lengths, T, B, W = [300, 111, 200], 5, 4, 3
     folder = make_shards(tmp_path / "s", lengths)
@@ -977,6 +1066,9 @@ def test_resume_mid_epoch_is_exact(tmp_path, sampler):
         dl.DataLoader(folder, 6, 8, sampler=sampler, seed=8).load_state_dict(state)
     with pytest.raises(ValueError, match="block_size"):
         dl.DataLoader(folder, 6, 9, sampler=sampler, seed=7).load_state_dict(state)
+    other = make_shards(tmp_path / "other", [400, 300])  # other data: the saved position means nothing
+    with pytest.raises(ValueError, match="windows"):
+        dl.DataLoader(other, 6, 8, sampler=sampler, seed=7).load_state_dict(state)
 
 
 def test_random_sampler_is_nanogpts(tmp_path):
@@ -985,6 +1077,11 @@ def test_random_sampler_is_nanogpts(tmp_path):
     firsts = sum((loader.next_batch()[0][:, 0].tolist() for _ in range(20)), [])
     # nanoGPT: ix = torch.randint(len(data) - block_size): every start 0..39 possible, with repeats
     assert set(firsts) == set(range(40)) and loader.windows == 40
+    # ranks split each step's B*W draws: together they are one process with batch B*W
+    ranks = [dl.DataLoader(folder, 4, 10, rank=r, world_size=3, sampler="random", seed=5) for r in range(3)]
+    single = dl.DataLoader(folder, 12, 10, sampler="random", seed=5)
+    for _ in range(3):
+        assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), single.next_batch()[0])
 
 
 def test_split_documents():
@@ -1037,6 +1134,7 @@ def test_uint32_path(tmp_path):
     x, _ = next(dl.DataLoader(tmp_path / "d" / "train", 2, 1000).full_pass())
     assert x[0].tolist() == want[:1000]
     assert meta["splits"]["val"]["tokens"] == len(val_docs[0]) and meta["eot"] == tok.vocab_size - 1
+    assert dl.token_dtype(65535) == np.uint16 and dl.token_dtype(65536) == np.uint32  # the boundary
 
 
 def test_char_tokenizer_interface(tmp_path):
@@ -1053,6 +1151,21 @@ def test_char_tokenizer_interface(tmp_path):
     tok.save(tmp_path / "t.json")
     back = dl.load_tokenizer(tmp_path / "t.json")
     assert back.vocab == tok.vocab and back.special_tokens == tok.special_tokens
+    # overlapping special tokens: the longest wins, as in bpe.Tokenizer and tiktoken
+    tok = dl.CharTokenizer("ab", {"<|a|>": 2, "<|a|><|b|>": 3, "<|b|>": 4})
+    assert tok.encode("a<|a|><|b|>b", allowed_special="all") == [0, 3, 1]
+    assert tok.encode("<|a|><|a|><|b|><|b|>", allowed_special="all") == [2, 3, 4]
+    # found by its "type" field however the JSON is laid out; a damaged one is one clear error
+    (tmp_path / "c.json").write_text('{"special_tokens": {}, "chars": "ab",\n "type": "char"}')
+    assert dl.load_tokenizer(tmp_path / "c.json").chars == ["a", "b"]
+    for bad in ('{"type": "char"}', '{"type": "char", "chars": 5, "special_tokens": {}}',
+                '{"type": "char", "chars": "ab", "special_tokens": [1]}'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"bad.json: not a valid char tokenizer file"):
+            dl.load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"bad.json: not a valid bpe.py tokenizer file"):
+        dl.load_tokenizer(tmp_path / "bad.json")
 
 
 def test_parallel_tokenization_matches_serial():
@@ -1067,6 +1180,8 @@ def test_parallel_tokenization_matches_serial():
 def test_plays():
     docs = dl.load_plays()
     assert len(docs) == 38
+    train, val = dl.split_documents(docs, dl.val_fraction, "docs", dl.seed)
+    assert (len(train), len(val)) == (34, 4)  # the README's split of the demo
     for doc in docs:
         assert not set(doc) & set("#*_[]\\`")  # no markdown left
         first = doc.split("\n", 1)[0]
@@ -1120,6 +1235,9 @@ def test_bad_inputs(tmp_path):
     folder = make_shards(tmp_path / "short", [30, 20])
     with pytest.raises(ValueError, match="short.*block_size 64"):
         dl.DataLoader(folder, 4, 64)
+    for B, T, msg in ((0, 8, "batch_size"), (-3, 8, "batch_size"), (4, 0, "block_size"), (4, 2.0, "block_size")):
+        with pytest.raises(ValueError, match=f"{msg} must be an integer >= 1"):
+            dl.DataLoader(folder, B, T)
     with pytest.raises(FileNotFoundError, match="nothing"):
         dl.DataLoader(tmp_path / "nothing", 4, 8)
     # an existing output folder is never touched
@@ -1133,13 +1251,22 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
     with pytest.raises(FileNotFoundError, match="gpt2_vocab.json"):
         dl.prepare(str(tmp_path / "empty.txt"), "gpt2", out_dir=tmp_path / "out")
+    (tmp_path / "ok.txt").write_text("some text\n" * 20)
+    for kw, msg in (({"val_fraction": 1.5}, "val_fraction must be in"), ({"val_fraction": -0.1}, "val_fraction"),
+                    ({"val_fraction": 1.0}, "val_fraction"), ({"seed": -1}, "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            dl.prepare(str(tmp_path / "ok.txt"), "char", out_dir=tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "dataloader.py", f"--data={tmp_path / 'missing.txt'}",
-                        f"--out_dir={tmp_path}"], cwd=Path(dl.__file__).parent, capture_output=True, text=True)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "missing.txt" in r.stderr
+    for arg, msg in ((f"--data={tmp_path / 'missing.txt'}", "missing.txt"), ("--batch_size=0", "batch_size"),
+                     ("--sampler=nope", "sampler")):
+        r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"],
+                           cwd=Path(dl.__file__).parent, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and msg in r.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before prepare() built anything
 
 
 def test_prepare_with_bpe(tmp_path):
@@ -1159,6 +1286,24 @@ def test_prepare_with_bpe(tmp_path):
     saved = Path(train).parent / "tokenizer.json"
     again = dl.prepare(str(corpus), str(saved), out_dir=tmp_path / "out2", seed=1)  # a saved tokenizer
     assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
+
+
+def test_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("café — naïve 中文 😀 résumé\n" * 40, encoding="utf-8")
+    text, out = path.read_text(encoding="utf-8"), tmp_path / "out"
+    tok, train, val, meta = dl.prepare(str(path), "char", out_dir=out)
+    cut = int(len(text) * 0.9)
+    for name, part in (("train", text[:cut]), ("val", text[cut:])):
+        s = meta["splits"][name]
+        assert s["tokens"] == len(part) and s["bytes"] == len(part.encode("utf-8")) > len(part)  # bytes, not chars
+        assert s["bytes_per_token"] == s["bytes"] / s["tokens"]
+    assert dl.prepare(str(path), "char", out_dir=out).train == train  # the same inputs: reused
+    folders = {train, dl.prepare(str(path), "char", out_dir=out, seed=2).train,
+               dl.prepare(str(path), "char", out_dir=out, val_fraction=0.2).train}
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched
+    folders.add(dl.prepare(str(path), "char", out_dir=out).train)
+    assert len(folders) == 4 and len(list(out.iterdir())) == 4  # each change built its own folder
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1522,6 +1667,129 @@ def test_checkpoint_round_trip(tmp_path):
         gpt.load_checkpoint(tmp_path / "nope.pt")
 
 
+def test_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkeypatch):
+    model = _tiny()
+    path = tmp_path / "ck.pt"
+    gpt.save_checkpoint(path, model, iter=1)
+    before = path.read_bytes()
+
+    def dying_save(obj, f):  # the process dies half-way through writing
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        gpt.save_checkpoint(path, model, iter=2)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ck.pt"] and path.read_bytes() == before
+    (tmp_path / "cut.pt").write_bytes(before[:len(before) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match="cut.pt is not a readable checkpoint"):
+        gpt.load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"model": {}}, tmp_path / "part.pt")
+    with pytest.raises(ValueError, match=r"part.pt is not a complete checkpoint \(no config\)"):
+        gpt.load_checkpoint(tmp_path / "part.pt")
+
+
+def test_gpt2_init_has_transformers_statistics():
+    """Per tensor, our random init has the statistics of GPT2LMHeadModel's: std 0.02, residual
+    projections (c_proj) 0.02 / sqrt(2 * n_layer), biases 0, LayerNorm weights 1."""
+    torch.manual_seed(0)
+    kw = dict(n_layer=8, n_head=4, n_embd=128)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, vocab_size=256, **kw)).state_dict()
+    ours = gpt.GPT(gpt.GPTConfig(block_size=64, vocab_size=256, **kw)).to_hf()
+    assert ours.keys() <= hf.keys()
+    for k, t in ours.items():
+        if hf[k].std() == 0:  # biases, norm weights: the same constant
+            assert torch.equal(t, hf[k]), k
+        else:
+            assert t.std().item() == pytest.approx(hf[k].std().item(), rel=0.05), k
+    assert hf["transformer.h.0.mlp.c_proj.weight"].std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_dropout_sites_match_transformers(monkeypatch):
+    """Dropout where GPT-2 has it: the embeddings, the attention weights, each residual branch."""
+    calls = []
+    real = F.dropout
+    monkeypatch.setattr(F, "dropout", lambda x, p, training, inplace=False:
+                        calls.append(p) or real(x, p, training, inplace))
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=V,
+                                    resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2,
+                                    attn_implementation="eager")).train()
+    hf(_idx())
+    want, calls[:] = list(calls), []
+    ours = _tiny(dropout=0.2, sdpa=False).train()  # readable attention: dropout is visible
+    ours(_idx())
+    assert calls == want == [0.2] * (1 + 3 * 2)
+
+
+def test_temperature_matches_transformers_warper():
+    from transformers import TemperatureLogitsWarper
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for t in (0.5, 2.0):
+        probs = F.softmax(TemperatureLogitsWarper(t)(None, logits.clone()), dim=-1)
+        for s in range(20):  # the same draws from the same generator state
+            want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(s))[:, 0]
+            assert torch.equal(gpt.sample(logits, t, generator=torch.Generator().manual_seed(s)), want)
+
+
+def test_eot_stops_one_row_while_the_other_goes_on():
+    model = _tiny()
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = model.generate(prompts, 12, seed=3)
+    eot = next(t for t in free[0, 3:].tolist() if t not in free[1, 3:].tolist())
+    out = model.generate(prompts, 12, seed=3, eot_id=eot)
+    stop = free[0].tolist().index(eot, 3)
+    assert out[0].tolist() == free[0, :stop + 1].tolist() + [eot] * (14 - stop)  # eot repeats
+    assert torch.equal(out[1], free[1])  # the other row never saw eot: unchanged
+
+
+def test_num_params_matches_transformers_tied_and_untied(hf_llama):
+    assert gpt.GPT.from_hf(hf_llama).num_params() == hf_llama.num_parameters()
+
+
+def test_swiglu_width_keeps_the_mlp_parameter_count():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    for C in (384, 768):  # 8C/3 is a multiple of 32: exactly GELU's 2 * C * 4C
+        cfg = block.BlockConfig(n_embd=C, bias=False)
+        assert count(block.MLP(replace(cfg, mlp="swiglu"))) == count(block.MLP(cfg)) == 8 * C * C
+    for C in (64, 128, 4096):  # otherwise within one rounding step of 32 columns
+        hidden = replace(block.BlockConfig(n_embd=C), mlp="swiglu").hidden
+        assert 0 <= 3 * C * hidden - 8 * C * C < 3 * C * 32
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("max_iters", 0, "--max_iters=0: must be at least 1"),
+    ("eval_iters", 0, "--eval_iters=0: must be at least 1"),
+    ("batch_size", 0, "--batch_size=0: must be at least 1"),
+    ("threads", -1, "--threads=-1: must be >= 0"),
+    ("time_limit", -1.0, "--time_limit=-1.0: must be >= 0"),
+    ("device", "gpu", "--device='gpu': expected cpu, cuda"),
+    ("device", "cuda:99", "--device=cuda:99: CUDA is not available here")])
+def test_demo_bad_options_fail_before_any_work(option, value, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(gpt, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(gpt, option, value)
+    with pytest.raises(ValueError) as e:
+        gpt.main()
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_time_limit_stops_early_and_says_so(corpus, monkeypatch, tmp_path, capsys):
+    """The limit counts from the start (data preparation included); 0 = no limit."""
+    real = dataloader.prepare
+    monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(  # a small char corpus
+        str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
+    for k, v in dict(out_dir=str(tmp_path), block_size=16, batch_size=4, max_iters=3,
+                     eval_iters=1, num_samples=0).items():  # char: no <|endoftext|> to start from
+        monkeypatch.setattr(gpt, k, v)
+    for limit, steps in ((0.0, 3), (1e-9, 0)):
+        monkeypatch.setattr(gpt, "time_limit", limit)
+        gpt.main()
+        assert gpt.load_checkpoint(tmp_path / "gpt_tiny.pt")[1]["iter"] == steps
+        out = capsys.readouterr().out
+        assert ("time limit: stopped at step 0 of 3" in out) == (steps == 0)
+
+
 @pytest.mark.parametrize("script", ["gpt.py", "block.py"])
 def test_cli_unknown_preset_is_one_line(script):
     root = Path(__file__).resolve().parent
@@ -1536,7 +1804,7 @@ def test_cli_unknown_preset_is_one_line(script):
 
 
 # ======================================================================
-# primer: 
+# primer: tests for cuda_primer.py: op costs and README figures by hand, kernels vs torch, timers
 # ======================================================================
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1628,6 +1896,142 @@ def test_primer_cli_runs_and_rejects_bad_input():
                                              "device, roofline, tiling, flash, fusion, kernels, "
                                              "profile"]
 
+
+def test_primer_op_table_rows_by_hand():
+    # GPT-2 124M at batch 8 x 1024 tokens in bf16: M = 8192 tokens, C = 768, 12 heads of 64,
+    # MLP width H = 3072, vocabulary padded to 50304. Bytes: each input read once, each
+    # output written once, 2 bytes an element.
+    B, T, C, nh, hd, H, V = 8, 1024, 768, 12, 64, 3072, 50304
+    M, S = B * T, B * nh * T * T                             # tokens; attention scores
+    rows = {name: (count, f, b) for name, count, f, b in
+            cuda_primer.op_costs(PRESETS["gpt2"], batch=8, nbytes=2)}
+    assert rows == {
+        "layernorm": (24, 7 * M * C, 2 * (M * C + M * C)),           # read x, write y
+        "qkv matmul": (12, 2 * M * C * 3 * C, 2 * (M * C + C * 3 * C + M * 3 * C)),
+        "attention Q K^T": (12, 2 * S * hd, 2 * B * nh * (2 * T * hd + T * T)),
+        "softmax": (12, 5 * S, 2 * (S + S)),                         # read scores, write P
+        "attention P V": (12, 2 * S * hd, 2 * B * nh * (T * T + 2 * T * hd)),
+        "attn out matmul": (12, 2 * M * C * C, 2 * (M * C + C * C + M * C)),
+        "residual add": (24, M * C, 2 * 3 * M * C),                  # read 2, write 1
+        "MLP in matmul": (12, 2 * M * C * H, 2 * (M * C + C * H + M * H)),
+        "GELU": (12, 9 * M * H, 2 * (M * H + M * H)),                # read h, write GELU(h)
+        "MLP out matmul": (12, 2 * M * H * C, 2 * (M * H + H * C + M * C)),
+        "lm_head matmul": (1, 2 * M * C * V, 2 * (M * C + C * V + M * V)),
+        # flash: Q K^T + softmax + P V FLOPs; reads q, k, v and writes o: 4 (B, nh, T, hd)
+        "attention fused (flash)": (0, 2 * 2 * S * hd + 5 * S, 2 * 4 * B * nh * T * hd),
+    }
+
+
+def test_primer_roofline_table_gives_the_readme_figures(capsys):
+    # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
+    flops, bw = 765e12, 2981e9
+    costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
+    cuda_primer.roofline_table(costs, flops, bw)
+    lines = capsys.readouterr().out.splitlines()
+    ridge = flops / bw                                        # 256.6 FLOP/byte
+    memory = {"layernorm", "attention Q K^T", "softmax", "attention P V", "residual add", "GELU"}
+    for (name, count, f, b), line in zip(costs, lines[1:]):
+        bound = "memory" if name in memory else "compute"
+        assert (f / b < ridge) == (bound == "memory"), name   # the README's list, by intensity
+        assert line.split()[-2:] == [bound, f"{max(f / flops, b / bw) * 1e3:.3f}"], line
+    t = {n: c * max(f / flops, b / bw) for n, c, f, b in costs}
+    fl = {n: c * f for n, c, f, _ in costs}
+    mem_t, mem_f = sum(t[n] for n in memory), sum(fl[n] for n in memory)
+    assert f"{mem_f / sum(fl.values()):.1%}" == "13.6%" and f"{mem_t / sum(t.values()):.1%}" == "62.2%"
+    assert lines[-2] == ("one forward pass (x/fwd times each op) at the roofline: 7.0 ms; "
+                         "memory-bound ops do 13.6% of the FLOPs but take 62.2% of the time")
+    # attention as 3 kernels: Q K^T, P V (2 x 226.5 MB) and softmax (402.7 MB): 856 MB
+    assert lines[-1].startswith("fusion: attention as 3 kernels moves 856 MB (31 FLOP/byte); "
+                                "fused (flash) 50 MB (522 FLOP/byte), 17x less traffic")
+    # right at the ridge (100 FLOP/byte here): just below waits on memory, at or above on math
+    costs = [("below", 1, 99e9, 1e9), ("at", 1, 100e9, 1e9), ("above", 1, 101e9, 1e9)] + costs
+    cuda_primer.roofline_table(costs, flops=100e12, bw=1e12)
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert [r.split()[-2] for r in rows] == ["memory", "compute", "compute"]
+
+
+def fake_clock(monkeypatch):
+    """cuda_primer's clock replaced by one that only moves when a timed fn moves it."""
+    now = [0.0]
+
+    class Clock:  # stands in for the time module inside cuda_primer
+        @staticmethod
+        def perf_counter():
+            return now[0]
+    monkeypatch.setattr(cuda_primer, "time", Clock)
+    return now
+
+
+def test_primer_timed_takes_turns_and_reports_medians(monkeypatch):
+    import gc
+    now, calls = fake_clock(monkeypatch), []
+
+    def fn(name, seconds):
+        def f():
+            calls.append((name, gc.isenabled()))
+            now[0] += seconds.pop(0) if seconds else 1.0
+            return name
+        return f
+    # a's readings 1, 9 (a slow outlier), 1 s; b's 3, 3, 3: the medians are 1 and 3
+    times, outs = cuda_primer.timed([fn("a", [5.0, 1.0, 9.0, 1.0]), fn("b", [5.0, 3.0, 3.0, 3.0])],
+                                    repeat=3, warmup=1)
+    assert times == [1.0, 3.0] and outs == ["a", "b"]
+    assert [n for n, _ in calls] == ["a", "b"] + ["a", "b"] * 3  # warm-up, then turns
+    assert [on for _, on in calls[2:]] == [False] * 6 and gc.isenabled()  # gc paused, restored
+    # several calls per reading: seconds per call
+    times, _ = cuda_primer.timed([fn("c", [])], repeat=2, calls=4, gc_on=True)
+    assert times == [1.0] and calls[-1] == ("c", True)
+
+
+def test_primer_bandwidth_counts_read_and_write(monkeypatch):
+    monkeypatch.setattr(cuda_primer, "bench", lambda fns, dev: ([0.25], [fn() for fn in fns]))
+    dev = torch.device("cpu")
+    # a copy of 2 MiB reads 2 MiB and writes 2 MiB: 4 MiB in 0.25 s
+    assert cuda_primer.measure_bandwidth(dev, 2) == 4 * 2**20 / 0.25
+    assert cuda_primer.measure_matmul(dev, [8, 16], torch.float32) == [
+        (8, 2 * 8**3 / 0.25), (16, 2 * 16**3 / 0.25)]
+
+
+def test_primer_compare_times_variants_in_turns(monkeypatch, capsys):
+    now = fake_clock(monkeypatch)
+    order = []
+
+    def variant(name, seconds, shift):
+        def f(x):
+            order.append(name)
+            now[0] += seconds
+            return x + shift
+        return f
+    x = torch.zeros(4)
+    rows = cuda_primer.compare({"slow": variant("slow", 2.0, 0.0),
+                                "fast": variant("fast", 0.5, 0.25)}, (x,), torch.device("cpu"),
+                               min_bytes=1e9)
+    assert rows == [("slow", 2.0, 0.0, 1.0), ("fast", 0.5, 0.25, 4.0)]
+    assert order[4:] == ["slow", "fast"] * cuda_primer.repeat  # after 2 warm-up calls each
+    assert "0.5 GB/s" in capsys.readouterr().out                 # 1 GB / 2 s
+
+
+def test_primer_flash_memory_by_hand(monkeypatch, capsys):
+    monkeypatch.setattr(cuda_primer, "block_q", 64)
+    monkeypatch.setattr(cuda_primer, "block_k", 64)
+    cuda_primer.flash_demo()
+    out = capsys.readouterr().out
+    T, d, bq, bk, MiB = 1024, 64, 64, 64, 2**20                 # GPT-2, one head, bf16
+    qkvo = 4 * T * d * 2                                     # read q, k, v; write o
+    naive_io = qkvo + 2 * 2 * (T * T * 2)                    # S and P each written and read
+    tile = 4 * (bq * bk + 2 * bq * d + 2 * bk * d + 2 * bq)  # fp32 s; q, acc; k, v; m, l
+    flash_io = qkvo + (T // bq - 1) * 2 * T * d * 2          # k, v read again per query block
+    assert (naive_io / MiB, tile / 1024, flash_io / MiB) == (8.5, 80.5, 4.25)
+    assert "HBM traffic 8.5 MiB" in out and "one tile on chip, 80.5 KiB" in out
+    assert "HBM traffic at most 4.2 MiB" in out
+
+
+@pytest.mark.parametrize("option, value", [("copy_mb", -5), ("fusion_tokens", -1),
+                                           ("repeat", 0)])
+def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
+    monkeypatch.setattr(cuda_primer, option, value)
+    with pytest.raises(ValueError, match=f"^--{option} must be "):
+        cuda_primer.main()
 
 @needs_cuda
 def test_primer_cuda_kernel_equals_torch():
@@ -1832,12 +2236,16 @@ def test_dpo_loss_matches_direct_formula(one_thread):
         with torch.no_grad():
             probs = model(torch.tensor([ids[:-1]]))[0][0].softmax(-1)
         return sum(math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1) if mask[t + 1])
-    terms = []
+    terms, nll = [], []
     for (c, cm), (r, rm) in pairs:
         z = beta * ((logp(policy, c, cm) - logp(reference, c, cm))
                     - (logp(policy, r, rm) - logp(reference, r, rm)))
         terms.append(-math.log(1 / (1 + math.exp(-z))))
+        nll.append(-logp(policy, c, cm) / sum(cm[1:]))  # per token of the chosen answer
     assert abs(loss.item() - sum(terms) / len(terms)) < 1e-9
+    # with the SFT term: + sft_weight * the chosen answers' mean per-token NLL
+    loss = ft.dpo_step(policy, reference, beta, sft_weight=0.5)(pairs)
+    assert abs(loss.item() - (sum(terms) / len(terms) + 0.5 * sum(nll) / len(nll))) < 1e-9
     # same model as policy and reference: every margin is 0, the loss is log 2
     assert abs(ft.dpo_step(policy, policy, beta)(pairs).item() - math.log(2)) < 1e-12
 
@@ -1936,6 +2344,284 @@ def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
         "at column 2)")
     assert sorted(os.listdir(out)) == ["ckpt.pt"]
 
+def test_lora_forward_equals_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    lora = ft.LoRALinear(base, rank=3, alpha=12.0)
+    torch.nn.init.normal_(lora.B)                            # as if trained: B != 0
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    # W x + b + (alpha / r) * B A x, with alpha / r = 12 / 3 = 4
+    ref = F.linear(x, base.weight, base.bias) + 4.0 * x @ lora.A.T @ lora.B.T
+    torch.testing.assert_close(lora(x), ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.merged()(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sft_loss_adds_the_weighted_replay_loss():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    examples = [ft.encode_chat(tok, chat("reverse: sun moon", "moon sun"))]
+    g = torch.Generator().manual_seed(0)
+    xr, yr = (torch.randint(0, tok.vocab_size, (2, 16), generator=g) for _ in range(2))
+
+    class Replay:  # a DataLoader that always returns the same pretraining batch
+        def next_batch(self):
+            return xr, yr
+    with torch.no_grad():
+        x, y = ft.collate(examples)
+        sft = model(x, y)[1]
+        logits = model(xr)[0][..., :tok.vocab_size]
+        replay = F.cross_entropy(logits.flatten(0, 1), yr.flatten())
+        assert ft.sft_step(model)(examples) == sft
+        loss = ft.sft_step(model, Replay(), 0.3)(examples)
+    assert abs(loss.item() - (sft.item() + 0.3 * replay.item())) < 1e-12
+
+
+def test_dpo_reference_stays_frozen_while_the_policy_trains(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    x, _ = ft.collate([c for c, _ in pairs])
+    for lora in ((["c_attn", "c_fc"], 4, 8.0, 0.0), None):
+        model = tiny_model(tok.vocab_size).requires_grad_(True)
+        with torch.no_grad():
+            before = model(x)[0]
+        reference = ft.dpo_reference(model, lora)
+        assert any(isinstance(m, ft.LoRALinear) for m in model.modules()) == bool(lora)
+        ft.optimize(model, pairs, ft.dpo_step(model, reference, 0.1, 1.0), iters=3, lr=1e-2,
+                    batch_size=8, warmup=1, log_every=10**9)
+        with torch.no_grad():
+            assert torch.equal(reference(x)[0], before)          # the reference: untouched
+            assert not torch.equal(model(x)[0], before)          # the policy: trained
+        assert not any(p.requires_grad for p in reference.parameters())
+
+
+class Scripted:
+    """A stand-in model whose greedy reply is always the given token ids."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def generate(self, ids, max_new_tokens, temperature, eot_id):
+        return torch.tensor([list(ids) + self.reply[:max_new_tokens]])
+
+
+def test_exact_match_needs_the_answer_then_end():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    end, right = tok.special_tokens["<|end|>"], tok.encode_ordinary("moon sun")
+    example = (chat("reverse: sun moon", "moon sun"), None, "reverse")
+    for reply, hit in [(right + [end], 1.0),
+                       (right, 0.0),                                     # no <|end|>
+                       (right + tok.encode_ordinary(" king") + [end], 0.0),  # more words
+                       (tok.encode_ordinary("moon") + [end], 0.0)]:      # fewer words
+        acc, per_task, replies = ft.accuracy(Scripted(reply), tok, [example])
+        assert (acc, per_task) == (hit, {"reverse": hit}), (reply, replies)
+
+
+@pytest.fixture
+def finetune_base(tmp_path, monkeypatch):
+    """A tiny checkpoint of gpt.py's format in tmp_path, pretraining shards beside its tokenizer
+    (for replay and the val loss), and finetune's options set for a run of seconds: returns
+    run(**options), which calls finetune.main() with them."""
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        dl.write_shard(tmp_path / split / "000000.bin",
+                       rng.integers(0, tok.vocab_size, 4000).astype(np.uint16))
+    fast = dict(out_dir=str(tmp_path), tasks="reverse", n_train=24, n_eval=3, batch_size=4,
+                sft_iters=3, dpo_iters=2, dpo_prompts=8, num_samples=1, warmup_iters=1, threads=1)
+
+    def run(**options):
+        for k, v in {**fast, **options}.items():
+            assert hasattr(ft, k), k
+            monkeypatch.setattr(ft, k, v)
+        ft.main()
+    return run
+
+
+def test_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, capsys):
+    finetune_base()
+    out = capsys.readouterr().out
+    assert "== after SFT (lora)" in out and "saved" in out
+    assert "replay: each step adds 0.5 x the loss on 1 windows" in out  # batch 4 // 4
+    assert "pretraining val loss nan" not in out
+    model, tok, _ = ft.load_base(str(tmp_path / "finetune" / "ckpt.pt"))
+    assert tok.special_tokens["<|end|>"] == model.config.vocab_size - 1
+    # user data with rejected answers: DPO runs (full finetuning, batches of 1 this time)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat(q, a), "rejected": q}) + "\n"
+                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king"),
+                                          ("war peace", "peace war")]))
+    finetune_base(data=str(chats), method="full", init_from=str(tmp_path / "gpt_tiny.pt"),
+                  batch_size=1, num_samples=0)
+    out = capsys.readouterr().out
+    assert "2 training conversations, 1 held out" in out and "== DPO:" in out, out
+    assert "---- user:" not in out                                   # no samples asked for
+
+
+def test_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path):
+    torch.manual_seed(0)
+    short = gpt.GPT(gpt.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8,
+                                  vocab_size=word_tokenizer().vocab_size))
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), short, tokenizer="tokenizer.json")
+    with pytest.raises(ValueError, match="^no synthetic question fits in the context of 8 tokens$"):
+        finetune_base()
+
+
+def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
+    with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
+        finetune_base(sft_lr=float("nan"))
+    # user data: 2 conversations, eval_frac 0.9 still leaves one to train on (it reaches SFT)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n"
+                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king")]))
+    with pytest.raises(ValueError, match=r"^loss nan at iteration 2"):
+        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=float("nan"))
+    assert sorted(os.listdir(tmp_path / "finetune")) == ["ckpt.pt"]
+    assert (tmp_path / "finetune" / "ckpt.pt").read_bytes() == b"earlier result"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lora_rank", 0, "--lora_rank must be at least 1, got 0"),
+    ("lora_rank", -2, "--lora_rank must be at least 1, got -2"),
+    ("n_eval", 0, "--n_eval must be at least 1, got 0"),
+    ("batch_size", 0, "--batch_size must be at least 1, got 0"),
+    ("eval_frac", 1.0, "--eval_frac must be between 0 and 1, got 1.0"),
+    ("eval_frac", -1.0, "--eval_frac must be between 0 and 1, got -1.0"),
+    ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
+])
+def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
+    monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
+    monkeypatch.setattr(ft, option, value)
+    with pytest.raises(ValueError) as e:
+        ft.main()
+    assert str(e.value) == message
+
+
+def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    with pytest.raises(FileNotFoundError, match=r"gpt_tiny\.pt names the tokenizer .*tokenizer"
+                                                r"\.json', which does not exist"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    with pytest.raises(FileNotFoundError) as e:
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"), "nope.json")
+    assert str(e.value) == "no tokenizer at nope.json"
+
+
+# ======================================================================
+# cli: tests for cli.py, the --name=value parser every lesson shares
+# ======================================================================
+
+import cli  # noqa: E402
+
+
+def cli_globals():
+    """Module globals as a lesson has them: constants of each type, and names cli must skip."""
+    return {"flag": False, "n": 3, "lr": 1e-3, "name": "x", "preset": "", "_private": 1,
+            "CONSTANT": 2, "items": [1], "cli": cli}
+
+
+def cli_exit(capsys, argv, presets=None):
+    """(exit code, the one line on stderr) of cli.override on bad arguments."""
+    with pytest.raises(SystemExit) as e:
+        cli.override(cli_globals(), argv, presets)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return e.value.code, err.strip()
+
+
+def test_cli_parses_each_type_by_its_default():
+    g = cli_globals()
+    changed = cli.override(g, ["--flag=true", "--n=7", "--lr=3e-4", "--name=a=b"])
+    assert changed == {"flag": True, "n": 7, "lr": 3e-4, "name": "a=b"}
+    assert (g["flag"], g["n"], g["lr"], g["name"]) == (True, 7, 3e-4, "a=b")
+    assert type(cli.override(cli_globals(), ["--lr=1"])["lr"]) is float
+    for text, value in [("true", True), ("1", True), ("YES", True), ("on", True),
+                        ("false", False), ("0", False), ("No", False), ("off", False)]:
+        g = cli_globals()
+        g["flag"] = not value
+        cli.override(g, [f"--flag={text}"])
+        assert g["flag"] is value, text
+    assert cli.override(cli_globals(), []) == {}
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(capsys):
+    valid = "valid names: flag, lr, n, name, preset"  # not _private, CONSTANT, items, cli
+    assert cli_exit(capsys, ["--flag=maybe"]) == (
+        2, "error: --flag expects true or false, got 'maybe'")
+    assert cli_exit(capsys, ["--n=3.0"]) == (2, "error: --n expects int, got '3.0'")
+    assert cli_exit(capsys, ["--lr=fast"]) == (2, "error: --lr expects float, got 'fast'")
+    for text in ("nan", "inf", "-inf", "NaN"):  # a nan learning rate would train garbage
+        assert cli_exit(capsys, [f"--lr={text}"]) == (
+            2, f"error: --lr expects a finite number, got '{text}'")
+    assert cli_exit(capsys, ["--n"]) == (
+        2, f"error: arguments look like --name=value, got '--n'; {valid}")
+    assert cli_exit(capsys, ["n=3"])[0] == 2
+    assert cli_exit(capsys, ["--nope=1"]) == (2, f"error: unknown option --nope; {valid}")
+    assert cli_exit(capsys, ["--items=2"])[0] == 2
+
+
+def test_cli_help_lists_every_option_and_exits_0(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            cli.override(cli_globals(), ["--n=5", flag], presets={"big": {}})
+        assert e.value.code == 0
+        assert capsys.readouterr().out.splitlines() == [
+            "options (name = default):", "  --flag=False", "  --lr=0.001", "  --n=3",
+            "  --name='x'", "  --preset=''", "presets: big"]
+
+
+def test_cli_preset_first_then_explicit_overrides_win(capsys):
+    presets = {"big": {"n": 100, "lr": 0.5}, "odd": {"nope": 1}}
+    for argv in (["--n=5", "--preset=big"], ["--preset=big", "--n=5"]):
+        g = cli_globals()
+        assert cli.override(g, argv, presets) == {"n": 5, "lr": 0.5, "preset": "big"}
+        assert (g["n"], g["lr"]) == (5, 0.5)
+    assert cli_exit(capsys, ["--preset=huge"], presets) == (
+        2, "error: unknown preset 'huge'; valid presets: big, odd")
+    assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
+        "error: preset sets unknown option 'nope'")
+
+
+def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--n=4"])
+    g = cli_globals()
+
+    def main():
+        raise FileNotFoundError(f"no file number {g['n']}")
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, g)
+    assert e.value.code == "error: no file number 4"  # SystemExit(str): printed, exit 1
+
+    def bug():
+        raise KeyError("k")  # not an expected error: a bug keeps its traceback
+    with pytest.raises(KeyError):
+        cli.run(bug, g)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
+    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
+                           "primer, train, mfu"),
+    ("repeat", 0, "--repeat must be at least 1, got 0"),
+    ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
+])
+def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
+                                                                 message):
+    import bench  # bench.py's main(), which cli.run turns into one line and exit 1
+    monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
+    monkeypatch.setattr(bench, option, value)
+    with pytest.raises(ValueError) as e:
+        bench.main()
+    assert str(e.value) == message
 
 # ======================================================================
 # train: tests for train.py
@@ -1971,7 +2657,7 @@ def test_adamw_matches_torch_step_for_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8),
                                 torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    groups = lambda m: train.param_groups(m, weight_decay=0.1)  # noqa: E731
+    groups = lambda m: gpt.param_groups(m, weight_decay=0.1)  # noqa: E731
     clones = [torch.nn.Sequential(*[type(l)(*a) for l, a in zip(model, [(10, 8), (8, 8), (8,), (8, 3)])])
               for _ in range(3)]
     for c in clones:
@@ -2007,10 +2693,9 @@ def test_adamw_matches_torch_step_for_step():
 
 
 def test_param_groups_skip_norms_biases_embeddings():
-    import gpt
     cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
     model = gpt.GPT(cfg)
-    decay, no_decay = train.param_groups(model, 0.1)
+    decay, no_decay = gpt.param_groups(model, 0.1)  # train.py's optimizer and gpt.py's demo
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 and "wte" not in names[id(p)] and "wpe" not in names[id(p)]
@@ -2021,6 +2706,7 @@ def test_param_groups_skip_norms_biases_embeddings():
 
 # ----------------------------------------------------------------------------- schedule
 def test_lr_schedules_match_formulas():
+    assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
     lr, lo, warm, n = 1e-3, 1e-4, 100, 2000
     for s in (0, 50, 99):  # linear warmup, as nanoGPT: lr * (s+1) / (warm+1)
         assert train.lr_at(s, lr, lo, warm, n) == pytest.approx(lr * (s + 1) / (warm + 1))
@@ -2045,6 +2731,12 @@ def test_peak_flops_lookup_and_mfu():
     assert train.device_peak("NVIDIA H100 PCIe")[1] is train.PEAK_FLOPS["H100 PCIe"]
     assert train.device_peak("NVIDIA A100-SXM4-40GB")[1] is train.PEAK_FLOPS["A100"]  # not A10
     assert train.device_peak("NVIDIA A10")[1] is train.PEAK_FLOPS["A10"]
+    assert train.device_peak("NVIDIA A10G")[1] is None  # AWS's variant: no datasheet, not A10
+    assert train.device_peak("NVIDIA L40S")[1] is train.PEAK_FLOPS["L40S"]  # not L4
+    assert train.PEAK_FLOPS["L40S"]["bf16"] == 362.05e12
+    assert train.device_peak("NVIDIA L4")[1] is train.PEAK_FLOPS["L4"]
+    assert train.device_peak("NVIDIA A100-SXM4-80GB")[1] is train.PEAK_FLOPS["A100-SXM4-80GB"]
+    assert train.device_peak("Tesla V100-SXM2-16GB")[1] is train.PEAK_FLOPS["V100"]
     assert train.device_peak("NVIDIA GeForce RTX 4090")[1] is train.PEAK_FLOPS["RTX 4090"]
     assert train.device_peak("cpu") == ("cpu", None)
     assert train.device_peak("Some Future GPU")[1] is None
@@ -2074,7 +2766,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]  # no temp left
     assert (tmp_path / "ckpt_0000004.pt").read_bytes() == before
-    assert torch.equal(train.load_checkpoint(tmp_path / "ckpt_0000004.pt")["w"], torch.ones(3) * 4)
+    assert torch.equal(gpt.read_checkpoint(tmp_path / "ckpt_0000004.pt")["w"], torch.ones(3) * 4)
 
 
 def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
@@ -2082,8 +2774,11 @@ def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train.load_checkpoint(str(tmp_path / "garbage.pt"))
     torch.save({"model": {}, "iter_num": 5}, tmp_path / "nanogpt.pt")  # someone else's format
-    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+    with pytest.raises(ValueError, match="format is not 'nanollm-train-1'"):
         train.load_checkpoint(str(tmp_path / "nanogpt.pt"))
+    torch.save({"format": train.FORMAT}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no step, model"):
+        train.load_checkpoint(str(tmp_path / "empty.pt"))
     torch.save({"format": train.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train.load_checkpoint(str(tmp_path / "code.pt"))
@@ -2092,15 +2787,22 @@ def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    import gpt
+    """The same gradients from far fewer bytes kept for backward (the blocks' activations are
+    recomputed: only each block's input is saved)."""
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
     plain, ckpt = gpt.GPT(cfg), gpt.GPT(cfg)
     ckpt.load_state_dict(plain.state_dict())
     train.checkpoint_blocks(ckpt)
     x = torch.randint(0, 20, (3, 8))
+    saved = {}
     for m in (plain, ckpt):
-        m(x, x)[1].backward()
+        sizes = saved.setdefault(m is ckpt, [])
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = m(x, x)[1]
+        loss.backward()
+    assert sum(saved[True]) < sum(saved[False]) / 3  # measured: 14,852 bytes vs 90,244
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
     with torch.no_grad():  # generation (no grad, KV cache) goes around the checkpoint
@@ -2188,11 +2890,13 @@ def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
 
 
 def test_two_processes_equal_one(corpus, tmp_path):
-    """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch)."""
+    """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch):
+    grad_accum=2 counts micro-batches over both processes, one each."""
     kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused")
     one = train.train(tiny(corpus, tmp_path / "one", **kw))
     args = [f"--{k}={v}" for k, v in vars(tiny(corpus, tmp_path / "two", **kw)).items()]
-    args = [a for a in args if not a.startswith("--batch_size")] + ["--batch_size=4"]
+    args = [a for a in args if not a.startswith(("--batch_size", "--grad_accum"))]
+    args += ["--batch_size=4", "--grad_accum=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", str(ROOT / "train.py"), *args],
@@ -2206,6 +2910,80 @@ def test_two_processes_equal_one(corpus, tmp_path):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    rng = train.load_checkpoint(train.checkpoints(tmp_path / "two")[-1])["rng"]
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # seeded per rank (dropout differs)
+
+
+def test_grad_accum_equals_one_big_batch(corpus, tmp_path):
+    """2 micro-batches of 4 == 1 batch of 8: the epoch sampler serves the same windows in the
+    same order, so the mean loss, the gradient norm and the weights agree."""
+    kw = dict(max_iters=4, save_interval=4)
+    big = train.train(tiny(corpus, tmp_path / "a", batch_size=8, **kw))
+    acc = train.train(tiny(corpus, tmp_path / "b", batch_size=4, grad_accum=2, **kw))
+    for r1, r2 in zip(big["log"], acc["log"], strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:  # Adam's update of a weight whose gradient is ~0 amplifies rounding: atol
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
+    """3 steps with a small grad_clip == the same steps written with torch.nn.utils.clip_grad_norm_
+    and torch.optim.AdamW (seeds, then data, then the model, as train.run does)."""
+    c = tiny(corpus, tmp_path, max_iters=3, warmup_iters=1, save_interval=3, grad_clip=0.05,
+             optimizer="torch")
+    run = train.train(c)
+    torch.manual_seed(c.seed)
+    _, _, loader, _, _ = train.load_data(c, 0, 1, torch.device("cpu"))
+    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    opt = torch.optim.AdamW(gpt.param_groups(model, c.weight_decay), lr=c.lr,
+                            betas=(c.beta1, c.beta2))
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = gpt.lr_at(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters)
+        model(*loader.next_batch())[1].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        assert norm.item() == pytest.approx(run["log"][step]["grad_norm"], rel=1e-5)
+        assert norm > 4 * c.grad_clip  # every step is clipped
+        opt.step()
+        opt.zero_grad()
+    ours = weights(tmp_path)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_bits_per_byte_counts_utf8_bytes_of_the_targets(corpus, tmp_path):
+    """Characters of 1 to 3 UTF-8 bytes: bits per byte = val loss / ln 2 * tokens / bytes, the
+    bytes counted here by decoding each row of val targets whole."""
+    text = tmp_path / "mixed.txt"
+    text.write_text("Καλημέρα κόσμε, hello world! Привет, мир. naïve café, 日本語の文. " * 200)
+    c = tiny(corpus, tmp_path / "run", data=str(text), data_dir=str(tmp_path / "shards"),
+             max_iters=2)
+    run = train.train(c)
+    tok, _, _, val_batches, _ = train.load_data(c, 0, 1, torch.device("cpu"))
+    y = torch.cat([y for _, y in val_batches])
+    n_bytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in y)
+    assert n_bytes > 1.3 * y.numel()
+    assert run["val_bpb"] == pytest.approx(run["val_loss"] / math.log(2) * y.numel() / n_bytes,
+                                           rel=1e-6)
+
+
+def test_resume_rewrites_the_log(corpus, tmp_path):
+    """The log holds each step once: running a finished run again adds nothing, and a resume
+    from an older checkpoint drops the later rows (and a half-written last line)."""
+    kw = dict(max_iters=8, save_interval=4, eval_interval=4)
+    train.train(tiny(corpus, tmp_path, **kw))
+    log = tmp_path / "log.jsonl"
+    full = log.read_text()
+    again = train.train(tiny(corpus, tmp_path, **kw))  # resumes at step 8: nothing to do
+    assert again["step"] == 8 and again["val_loss"] is not None and log.read_text() == full
+    with open(log, "a") as f:
+        f.write('{"step": 9, "lo')  # killed while writing
+    train.train(tiny(corpus, tmp_path, init=str(tmp_path / "ckpt_0000004.pt"), **kw))
+    rows = [json.loads(line) for line in open(log)]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -2247,13 +3025,47 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
     assert code == 1 and "ckpt_0000100.pt is not a readable checkpoint" in msg
     torch.save({"model": {}}, tmp_path / "bad" / "ckpt_0000200.pt")
     code, msg = cli_error(capsys, args(corpus, tmp_path / "bad"))
-    assert code == 1 and "ckpt_0000200.pt is not a train.py checkpoint" in msg
+    assert code == 1 and "ckpt_0000200.pt is not a nanollm checkpoint (format is not" in msg
     # the shards vanished after preparing
     train.train(tiny(corpus, tmp_path / "ok", max_iters=1, data_dir=str(tmp_path / "shards")))
     for f in (tmp_path / "shards").glob("*/train/*.bin"):
         f.unlink()
     code, msg = cli_error(capsys, args(corpus, tmp_path / "y", data_dir=str(tmp_path / "shards")))
     assert code == 1 and "no shard files" in msg
+    # --init naming a file that has the format but not what a resume needs
+    torch.save({"format": train.FORMAT}, tmp_path / "stub.pt")
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "z", init=str(tmp_path / "stub.pt")))
+    assert code == 1 and "stub.pt is not a complete checkpoint (no step, model" in msg
+
+
+@pytest.mark.parametrize("option,value", [
+    ("log_interval", 0), ("eval_interval", 0), ("save_interval", 0), ("threads", -1),
+    ("grad_clip", -1.0), ("max_iters", -1), ("keep_checkpoints", 0), ("batch_size", 0),
+    ("grad_accum", 0), ("eval_iters", -1), ("val_frac", 0.0), ("dropout", 1.0),
+    ("dtype", "fp8"), ("optimizer", "sgd"), ("schedule", "linear"), ("arch", "bert")])
+def test_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsys):
+    code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
+                                   f"--data_dir={tmp_path / 'd'}"])
+    assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be ")
+    assert not os.listdir(tmp_path)
+
+
+def test_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monkeypatch):
+    cuda = "cuda" if not torch.cuda.is_available() else "cuda:99"  # a GPU that is not here
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x", device=cuda))
+    assert code == 1 and msg.startswith(f"error: --device={cuda}: CUDA is not available here")
+    with monkeypatch.context() as m:  # grad_accum counts micro-batches over all processes
+        m.setenv("WORLD_SIZE", "2")
+        for accum in (1, 3):
+            code, msg = cli_error(capsys, args(corpus, tmp_path / "x", grad_accum=accum))
+            assert code == 1 and f"--grad_accum={accum} must be a multiple of the 2 processes" in msg
+
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "load_data", ctrl_c)  # Ctrl-C while the data is prepared
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
+    assert code == 1 and msg.startswith("error: interrupted: quit without saving")
+    assert not (tmp_path / "x").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):

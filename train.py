@@ -2,8 +2,8 @@
 
 What you will learn
   * AdamW written out (two moments, bias correction, decoupled weight decay, no decay on norms,
-    biases, embeddings), checked step for step against torch's fused AdamW, the fast path;
-  * learning-rate schedules: linear warmup, then cosine decay or warmup-stable-decay (WSD);
+    biases, embeddings: gpt.param_groups), checked step for step against torch's fused AdamW;
+  * learning-rate schedules (gpt.lr_at): linear warmup, then cosine or warmup-stable-decay (WSD);
   * gradient accumulation, clipping (the norm is logged), mixed precision (bf16 autocast, fp16
     with a GradScaler), TF32 matmuls, torch.compile, activation checkpointing, and
     data-parallel training with torchrun (DDP);
@@ -45,6 +45,7 @@ import bpe
 import cli
 import gpt
 from dataloader import DataLoader, atomic_open, prepare
+from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
 
 # ----------------------------------------------------------------------------- hyperparameters
 preset = "cpu"           # a name from PRESETS_TRAIN below; explicit --name=value wins
@@ -76,10 +77,10 @@ decay_frac = 0.2         # wsd: the last fraction of the steps decays to min_lr
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
-grad_clip = 1.0          # 0 = no clipping (the norm is still logged)
+grad_clip = 1.0          # max gradient norm; 0 = no clipping (the norm is still logged)
 optimizer = "fused"      # "ours" (written out below), "torch" or "fused" (torch, one kernel)
 # system
-device = "auto"          # "auto", "cpu", "cuda", "mps"
+device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
 compile = False          # torch.compile the model
 checkpointing = False    # activation checkpointing: recompute blocks in backward, less memory
@@ -171,50 +172,19 @@ class AdamW(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
-def param_groups(model, weight_decay):
-    """Decay the matrices that multiply activations, not norms, biases or embeddings: a gain or
-    bias has no reason to shrink, and an embedding row (and a head tied to it) only sees a
-    gradient when its token appears, so decay would erase rare tokens."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # a tied weight is listed once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-
 def make_optimizer(model, c, device_type):
-    if c.optimizer not in ("ours", "torch", "fused"):
-        raise ValueError(f"optimizer={c.optimizer!r}; expected 'ours', 'torch' or 'fused'")
     kw = dict(lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
     if c.optimizer == "fused":  # one kernel over all tensors (CPU and CUDA since torch 2.4)
         kw["fused"] = device_type in ("cpu", "cuda")
     return (AdamW if c.optimizer == "ours" else torch.optim.AdamW)(
-        param_groups(model, c.weight_decay), **kw)
-
-
-# ----------------------------------------------------------------------------- schedule
-def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
-    """Learning rate for step 0, 1, ... max_iters-1. Warmup ramps up linearly, so the first
-    updates (a random model, Adam's moments still noisy) are small. Then "cosine" glides from lr
-    to min_lr along half a cosine; "wsd" holds lr (the stable phase) and decays linearly over
-    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint."""
-    if step < warmup_iters:
-        return lr * (step + 1) / (warmup_iters + 1)
-    if schedule == "cosine":
-        progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
-        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
-    if schedule == "wsd":
-        decay_iters = max(1, round(decay_frac * max_iters))
-        progress = (step - (max_iters - decay_iters)) / decay_iters
-        return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
-    raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
+        gpt.param_groups(model, c.weight_decay), **kw)
 
 
 # ----------------------------------------------------------------------------- peak FLOPs, MFU
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets. bf16/fp16 accumulate in
-# fp32; tf32 is what fp32 matmuls run at with TF32 on; None: the chip has no such unit. Keys
-# are substrings of the device name; the longest match wins ("A100" before "A10").
+# fp32; tf32 is what fp32 matmuls run at with TF32 on; None: the chip has no such unit. A key
+# matches whole words of the device name, the longest match wins: "NVIDIA A100-SXM4-80GB" is
+# the A100-SXM4-80GB row, "NVIDIA L40S" never the L4 row, "NVIDIA A10G" (no row) never A10.
 #                      bf16    fp16    tf32   fp32   (TFLOP/s)   memory bandwidth (TB/s)
 _PEAKS = {"H100":           (989.4, 989.4, 494.7, 66.9, 3.35),   # SXM
           "H100 PCIe":      (756.5, 756.5, 378.0, 51.2, 2.0),
@@ -225,6 +195,7 @@ _PEAKS = {"H100":           (989.4, 989.4, 494.7, 66.9, 3.35),   # SXM
           "A100 80GB PCIe": (312.0, 312.0, 156.0, 19.5, 1.935),
           "A10":            (125.0, 125.0, 62.5, 31.2, 0.6),
           "L4":             (121.0, 121.0, 60.0, 30.3, 0.3),
+          "L40S":           (362.05, 362.05, 183.0, 91.6, 0.864),
           "RTX 4090":       (165.2, 165.2, 82.6, 82.6, 1.008),
           "RTX 3090":       (71.0, 71.0, 35.6, 35.6, 0.936),
           "V100":           (None, 125.0, None, 15.7, 0.9),      # SXM2
@@ -242,7 +213,8 @@ def device_peak(device):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         return str(torch.device(device).type), None  # no table for CPUs: MFU is not shown
-    return name, PEAK_FLOPS.get(max((k for k in PEAK_FLOPS if k in name), key=len, default=""))
+    words = [k for k in PEAK_FLOPS if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", name)]
+    return name, PEAK_FLOPS.get(max(words, key=len, default=""))
 
 
 def mfu(flops_per_token, tokens_per_s, peak_flops):
@@ -272,18 +244,10 @@ def save_checkpoint(state, out_dir, step, keep=3):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint onto the CPU (no GPU memory spike), refusing anything but ours.
-    weights_only=True unpickles only tensors and plain containers: it cannot run code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or a pickle with code in it
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a train.py checkpoint (format is not {FORMAT!r})")
-    return ck
+    """A checkpoint written by save_checkpoint (read by gpt.read_checkpoint: onto the CPU, no
+    code unpickled), refusing another format or a file that lacks what a resume needs."""
+    return gpt.read_checkpoint(path, ("step", "model", "optimizer", "scaler", "rng",
+                                      "model_config", "data"), FORMAT)
 
 
 def clean_state_dict(sd):
@@ -328,7 +292,23 @@ def make_config(**overrides):
         raise ValueError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}")
     c.update(PRESETS_TRAIN[name])
     c.update(overrides)
-    return dataclasses.make_dataclass("Config", list(c))(**c)
+    c = dataclasses.make_dataclass("Config", list(c))(**c)
+    rules = [(n, getattr(c, n) >= 1, "at least 1") for n in (  # each range, before any work
+        "n_layer", "n_head", "n_embd", "block_size", "pad_vocab", "batch_size", "grad_accum",
+        "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
+    rules += [(n, getattr(c, n) >= 0, ">= 0") for n in (
+        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
+        "eval_iters", "sample_tokens")]
+    gpt.check_options(vars(c), rules + [
+        ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
+        ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+        ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
+        ("arch", c.arch in gpt.PRESETS, f"one of {', '.join(gpt.PRESETS)}"),
+        ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
+        ("optimizer", c.optimizer in ("ours", "torch", "fused"), "ours, torch or fused"),
+        ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"),
+         "auto, float32, bfloat16 or float16")])
+    return c
 
 
 def checkpoint_blocks(model):
@@ -371,6 +351,16 @@ def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
     return (total[0] / total[1]).item(), (total[0] / math.log(2) / n_bytes).item()
 
 
+def log_rows(path):
+    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
+    leaves half a line)."""
+    rows = []
+    for line in open(path):
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
 def write_plot(log_path, png_path):
     """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
     try:
@@ -379,7 +369,7 @@ def write_plot(log_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = log_rows(log_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "val")):
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -399,10 +389,9 @@ def train(c):
     Under torchrun, one process per GPU: it sets RANK, WORLD_SIZE and LOCAL_RANK for each."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if c.grad_accum > world and c.grad_accum % world:
-        raise ValueError(f"grad_accum={c.grad_accum} must be a multiple of the {world} processes")
-    dev = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available()
-                       else "mps" if torch.backends.mps.is_available() else "cpu")
+    if c.grad_accum % world:  # micro-batches per step, over all processes: the same on each
+        raise ValueError(f"--grad_accum={c.grad_accum} must be a multiple of the {world} processes")
+    dev = gpt.pick_device(c.device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local)  # one GPU per process
         torch.cuda.set_device(dev)
@@ -501,19 +490,16 @@ def run(c, rank, world, dev):
     say = print if master else (lambda *a, **k: None)
     for seed in (torch.manual_seed, random.seed, np.random.seed):  # dropout differs per rank
         seed(c.seed + rank)
-    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={c.dtype!r}; expected auto, float32, bfloat16 or float16")
     ptdtype = (getattr(torch, c.dtype) if c.dtype != "auto"  # auto: bf16 where the chip has it
                else torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported()
                else torch.float32)
     autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
     tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
-    if c.arch not in gpt.PRESETS:  # the family from gpt.PRESETS, the size from here
-        raise ValueError(f"arch={c.arch!r}; expected one of {', '.join(gpt.PRESETS)}")
-    mcfg = dataclasses.replace(gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head,
-                               n_embd=c.n_embd, block_size=c.block_size, dropout=c.dropout,
-                               vocab_size=tok.vocab_size, pad_vocab=c.pad_vocab)
+    mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
+        gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
+        pad_vocab=c.pad_vocab)
     model = raw = gpt.GPT(mcfg).to(dev)  # raw, the plain module, is saved and evaluated
     opt = make_optimizer(raw, c, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
@@ -541,9 +527,9 @@ def run(c, rank, world, dev):
         say(f"resumed from {path} at step {step}")
     if master:  # the log holds this run's history: after a resume, drop what came later
         os.makedirs(c.out_dir, exist_ok=True)
-        rows = list(open(log_path)) if path and os.path.exists(log_path) else []
+        rows = log_rows(log_path) if path and os.path.exists(log_path) else []
         with open(log_path + ".tmp", "w") as f:
-            f.writelines(r for r in rows if json.loads(r)["step"] <= step)
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
         os.replace(log_path + ".tmp", log_path)
 
     if c.checkpointing:
@@ -553,7 +539,7 @@ def run(c, rank, world, dev):
     if world > 1:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    accum = max(1, c.grad_accum // world)  # micro-batches per process per step
+    accum = c.grad_accum // world  # micro-batches per process per step
     tokens_per_step = c.batch_size * c.block_size * accum * world
     peak_name, peak = device_peak(dev)
     key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
@@ -570,10 +556,11 @@ def run(c, rank, world, dev):
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate_now():  # val loss, and a sample to read how the model is doing
+    def evaluate_now(log=True):  # val loss, and a sample to read how the model is doing
         loss, bpb = evaluate(raw, val_batches, val_bytes, autocast, rank, world)
         say(f"step {step:5d} | val loss {loss:.4f} | {bpb:.3f} bits per byte")
-        write_log({"step": step, "val_loss": loss, "val_bpb": bpb})
+        if log:
+            write_log({"step": step, "val_loss": loss, "val_bpb": bpb})
         if master and c.sample_tokens:
             with autocast:  # continues the first 16 tokens of a val window
                 out = raw.generate(val_batches[0][0][0, :16], c.sample_tokens, temperature=0.8,
@@ -658,8 +645,8 @@ def run(c, rank, world, dev):
             if stop:
                 break
             t_log += time.time() - t_pause  # evals and saves stay out of tokens/s
-    if val[0] is None and not signals:
-        val = evaluate_now()
+    if val[0] is None and not signals:  # no step ran (a finished run resumed): not a new row
+        val = evaluate_now(log=False)
 
     mem = peak_memory(dev)
     if mem:
@@ -684,8 +671,9 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         raise SystemExit("error: out of memory: lower --batch_size (and raise --grad_accum to "
                          "keep the tokens per step), or set --checkpointing=true") from None
-    except KeyboardInterrupt:
-        raise SystemExit("error: interrupted twice: quit without saving this step") from None
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C inside it
+        raise SystemExit("error: interrupted: quit without saving (checkpoints already "
+                         "written are intact)") from None
     except (ValueError, OSError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     if result["interrupted"]:
