@@ -12,6 +12,7 @@ type of the constant already there:
 A file with presets passes them in; `--preset=NAME` is applied first and the
 explicit overrides win. A bad name or value (an int written "3.0", a float that
 is nan or inf) prints one line and exits 2.
+`check(globals(), rules)` refuses values out of range before any work.
 `run(main, globals())` is how every demo ends: overrides, then main(), with
 expected errors (bad files, bad values) shown as one `error: ...` line, exit 1.
 """
@@ -43,6 +44,14 @@ def parse_value(name, text, current):
     if kind is float and not math.isfinite(value):  # a nan learning rate trains garbage silently
         raise ValueError(f"--{name} expects a finite number, got {text!r}")
     return value
+
+
+def check(values, rules):
+    """Refuse a setting out of range before any work starts: rules are (name, ok, what it must
+    be); the first failing one is a ValueError naming the option and its value."""
+    for name, ok, need in rules:
+        if not ok:
+            raise ValueError(f"--{name}={values[name]!r}: must be {need}")
 
 
 def fail(message):

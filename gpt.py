@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import dataloader
 from block import Block, BlockConfig, make_norm, matmul_params
 
@@ -314,13 +315,6 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_fr
     raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
 
 
-def check_options(values, rules):
-    """Refuse a bad setting before any work starts: rules are (name, ok, what it must be)."""
-    for name, ok, need in rules:
-        if not ok:
-            raise ValueError(f"--{name}={values[name]!r}: must be {need}")
-
-
 def pick_device(name):
     """torch.device for "cpu", "cuda", "cuda:N", "mps" or "auto" (CUDA, else MPS, else CPU);
     one that does not exist here is a clear error now, not an assertion deep inside torch."""
@@ -535,7 +529,7 @@ def estimate_loss(model, loader, iters):
 
 def main():
     t_start = time.time()
-    check_options(globals(), [  # bad settings fail before any work
+    cli.check(globals(), [  # bad settings fail before any work
         ("max_iters", max_iters >= 1, "at least 1"), ("batch_size", batch_size >= 1, "at least 1"),
         ("eval_iters", eval_iters >= 1, "at least 1"), ("threads", threads >= 0, ">= 0"),
         ("time_limit", time_limit >= 0, ">= 0 (0 = no limit)")])
@@ -601,5 +595,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+import cli
+
 # demo hyperparameters (python micrograd.py --name=value)
 seed = 1337
 n_points = 100   # two-moons training points
@@ -651,18 +653,13 @@ def draw(model, X, y, width=64, height=22):
         grid[int((hi[1] - py) / cell[1])][int((px - lo[0]) / cell[0])] = "o" if label > 0 else "x"
     print("\n".join(["+" + "-" * width + "+"] + ["|" + "".join(row) + "|" for row in grid] + ["+" + "-" * width + "+"]))
 
-def check_options():
-    """One clear error naming the first demo option out of range (nan fails every comparison)."""
-    for name, ok, need in (("n_points", n_points >= 2, ">= 2"), ("hidden", hidden >= 1, ">= 1"),
-                           ("steps", steps >= 1, ">= 1"), ("seed", seed >= 0, ">= 0"),
-                           ("noise", 0 <= noise < math.inf, "finite and >= 0"),
-                           ("lr", 0 < lr < math.inf, "finite and > 0"),
-                           ("alpha", 0 <= alpha < math.inf, "finite and >= 0")):
-        if not ok:
-            raise ValueError(f"--{name}={globals()[name]!r}: must be {need}")
-
 def main():
-    check_options()
+    cli.check(globals(), [  # out of range: one clear error before any work
+        ("n_points", n_points >= 2, ">= 2"), ("hidden", hidden >= 1, ">= 1"),
+        ("steps", steps >= 1, ">= 1"), ("seed", seed >= 0, ">= 0"),
+        ("noise", 0 <= noise < math.inf, "finite and >= 0"),
+        ("lr", 0 < lr < math.inf, "finite and > 0"),
+        ("alpha", 0 <= alpha < math.inf, "finite and >= 0")])
     random.seed(seed)
     X, y = make_moons(n_points, noise, seed)
     model = MLP(2, [hidden, hidden, 1])
@@ -684,5 +681,4 @@ def main():
     draw(model, X, y)
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals(), errors=(ValueError, TypeError, OSError, ImportError))

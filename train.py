@@ -299,7 +299,7 @@ def make_config(**overrides):
     rules += [(n, getattr(c, n) >= 0, ">= 0") for n in (
         "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
         "eval_iters", "sample_tokens")]
-    gpt.check_options(vars(c), rules + [
+    cli.check(vars(c), rules + [
         ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
         ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
