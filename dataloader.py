@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import bpe
-from bpe import atomic_open  # the one atomic writer; gpt.py and train.py use it from here
+from bpe import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 
 # -----------------------------------------------------------------------------
 # hyperparameters (python dataloader.py --name=value)

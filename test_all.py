@@ -38,6 +38,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import block  # noqa: E402
 import bpe  # noqa: E402
+import cli  # noqa: E402
 import cuda_primer  # noqa: E402
 import dataloader  # noqa: E402
 import dataloader as dl  # noqa: E402
@@ -61,7 +62,112 @@ def one_thread():
 
 
 # ======================================================================
-# micrograd: Tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
+# cli: tests for cli.py, the --name=value parser every lesson shares
+# ======================================================================
+
+def cli_globals():
+    """Module globals as a lesson has them: constants of each type, and names cli must skip."""
+    return {"flag": False, "n": 3, "lr": 1e-3, "name": "x", "preset": "", "_private": 1,
+            "CONSTANT": 2, "items": [1], "cli": cli}
+
+
+def cli_exit(capsys, argv, presets=None):
+    """(exit code, the one line on stderr) of cli.override on bad arguments."""
+    with pytest.raises(SystemExit) as e:
+        cli.override(cli_globals(), argv, presets)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return e.value.code, err.strip()
+
+
+def test_cli_parses_each_type_by_its_default():
+    g = cli_globals()
+    changed = cli.override(g, ["--flag=true", "--n=7", "--lr=3e-4", "--name=a=b"])
+    assert changed == {"flag": True, "n": 7, "lr": 3e-4, "name": "a=b"}
+    assert (g["flag"], g["n"], g["lr"], g["name"]) == (True, 7, 3e-4, "a=b")
+    assert type(cli.override(cli_globals(), ["--lr=1"])["lr"]) is float
+    for text, value in [("true", True), ("1", True), ("YES", True), ("on", True),
+                        ("false", False), ("0", False), ("No", False), ("off", False)]:
+        g = cli_globals()
+        g["flag"] = not value
+        cli.override(g, [f"--flag={text}"])
+        assert g["flag"] is value, text
+    assert cli.override(cli_globals(), []) == {}
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(capsys):
+    valid = "valid names: flag, lr, n, name, preset"  # not _private, CONSTANT, items, cli
+    assert cli_exit(capsys, ["--flag=maybe"]) == (
+        2, "error: --flag expects true or false, got 'maybe'")
+    assert cli_exit(capsys, ["--n=3.0"]) == (2, "error: --n expects int, got '3.0'")
+    assert cli_exit(capsys, ["--lr=fast"]) == (2, "error: --lr expects float, got 'fast'")
+    for text in ("nan", "inf", "-inf", "NaN"):  # a nan learning rate would train garbage
+        assert cli_exit(capsys, [f"--lr={text}"]) == (
+            2, f"error: --lr expects a finite number, got '{text}'")
+    assert cli_exit(capsys, ["--n"]) == (
+        2, f"error: arguments look like --name=value, got '--n'; {valid}")
+    assert cli_exit(capsys, ["n=3"])[0] == 2
+    assert cli_exit(capsys, ["--nope=1"]) == (2, f"error: unknown option --nope; {valid}")
+    assert cli_exit(capsys, ["--items=2"])[0] == 2
+
+
+def test_cli_help_lists_every_option_and_exits_0(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            cli.override(cli_globals(), ["--n=5", flag], presets={"big": {}})
+        assert e.value.code == 0
+        assert capsys.readouterr().out.splitlines() == [
+            "options (name = default):", "  --flag=False", "  --lr=0.001", "  --n=3",
+            "  --name='x'", "  --preset=''", "presets: big"]
+
+
+def test_cli_preset_first_then_explicit_overrides_win(capsys):
+    presets = {"big": {"n": 100, "lr": 0.5}, "odd": {"nope": 1}}
+    for argv in (["--n=5", "--preset=big"], ["--preset=big", "--n=5"]):
+        g = cli_globals()
+        assert cli.override(g, argv, presets) == {"n": 5, "lr": 0.5, "preset": "big"}
+        assert (g["n"], g["lr"]) == (5, 0.5)
+    assert cli_exit(capsys, ["--preset=huge"], presets) == (
+        2, "error: unknown preset 'huge'; valid presets: big, odd")
+    assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
+        "error: preset sets unknown option 'nope'")
+
+
+def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--n=4"])
+    g = cli_globals()
+
+    def main():
+        raise FileNotFoundError(f"no file number {g['n']}")
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, g)
+    assert e.value.code == "error: no file number 4"  # SystemExit(str): printed, exit 1
+
+    def bug():
+        raise KeyError("k")  # not an expected error: a bug keeps its traceback
+    with pytest.raises(KeyError):
+        cli.run(bug, g)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
+    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
+                           "primer, train, mfu"),
+    ("repeat", 0, "--repeat must be at least 1, got 0"),
+    ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
+])
+def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
+                                                                 message):
+    import bench  # bench.py's main(), which cli.run turns into one line and exit 1
+    monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
+    monkeypatch.setattr(bench, option, value)
+    with pytest.raises(ValueError) as e:
+        bench.main()
+    assert str(e.value) == message
+
+
+# ======================================================================
+# micrograd: tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
 # ======================================================================
 
 assert Path(mg.__file__).resolve() == ROOT / "micrograd.py", mg.__file__
@@ -564,7 +670,7 @@ def test_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
 
 
 # ======================================================================
-# bpe: Tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
+# bpe: tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
 # ======================================================================
 
 needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data")
@@ -1317,7 +1423,7 @@ def test_cuda_batches_match_cpu(tmp_path):
 
 
 # ======================================================================
-# model: Tests for block.py and gpt.py: every number against transformers, torch or a recomputation.
+# model: tests for block.py and gpt.py: every number against transformers, torch or a recomputation.
 # ======================================================================
 
 V = 100  # odd-sized vocabulary: exercises the padding to 128
@@ -1804,826 +1910,6 @@ def test_cli_unknown_preset_is_one_line(script):
 
 
 # ======================================================================
-# primer: tests for cuda_primer.py: op costs and README figures by hand, kernels vs torch, timers
-# ======================================================================
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
-    rng = np.random.default_rng(0)
-    for M, K, N in [(32, 32, 32), (37, 29, 45)]:
-        A, B = rng.standard_normal((M, K)), rng.standard_normal((K, N))
-        counts = []
-        for t in [1, 2, 3, 4, 8, 16, 64]:
-            C, loads = cuda_primer.tiled_matmul(A, B, t)
-            np.testing.assert_allclose(C, A @ B, rtol=1e-12, atol=1e-12)
-            # by hand: each A element is loaded once per column of output tiles, each B element
-            # once per row of output tiles
-            assert loads == M * K * math.ceil(N / t) + K * N * math.ceil(M / t)
-            assert loads == cuda_primer.tiled_loads(M, K, N, t)
-            if M % t == 0 and N % t == 0:
-                assert loads == 2 * M * N * K // t
-            counts.append(loads)
-        assert all(a > b for a, b in zip(counts, counts[1:]))  # falls as the tile grows
-        assert counts[-1] == M * K + K * N  # a tile bigger than the matrix: each element once
-    with pytest.raises(ValueError):
-        cuda_primer.tiled_matmul(np.ones((3, 4)), np.ones((5, 2)), 2)
-
-
-def test_primer_online_softmax_equals_torch():
-    x = np.random.default_rng(1).standard_normal((5, 300)) * 20
-    ref = torch.softmax(torch.from_numpy(x), -1).numpy()
-    for size in [1, 7, 128, 300, 1000]:
-        np.testing.assert_allclose(cuda_primer.online_softmax(x, size), ref, rtol=1e-12,
-                                   atol=1e-15)
-
-
-def test_primer_flash_and_naive_attention_equal_torch():
-    rng = np.random.default_rng(2)
-    q, k, v = (rng.standard_normal((2, 3, 50, 16)) for _ in range(3))
-    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
-                                         is_causal=True).numpy()
-    np.testing.assert_allclose(cuda_primer.naive_attention(q, k, v), ref, rtol=1e-10, atol=1e-12)
-    for bq, bk in [(16, 16), (7, 13), (64, 64), (1, 50), (50, 1)]:
-        out = cuda_primer.flash_attention(q, k, v, bq, bk)
-        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
-
-
-def test_primer_intensity_equals_hand_computation():
-    rows = {name: (count, f, b) for name, count, f, b in
-            cuda_primer.op_costs(PRESETS["gpt2"], batch=2, nbytes=2)}
-    # GPT-2 124M c_fc: (2 * 1024 tokens, 768) @ (768, 3072) in bf16, once per layer
-    # FLOPs = 2 * 2048 * 768 * 3072; bytes = 2 * (2048*768 + 768*3072 + 2048*3072)
-    count, f, b = rows["MLP in matmul"]
-    assert (count, f, b) == (12, 9_663_676_416, 20_447_232)
-    assert f / b == pytest.approx(472.615, abs=1e-3)
-    # Q K^T per head: (1024, 64) @ (64, 1024), 2 sequences x 12 heads
-    # FLOPs = 24 * 2 * 1024 * 64 * 1024; bytes = 24 * 2 * (2 * 1024*64 + 1024*1024)
-    count, f, b = rows["attention Q K^T"]
-    assert (f, b) == (3_221_225_472, 56_623_104)
-    assert f / b == pytest.approx(56.889, abs=1e-3)  # far below an H100's ridge (~250)
-
-
-@pytest.mark.parametrize("name", ["tiny", "llama"])
-def test_primer_matmul_flops_match_the_models_count(name):
-    # every matmul in the table, x3 for forward + backward, equals gpt.py's own FLOP count
-    cfg = PRESETS[name]
-    batch = 3
-    rows = cuda_primer.op_costs(cfg, batch, nbytes=4)
-    fwd = sum(count * f for op, count, f, _ in rows
-              if count and ("matmul" in op or op.startswith("attention ")))
-    assert 3 * fwd == GPT(cfg).flops_per_token() * batch * cfg.block_size
-
-
-def test_primer_gpu_sections_skip_cleanly_without_cuda(capsys):
-    cuda_primer.kernels_demo(torch.device("cpu"))
-    assert "skipped" in capsys.readouterr().out
-
-
-def test_primer_cli_runs_and_rejects_bad_input():
-    root = Path(cuda_primer.__file__).parent
-    cmd = [sys.executable, "cuda_primer.py", "--device=cpu", "--sections=tiling,flash,kernels",
-           "--tile_n=16", "--attn_t=40", "--block_q=8", "--block_k=16"]
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "True" in r.stdout and "False" not in r.stdout  # tiled == A @ B at every tile
-    assert "skipped" in r.stdout
-    r = subprocess.run(cmd[:2] + ["--sections=tiling,nope"], cwd=root, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; choose from "
-                                             "device, roofline, tiling, flash, fusion, kernels, "
-                                             "profile"]
-
-
-def test_primer_op_table_rows_by_hand():
-    # GPT-2 124M at batch 8 x 1024 tokens in bf16: M = 8192 tokens, C = 768, 12 heads of 64,
-    # MLP width H = 3072, vocabulary padded to 50304. Bytes: each input read once, each
-    # output written once, 2 bytes an element.
-    B, T, C, nh, hd, H, V = 8, 1024, 768, 12, 64, 3072, 50304
-    M, S = B * T, B * nh * T * T                             # tokens; attention scores
-    rows = {name: (count, f, b) for name, count, f, b in
-            cuda_primer.op_costs(PRESETS["gpt2"], batch=8, nbytes=2)}
-    assert rows == {
-        "layernorm": (24, 7 * M * C, 2 * (M * C + M * C)),           # read x, write y
-        "qkv matmul": (12, 2 * M * C * 3 * C, 2 * (M * C + C * 3 * C + M * 3 * C)),
-        "attention Q K^T": (12, 2 * S * hd, 2 * B * nh * (2 * T * hd + T * T)),
-        "softmax": (12, 5 * S, 2 * (S + S)),                         # read scores, write P
-        "attention P V": (12, 2 * S * hd, 2 * B * nh * (T * T + 2 * T * hd)),
-        "attn out matmul": (12, 2 * M * C * C, 2 * (M * C + C * C + M * C)),
-        "residual add": (24, M * C, 2 * 3 * M * C),                  # read 2, write 1
-        "MLP in matmul": (12, 2 * M * C * H, 2 * (M * C + C * H + M * H)),
-        "GELU": (12, 9 * M * H, 2 * (M * H + M * H)),                # read h, write GELU(h)
-        "MLP out matmul": (12, 2 * M * H * C, 2 * (M * H + H * C + M * C)),
-        "lm_head matmul": (1, 2 * M * C * V, 2 * (M * C + C * V + M * V)),
-        # flash: Q K^T + softmax + P V FLOPs; reads q, k, v and writes o: 4 (B, nh, T, hd)
-        "attention fused (flash)": (0, 2 * 2 * S * hd + 5 * S, 2 * 4 * B * nh * T * hd),
-    }
-
-
-def test_primer_roofline_table_gives_the_readme_figures(capsys):
-    # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
-    flops, bw = 765e12, 2981e9
-    costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
-    cuda_primer.roofline_table(costs, flops, bw)
-    lines = capsys.readouterr().out.splitlines()
-    ridge = flops / bw                                        # 256.6 FLOP/byte
-    memory = {"layernorm", "attention Q K^T", "softmax", "attention P V", "residual add", "GELU"}
-    for (name, count, f, b), line in zip(costs, lines[1:]):
-        bound = "memory" if name in memory else "compute"
-        assert (f / b < ridge) == (bound == "memory"), name   # the README's list, by intensity
-        assert line.split()[-2:] == [bound, f"{max(f / flops, b / bw) * 1e3:.3f}"], line
-    t = {n: c * max(f / flops, b / bw) for n, c, f, b in costs}
-    fl = {n: c * f for n, c, f, _ in costs}
-    mem_t, mem_f = sum(t[n] for n in memory), sum(fl[n] for n in memory)
-    assert f"{mem_f / sum(fl.values()):.1%}" == "13.6%" and f"{mem_t / sum(t.values()):.1%}" == "62.2%"
-    assert lines[-2] == ("one forward pass (x/fwd times each op) at the roofline: 7.0 ms; "
-                         "memory-bound ops do 13.6% of the FLOPs but take 62.2% of the time")
-    # attention as 3 kernels: Q K^T, P V (2 x 226.5 MB) and softmax (402.7 MB): 856 MB
-    assert lines[-1].startswith("fusion: attention as 3 kernels moves 856 MB (31 FLOP/byte); "
-                                "fused (flash) 50 MB (522 FLOP/byte), 17x less traffic")
-    # right at the ridge (100 FLOP/byte here): just below waits on memory, at or above on math
-    costs = [("below", 1, 99e9, 1e9), ("at", 1, 100e9, 1e9), ("above", 1, 101e9, 1e9)] + costs
-    cuda_primer.roofline_table(costs, flops=100e12, bw=1e12)
-    rows = capsys.readouterr().out.splitlines()[1:4]
-    assert [r.split()[-2] for r in rows] == ["memory", "compute", "compute"]
-
-
-def fake_clock(monkeypatch):
-    """cuda_primer's clock replaced by one that only moves when a timed fn moves it."""
-    now = [0.0]
-
-    class Clock:  # stands in for the time module inside cuda_primer
-        @staticmethod
-        def perf_counter():
-            return now[0]
-    monkeypatch.setattr(cuda_primer, "time", Clock)
-    return now
-
-
-def test_primer_timed_takes_turns_and_reports_medians(monkeypatch):
-    import gc
-    now, calls = fake_clock(monkeypatch), []
-
-    def fn(name, seconds):
-        def f():
-            calls.append((name, gc.isenabled()))
-            now[0] += seconds.pop(0) if seconds else 1.0
-            return name
-        return f
-    # a's readings 1, 9 (a slow outlier), 1 s; b's 3, 3, 3: the medians are 1 and 3
-    times, outs = cuda_primer.timed([fn("a", [5.0, 1.0, 9.0, 1.0]), fn("b", [5.0, 3.0, 3.0, 3.0])],
-                                    repeat=3, warmup=1)
-    assert times == [1.0, 3.0] and outs == ["a", "b"]
-    assert [n for n, _ in calls] == ["a", "b"] + ["a", "b"] * 3  # warm-up, then turns
-    assert [on for _, on in calls[2:]] == [False] * 6 and gc.isenabled()  # gc paused, restored
-    # several calls per reading: seconds per call
-    times, _ = cuda_primer.timed([fn("c", [])], repeat=2, calls=4, gc_on=True)
-    assert times == [1.0] and calls[-1] == ("c", True)
-
-
-def test_primer_bandwidth_counts_read_and_write(monkeypatch):
-    monkeypatch.setattr(cuda_primer, "bench", lambda fns, dev: ([0.25], [fn() for fn in fns]))
-    dev = torch.device("cpu")
-    # a copy of 2 MiB reads 2 MiB and writes 2 MiB: 4 MiB in 0.25 s
-    assert cuda_primer.measure_bandwidth(dev, 2) == 4 * 2**20 / 0.25
-    assert cuda_primer.measure_matmul(dev, [8, 16], torch.float32) == [
-        (8, 2 * 8**3 / 0.25), (16, 2 * 16**3 / 0.25)]
-
-
-def test_primer_compare_times_variants_in_turns(monkeypatch, capsys):
-    now = fake_clock(monkeypatch)
-    order = []
-
-    def variant(name, seconds, shift):
-        def f(x):
-            order.append(name)
-            now[0] += seconds
-            return x + shift
-        return f
-    x = torch.zeros(4)
-    rows = cuda_primer.compare({"slow": variant("slow", 2.0, 0.0),
-                                "fast": variant("fast", 0.5, 0.25)}, (x,), torch.device("cpu"),
-                               min_bytes=1e9)
-    assert rows == [("slow", 2.0, 0.0, 1.0), ("fast", 0.5, 0.25, 4.0)]
-    assert order[4:] == ["slow", "fast"] * cuda_primer.repeat  # after 2 warm-up calls each
-    assert "0.5 GB/s" in capsys.readouterr().out                 # 1 GB / 2 s
-
-
-def test_primer_flash_memory_by_hand(monkeypatch, capsys):
-    monkeypatch.setattr(cuda_primer, "block_q", 64)
-    monkeypatch.setattr(cuda_primer, "block_k", 64)
-    cuda_primer.flash_demo()
-    out = capsys.readouterr().out
-    T, d, bq, bk, MiB = 1024, 64, 64, 64, 2**20                 # GPT-2, one head, bf16
-    qkvo = 4 * T * d * 2                                     # read q, k, v; write o
-    naive_io = qkvo + 2 * 2 * (T * T * 2)                    # S and P each written and read
-    tile = 4 * (bq * bk + 2 * bq * d + 2 * bk * d + 2 * bq)  # fp32 s; q, acc; k, v; m, l
-    flash_io = qkvo + (T // bq - 1) * 2 * T * d * 2          # k, v read again per query block
-    assert (naive_io / MiB, tile / 1024, flash_io / MiB) == (8.5, 80.5, 4.25)
-    assert "HBM traffic 8.5 MiB" in out and "one tile on chip, 80.5 KiB" in out
-    assert "HBM traffic at most 4.2 MiB" in out
-
-
-@pytest.mark.parametrize("option, value", [("copy_mb", -5), ("fusion_tokens", -1),
-                                           ("repeat", 0)])
-def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
-    monkeypatch.setattr(cuda_primer, option, value)
-    with pytest.raises(ValueError, match=f"^--{option} must be "):
-        cuda_primer.main()
-
-@needs_cuda
-def test_primer_cuda_kernel_equals_torch():
-    fn = cuda_primer.cuda_bias_gelu()
-    for rows, cols in [(1000, 771), (64, 3072), (1, 1)]:
-        x = torch.randn(rows, cols, device="cuda")
-        b = torch.randn(cols, device="cuda")
-        ref = F.gelu(x + b, approximate="tanh")
-        torch.testing.assert_close(fn(x, b), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cuda_primer.bias_gelu(x, b), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="float32"):
-        fn(x.double(), b)
-
-
-@needs_cuda
-def test_primer_triton_softmax_equals_torch():
-    for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
-        x = torch.randn(rows, cols, device="cuda") * 5
-        torch.testing.assert_close(cuda_primer.triton_softmax(x), torch.softmax(x, -1),
-                                   rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError):
-        cuda_primer.triton_softmax(torch.randn(4, 4, 4, device="cuda"))
-
-
-# ======================================================================
-# finetune: Tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
-# ======================================================================
-
-
-def word_tokenizer():
-    """A small bpe vocabulary in which every task word is one token."""
-    words = list(ft.WORDS) + ["reverse:"]
-    text = " ".join(words * 5) + "\n" + "\n".join(words * 5)
-    return bpe.Tokenizer.train(text, 256 + 600, special_tokens=(dataloader.EOT,))
-
-
-def tiny_model(vocab_size, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size, **kw)
-    return gpt.GPT(cfg).eval()
-
-
-def chat(q, a):
-    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-
-
-def unreversed(examples):
-    """Reverse-task examples with the words left in order as the rejected answer."""
-    return [(m, m[0]["content"].split(": ")[1], t) for m, _, t in examples]
-
-
-def test_chat_tokens_extend_vocab_without_changing_encoding():
-    base = word_tokenizer()
-    tok = ft.add_chat_tokens(base)
-    V = base.vocab_size
-    assert [tok.special_tokens[s] for s in ft.CHAT_TOKENS] == [V, V + 1, V + 2]
-    assert tok.vocab_size == V + 3 and tok.merges == base.merges
-    text = "reverse: king queen lord, and 17 ghosts!"
-    assert tok.encode_ordinary(text) == base.encode_ordinary(text)
-    assert ft.add_chat_tokens(tok).special_tokens == tok.special_tokens  # idempotent
-    # the same for the character-level tokenizer
-    char = dataloader.CharTokenizer.train(["abc :"])
-    ctok = ft.add_chat_tokens(char)
-    assert ctok.encode("ab<|end|>", allowed_special="all") == [char.stoi["a"], char.stoi["b"],
-                                                               char.vocab_size + 2]
-    # layout and mask: only the reply and its <|end|> are the assistant's
-    ids, mask = ft.encode_chat(tok, chat("reverse: king lord", "lord king"))
-    sp = tok.special_tokens
-    reply = tok.encode_ordinary("lord king")
-    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + tok.encode_ordinary("reverse: king lord")
-                   + [sp["<|end|>"], sp["<|assistant|>"]] + reply + [sp["<|end|>"]])
-    assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
-
-
-def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
-    tok = word_tokenizer()
-    for tied in (True, False):
-        model = tiny_model(tok.vocab_size, tie_embeddings=tied)
-        big = ft.grow_vocab(model, tok.vocab_size + 3)
-        assert big.config.vocab_size == tok.vocab_size + 3
-        x = torch.randint(0, tok.vocab_size, (2, 10))
-        with torch.no_grad():
-            old, new = model(x)[0], big(x)[0]
-        assert new.shape[-1] == tok.vocab_size + 3
-        assert torch.equal(old, new[..., :tok.vocab_size])  # old tokens: the same numbers
-        w = model.wte.weight[:tok.vocab_size]
-        rows = big.wte.weight[tok.vocab_size:tok.vocab_size + 3]
-        assert torch.allclose(rows.mean(0), w.mean(0), atol=3 * w.std(0).max().item())
-        assert (rows[0] - rows[1]).abs().max() > 0          # distinct tokens, distinct rows
-        if tied:
-            assert big.lm_head.weight is big.wte.weight
-
-
-def test_sft_mask_user_tokens_get_no_gradient():
-    tok = ft.add_chat_tokens(word_tokenizer())
-    model = tiny_model(tok.vocab_size).double()
-    examples = [ft.encode_chat(tok, chat("reverse: king queen lord", "lord queen king")),
-                ft.encode_chat(tok, chat("reverse: sun moon", "moon sun")
-                               + chat("reverse: fire sea", "sea fire"))]  # two turns
-    seen = {}
-
-    def keep(module, inputs, out):
-        out.retain_grad()
-        seen["o"] = out
-    handle = model.lm_head.register_forward_hook(keep)
-    loss = ft.sft_step(model)(examples)
-    loss.backward()
-    handle.remove()
-    grad = seen["o"].grad[..., :tok.vocab_size]             # d loss / d logits, (B, T, V)
-    x, y = ft.collate(examples)
-    for b, (ids, mask) in enumerate(examples):
-        for t in range(len(ids) - 1):                       # position t predicts token t+1
-            g = grad[b, t].abs().max().item()
-            assert (g > 0) if mask[t + 1] else (g == 0), (b, t)
-        assert grad[b, len(ids) - 1:].abs().sum() == 0       # padding
-    # the reference: mean cross-entropy over the assistant tokens only, by hand
-    with torch.no_grad():
-        logits = model(x)[0]
-    terms = [-(logits[b, t].log_softmax(-1)[ids[t + 1]]) for b, (ids, mask) in enumerate(examples)
-             for t in range(len(ids) - 1) if mask[t + 1]]
-    assert len(terms) == sum(sum(m[1:]) for _, m in examples)
-    assert torch.allclose(loss.detach(), torch.stack(terms).mean(), rtol=1e-12)
-
-
-def test_lora_zero_init_is_a_no_op_and_counts_adapters():
-    tok = ft.add_chat_tokens(word_tokenizer())
-    model = tiny_model(tok.vocab_size)
-    x = torch.randint(0, tok.vocab_size, (3, 12))
-    with torch.no_grad():
-        before = model(x)[0]
-    lora = copy.deepcopy(model)
-    adapters = ft.add_lora(lora, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
-    with torch.no_grad():
-        assert torch.equal(lora(x)[0], before)             # B = 0: exactly the same logits
-    C, L, r = 32, 2, 4                                       # per block: c_attn C->3C,
-    expected = L * r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_proj, c_fc, c_proj
-    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    assert len(adapters) == 4 * L and trainable == expected
-    assert not any(p.requires_grad for n, p in lora.named_parameters()
-                   if ".base." in n or "wte" in n)
-    with pytest.raises(ValueError, match="match no Linear"):
-        ft.add_lora(copy.deepcopy(model), ["nonexistent"], 4, 8)
-
-
-def test_lora_merge_gives_same_logits():
-    tok = ft.add_chat_tokens(word_tokenizer())
-    model = tiny_model(tok.vocab_size).double()
-    ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8, dropout=0.1)
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, ft.LoRALinear):
-            torch.nn.init.normal_(m.B, std=0.1)              # as if trained
-    x = torch.randint(0, tok.vocab_size, (3, 12))
-    model.eval()                                             # dropout off, as for merging
-    with torch.no_grad():
-        unmerged = model(x)[0]
-        ft.merge_lora(model)
-        merged = model(x)[0]
-    assert not any(isinstance(m, ft.LoRALinear) for m in model.modules())
-    assert (merged - unmerged).abs().max() < 1e-10
-    # a plain GPT state dict again: loads into a fresh model
-    fresh = gpt.GPT(model.config).double()
-    fresh.load_weights(model.state_dict())
-
-
-def test_lora_training_leaves_base_weights_unchanged(one_thread):
-    tok0 = word_tokenizer()
-    tok = ft.add_chat_tokens(tok0)
-    model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
-    frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    adapters = ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
-    hook = ft.train_new_rows(model, tok0.vocab_size)
-    train_set, _ = ft.synthetic_tasks(["reverse"], 64, 0, seed=0)
-    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
-    ft.optimize(model, enc, ft.sft_step(model), iters=5, lr=1e-2, batch_size=16, warmup=1,
-                weight_decay=0.1, log_every=10**9)
-    hook.remove()
-    after = model.state_dict()
-    V0, V = tok0.vocab_size, tok.vocab_size
-    for k, v in frozen.items():
-        k2 = k.replace("c_attn.", "c_attn.base.").replace("c_proj.", "c_proj.base.") \
-              .replace("c_fc.", "c_fc.base.")
-        if k in ("wte.weight", "lm_head.weight"):
-            assert torch.equal(after[k][:V0], v[:V0]), k      # old rows: bitwise the same
-            assert not torch.equal(after[k][V0:V], v[V0:V])   # the chat-token rows trained
-        else:
-            assert torch.equal(after[k2], v), k
-    assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
-
-
-def test_dpo_loss_matches_direct_formula(one_thread):
-    tok = ft.add_chat_tokens(word_tokenizer())
-    policy = tiny_model(tok.vocab_size, seed=1).double()
-    reference = tiny_model(tok.vocab_size, seed=2).double()
-    train_set, _ = ft.synthetic_tasks(["reverse"], 6, 0, seed=3)
-    pairs = ft.preference_pairs(tok, unreversed(train_set))
-    assert len(pairs) == 6
-    beta = 0.3
-    loss = ft.dpo_step(policy, reference, beta)(pairs)
-    # direct: log p of each response token from a forward pass over that one sequence alone
-    def logp(model, ids, mask):
-        with torch.no_grad():
-            probs = model(torch.tensor([ids[:-1]]))[0][0].softmax(-1)
-        return sum(math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1) if mask[t + 1])
-    terms, nll = [], []
-    for (c, cm), (r, rm) in pairs:
-        z = beta * ((logp(policy, c, cm) - logp(reference, c, cm))
-                    - (logp(policy, r, rm) - logp(reference, r, rm)))
-        terms.append(-math.log(1 / (1 + math.exp(-z))))
-        nll.append(-logp(policy, c, cm) / sum(cm[1:]))  # per token of the chosen answer
-    assert abs(loss.item() - sum(terms) / len(terms)) < 1e-9
-    # with the SFT term: + sft_weight * the chosen answers' mean per-token NLL
-    loss = ft.dpo_step(policy, reference, beta, sft_weight=0.5)(pairs)
-    assert abs(loss.item() - (sum(terms) / len(terms) + 0.5 * sum(nll) / len(nll))) < 1e-9
-    # same model as policy and reference: every margin is 0, the loss is log 2
-    assert abs(ft.dpo_step(policy, policy, beta)(pairs).item() - math.log(2)) < 1e-12
-
-
-def test_accuracy_rises_after_sft(one_thread):
-    tok = ft.add_chat_tokens(word_tokenizer())
-    torch.manual_seed(0)
-    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32,
-                                  vocab_size=tok.vocab_size))
-    train_set, held_out = ft.synthetic_tasks(["reverse"], 400, 30, seed=0)
-    assert not {m[0]["content"] for m, _, _ in held_out} & {m[0]["content"] for m, _, _ in train_set}
-    before, _, _ = ft.accuracy(model, tok, held_out)
-    pairs = ft.preference_pairs(tok, unreversed(held_out))
-    pref_before = ft.preference_accuracy(model, pairs)
-    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
-    ft.optimize(model, enc, ft.sft_step(model), iters=200, lr=3e-3, batch_size=32, warmup=10,
-                log_every=10**9)
-    after, per_task, replies = ft.accuracy(model, tok, held_out)
-    assert before == 0.0 and after >= 0.6, (before, after)
-    assert per_task == {"reverse": after}
-    assert ft.preference_accuracy(model, pairs) > max(pref_before, 0.9)
-    # the remaining mistakes become DPO's rejected answers
-    wrong = ft.mistakes(held_out, replies)
-    assert len(wrong) <= round((1 - after) * len(held_out))
-    assert all(r != m[-1]["content"] for m, r, _ in wrong)
-
-
-def test_synthetic_tasks_are_deterministic_and_checkable():
-    a = ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
-    assert a == ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
-    assert a != ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=6)
-    for msgs, rejected, task in a[0] + a[1]:
-        q, ans = msgs[0]["content"], msgs[1]["content"]
-        assert rejected is None
-        if task == "add":
-            x, y = q.split()[1], q.split()[3]
-            assert ft.NUMBERS.index(ans) == ft.NUMBERS.index(x) + ft.NUMBERS.index(y)
-        elif task == "reverse":
-            assert ans.split() == q.split()[1:][::-1]
-        else:
-            letter, word = q.split()[2], q.split()[4]
-            assert ft.NUMBERS.index(ans) == word.count(letter)
-    with pytest.raises(ValueError, match="unknown task"):
-        ft.synthetic_tasks(["nope"], 1, 1, 0)
-
-
-def test_read_conversations_bad_input(tmp_path):
-    good = {"messages": chat("hi", "hello"), "rejected": "go"}
-    p = tmp_path / "ok.jsonl"
-    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
-    rows = ft.read_conversations(p)
-    assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
-    cases = {
-        '{"messages": [}': r"bad\.jsonl:2: malformed JSON",
-        json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
-            r":2: conversation has no assistant turn",
-        json.dumps({"messages": chat("a", "b")[::-1]}):
-            r":2: conversation does not end with an assistant turn",
-        json.dumps({"messages": [{"role": "system", "content": "x"}]}): r":2: each message needs",
-        json.dumps({"text": "x"}): r':2: expected an object with a "messages" list',
-        json.dumps({"messages": chat("a", "b"), "rejected": 3}): r':2: "rejected" must be a string',
-    }
-    for line, msg in cases.items():
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text(json.dumps(good) + "\n" + line + "\n")
-        with pytest.raises(ValueError, match=msg):
-            ft.read_conversations(bad)
-
-
-def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
-    tok = word_tokenizer()
-    model = tiny_model(tok.vocab_size + 7)
-    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
-    tok.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match=rf"vocabulary mismatch: .*gpt_tiny\.pt has "
-                                         rf"{tok.vocab_size + 7} token ids, its tokenizer "
-                                         rf".*tokenizer\.json has {tok.vocab_size}"):
-        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
-    # the CLI: one line, exit 1, and the earlier finetune result is left alone
-    out = tmp_path / "finetune"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes(b"earlier result")
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
-                        "--n_train=5", "--n_eval=1", "--tasks=reverse"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("error: vocabulary mismatch")
-    assert (out / "ckpt.pt").read_bytes() == b"earlier result"
-    # malformed JSONL through the CLI: the line number, nothing written
-    bad = tmp_path / "chats.jsonl"
-    bad.write_text(json.dumps({"messages": chat("a", "b")}) + "\n{oops\n")
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
-                        f"--data={bad}"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes "
-        "at column 2)")
-    assert sorted(os.listdir(out)) == ["ckpt.pt"]
-
-def test_lora_forward_equals_formula():
-    torch.manual_seed(0)
-    base = torch.nn.Linear(6, 5).double()
-    lora = ft.LoRALinear(base, rank=3, alpha=12.0)
-    torch.nn.init.normal_(lora.B)                            # as if trained: B != 0
-    x = torch.randn(2, 4, 6, dtype=torch.float64)
-    # W x + b + (alpha / r) * B A x, with alpha / r = 12 / 3 = 4
-    ref = F.linear(x, base.weight, base.bias) + 4.0 * x @ lora.A.T @ lora.B.T
-    torch.testing.assert_close(lora(x), ref, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        torch.testing.assert_close(lora.merged()(x), ref, rtol=1e-12, atol=1e-12)
-
-
-def test_sft_loss_adds_the_weighted_replay_loss():
-    tok = ft.add_chat_tokens(word_tokenizer())
-    model = tiny_model(tok.vocab_size).double()
-    examples = [ft.encode_chat(tok, chat("reverse: sun moon", "moon sun"))]
-    g = torch.Generator().manual_seed(0)
-    xr, yr = (torch.randint(0, tok.vocab_size, (2, 16), generator=g) for _ in range(2))
-
-    class Replay:  # a DataLoader that always returns the same pretraining batch
-        def next_batch(self):
-            return xr, yr
-    with torch.no_grad():
-        x, y = ft.collate(examples)
-        sft = model(x, y)[1]
-        logits = model(xr)[0][..., :tok.vocab_size]
-        replay = F.cross_entropy(logits.flatten(0, 1), yr.flatten())
-        assert ft.sft_step(model)(examples) == sft
-        loss = ft.sft_step(model, Replay(), 0.3)(examples)
-    assert abs(loss.item() - (sft.item() + 0.3 * replay.item())) < 1e-12
-
-
-def test_dpo_reference_stays_frozen_while_the_policy_trains(one_thread):
-    tok = ft.add_chat_tokens(word_tokenizer())
-    train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
-    pairs = ft.preference_pairs(tok, unreversed(train_set))
-    x, _ = ft.collate([c for c, _ in pairs])
-    for lora in ((["c_attn", "c_fc"], 4, 8.0, 0.0), None):
-        model = tiny_model(tok.vocab_size).requires_grad_(True)
-        with torch.no_grad():
-            before = model(x)[0]
-        reference = ft.dpo_reference(model, lora)
-        assert any(isinstance(m, ft.LoRALinear) for m in model.modules()) == bool(lora)
-        ft.optimize(model, pairs, ft.dpo_step(model, reference, 0.1, 1.0), iters=3, lr=1e-2,
-                    batch_size=8, warmup=1, log_every=10**9)
-        with torch.no_grad():
-            assert torch.equal(reference(x)[0], before)          # the reference: untouched
-            assert not torch.equal(model(x)[0], before)          # the policy: trained
-        assert not any(p.requires_grad for p in reference.parameters())
-
-
-class Scripted:
-    """A stand-in model whose greedy reply is always the given token ids."""
-
-    def __init__(self, reply):
-        self.reply = reply
-
-    def generate(self, ids, max_new_tokens, temperature, eot_id):
-        return torch.tensor([list(ids) + self.reply[:max_new_tokens]])
-
-
-def test_exact_match_needs_the_answer_then_end():
-    tok = ft.add_chat_tokens(word_tokenizer())
-    end, right = tok.special_tokens["<|end|>"], tok.encode_ordinary("moon sun")
-    example = (chat("reverse: sun moon", "moon sun"), None, "reverse")
-    for reply, hit in [(right + [end], 1.0),
-                       (right, 0.0),                                     # no <|end|>
-                       (right + tok.encode_ordinary(" king") + [end], 0.0),  # more words
-                       (tok.encode_ordinary("moon") + [end], 0.0)]:      # fewer words
-        acc, per_task, replies = ft.accuracy(Scripted(reply), tok, [example])
-        assert (acc, per_task) == (hit, {"reverse": hit}), (reply, replies)
-
-
-@pytest.fixture
-def finetune_base(tmp_path, monkeypatch):
-    """A tiny checkpoint of gpt.py's format in tmp_path, pretraining shards beside its tokenizer
-    (for replay and the val loss), and finetune's options set for a run of seconds: returns
-    run(**options), which calls finetune.main() with them."""
-    tok = word_tokenizer()
-    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
-                        tokenizer="tokenizer.json")
-    tok.save(str(tmp_path / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-        dl.write_shard(tmp_path / split / "000000.bin",
-                       rng.integers(0, tok.vocab_size, 4000).astype(np.uint16))
-    fast = dict(out_dir=str(tmp_path), tasks="reverse", n_train=24, n_eval=3, batch_size=4,
-                sft_iters=3, dpo_iters=2, dpo_prompts=8, num_samples=1, warmup_iters=1, threads=1)
-
-    def run(**options):
-        for k, v in {**fast, **options}.items():
-            assert hasattr(ft, k), k
-            monkeypatch.setattr(ft, k, v)
-        ft.main()
-    return run
-
-
-def test_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, capsys):
-    finetune_base()
-    out = capsys.readouterr().out
-    assert "== after SFT (lora)" in out and "saved" in out
-    assert "replay: each step adds 0.5 x the loss on 1 windows" in out  # batch 4 // 4
-    assert "pretraining val loss nan" not in out
-    model, tok, _ = ft.load_base(str(tmp_path / "finetune" / "ckpt.pt"))
-    assert tok.special_tokens["<|end|>"] == model.config.vocab_size - 1
-    # user data with rejected answers: DPO runs (full finetuning, batches of 1 this time)
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": chat(q, a), "rejected": q}) + "\n"
-                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king"),
-                                          ("war peace", "peace war")]))
-    finetune_base(data=str(chats), method="full", init_from=str(tmp_path / "gpt_tiny.pt"),
-                  batch_size=1, num_samples=0)
-    out = capsys.readouterr().out
-    assert "2 training conversations, 1 held out" in out and "== DPO:" in out, out
-    assert "---- user:" not in out                                   # no samples asked for
-
-
-def test_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path):
-    torch.manual_seed(0)
-    short = gpt.GPT(gpt.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8,
-                                  vocab_size=word_tokenizer().vocab_size))
-    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), short, tokenizer="tokenizer.json")
-    with pytest.raises(ValueError, match="^no synthetic question fits in the context of 8 tokens$"):
-        finetune_base()
-
-
-def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
-    (tmp_path / "finetune").mkdir()
-    (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
-    with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
-        finetune_base(sft_lr=float("nan"))
-    # user data: 2 conversations, eval_frac 0.9 still leaves one to train on (it reaches SFT)
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n"
-                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king")]))
-    with pytest.raises(ValueError, match=r"^loss nan at iteration 2"):
-        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=float("nan"))
-    assert sorted(os.listdir(tmp_path / "finetune")) == ["ckpt.pt"]
-    assert (tmp_path / "finetune" / "ckpt.pt").read_bytes() == b"earlier result"
-
-
-@pytest.mark.parametrize("option, value, message", [
-    ("lora_rank", 0, "--lora_rank must be at least 1, got 0"),
-    ("lora_rank", -2, "--lora_rank must be at least 1, got -2"),
-    ("n_eval", 0, "--n_eval must be at least 1, got 0"),
-    ("batch_size", 0, "--batch_size must be at least 1, got 0"),
-    ("eval_frac", 1.0, "--eval_frac must be between 0 and 1, got 1.0"),
-    ("eval_frac", -1.0, "--eval_frac must be between 0 and 1, got -1.0"),
-    ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
-])
-def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
-    monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
-    monkeypatch.setattr(ft, option, value)
-    with pytest.raises(ValueError) as e:
-        ft.main()
-    assert str(e.value) == message
-
-
-def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
-    tok = word_tokenizer()
-    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
-                        tokenizer="tokenizer.json")
-    with pytest.raises(FileNotFoundError, match=r"gpt_tiny\.pt names the tokenizer .*tokenizer"
-                                                r"\.json', which does not exist"):
-        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
-    with pytest.raises(FileNotFoundError) as e:
-        ft.load_base(str(tmp_path / "gpt_tiny.pt"), "nope.json")
-    assert str(e.value) == "no tokenizer at nope.json"
-
-
-# ======================================================================
-# cli: tests for cli.py, the --name=value parser every lesson shares
-# ======================================================================
-
-import cli  # noqa: E402
-
-
-def cli_globals():
-    """Module globals as a lesson has them: constants of each type, and names cli must skip."""
-    return {"flag": False, "n": 3, "lr": 1e-3, "name": "x", "preset": "", "_private": 1,
-            "CONSTANT": 2, "items": [1], "cli": cli}
-
-
-def cli_exit(capsys, argv, presets=None):
-    """(exit code, the one line on stderr) of cli.override on bad arguments."""
-    with pytest.raises(SystemExit) as e:
-        cli.override(cli_globals(), argv, presets)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return e.value.code, err.strip()
-
-
-def test_cli_parses_each_type_by_its_default():
-    g = cli_globals()
-    changed = cli.override(g, ["--flag=true", "--n=7", "--lr=3e-4", "--name=a=b"])
-    assert changed == {"flag": True, "n": 7, "lr": 3e-4, "name": "a=b"}
-    assert (g["flag"], g["n"], g["lr"], g["name"]) == (True, 7, 3e-4, "a=b")
-    assert type(cli.override(cli_globals(), ["--lr=1"])["lr"]) is float
-    for text, value in [("true", True), ("1", True), ("YES", True), ("on", True),
-                        ("false", False), ("0", False), ("No", False), ("off", False)]:
-        g = cli_globals()
-        g["flag"] = not value
-        cli.override(g, [f"--flag={text}"])
-        assert g["flag"] is value, text
-    assert cli.override(cli_globals(), []) == {}
-
-
-def test_cli_bad_arguments_exit_2_with_one_line(capsys):
-    valid = "valid names: flag, lr, n, name, preset"  # not _private, CONSTANT, items, cli
-    assert cli_exit(capsys, ["--flag=maybe"]) == (
-        2, "error: --flag expects true or false, got 'maybe'")
-    assert cli_exit(capsys, ["--n=3.0"]) == (2, "error: --n expects int, got '3.0'")
-    assert cli_exit(capsys, ["--lr=fast"]) == (2, "error: --lr expects float, got 'fast'")
-    for text in ("nan", "inf", "-inf", "NaN"):  # a nan learning rate would train garbage
-        assert cli_exit(capsys, [f"--lr={text}"]) == (
-            2, f"error: --lr expects a finite number, got '{text}'")
-    assert cli_exit(capsys, ["--n"]) == (
-        2, f"error: arguments look like --name=value, got '--n'; {valid}")
-    assert cli_exit(capsys, ["n=3"])[0] == 2
-    assert cli_exit(capsys, ["--nope=1"]) == (2, f"error: unknown option --nope; {valid}")
-    assert cli_exit(capsys, ["--items=2"])[0] == 2
-
-
-def test_cli_help_lists_every_option_and_exits_0(capsys):
-    for flag in ("--help", "-h"):
-        with pytest.raises(SystemExit) as e:
-            cli.override(cli_globals(), ["--n=5", flag], presets={"big": {}})
-        assert e.value.code == 0
-        assert capsys.readouterr().out.splitlines() == [
-            "options (name = default):", "  --flag=False", "  --lr=0.001", "  --n=3",
-            "  --name='x'", "  --preset=''", "presets: big"]
-
-
-def test_cli_preset_first_then_explicit_overrides_win(capsys):
-    presets = {"big": {"n": 100, "lr": 0.5}, "odd": {"nope": 1}}
-    for argv in (["--n=5", "--preset=big"], ["--preset=big", "--n=5"]):
-        g = cli_globals()
-        assert cli.override(g, argv, presets) == {"n": 5, "lr": 0.5, "preset": "big"}
-        assert (g["n"], g["lr"]) == (5, 0.5)
-    assert cli_exit(capsys, ["--preset=huge"], presets) == (
-        2, "error: unknown preset 'huge'; valid presets: big, odd")
-    assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
-        "error: preset sets unknown option 'nope'")
-
-
-def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["demo.py", "--n=4"])
-    g = cli_globals()
-
-    def main():
-        raise FileNotFoundError(f"no file number {g['n']}")
-    with pytest.raises(SystemExit) as e:
-        cli.run(main, g)
-    assert e.value.code == "error: no file number 4"  # SystemExit(str): printed, exit 1
-
-    def bug():
-        raise KeyError("k")  # not an expected error: a bug keeps its traceback
-    with pytest.raises(KeyError):
-        cli.run(bug, g)
-
-
-@pytest.mark.parametrize("option, value, message", [
-    ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
-    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
-                           "primer, train, mfu"),
-    ("repeat", 0, "--repeat must be at least 1, got 0"),
-    ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
-])
-def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
-                                                                 message):
-    import bench  # bench.py's main(), which cli.run turns into one line and exit 1
-    monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
-    monkeypatch.setattr(bench, option, value)
-    with pytest.raises(ValueError) as e:
-        bench.main()
-    assert str(e.value) == message
-
-# ======================================================================
 # train: tests for train.py
 # ======================================================================
 
@@ -3095,3 +2381,716 @@ def test_gpu_bf16_compile_matches_eager(corpus, tmp_path):
     assert fast["log"][0]["loss"] == pytest.approx(eager["log"][0]["loss"], abs=0.02)
     assert fast["val_loss"] == pytest.approx(eager["val_loss"], abs=0.1)
     assert fast["peak_memory"] > 0 and fast["log"][-1]["mfu"] is not None
+
+
+# ======================================================================
+# finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
+# ======================================================================
+
+
+def word_tokenizer():
+    """A small bpe vocabulary in which every task word is one token."""
+    words = list(ft.WORDS) + ["reverse:"]
+    text = " ".join(words * 5) + "\n" + "\n".join(words * 5)
+    return bpe.Tokenizer.train(text, 256 + 600, special_tokens=(dataloader.EOT,))
+
+
+def tiny_model(vocab_size, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size, **kw)
+    return gpt.GPT(cfg).eval()
+
+
+def chat(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def unreversed(examples):
+    """Reverse-task examples with the words left in order as the rejected answer."""
+    return [(m, m[0]["content"].split(": ")[1], t) for m, _, t in examples]
+
+
+def test_chat_tokens_extend_vocab_without_changing_encoding():
+    base = word_tokenizer()
+    tok = ft.add_chat_tokens(base)
+    V = base.vocab_size
+    assert [tok.special_tokens[s] for s in ft.CHAT_TOKENS] == [V, V + 1, V + 2]
+    assert tok.vocab_size == V + 3 and tok.merges == base.merges
+    text = "reverse: king queen lord, and 17 ghosts!"
+    assert tok.encode_ordinary(text) == base.encode_ordinary(text)
+    assert ft.add_chat_tokens(tok).special_tokens == tok.special_tokens  # idempotent
+    # the same for the character-level tokenizer
+    char = dataloader.CharTokenizer.train(["abc :"])
+    ctok = ft.add_chat_tokens(char)
+    assert ctok.encode("ab<|end|>", allowed_special="all") == [char.stoi["a"], char.stoi["b"],
+                                                               char.vocab_size + 2]
+    # layout and mask: only the reply and its <|end|> are the assistant's
+    ids, mask = ft.encode_chat(tok, chat("reverse: king lord", "lord king"))
+    sp = tok.special_tokens
+    reply = tok.encode_ordinary("lord king")
+    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + tok.encode_ordinary("reverse: king lord")
+                   + [sp["<|end|>"], sp["<|assistant|>"]] + reply + [sp["<|end|>"]])
+    assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
+
+
+def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
+    tok = word_tokenizer()
+    for tied in (True, False):
+        model = tiny_model(tok.vocab_size, tie_embeddings=tied)
+        big = ft.grow_vocab(model, tok.vocab_size + 3)
+        assert big.config.vocab_size == tok.vocab_size + 3
+        x = torch.randint(0, tok.vocab_size, (2, 10))
+        with torch.no_grad():
+            old, new = model(x)[0], big(x)[0]
+        assert new.shape[-1] == tok.vocab_size + 3
+        assert torch.equal(old, new[..., :tok.vocab_size])  # old tokens: the same numbers
+        w = model.wte.weight[:tok.vocab_size]
+        rows = big.wte.weight[tok.vocab_size:tok.vocab_size + 3]
+        assert torch.allclose(rows.mean(0), w.mean(0), atol=3 * w.std(0).max().item())
+        assert (rows[0] - rows[1]).abs().max() > 0          # distinct tokens, distinct rows
+        if tied:
+            assert big.lm_head.weight is big.wte.weight
+
+
+def test_sft_mask_user_tokens_get_no_gradient():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    examples = [ft.encode_chat(tok, chat("reverse: king queen lord", "lord queen king")),
+                ft.encode_chat(tok, chat("reverse: sun moon", "moon sun")
+                               + chat("reverse: fire sea", "sea fire"))]  # two turns
+    seen = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["o"] = out
+    handle = model.lm_head.register_forward_hook(keep)
+    loss = ft.sft_step(model)(examples)
+    loss.backward()
+    handle.remove()
+    grad = seen["o"].grad[..., :tok.vocab_size]             # d loss / d logits, (B, T, V)
+    x, y = ft.collate(examples)
+    for b, (ids, mask) in enumerate(examples):
+        for t in range(len(ids) - 1):                       # position t predicts token t+1
+            g = grad[b, t].abs().max().item()
+            assert (g > 0) if mask[t + 1] else (g == 0), (b, t)
+        assert grad[b, len(ids) - 1:].abs().sum() == 0       # padding
+    # the reference: mean cross-entropy over the assistant tokens only, by hand
+    with torch.no_grad():
+        logits = model(x)[0]
+    terms = [-(logits[b, t].log_softmax(-1)[ids[t + 1]]) for b, (ids, mask) in enumerate(examples)
+             for t in range(len(ids) - 1) if mask[t + 1]]
+    assert len(terms) == sum(sum(m[1:]) for _, m in examples)
+    assert torch.allclose(loss.detach(), torch.stack(terms).mean(), rtol=1e-12)
+
+
+def test_lora_zero_init_is_a_no_op_and_counts_adapters():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size)
+    x = torch.randint(0, tok.vocab_size, (3, 12))
+    with torch.no_grad():
+        before = model(x)[0]
+    lora = copy.deepcopy(model)
+    adapters = ft.add_lora(lora, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
+    with torch.no_grad():
+        assert torch.equal(lora(x)[0], before)             # B = 0: exactly the same logits
+    C, L, r = 32, 2, 4                                       # per block: c_attn C->3C,
+    expected = L * r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_proj, c_fc, c_proj
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert len(adapters) == 4 * L and trainable == expected
+    assert not any(p.requires_grad for n, p in lora.named_parameters()
+                   if ".base." in n or "wte" in n)
+    with pytest.raises(ValueError, match="match no Linear"):
+        ft.add_lora(copy.deepcopy(model), ["nonexistent"], 4, 8)
+
+
+def test_lora_merge_gives_same_logits():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8, dropout=0.1)
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, ft.LoRALinear):
+            torch.nn.init.normal_(m.B, std=0.1)              # as if trained
+    x = torch.randint(0, tok.vocab_size, (3, 12))
+    model.eval()                                             # dropout off, as for merging
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        ft.merge_lora(model)
+        merged = model(x)[0]
+    assert not any(isinstance(m, ft.LoRALinear) for m in model.modules())
+    assert (merged - unmerged).abs().max() < 1e-10
+    # a plain GPT state dict again: loads into a fresh model
+    fresh = gpt.GPT(model.config).double()
+    fresh.load_weights(model.state_dict())
+
+
+def test_lora_training_leaves_base_weights_unchanged(one_thread):
+    tok0 = word_tokenizer()
+    tok = ft.add_chat_tokens(tok0)
+    model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
+    hook = ft.train_new_rows(model, tok0.vocab_size)
+    train_set, _ = ft.synthetic_tasks(["reverse"], 64, 0, seed=0)
+    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    ft.optimize(model, enc, ft.sft_step(model), iters=5, lr=1e-2, batch_size=16, warmup=1,
+                weight_decay=0.1, log_every=10**9)
+    hook.remove()
+    after = model.state_dict()
+    V0, V = tok0.vocab_size, tok.vocab_size
+    for k, v in frozen.items():
+        k2 = k.replace("c_attn.", "c_attn.base.").replace("c_proj.", "c_proj.base.") \
+              .replace("c_fc.", "c_fc.base.")
+        if k in ("wte.weight", "lm_head.weight"):
+            assert torch.equal(after[k][:V0], v[:V0]), k      # old rows: bitwise the same
+            assert not torch.equal(after[k][V0:V], v[V0:V])   # the chat-token rows trained
+        else:
+            assert torch.equal(after[k2], v), k
+    assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
+
+
+def test_dpo_loss_matches_direct_formula(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    policy = tiny_model(tok.vocab_size, seed=1).double()
+    reference = tiny_model(tok.vocab_size, seed=2).double()
+    train_set, _ = ft.synthetic_tasks(["reverse"], 6, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    assert len(pairs) == 6
+    beta = 0.3
+    loss = ft.dpo_step(policy, reference, beta)(pairs)
+    # direct: log p of each response token from a forward pass over that one sequence alone
+    def logp(model, ids, mask):
+        with torch.no_grad():
+            probs = model(torch.tensor([ids[:-1]]))[0][0].softmax(-1)
+        return sum(math.log(probs[t, ids[t + 1]].item()) for t in range(len(ids) - 1) if mask[t + 1])
+    terms, nll = [], []
+    for (c, cm), (r, rm) in pairs:
+        z = beta * ((logp(policy, c, cm) - logp(reference, c, cm))
+                    - (logp(policy, r, rm) - logp(reference, r, rm)))
+        terms.append(-math.log(1 / (1 + math.exp(-z))))
+        nll.append(-logp(policy, c, cm) / sum(cm[1:]))  # per token of the chosen answer
+    assert abs(loss.item() - sum(terms) / len(terms)) < 1e-9
+    # with the SFT term: + sft_weight * the chosen answers' mean per-token NLL
+    loss = ft.dpo_step(policy, reference, beta, sft_weight=0.5)(pairs)
+    assert abs(loss.item() - (sum(terms) / len(terms) + 0.5 * sum(nll) / len(nll))) < 1e-9
+    # same model as policy and reference: every margin is 0, the loss is log 2
+    assert abs(ft.dpo_step(policy, policy, beta)(pairs).item() - math.log(2)) < 1e-12
+
+
+def test_accuracy_rises_after_sft(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32,
+                                  vocab_size=tok.vocab_size))
+    train_set, held_out = ft.synthetic_tasks(["reverse"], 400, 30, seed=0)
+    assert not {m[0]["content"] for m, _, _ in held_out} & {m[0]["content"] for m, _, _ in train_set}
+    before, _, _ = ft.accuracy(model, tok, held_out)
+    pairs = ft.preference_pairs(tok, unreversed(held_out))
+    pref_before = ft.preference_accuracy(model, pairs)
+    enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    ft.optimize(model, enc, ft.sft_step(model), iters=200, lr=3e-3, batch_size=32, warmup=10,
+                log_every=10**9)
+    after, per_task, replies = ft.accuracy(model, tok, held_out)
+    assert before == 0.0 and after >= 0.6, (before, after)
+    assert per_task == {"reverse": after}
+    assert ft.preference_accuracy(model, pairs) > max(pref_before, 0.9)
+    # the remaining mistakes become DPO's rejected answers
+    wrong = ft.mistakes(held_out, replies)
+    assert len(wrong) <= round((1 - after) * len(held_out))
+    assert all(r != m[-1]["content"] for m, r, _ in wrong)
+
+
+def test_synthetic_tasks_are_deterministic_and_checkable():
+    a = ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
+    assert a == ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
+    assert a != ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=6)
+    for msgs, rejected, task in a[0] + a[1]:
+        q, ans = msgs[0]["content"], msgs[1]["content"]
+        assert rejected is None
+        if task == "add":
+            x, y = q.split()[1], q.split()[3]
+            assert ft.NUMBERS.index(ans) == ft.NUMBERS.index(x) + ft.NUMBERS.index(y)
+        elif task == "reverse":
+            assert ans.split() == q.split()[1:][::-1]
+        else:
+            letter, word = q.split()[2], q.split()[4]
+            assert ft.NUMBERS.index(ans) == word.count(letter)
+    with pytest.raises(ValueError, match="unknown task"):
+        ft.synthetic_tasks(["nope"], 1, 1, 0)
+
+
+def test_read_conversations_bad_input(tmp_path):
+    good = {"messages": chat("hi", "hello"), "rejected": "go"}
+    p = tmp_path / "ok.jsonl"
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
+    rows = ft.read_conversations(p)
+    assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
+    cases = {
+        '{"messages": [}': r"bad\.jsonl:2: malformed JSON",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
+            r":2: conversation has no assistant turn",
+        json.dumps({"messages": chat("a", "b")[::-1]}):
+            r":2: conversation does not end with an assistant turn",
+        json.dumps({"messages": [{"role": "system", "content": "x"}]}): r":2: each message needs",
+        json.dumps({"text": "x"}): r':2: expected an object with a "messages" list',
+        json.dumps({"messages": chat("a", "b"), "rejected": 3}): r':2: "rejected" must be a string',
+    }
+    for line, msg in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=msg):
+            ft.read_conversations(bad)
+
+
+def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
+    tok = word_tokenizer()
+    model = tiny_model(tok.vocab_size + 7)
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=rf"vocabulary mismatch: .*gpt_tiny\.pt has "
+                                         rf"{tok.vocab_size + 7} token ids, its tokenizer "
+                                         rf".*tokenizer\.json has {tok.vocab_size}"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    # the CLI: one line, exit 1, and the earlier finetune result is left alone
+    out = tmp_path / "finetune"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"earlier result")
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                        "--n_train=5", "--n_eval=1", "--tasks=reverse"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: vocabulary mismatch")
+    assert (out / "ckpt.pt").read_bytes() == b"earlier result"
+    # malformed JSONL through the CLI: the line number, nothing written
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": chat("a", "b")}) + "\n{oops\n")
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                        f"--data={bad}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes "
+        "at column 2)")
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]
+
+def test_lora_forward_equals_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    lora = ft.LoRALinear(base, rank=3, alpha=12.0)
+    torch.nn.init.normal_(lora.B)                            # as if trained: B != 0
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    # W x + b + (alpha / r) * B A x, with alpha / r = 12 / 3 = 4
+    ref = F.linear(x, base.weight, base.bias) + 4.0 * x @ lora.A.T @ lora.B.T
+    torch.testing.assert_close(lora(x), ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.merged()(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sft_loss_adds_the_weighted_replay_loss():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size).double()
+    examples = [ft.encode_chat(tok, chat("reverse: sun moon", "moon sun"))]
+    g = torch.Generator().manual_seed(0)
+    xr, yr = (torch.randint(0, tok.vocab_size, (2, 16), generator=g) for _ in range(2))
+
+    class Replay:  # a DataLoader that always returns the same pretraining batch
+        def next_batch(self):
+            return xr, yr
+    with torch.no_grad():
+        x, y = ft.collate(examples)
+        sft = model(x, y)[1]
+        logits = model(xr)[0][..., :tok.vocab_size]
+        replay = F.cross_entropy(logits.flatten(0, 1), yr.flatten())
+        assert ft.sft_step(model)(examples) == sft
+        loss = ft.sft_step(model, Replay(), 0.3)(examples)
+    assert abs(loss.item() - (sft.item() + 0.3 * replay.item())) < 1e-12
+
+
+def test_dpo_reference_stays_frozen_while_the_policy_trains(one_thread):
+    tok = ft.add_chat_tokens(word_tokenizer())
+    train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    x, _ = ft.collate([c for c, _ in pairs])
+    for lora in ((["c_attn", "c_fc"], 4, 8.0, 0.0), None):
+        model = tiny_model(tok.vocab_size).requires_grad_(True)
+        with torch.no_grad():
+            before = model(x)[0]
+        reference = ft.dpo_reference(model, lora)
+        assert any(isinstance(m, ft.LoRALinear) for m in model.modules()) == bool(lora)
+        ft.optimize(model, pairs, ft.dpo_step(model, reference, 0.1, 1.0), iters=3, lr=1e-2,
+                    batch_size=8, warmup=1, log_every=10**9)
+        with torch.no_grad():
+            assert torch.equal(reference(x)[0], before)          # the reference: untouched
+            assert not torch.equal(model(x)[0], before)          # the policy: trained
+        assert not any(p.requires_grad for p in reference.parameters())
+
+
+class Scripted:
+    """A stand-in model whose greedy reply is always the given token ids."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def generate(self, ids, max_new_tokens, temperature, eot_id):
+        return torch.tensor([list(ids) + self.reply[:max_new_tokens]])
+
+
+def test_exact_match_needs_the_answer_then_end():
+    tok = ft.add_chat_tokens(word_tokenizer())
+    end, right = tok.special_tokens["<|end|>"], tok.encode_ordinary("moon sun")
+    example = (chat("reverse: sun moon", "moon sun"), None, "reverse")
+    for reply, hit in [(right + [end], 1.0),
+                       (right, 0.0),                                     # no <|end|>
+                       (right + tok.encode_ordinary(" king") + [end], 0.0),  # more words
+                       (tok.encode_ordinary("moon") + [end], 0.0)]:      # fewer words
+        acc, per_task, replies = ft.accuracy(Scripted(reply), tok, [example])
+        assert (acc, per_task) == (hit, {"reverse": hit}), (reply, replies)
+
+
+@pytest.fixture
+def finetune_base(tmp_path, monkeypatch):
+    """A tiny checkpoint of gpt.py's format in tmp_path, pretraining shards beside its tokenizer
+    (for replay and the val loss), and finetune's options set for a run of seconds: returns
+    run(**options), which calls finetune.main() with them."""
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        dl.write_shard(tmp_path / split / "000000.bin",
+                       rng.integers(0, tok.vocab_size, 4000).astype(np.uint16))
+    fast = dict(out_dir=str(tmp_path), tasks="reverse", n_train=24, n_eval=3, batch_size=4,
+                sft_iters=3, dpo_iters=2, dpo_prompts=8, num_samples=1, warmup_iters=1, threads=1)
+
+    def run(**options):
+        for k, v in {**fast, **options}.items():
+            assert hasattr(ft, k), k
+            monkeypatch.setattr(ft, k, v)
+        ft.main()
+    return run
+
+
+def test_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, capsys):
+    finetune_base()
+    out = capsys.readouterr().out
+    assert "== after SFT (lora)" in out and "saved" in out
+    assert "replay: each step adds 0.5 x the loss on 1 windows" in out  # batch 4 // 4
+    assert "pretraining val loss nan" not in out
+    model, tok, _ = ft.load_base(str(tmp_path / "finetune" / "ckpt.pt"))
+    assert tok.special_tokens["<|end|>"] == model.config.vocab_size - 1
+    # user data with rejected answers: DPO runs (full finetuning, batches of 1 this time)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat(q, a), "rejected": q}) + "\n"
+                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king"),
+                                          ("war peace", "peace war")]))
+    finetune_base(data=str(chats), method="full", init_from=str(tmp_path / "gpt_tiny.pt"),
+                  batch_size=1, num_samples=0)
+    out = capsys.readouterr().out
+    assert "2 training conversations, 1 held out" in out and "== DPO:" in out, out
+    assert "---- user:" not in out                                   # no samples asked for
+
+
+def test_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path):
+    torch.manual_seed(0)
+    short = gpt.GPT(gpt.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8,
+                                  vocab_size=word_tokenizer().vocab_size))
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), short, tokenizer="tokenizer.json")
+    with pytest.raises(ValueError, match="^no synthetic question fits in the context of 8 tokens$"):
+        finetune_base()
+
+
+def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
+    with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
+        finetune_base(sft_lr=float("nan"))
+    # user data: 2 conversations, eval_frac 0.9 still leaves one to train on (it reaches SFT)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n"
+                             for q, a in [("sun moon", "moon sun"), ("king lord", "lord king")]))
+    with pytest.raises(ValueError, match=r"^loss nan at iteration 2"):
+        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=float("nan"))
+    assert sorted(os.listdir(tmp_path / "finetune")) == ["ckpt.pt"]
+    assert (tmp_path / "finetune" / "ckpt.pt").read_bytes() == b"earlier result"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lora_rank", 0, "--lora_rank must be at least 1, got 0"),
+    ("lora_rank", -2, "--lora_rank must be at least 1, got -2"),
+    ("n_eval", 0, "--n_eval must be at least 1, got 0"),
+    ("batch_size", 0, "--batch_size must be at least 1, got 0"),
+    ("eval_frac", 1.0, "--eval_frac must be between 0 and 1, got 1.0"),
+    ("eval_frac", -1.0, "--eval_frac must be between 0 and 1, got -1.0"),
+    ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
+])
+def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
+    monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
+    monkeypatch.setattr(ft, option, value)
+    with pytest.raises(ValueError) as e:
+        ft.main()
+    assert str(e.value) == message
+
+
+def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    with pytest.raises(FileNotFoundError, match=r"gpt_tiny\.pt names the tokenizer .*tokenizer"
+                                                r"\.json', which does not exist"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    with pytest.raises(FileNotFoundError) as e:
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"), "nope.json")
+    assert str(e.value) == "no tokenizer at nope.json"
+
+
+# ======================================================================
+# primer: tests for cuda_primer.py: op costs and README figures by hand, kernels vs torch, timers
+# ======================================================================
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
+    rng = np.random.default_rng(0)
+    for M, K, N in [(32, 32, 32), (37, 29, 45)]:
+        A, B = rng.standard_normal((M, K)), rng.standard_normal((K, N))
+        counts = []
+        for t in [1, 2, 3, 4, 8, 16, 64]:
+            C, loads = cuda_primer.tiled_matmul(A, B, t)
+            np.testing.assert_allclose(C, A @ B, rtol=1e-12, atol=1e-12)
+            # by hand: each A element is loaded once per column of output tiles, each B element
+            # once per row of output tiles
+            assert loads == M * K * math.ceil(N / t) + K * N * math.ceil(M / t)
+            assert loads == cuda_primer.tiled_loads(M, K, N, t)
+            if M % t == 0 and N % t == 0:
+                assert loads == 2 * M * N * K // t
+            counts.append(loads)
+        assert all(a > b for a, b in zip(counts, counts[1:]))  # falls as the tile grows
+        assert counts[-1] == M * K + K * N  # a tile bigger than the matrix: each element once
+    with pytest.raises(ValueError):
+        cuda_primer.tiled_matmul(np.ones((3, 4)), np.ones((5, 2)), 2)
+
+
+def test_primer_online_softmax_equals_torch():
+    x = np.random.default_rng(1).standard_normal((5, 300)) * 20
+    ref = torch.softmax(torch.from_numpy(x), -1).numpy()
+    for size in [1, 7, 128, 300, 1000]:
+        np.testing.assert_allclose(cuda_primer.online_softmax(x, size), ref, rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_primer_flash_and_naive_attention_equal_torch():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 3, 50, 16)) for _ in range(3))
+    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
+                                         is_causal=True).numpy()
+    np.testing.assert_allclose(cuda_primer.naive_attention(q, k, v), ref, rtol=1e-10, atol=1e-12)
+    for bq, bk in [(16, 16), (7, 13), (64, 64), (1, 50), (50, 1)]:
+        out = cuda_primer.flash_attention(q, k, v, bq, bk)
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_primer_intensity_equals_hand_computation():
+    rows = {name: (count, f, b) for name, count, f, b in
+            cuda_primer.op_costs(PRESETS["gpt2"], batch=2, nbytes=2)}
+    # GPT-2 124M c_fc: (2 * 1024 tokens, 768) @ (768, 3072) in bf16, once per layer
+    # FLOPs = 2 * 2048 * 768 * 3072; bytes = 2 * (2048*768 + 768*3072 + 2048*3072)
+    count, f, b = rows["MLP in matmul"]
+    assert (count, f, b) == (12, 9_663_676_416, 20_447_232)
+    assert f / b == pytest.approx(472.615, abs=1e-3)
+    # Q K^T per head: (1024, 64) @ (64, 1024), 2 sequences x 12 heads
+    # FLOPs = 24 * 2 * 1024 * 64 * 1024; bytes = 24 * 2 * (2 * 1024*64 + 1024*1024)
+    count, f, b = rows["attention Q K^T"]
+    assert (f, b) == (3_221_225_472, 56_623_104)
+    assert f / b == pytest.approx(56.889, abs=1e-3)  # far below an H100's ridge (~250)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+def test_primer_matmul_flops_match_the_models_count(name):
+    # every matmul in the table, x3 for forward + backward, equals gpt.py's own FLOP count
+    cfg = PRESETS[name]
+    batch = 3
+    rows = cuda_primer.op_costs(cfg, batch, nbytes=4)
+    fwd = sum(count * f for op, count, f, _ in rows
+              if count and ("matmul" in op or op.startswith("attention ")))
+    assert 3 * fwd == GPT(cfg).flops_per_token() * batch * cfg.block_size
+
+
+def test_primer_gpu_sections_skip_cleanly_without_cuda(capsys):
+    cuda_primer.kernels_demo(torch.device("cpu"))
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_primer_cli_runs_and_rejects_bad_input():
+    root = Path(cuda_primer.__file__).parent
+    cmd = [sys.executable, "cuda_primer.py", "--device=cpu", "--sections=tiling,flash,kernels",
+           "--tile_n=16", "--attn_t=40", "--block_q=8", "--block_k=16"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "True" in r.stdout and "False" not in r.stdout  # tiled == A @ B at every tile
+    assert "skipped" in r.stdout
+    r = subprocess.run(cmd[:2] + ["--sections=tiling,nope"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; choose from "
+                                             "device, roofline, tiling, flash, fusion, kernels, "
+                                             "profile"]
+
+
+def test_primer_op_table_rows_by_hand():
+    # GPT-2 124M at batch 8 x 1024 tokens in bf16: M = 8192 tokens, C = 768, 12 heads of 64,
+    # MLP width H = 3072, vocabulary padded to 50304. Bytes: each input read once, each
+    # output written once, 2 bytes an element.
+    B, T, C, nh, hd, H, V = 8, 1024, 768, 12, 64, 3072, 50304
+    M, S = B * T, B * nh * T * T                             # tokens; attention scores
+    rows = {name: (count, f, b) for name, count, f, b in
+            cuda_primer.op_costs(PRESETS["gpt2"], batch=8, nbytes=2)}
+    assert rows == {
+        "layernorm": (24, 7 * M * C, 2 * (M * C + M * C)),           # read x, write y
+        "qkv matmul": (12, 2 * M * C * 3 * C, 2 * (M * C + C * 3 * C + M * 3 * C)),
+        "attention Q K^T": (12, 2 * S * hd, 2 * B * nh * (2 * T * hd + T * T)),
+        "softmax": (12, 5 * S, 2 * (S + S)),                         # read scores, write P
+        "attention P V": (12, 2 * S * hd, 2 * B * nh * (T * T + 2 * T * hd)),
+        "attn out matmul": (12, 2 * M * C * C, 2 * (M * C + C * C + M * C)),
+        "residual add": (24, M * C, 2 * 3 * M * C),                  # read 2, write 1
+        "MLP in matmul": (12, 2 * M * C * H, 2 * (M * C + C * H + M * H)),
+        "GELU": (12, 9 * M * H, 2 * (M * H + M * H)),                # read h, write GELU(h)
+        "MLP out matmul": (12, 2 * M * H * C, 2 * (M * H + H * C + M * C)),
+        "lm_head matmul": (1, 2 * M * C * V, 2 * (M * C + C * V + M * V)),
+        # flash: Q K^T + softmax + P V FLOPs; reads q, k, v and writes o: 4 (B, nh, T, hd)
+        "attention fused (flash)": (0, 2 * 2 * S * hd + 5 * S, 2 * 4 * B * nh * T * hd),
+    }
+
+
+def test_primer_roofline_table_gives_the_readme_figures(capsys):
+    # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
+    flops, bw = 765e12, 2981e9
+    costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
+    cuda_primer.roofline_table(costs, flops, bw)
+    lines = capsys.readouterr().out.splitlines()
+    ridge = flops / bw                                        # 256.6 FLOP/byte
+    memory = {"layernorm", "attention Q K^T", "softmax", "attention P V", "residual add", "GELU"}
+    for (name, count, f, b), line in zip(costs, lines[1:]):
+        bound = "memory" if name in memory else "compute"
+        assert (f / b < ridge) == (bound == "memory"), name   # the README's list, by intensity
+        assert line.split()[-2:] == [bound, f"{max(f / flops, b / bw) * 1e3:.3f}"], line
+    t = {n: c * max(f / flops, b / bw) for n, c, f, b in costs}
+    fl = {n: c * f for n, c, f, _ in costs}
+    mem_t, mem_f = sum(t[n] for n in memory), sum(fl[n] for n in memory)
+    assert f"{mem_f / sum(fl.values()):.1%}" == "13.6%" and f"{mem_t / sum(t.values()):.1%}" == "62.2%"
+    assert lines[-2] == ("one forward pass (x/fwd times each op) at the roofline: 7.0 ms; "
+                         "memory-bound ops do 13.6% of the FLOPs but take 62.2% of the time")
+    # attention as 3 kernels: Q K^T, P V (2 x 226.5 MB) and softmax (402.7 MB): 856 MB
+    assert lines[-1].startswith("fusion: attention as 3 kernels moves 856 MB (31 FLOP/byte); "
+                                "fused (flash) 50 MB (522 FLOP/byte), 17x less traffic")
+    # right at the ridge (100 FLOP/byte here): just below waits on memory, at or above on math
+    costs = [("below", 1, 99e9, 1e9), ("at", 1, 100e9, 1e9), ("above", 1, 101e9, 1e9)] + costs
+    cuda_primer.roofline_table(costs, flops=100e12, bw=1e12)
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert [r.split()[-2] for r in rows] == ["memory", "compute", "compute"]
+
+
+def fake_clock(monkeypatch):
+    """cuda_primer's clock replaced by one that only moves when a timed fn moves it."""
+    now = [0.0]
+
+    class Clock:  # stands in for the time module inside cuda_primer
+        @staticmethod
+        def perf_counter():
+            return now[0]
+    monkeypatch.setattr(cuda_primer, "time", Clock)
+    return now
+
+
+def test_primer_timed_takes_turns_and_reports_medians(monkeypatch):
+    import gc
+    now, calls = fake_clock(monkeypatch), []
+
+    def fn(name, seconds):
+        def f():
+            calls.append((name, gc.isenabled()))
+            now[0] += seconds.pop(0) if seconds else 1.0
+            return name
+        return f
+    # a's readings 1, 9 (a slow outlier), 1 s; b's 3, 3, 3: the medians are 1 and 3
+    times, outs = cuda_primer.timed([fn("a", [5.0, 1.0, 9.0, 1.0]), fn("b", [5.0, 3.0, 3.0, 3.0])],
+                                    repeat=3, warmup=1)
+    assert times == [1.0, 3.0] and outs == ["a", "b"]
+    assert [n for n, _ in calls] == ["a", "b"] + ["a", "b"] * 3  # warm-up, then turns
+    assert [on for _, on in calls[2:]] == [False] * 6 and gc.isenabled()  # gc paused, restored
+    # several calls per reading: seconds per call
+    times, _ = cuda_primer.timed([fn("c", [])], repeat=2, calls=4, gc_on=True)
+    assert times == [1.0] and calls[-1] == ("c", True)
+
+
+def test_primer_bandwidth_counts_read_and_write(monkeypatch):
+    monkeypatch.setattr(cuda_primer, "bench", lambda fns, dev: ([0.25], [fn() for fn in fns]))
+    dev = torch.device("cpu")
+    # a copy of 2 MiB reads 2 MiB and writes 2 MiB: 4 MiB in 0.25 s
+    assert cuda_primer.measure_bandwidth(dev, 2) == 4 * 2**20 / 0.25
+    assert cuda_primer.measure_matmul(dev, [8, 16], torch.float32) == [
+        (8, 2 * 8**3 / 0.25), (16, 2 * 16**3 / 0.25)]
+
+
+def test_primer_compare_times_variants_in_turns(monkeypatch, capsys):
+    now = fake_clock(monkeypatch)
+    order = []
+
+    def variant(name, seconds, shift):
+        def f(x):
+            order.append(name)
+            now[0] += seconds
+            return x + shift
+        return f
+    x = torch.zeros(4)
+    rows = cuda_primer.compare({"slow": variant("slow", 2.0, 0.0),
+                                "fast": variant("fast", 0.5, 0.25)}, (x,), torch.device("cpu"),
+                               min_bytes=1e9)
+    assert rows == [("slow", 2.0, 0.0, 1.0), ("fast", 0.5, 0.25, 4.0)]
+    assert order[4:] == ["slow", "fast"] * cuda_primer.repeat  # after 2 warm-up calls each
+    assert "0.5 GB/s" in capsys.readouterr().out                 # 1 GB / 2 s
+
+
+def test_primer_flash_memory_by_hand(monkeypatch, capsys):
+    monkeypatch.setattr(cuda_primer, "block_q", 64)
+    monkeypatch.setattr(cuda_primer, "block_k", 64)
+    cuda_primer.flash_demo()
+    out = capsys.readouterr().out
+    T, d, bq, bk, MiB = 1024, 64, 64, 64, 2**20                 # GPT-2, one head, bf16
+    qkvo = 4 * T * d * 2                                     # read q, k, v; write o
+    naive_io = qkvo + 2 * 2 * (T * T * 2)                    # S and P each written and read
+    tile = 4 * (bq * bk + 2 * bq * d + 2 * bk * d + 2 * bq)  # fp32 s; q, acc; k, v; m, l
+    flash_io = qkvo + (T // bq - 1) * 2 * T * d * 2          # k, v read again per query block
+    assert (naive_io / MiB, tile / 1024, flash_io / MiB) == (8.5, 80.5, 4.25)
+    assert "HBM traffic 8.5 MiB" in out and "one tile on chip, 80.5 KiB" in out
+    assert "HBM traffic at most 4.2 MiB" in out
+
+
+@pytest.mark.parametrize("option, value", [("copy_mb", -5), ("fusion_tokens", -1),
+                                           ("repeat", 0)])
+def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
+    monkeypatch.setattr(cuda_primer, option, value)
+    with pytest.raises(ValueError, match=f"^--{option} must be "):
+        cuda_primer.main()
+
+@needs_cuda
+def test_primer_cuda_kernel_equals_torch():
+    fn = cuda_primer.cuda_bias_gelu()
+    for rows, cols in [(1000, 771), (64, 3072), (1, 1)]:
+        x = torch.randn(rows, cols, device="cuda")
+        b = torch.randn(cols, device="cuda")
+        ref = F.gelu(x + b, approximate="tanh")
+        torch.testing.assert_close(fn(x, b), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cuda_primer.bias_gelu(x, b), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        fn(x.double(), b)
+
+
+@needs_cuda
+def test_primer_triton_softmax_equals_torch():
+    for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
+        x = torch.randn(rows, cols, device="cuda") * 5
+        torch.testing.assert_close(cuda_primer.triton_softmax(x), torch.softmax(x, -1),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        cuda_primer.triton_softmax(torch.randn(4, 4, 4, device="cuda"))

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 import cli
 import gpt
-from dataloader import DataLoader, atomic_open, prepare
+from dataloader import DataLoader, prepare
 from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -236,7 +236,7 @@ def save_checkpoint(state, out_dir, step, keep=3):
     """Write out_dir/ckpt_STEP.pt, then delete all but the newest `keep`. Atomic: a temporary
     file in the same folder, swapped in by os.replace, so a crash never leaves half a file."""
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    with atomic_open(path) as f:
+    with bpe.atomic_open(path) as f:
         torch.save(state, f)
     for old in checkpoints(out_dir)[:-keep]:
         os.remove(old)
