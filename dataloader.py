@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 import bpe
-from bpe import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
+import cli
+from cli import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 
 # -----------------------------------------------------------------------------
 # hyperparameters (python dataloader.py --name=value)
@@ -689,5 +690,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -336,7 +336,7 @@ def pick_device(name):
 def save_checkpoint(path, model, **extra):
     """Write {"model": state_dict, "config": asdict(config), **extra} atomically (a temp
     file in the same folder, then os.replace: a crash never leaves half a checkpoint)."""
-    with bpe.atomic_open(path) as f:
+    with cli.atomic_open(path) as f:
         torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, f)
 
 

@@ -1004,16 +1004,16 @@ def test_bad_input(trained, tmp_path, monkeypatch):
 
 
 def test_atomic_open_is_the_one_writer(tmp_path):
-    assert dl.atomic_open is bpe.atomic_open  # gpt.py and train.py write checkpoints through it
+    assert dl.atomic_open is cli.atomic_open  # gpt.py and train.py write checkpoints through it
     path = tmp_path / "sub" / "f.bin"
-    with bpe.atomic_open(path) as a, bpe.atomic_open(path) as b:  # two writers of one file
+    with cli.atomic_open(path) as a, cli.atomic_open(path) as b:  # two writers of one file
         a.write(b"first")
         b.write(b"second")
         assert len(os.listdir(path.parent)) == 2 and not path.exists()  # own temp files; nothing visible yet
     assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["f.bin"]
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
     with pytest.raises(KeyboardInterrupt):
-        with bpe.atomic_open(path) as f:
+        with cli.atomic_open(path) as f:
             f.write(b"half")
             raise KeyboardInterrupt
     assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["f.bin"]

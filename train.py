@@ -236,7 +236,7 @@ def save_checkpoint(state, out_dir, step, keep=3):
     """Write out_dir/ckpt_STEP.pt, then delete all but the newest `keep`. Atomic: a temporary
     file in the same folder, swapped in by os.replace, so a crash never leaves half a file."""
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    with bpe.atomic_open(path) as f:
+    with cli.atomic_open(path) as f:
         torch.save(state, f)
     for old in checkpoints(out_dir)[:-keep]:
         os.remove(old)
