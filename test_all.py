@@ -38,6 +38,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import block  # noqa: E402
 import bpe  # noqa: E402
+import chat as ch  # noqa: E402 (chat() is finetune's test helper)
 import cli  # noqa: E402
 import cuda_primer  # noqa: E402
 import dataloader  # noqa: E402
@@ -3094,3 +3095,227 @@ def test_primer_triton_softmax_equals_torch():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         cuda_primer.triton_softmax(torch.randn(4, 4, 4, device="cuda"))
+
+
+# ======================================================================
+# chat: tests for chat.py: streamed text against GPT.generate, the chat format, commands, input.
+# ======================================================================
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    """Two tiny random checkpoints in gpt.py's format, each with its tokenizer beside it: a
+    chat model (finetune's chat tokens added) and a base model. No training: the numbers
+    only have to equal GPT.generate's."""
+    d = tmp_path_factory.mktemp("chat")
+    base = word_tokenizer()
+    for name, tok in (("chat", ft.add_chat_tokens(base)), ("base", base)):
+        torch.manual_seed(0)
+        model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64,
+                                      vocab_size=tok.vocab_size))
+        (d / name).mkdir()
+        tok.save(str(d / name / "tokenizer.json"))
+        gpt.save_checkpoint(str(d / name / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    return d
+
+
+def chat_session(folder, **kw):
+    model, tok = ch.load(str(folder / "gpt_tiny.pt"))
+    return ch.Session(model, tok, **{"max_new_tokens": 8, **kw})
+
+
+def expected_reply(session, ids, temperature, top_k=None, top_p=None, seed=0):
+    """The reference: GPT.generate with the same settings, cut after the first stop token."""
+    out = session.model.generate(ids, session.max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed)[0, len(ids):].tolist()
+    stops = [i for i, t in enumerate(out) if t in session.stop]
+    return out[:stops[0] + 1] if stops else out
+
+
+class Recorder(io.StringIO):
+    flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_chat_streamed_text_equals_generate_greedy_and_sampled(chat_files):
+    """Piped lines: a greedy answer, then (after /seed, /temp, /topk, /topp) a sampled one
+    whose prompt holds the first turn: both equal GPT.generate, token for token and as text."""
+    s = chat_session(chat_files / "chat", temperature=0.8, top_p=0.95)
+    tok, out, err = s.tok, io.StringIO(), io.StringIO()
+    s.run(io.StringIO("/temp 0\nking queen\n/seed 7\n/temp 1.5\n/topk 300\n/topp 0.9\n"
+                      "sun moon star\n"), out, err)
+    msgs = [{"role": "user", "content": "king queen"}]
+    first = expected_reply(s, ft.prompt_ids(tok, msgs), 0)
+    special = set(tok.special_tokens.values())
+    msgs.append({"role": "assistant", "content": tok.decode([t for t in first
+                                                             if t not in special])})
+    assert s.history == msgs + [s.history[2], s.history[3]]
+    msgs.append({"role": "user", "content": "sun moon star"})
+    second = expected_reply(s, ft.prompt_ids(tok, msgs), 1.5, 300, 0.9, seed=7)
+    text = [tok.decode([t for t in r if t not in s.stop]) + "\n" for r in (first, second)]
+    assert out.getvalue() == "".join(text)
+    assert len(first) == len(second) == 8 and first != second     # not an empty comparison
+    assert err.getvalue().count("tokens/s") == 2
+    # token ids, one flush per printed token
+    want = expected_reply(s, s.prompt("sun moon star"), 1.5, 300, 0.9, seed=7)
+    s.set_seed(7)
+    rec = Recorder()
+    assert s.reply("sun moon star", rec, io.StringIO()) == want
+    assert rec.flushes >= len([t for t in second if t not in s.stop])
+
+
+def test_chat_base_model_continues_each_line(chat_files):
+    s = chat_session(chat_files / "base", temperature=1.0, top_k=50, seed=3)
+    assert not s.chat and s.stop == {s.tok.special_tokens[dataloader.EOT]}
+    out = io.StringIO()
+    s.run(io.StringIO("the king\n"), out, io.StringIO())
+    ids = [s.tok.special_tokens[dataloader.EOT]] + s.tok.encode_ordinary("the king")
+    assert s.prompt("the king") == ids and s.history == []
+    reply = expected_reply(s, ids, 1.0, 50, seed=3)
+    assert out.getvalue() == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+
+
+def test_chat_text_stream_prints_whole_characters():
+    """Byte-level tokens split multi-byte characters: pushed one id at a time, the text equals
+    tok.decode of all the ids (a character is printed once whole, never as U+FFFD halves)."""
+    tok = bpe.Tokenizer.train("plain ascii", 257)                  # bytes only, no merges
+    text = "é日本語 naïve 🙂"
+    s = ch.TextStream(tok)
+    pieces = [s.push(i) for i in tok.encode_ordinary(text)] + [s.flush()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[:3] == ["", "é", ""]
+    rng = random.Random(0)
+    for _ in range(50):                          # random bytes: invalid ones as in tok.decode
+        ids = [rng.choice([0x41, 0xc3, 0xa9, 0xe6, 0x97, 0xa5, 0xff, 0x80]) for _ in range(9)]
+        s = ch.TextStream(tok)
+        assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)
+
+
+def test_chat_format_and_history_trimmed_oldest_first(chat_files):
+    s = chat_session(chat_files / "chat", max_new_tokens=10)
+    sp, enc = s.tok.special_tokens, s.tok.encode_ordinary
+    s.history = [{"role": "user", "content": "king"}, {"role": "assistant", "content": "queen"}]
+    ids = s.prompt("sun moon")
+    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + enc("king") + [sp["<|end|>"],
+                   sp["<|assistant|>"]] + enc("queen") + [sp["<|end|>"], sp["<|user|>"]]
+                   + enc("sun moon") + [sp["<|end|>"], sp["<|assistant|>"]])
+    assert ids == ft.prompt_ids(s.tok, s.history + [{"role": "user", "content": "sun moon"}])
+    # six turns do not fit in 64 positions with room for 10 new tokens
+    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
+              {"role": "assistant", "content": f"{b} {a}"}]
+             for a, b in zip(ft.WORDS[:6], ft.WORDS[6:12])]
+    s.history = [m for t in turns for m in t]
+    new = [{"role": "user", "content": "reverse: fire sea"}]
+    fits = [k for k in range(7) if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + 10 <= 64]
+    assert 0 < fits[0] < 6                       # some turns must go, not all of them
+    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
+    assert s.history == [m for t in turns[fits[0]:] for m in t]      # the oldest ones went
+    # a prompt longer than the context is refused and leaves the history alone
+    kept = list(s.history)
+    with pytest.raises(ValueError, match="^the prompt is 74 tokens, more than the model's "
+                                         "context of 64: shorten it$"):
+        s.prompt(" ".join((ft.WORDS * 2)[:70]))
+    assert s.history == kept
+    s.run(io.StringIO("/reset\n"), io.StringIO(), io.StringIO())
+    assert s.history == []
+
+
+def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
+    s = chat_session(chat_files / "chat", temperature=0.8, top_p=0.95)
+    err = io.StringIO()
+    s.run(io.StringIO("/temp 0.5\n/topk 7\n/topp 0.8\n/seed 9\n"), io.StringIO(), err)
+    assert (s.temperature, s.top_k, s.top_p, s.seed) == (0.5, 7, 0.8, 9)
+    assert torch.equal(s.generator.get_state(), torch.Generator().manual_seed(9).get_state())
+    s.run(io.StringIO("/topk 0\n/topp 1\n"), io.StringIO(), err)
+    assert (s.top_k, s.top_p) == (None, 1.0)                            # 0 and 1 = off
+    bad = ["/temp -1", "/topk abc", "/topk -3", "/topp 0", "/topp 1.5", "/temp nan", "/seed x",
+           "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
+    out, err = io.StringIO(), io.StringIO()
+    s.run(io.StringIO("\n".join(bad + ["king", "/quit", "queen"]) + "\n"), out, err)
+    lines = err.getvalue().splitlines()
+    assert lines[:len(bad)] == [
+        "error: /temp -1: temperature must be >= 0, got -1.0",
+        "error: /topk expects an integer, got 'abc'",
+        "error: /topk -3: top_k must be >= 0 (0 = off)",
+        "error: /topp 0: top_p must be in (0, 1], got 0.0",
+        "error: /topp 1.5: top_p must be in (0, 1], got 1.5",
+        "error: /temp expects a finite number, got 'nan'",
+        "error: /seed expects an integer, got 'x'",
+        "error: /temp needs a value, e.g. /temp 0.8",
+        "error: unknown command '/foo'; valid commands: /reset, /temp, /topk, /topp, /seed, "
+        "/quit, /help",
+        "error: the prompt is 74 tokens, more than the model's context of 64: shorten it"]
+    assert len(lines) == len(bad) + 1 and "tokens/s" in lines[-1]     # "king" only: /quit ends
+    assert (s.temperature, s.top_k, s.top_p) == (0.5, None, 1.0)       # unchanged by bad ones
+    assert len(s.history) == 2 and out.getvalue().count("\n") >= 1
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_session(chat_files, monkeypatch):
+    s = chat_session(chat_files / "chat", temperature=0)
+    calls, real = [], gpt.sample
+
+    def sample(*a):  # Ctrl-C arrives while the 3rd token of the first answer is sampled
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(gpt, "sample", sample)
+    out, err = io.StringIO(), io.StringIO()
+    s.run(io.StringIO("king\nqueen\n"), out, err)
+    stats = [line for line in err.getvalue().splitlines() if "tokens/s" in line]
+    assert stats[0].startswith("[2 tokens,") and stats[0].endswith(", stopped]")
+    assert len(stats) == 2 and "stopped" not in stats[1] and len(s.history) == 4
+    first = expected_reply(s, ft.prompt_ids(s.tok, s.history[:1]), 0)[:2]
+    assert len(first) == 2 and out.getvalue().startswith(s.tok.decode(first) + "\n")
+    special = set(s.tok.special_tokens.values())
+    assert s.history[1]["content"] == s.tok.decode([t for t in first if t not in special])
+
+
+def test_chat_main_finds_the_newest_checkpoint_and_names_missing_files(chat_files, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(ch, "out_dir", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"^no checkpoint under .*empty/: make one with "
+                                         r"`python gpt.py`"):
+        ch.main()
+    # gpt.py's, train.py's and finetune.py's files: the newest is taken, whichever it is
+    model, tok = ch.load(str(chat_files / "base" / "gpt_tiny.pt"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    (tmp_path / "cpu").mkdir()
+    torch.save({"format": train.FORMAT, "model": model.state_dict(),
+                "model_config": gpt.asdict(model.config),
+                "tokenizer": str(tmp_path / "tokenizer.json")}, tmp_path / "cpu" / "ckpt_0000010.pt")
+    (tmp_path / "finetune").mkdir()
+    for f in ("gpt_tiny.pt", "tokenizer.json"):
+        (tmp_path / "finetune" / f.replace("gpt_tiny", "ckpt")).write_bytes(
+            (chat_files / "chat" / f).read_bytes())
+    files = [tmp_path / "gpt_tiny.pt", tmp_path / "cpu" / "ckpt_0000010.pt",
+             tmp_path / "finetune" / "ckpt.pt"]
+    for i, newest in enumerate(files):
+        for j, f in enumerate(files):
+            os.utime(f, (1000 + (j == i), 1000 + (j == i)))
+        assert ch.newest_checkpoint(str(tmp_path)) == str(newest)
+        assert ch.load(str(newest))[0].config.vocab_size == (tok.vocab_size + 3 if i == 2
+                                                               else tok.vocab_size)
+    # a checkpoint without its tokenizer: one error naming both
+    os.remove(tmp_path / "finetune" / "tokenizer.json")
+    monkeypatch.setattr(ch, "out_dir", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"ckpt\.pt names the tokenizer .*tokenizer"
+                                                r"\.json', which does not exist"):
+        ch.main()
+
+
+def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
+    path = chat_files / "chat" / "gpt_tiny.pt"
+    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--init={path}", "--device=cpu",
+                        "--threads=1", "--max_new_tokens=6", "--temperature=0", "--seed=1"],
+                       input="king queen\n/temp -1\n", capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.splitlines()
+    assert err[0].startswith(f"chat.py: {path} | ") and "chat model" in err[0]
+    assert err[-1] == "error: /temp -1: temperature must be >= 0, got -1.0"
+    s = chat_session(chat_files / "chat", max_new_tokens=6)
+    reply = expected_reply(s, s.prompt("king queen"), 0)
+    assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
