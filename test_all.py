@@ -2176,24 +2176,63 @@ def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
         train.train(tiny(corpus, tmp_path / "b", n_layer=3, n_embd=48))
 
 
-def test_two_processes_equal_one(corpus, tmp_path):
+# tokens/s and MFU compared across runs: train.py's clock replaced by one that advances a fixed
+# step a call, and a made-up chip peak so that MFU is computed on a CPU too
+FAKE_PEAK = {"fp32": 1e9, "tf32": 1e9, "bf16": 1e9, "fp16": 1e9, "bandwidth": 1e9}
+
+
+class StepClock:
+    """Stands in for train.py's time module: time() advances 0.25 s a call, so two runs that
+    make the same calls log the same tokens/s."""
+    t = 0.0
+
+    def time(self):
+        self.t += 0.25
+        return self.t
+
+
+RUN_WITH_STEP_CLOCK = f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+{{clock}}
+train.time = StepClock()
+train.device_peak = lambda dev: ("fake chip", {FAKE_PEAK!r})
+train.main()
+"""
+
+
+def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch):
-    grad_accum=2 counts micro-batches over both processes, one each."""
-    kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused")
+    grad_accum=2 counts micro-batches over both processes, one each. evaluate() too: the
+    whole val split (eval_iters=0), each rank its share, gives one process's val loss and
+    bits per byte; tokens/s counts both processes' tokens, MFU divides by both chips' peak."""
+    import inspect
+    kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused", eval_iters=0)
+    monkeypatch.setattr(train, "time", StepClock())
+    monkeypatch.setattr(train, "device_peak", lambda dev: ("fake chip", FAKE_PEAK))
     one = train.train(tiny(corpus, tmp_path / "one", **kw))
     args = [f"--{k}={v}" for k, v in vars(tiny(corpus, tmp_path / "two", **kw)).items()]
     args = [a for a in args if not a.startswith(("--batch_size", "--grad_accum"))]
     args += ["--batch_size=4", "--grad_accum=2"]
+    script = tmp_path / "train_with_step_clock.py"
+    script.write_text(RUN_WITH_STEP_CLOCK.replace("{clock}", inspect.getsource(StepClock)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(ROOT / "train.py"), *args],
+                        "--nproc_per_node=2", str(script), *args],
                        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     two = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert [r["step"] for r in two if "loss" in r] == list(range(1, 7))
-    for r1, r2 in zip(one["log"], [r for r in two if "loss" in r]):
+    for r1, r2 in zip(one["log"], [r for r in two if "loss" in r], strict=True):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+        assert r2["tokens_per_s"] == pytest.approx(r1["tokens_per_s"], rel=1e-12)
+        assert r1["mfu"] is not None and r2["mfu"] == pytest.approx(r1["mfu"] / 2, rel=1e-12)
+    assert "x2, float32, 128 tokens per step (4 x 16 x 2 micro-batches)" in p.stdout
+    evals = [r for r in two if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6]
+    assert evals[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert evals[0]["val_bpb"] == pytest.approx(one["val_bpb"], rel=1e-5)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
@@ -2254,6 +2293,38 @@ def test_bits_per_byte_counts_utf8_bytes_of_the_targets(corpus, tmp_path):
     assert n_bytes > 1.3 * y.numel()
     assert run["val_bpb"] == pytest.approx(run["val_loss"] / math.log(2) * y.numel() / n_bytes,
                                            rel=1e-6)
+
+
+def test_train_evaluate_whole_val_split_equals_a_plain_mean(corpus, tmp_path):
+    """eval_iters=0 with a batch size that does not divide the val windows (a short last
+    batch): evaluate's loss is the mean cross-entropy over every target of every window, here
+    cut from the val shards by hand and scored in float64, and bits per byte divides its nats
+    by those targets' UTF-8 bytes, counted by decoding each window."""
+    text = tmp_path / "mixed.txt"
+    text.write_text("Καλημέρα κόσμε, hello world! Привет, мир. naïve café, 日本語の文. " * 100)
+    kw = dict(data=str(text), data_dir=str(tmp_path / "shards"), eval_iters=0, max_iters=30,
+              lr=1e-2, save_interval=30)
+    c = tiny(corpus, tmp_path / "probe", **kw)
+    prep = train.load_data(c, 0, 1, torch.device("cpu"))[1]
+    T = c.block_size
+    windows = [w for path in sorted(Path(prep.val).glob("*.bin"))
+               for t in [torch.from_numpy(dl.read_shard(path).astype(np.int64))]
+               for w in t[:(len(t) - 1) // T * T + 1].unfold(0, T + 1, T)]     # stride T
+    batch = (len(windows) - 1) // 2
+    assert len(windows) % batch and len(windows) // batch == 2   # 2 full batches + a short one
+    run = train.train(tiny(corpus, tmp_path / "run", batch_size=batch, **kw))
+    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    model.load_weights(weights(tmp_path / "run"))
+    w = torch.stack(windows)
+    with torch.no_grad():
+        logits = model.double()(w[:, :-1])[0]
+    nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
+                           reduction="sum").item()
+    tok = prep.tokenizer
+    n_bytes = sum(len(tok.decode(row[1:].tolist()).encode("utf-8")) for row in w)
+    assert n_bytes > 1.3 * w[:, 1:].numel()
+    assert run["val_loss"] == pytest.approx(nats / w[:, 1:].numel(), rel=1e-5)
+    assert run["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_resume_rewrites_the_log(corpus, tmp_path):
