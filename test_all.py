@@ -2524,6 +2524,45 @@ def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
             assert big.lm_head.weight is big.wte.weight
 
 
+def test_finetune_grow_vocab_new_rows_sit_near_the_mean_of_the_old():
+    """The docstring's promise, for the embedding and an untied head: each new row is the old
+    rows' mean plus noise of 0.1 x their std (per column), so within 5 x 0.1 x std of the mean
+    (a fresh random row, about 10 x that far, fails), and not the mean itself."""
+    tok = word_tokenizer()
+    V = tok.vocab_size
+    for tied in (True, False):
+        model = tiny_model(V, tie_embeddings=tied)
+        big = ft.grow_vocab(model, V + 3)
+        for key in ("wte.weight",) if tied else ("wte.weight", "lm_head.weight"):
+            old = model.state_dict()[key][:V].double()
+            new = big.state_dict()[key][V:V + 3].double()                   # (3, C)
+            z = (new - old.mean(0)) / (0.1 * old.std(0))                 # the noise, in units
+            assert z.abs().max() < 5, (key, z.abs().max())
+            assert z.std() > 0.5                                          # there is noise
+            assert torch.equal(big.state_dict()[key][:V], model.state_dict()[key][:V])
+        if tied:
+            assert big.lm_head.weight is big.wte.weight
+
+
+def test_finetune_lora_starts_with_b_zero_and_a_random():
+    """B = 0 makes step 0 the pretrained model; A random (std 1/sqrt(in)) makes B's first
+    gradient non-zero (A's is zero while B is). Swapped, the model is unchanged too, but the
+    first steps train the wrong matrix."""
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size)
+    adapters = ft.add_lora(model, ["c_attn", "c_fc"], rank=4, alpha=8)
+    for a in adapters:
+        fan_in, fan_out = a.base.in_features, a.base.out_features
+        assert a.A.shape == (4, fan_in) and a.B.shape == (fan_out, 4)
+        assert torch.count_nonzero(a.B) == 0
+        assert torch.count_nonzero(a.A) == a.A.numel()
+        assert a.A.std().item() == pytest.approx(fan_in ** -0.5, rel=0.3)
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    model(x, torch.roll(x, -1, 1))[1].backward()
+    for a in adapters:
+        assert a.B.grad.abs().max() > 0 and torch.count_nonzero(a.A.grad) == 0
+
+
 def test_sft_mask_user_tokens_get_no_gradient():
     tok = ft.add_chat_tokens(word_tokenizer())
     model = tiny_model(tok.vocab_size).double()
