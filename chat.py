@@ -262,7 +262,8 @@ def read_line(lines, prompt):
 
 def parse_number(name, text, kind):
     if not text:
-        raise ValueError(f"{name} needs a value, e.g. {name} {dict(float='0.8', int='50')[kind.__name__]}")
+        example = "0.8" if kind is float else "50"
+        raise ValueError(f"{name} needs a value, e.g. {name} {example}")
     try:
         value = kind(text)
     except ValueError:
@@ -275,7 +276,7 @@ def parse_number(name, text, kind):
 
 def newest_checkpoint(folder):
     """The newest checkpoint under folder that gpt.py, train.py or finetune.py wrote, or None.
-    (finetune.newest_checkpoint finds gpt.py's and train.py's; finetune.py's is folder/*/ckpt.pt.)"""
+    finetune.newest_checkpoint finds gpt.py's and train.py's; finetune.py's is folder/*/ckpt.pt."""
     found = [p for p in [finetune.newest_checkpoint(folder)] if p]
     found += glob.glob(os.path.join(folder, "*", "ckpt.pt"))
     return max(found, key=os.path.getmtime, default=None)

@@ -3283,6 +3283,13 @@ def test_chat_base_model_continues_each_line(chat_files):
     assert s.prompt("the king") == ids and s.history == []
     reply = expected_reply(s, ids, 1.0, 50, seed=3)
     assert out.getvalue() == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+    # through the KV cache: the prompt is fed once, then one token a step
+    lengths, hidden = [], s.model.hidden
+    s.model.hidden = lambda idx, cache=None: lengths.append((idx.size(1), cache is not None)) \
+        or hidden(idx, cache)
+    s.set_seed(3)
+    assert s.reply("the king", io.StringIO(), io.StringIO()) == reply
+    assert lengths == [(len(ids), True)] + [(1, True)] * (len(reply) - 1)
 
 
 def test_chat_text_stream_prints_whole_characters():
