@@ -95,9 +95,9 @@ class TextStream:
     a UTF-8 character are held back until it is complete, so the text printed piece by piece
     equals tok.decode of all the ids at once (invalid bytes become U+FFFD in both).
 
-    >>> s = TextStream(tok)          # byte-level BPE: "é" is two tokens, b"\\xc3" and b"\\xa9"
-    >>> s.push(195), s.push(169)
-    ('', 'é')
+    >>> s = TextStream(tok)   # a byte-level BPE whose ids 195, 169 are the bytes of "é"
+    >>> s.push(195), s.push(169), s.flush()
+    ('', 'é', '')
     """
 
     def __init__(self, tok):
@@ -234,7 +234,9 @@ class Session:
         while True:
             try:
                 line = read_line(lines, "you> " if self.chat else "> ")
-            except EOFError:
+            except EOFError:   # Ctrl-D, or the end of piped input
+                if lines is sys.stdin and lines.isatty():
+                    print()
                 return
             text = line.rstrip("\r\n")
             try:
@@ -262,7 +264,7 @@ def read_line(lines, prompt):
 
 def parse_number(name, text, kind):
     if not text:
-        example = "0.8" if kind is float else "50"
+        example = {"/temp": "0.8", "/topk": "50", "/topp": "0.9"}.get(name, "1337")
         raise ValueError(f"{name} needs a value, e.g. {name} {example}")
     try:
         value = kind(text)

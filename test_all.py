@@ -3436,3 +3436,13 @@ def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
     s = chat_session(chat_files / "chat", max_new_tokens=6)
     reply = expected_reply(s, s.prompt("king queen"), 0)
     assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+
+
+@needs_cuda
+def test_chat_streamed_tokens_equal_generate_on_cuda(chat_files):
+    s = chat_session(chat_files / "chat", temperature=1.0, top_p=0.9, seed=5)
+    s.model.to("cuda")
+    s.set_seed(5)
+    want = expected_reply(s, s.prompt("king queen"), 1.0, None, 0.9, seed=5)
+    s.set_seed(5)
+    assert s.reply("king queen", io.StringIO(), io.StringIO()) == want
