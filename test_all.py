@@ -6,6 +6,7 @@ Each section checks one lesson file against a real reference: gradients against 
 skip when it is absent; GPU tests skip without CUDA.
 """
 import copy
+import inspect
 import io
 import json
 import math
@@ -2206,7 +2207,6 @@ def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     grad_accum=2 counts micro-batches over both processes, one each. evaluate() too: the
     whole val split (eval_iters=0), each rank its share, gives one process's val loss and
     bits per byte; tokens/s counts both processes' tokens, MFU divides by both chips' peak."""
-    import inspect
     kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused", eval_iters=0)
     monkeypatch.setattr(train, "time", StepClock())
     monkeypatch.setattr(train, "device_peak", lambda dev: ("fake chip", FAKE_PEAK))
