@@ -6,6 +6,7 @@ Each section checks one lesson file against a real reference: gradients against 
 skip when it is absent; GPU tests skip without CUDA.
 """
 import copy
+import inspect
 import io
 import json
 import math
@@ -38,6 +39,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import block  # noqa: E402
 import bpe  # noqa: E402
+import chat as ch  # noqa: E402 (chat() is finetune's test helper)
 import cli  # noqa: E402
 import cuda_primer  # noqa: E402
 import dataloader  # noqa: E402
@@ -2175,24 +2177,62 @@ def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
         train.train(tiny(corpus, tmp_path / "b", n_layer=3, n_embd=48))
 
 
-def test_two_processes_equal_one(corpus, tmp_path):
+# tokens/s and MFU compared across runs: train.py's clock replaced by one that advances a fixed
+# step a call, and a made-up chip peak so that MFU is computed on a CPU too
+FAKE_PEAK = {"fp32": 1e9, "tf32": 1e9, "bf16": 1e9, "fp16": 1e9, "bandwidth": 1e9}
+
+
+class StepClock:
+    """Stands in for train.py's time module: time() advances 0.25 s a call, so two runs that
+    make the same calls log the same tokens/s."""
+    t = 0.0
+
+    def time(self):
+        self.t += 0.25
+        return self.t
+
+
+RUN_WITH_STEP_CLOCK = f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+{{clock}}
+train.time = StepClock()
+train.device_peak = lambda dev: ("fake chip", {FAKE_PEAK!r})
+train.main()
+"""
+
+
+def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch):
-    grad_accum=2 counts micro-batches over both processes, one each."""
-    kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused")
+    grad_accum=2 counts micro-batches over both processes, one each. evaluate() too: the
+    whole val split (eval_iters=0), each rank its share, gives one process's val loss and
+    bits per byte; tokens/s counts both processes' tokens, MFU divides by both chips' peak."""
+    kw = dict(max_iters=6, warmup_iters=2, save_interval=6, optimizer="fused", eval_iters=0)
+    monkeypatch.setattr(train, "time", StepClock())
+    monkeypatch.setattr(train, "device_peak", lambda dev: ("fake chip", FAKE_PEAK))
     one = train.train(tiny(corpus, tmp_path / "one", **kw))
     args = [f"--{k}={v}" for k, v in vars(tiny(corpus, tmp_path / "two", **kw)).items()]
     args = [a for a in args if not a.startswith(("--batch_size", "--grad_accum"))]
     args += ["--batch_size=4", "--grad_accum=2"]
+    script = tmp_path / "train_with_step_clock.py"
+    script.write_text(RUN_WITH_STEP_CLOCK.replace("{clock}", inspect.getsource(StepClock)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(ROOT / "train.py"), *args],
+                        "--nproc_per_node=2", str(script), *args],
                        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     two = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
     assert [r["step"] for r in two if "loss" in r] == list(range(1, 7))
-    for r1, r2 in zip(one["log"], [r for r in two if "loss" in r]):
+    for r1, r2 in zip(one["log"], [r for r in two if "loss" in r], strict=True):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+        assert r2["tokens_per_s"] == pytest.approx(r1["tokens_per_s"], rel=1e-12)
+        assert r1["mfu"] is not None and r2["mfu"] == pytest.approx(r1["mfu"] / 2, rel=1e-12)
+    assert "x2, float32, 128 tokens per step (4 x 16 x 2 micro-batches)" in p.stdout
+    evals = [r for r in two if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6]
+    assert evals[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert evals[0]["val_bpb"] == pytest.approx(one["val_bpb"], rel=1e-5)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
@@ -2253,6 +2293,38 @@ def test_bits_per_byte_counts_utf8_bytes_of_the_targets(corpus, tmp_path):
     assert n_bytes > 1.3 * y.numel()
     assert run["val_bpb"] == pytest.approx(run["val_loss"] / math.log(2) * y.numel() / n_bytes,
                                            rel=1e-6)
+
+
+def test_train_evaluate_whole_val_split_equals_a_plain_mean(corpus, tmp_path):
+    """eval_iters=0 with a batch size that does not divide the val windows (a short last
+    batch): evaluate's loss is the mean cross-entropy over every target of every window, here
+    cut from the val shards by hand and scored in float64, and bits per byte divides its nats
+    by those targets' UTF-8 bytes, counted by decoding each window."""
+    text = tmp_path / "mixed.txt"
+    text.write_text("Καλημέρα κόσμε, hello world! Привет, мир. naïve café, 日本語の文. " * 100)
+    kw = dict(data=str(text), data_dir=str(tmp_path / "shards"), eval_iters=0, max_iters=30,
+              lr=1e-2, save_interval=30)
+    c = tiny(corpus, tmp_path / "probe", **kw)
+    prep = train.load_data(c, 0, 1, torch.device("cpu"))[1]
+    T = c.block_size
+    windows = [w for path in sorted(Path(prep.val).glob("*.bin"))
+               for t in [torch.from_numpy(dl.read_shard(path).astype(np.int64))]
+               for w in t[:(len(t) - 1) // T * T + 1].unfold(0, T + 1, T)]     # stride T
+    batch = (len(windows) - 1) // 2
+    assert len(windows) % batch and len(windows) // batch == 2   # 2 full batches + a short one
+    run = train.train(tiny(corpus, tmp_path / "run", batch_size=batch, **kw))
+    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    model.load_weights(weights(tmp_path / "run"))
+    w = torch.stack(windows)
+    with torch.no_grad():
+        logits = model.double()(w[:, :-1])[0]
+    nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1),
+                           reduction="sum").item()
+    tok = prep.tokenizer
+    n_bytes = sum(len(tok.decode(row[1:].tolist()).encode("utf-8")) for row in w)
+    assert n_bytes > 1.3 * w[:, 1:].numel()
+    assert run["val_loss"] == pytest.approx(nats / w[:, 1:].numel(), rel=1e-5)
+    assert run["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_resume_rewrites_the_log(corpus, tmp_path):
@@ -2450,6 +2522,45 @@ def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
         assert (rows[0] - rows[1]).abs().max() > 0          # distinct tokens, distinct rows
         if tied:
             assert big.lm_head.weight is big.wte.weight
+
+
+def test_finetune_grow_vocab_new_rows_sit_near_the_mean_of_the_old():
+    """The docstring's promise, for the embedding and an untied head: each new row is the old
+    rows' mean plus noise of 0.1 x their std (per column), so within 5 x 0.1 x std of the mean
+    (a fresh random row, about 10 x that far, fails), and not the mean itself."""
+    tok = word_tokenizer()
+    V = tok.vocab_size
+    for tied in (True, False):
+        model = tiny_model(V, tie_embeddings=tied)
+        big = ft.grow_vocab(model, V + 3)
+        for key in ("wte.weight",) if tied else ("wte.weight", "lm_head.weight"):
+            old = model.state_dict()[key][:V].double()
+            new = big.state_dict()[key][V:V + 3].double()                   # (3, C)
+            z = (new - old.mean(0)) / (0.1 * old.std(0))                 # the noise, in units
+            assert z.abs().max() < 5, (key, z.abs().max())
+            assert z.std() > 0.5                                          # there is noise
+            assert torch.equal(big.state_dict()[key][:V], model.state_dict()[key][:V])
+        if tied:
+            assert big.lm_head.weight is big.wte.weight
+
+
+def test_finetune_lora_starts_with_b_zero_and_a_random():
+    """B = 0 makes step 0 the pretrained model; A random (std 1/sqrt(in)) makes B's first
+    gradient non-zero (A's is zero while B is). Swapped, the model is unchanged too, but the
+    first steps train the wrong matrix."""
+    tok = ft.add_chat_tokens(word_tokenizer())
+    model = tiny_model(tok.vocab_size)
+    adapters = ft.add_lora(model, ["c_attn", "c_fc"], rank=4, alpha=8)
+    for a in adapters:
+        fan_in, fan_out = a.base.in_features, a.base.out_features
+        assert a.A.shape == (4, fan_in) and a.B.shape == (fan_out, 4)
+        assert torch.count_nonzero(a.B) == 0
+        assert torch.count_nonzero(a.A) == a.A.numel()
+        assert a.A.std().item() == pytest.approx(fan_in ** -0.5, rel=0.3)
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    model(x, torch.roll(x, -1, 1))[1].backward()
+    for a in adapters:
+        assert a.B.grad.abs().max() > 0 and torch.count_nonzero(a.A.grad) == 0
 
 
 def test_sft_mask_user_tokens_get_no_gradient():
@@ -3094,3 +3205,244 @@ def test_primer_triton_softmax_equals_torch():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         cuda_primer.triton_softmax(torch.randn(4, 4, 4, device="cuda"))
+
+
+# ======================================================================
+# chat: tests for chat.py: streamed text against GPT.generate, the chat format, commands, input.
+# ======================================================================
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    """Two tiny random checkpoints in gpt.py's format, each with its tokenizer beside it: a
+    chat model (finetune's chat tokens added) and a base model. No training: the numbers
+    only have to equal GPT.generate's."""
+    d = tmp_path_factory.mktemp("chat")
+    base = word_tokenizer()
+    for name, tok in (("chat", ft.add_chat_tokens(base)), ("base", base)):
+        torch.manual_seed(0)
+        model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64,
+                                      vocab_size=tok.vocab_size))
+        (d / name).mkdir()
+        tok.save(str(d / name / "tokenizer.json"))
+        gpt.save_checkpoint(str(d / name / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    return d
+
+
+def chat_session(folder, **kw):
+    model, tok = ch.load(str(folder / "gpt_tiny.pt"))
+    return ch.Session(model, tok, **{"max_new_tokens": 8, **kw})
+
+
+def expected_reply(session, ids, temperature, top_k=None, top_p=None, seed=0):
+    """The reference: GPT.generate with the same settings, cut after the first stop token."""
+    out = session.model.generate(ids, session.max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed)[0, len(ids):].tolist()
+    stops = [i for i, t in enumerate(out) if t in session.stop]
+    return out[:stops[0] + 1] if stops else out
+
+
+class Recorder(io.StringIO):
+    flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_chat_streamed_text_equals_generate_greedy_and_sampled(chat_files):
+    """Piped lines: a greedy answer, then (after /seed, /temp, /topk, /topp) a sampled one
+    whose prompt holds the first turn: both equal GPT.generate, token for token and as text."""
+    s = chat_session(chat_files / "chat", temperature=0.8, top_p=0.95)
+    tok, out, err = s.tok, io.StringIO(), io.StringIO()
+    s.run(io.StringIO("/temp 0\nking queen\n/seed 7\n/temp 1.5\n/topk 300\n/topp 0.9\n"
+                      "sun moon star\n"), out, err)
+    msgs = [{"role": "user", "content": "king queen"}]
+    first = expected_reply(s, ft.prompt_ids(tok, msgs), 0)
+    special = set(tok.special_tokens.values())
+    msgs.append({"role": "assistant", "content": tok.decode([t for t in first
+                                                             if t not in special])})
+    assert s.history == msgs + [s.history[2], s.history[3]]
+    msgs.append({"role": "user", "content": "sun moon star"})
+    second = expected_reply(s, ft.prompt_ids(tok, msgs), 1.5, 300, 0.9, seed=7)
+    text = [tok.decode([t for t in r if t not in s.stop]) + "\n" for r in (first, second)]
+    assert out.getvalue() == "".join(text)
+    assert len(first) == len(second) == 8 and first != second     # not an empty comparison
+    assert err.getvalue().count("tokens/s") == 2
+    # token ids, one flush per printed token
+    want = expected_reply(s, s.prompt("sun moon star"), 1.5, 300, 0.9, seed=7)
+    s.set_seed(7)
+    rec = Recorder()
+    assert s.reply("sun moon star", rec, io.StringIO()) == want
+    assert rec.flushes >= len([t for t in second if t not in s.stop])
+
+
+def test_chat_base_model_continues_each_line(chat_files):
+    s = chat_session(chat_files / "base", temperature=1.0, top_k=50, seed=3)
+    assert not s.chat and s.stop == {s.tok.special_tokens[dataloader.EOT]}
+    out = io.StringIO()
+    s.run(io.StringIO("the king\n"), out, io.StringIO())
+    ids = [s.tok.special_tokens[dataloader.EOT]] + s.tok.encode_ordinary("the king")
+    assert s.prompt("the king") == ids and s.history == []
+    reply = expected_reply(s, ids, 1.0, 50, seed=3)
+    assert out.getvalue() == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+    # through the KV cache: the prompt is fed once, then one token a step
+    lengths, hidden = [], s.model.hidden
+    s.model.hidden = lambda idx, cache=None: lengths.append((idx.size(1), cache is not None)) \
+        or hidden(idx, cache)
+    s.set_seed(3)
+    assert s.reply("the king", io.StringIO(), io.StringIO()) == reply
+    assert lengths == [(len(ids), True)] + [(1, True)] * (len(reply) - 1)
+
+
+def test_chat_text_stream_prints_whole_characters():
+    """Byte-level tokens split multi-byte characters: pushed one id at a time, the text equals
+    tok.decode of all the ids (a character is printed once whole, never as U+FFFD halves)."""
+    tok = bpe.Tokenizer.train("plain ascii", 257)                  # bytes only, no merges
+    text = "é日本語 naïve 🙂"
+    s = ch.TextStream(tok)
+    pieces = [s.push(i) for i in tok.encode_ordinary(text)] + [s.flush()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[:3] == ["", "é", ""]
+    rng = random.Random(0)
+    for _ in range(50):                          # random bytes: invalid ones as in tok.decode
+        ids = [rng.choice([0x41, 0xc3, 0xa9, 0xe6, 0x97, 0xa5, 0xff, 0x80]) for _ in range(9)]
+        s = ch.TextStream(tok)
+        assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)
+
+
+def test_chat_format_and_history_trimmed_oldest_first(chat_files):
+    s = chat_session(chat_files / "chat", max_new_tokens=10)
+    sp, enc = s.tok.special_tokens, s.tok.encode_ordinary
+    s.history = [{"role": "user", "content": "king"}, {"role": "assistant", "content": "queen"}]
+    ids = s.prompt("sun moon")
+    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + enc("king") + [sp["<|end|>"],
+                   sp["<|assistant|>"]] + enc("queen") + [sp["<|end|>"], sp["<|user|>"]]
+                   + enc("sun moon") + [sp["<|end|>"], sp["<|assistant|>"]])
+    assert ids == ft.prompt_ids(s.tok, s.history + [{"role": "user", "content": "sun moon"}])
+    # six turns do not fit in 64 positions with room for 10 new tokens
+    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
+              {"role": "assistant", "content": f"{b} {a}"}]
+             for a, b in zip(ft.WORDS[:6], ft.WORDS[6:12])]
+    s.history = [m for t in turns for m in t]
+    new = [{"role": "user", "content": "reverse: fire sea"}]
+    fits = [k for k in range(7) if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + 10 <= 64]
+    assert 0 < fits[0] < 6                       # some turns must go, not all of them
+    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
+    assert s.history == [m for t in turns[fits[0]:] for m in t]      # the oldest ones went
+    # a prompt longer than the context is refused and leaves the history alone
+    kept = list(s.history)
+    with pytest.raises(ValueError, match="^the prompt is 74 tokens, more than the model's "
+                                         "context of 64: shorten it$"):
+        s.prompt(" ".join((ft.WORDS * 2)[:70]))
+    assert s.history == kept
+    s.run(io.StringIO("/reset\n"), io.StringIO(), io.StringIO())
+    assert s.history == []
+
+
+def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
+    s = chat_session(chat_files / "chat", temperature=0.8, top_p=0.95)
+    err = io.StringIO()
+    s.run(io.StringIO("/temp 0.5\n/topk 7\n/topp 0.8\n/seed 9\n"), io.StringIO(), err)
+    assert (s.temperature, s.top_k, s.top_p, s.seed) == (0.5, 7, 0.8, 9)
+    assert torch.equal(s.generator.get_state(), torch.Generator().manual_seed(9).get_state())
+    s.run(io.StringIO("/topk 0\n/topp 1\n"), io.StringIO(), err)
+    assert (s.top_k, s.top_p) == (None, 1.0)                            # 0 and 1 = off
+    bad = ["/temp -1", "/topk abc", "/topk -3", "/topp 0", "/topp 1.5", "/temp nan", "/seed x",
+           "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
+    out, err = io.StringIO(), io.StringIO()
+    s.run(io.StringIO("\n".join(bad + ["king", "/quit", "queen"]) + "\n"), out, err)
+    lines = err.getvalue().splitlines()
+    assert lines[:len(bad)] == [
+        "error: /temp -1: temperature must be >= 0, got -1.0",
+        "error: /topk expects an integer, got 'abc'",
+        "error: /topk -3: top_k must be >= 0 (0 = off)",
+        "error: /topp 0: top_p must be in (0, 1], got 0.0",
+        "error: /topp 1.5: top_p must be in (0, 1], got 1.5",
+        "error: /temp expects a finite number, got 'nan'",
+        "error: /seed expects an integer, got 'x'",
+        "error: /temp needs a value, e.g. /temp 0.8",
+        "error: unknown command '/foo'; valid commands: /reset, /temp, /topk, /topp, /seed, "
+        "/quit, /help",
+        "error: the prompt is 74 tokens, more than the model's context of 64: shorten it"]
+    assert len(lines) == len(bad) + 1 and "tokens/s" in lines[-1]     # "king" only: /quit ends
+    assert (s.temperature, s.top_k, s.top_p) == (0.5, None, 1.0)       # unchanged by bad ones
+    assert len(s.history) == 2 and out.getvalue().count("\n") >= 1
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_session(chat_files, monkeypatch):
+    s = chat_session(chat_files / "chat", temperature=0)
+    calls, real = [], gpt.sample
+
+    def sample(*a):  # Ctrl-C arrives while the 3rd token of the first answer is sampled
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(gpt, "sample", sample)
+    out, err = io.StringIO(), io.StringIO()
+    s.run(io.StringIO("king\nqueen\n"), out, err)
+    stats = [line for line in err.getvalue().splitlines() if "tokens/s" in line]
+    assert stats[0].startswith("[2 tokens,") and stats[0].endswith(", stopped]")
+    assert len(stats) == 2 and "stopped" not in stats[1] and len(s.history) == 4
+    first = expected_reply(s, ft.prompt_ids(s.tok, s.history[:1]), 0)[:2]
+    assert len(first) == 2 and out.getvalue().startswith(s.tok.decode(first) + "\n")
+    special = set(s.tok.special_tokens.values())
+    assert s.history[1]["content"] == s.tok.decode([t for t in first if t not in special])
+
+
+def test_chat_main_finds_the_newest_checkpoint_and_names_missing_files(chat_files, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(ch, "out_dir", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"^no checkpoint under .*empty/: make one with "
+                                         r"`python gpt.py`"):
+        ch.main()
+    # gpt.py's, train.py's and finetune.py's files: the newest is taken, whichever it is
+    model, tok = ch.load(str(chat_files / "base" / "gpt_tiny.pt"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
+    (tmp_path / "cpu").mkdir()
+    torch.save({"format": train.FORMAT, "model": model.state_dict(),
+                "model_config": gpt.asdict(model.config),
+                "tokenizer": str(tmp_path / "tokenizer.json")}, tmp_path / "cpu" / "ckpt_0000010.pt")
+    (tmp_path / "finetune").mkdir()
+    for f in ("gpt_tiny.pt", "tokenizer.json"):
+        (tmp_path / "finetune" / f.replace("gpt_tiny", "ckpt")).write_bytes(
+            (chat_files / "chat" / f).read_bytes())
+    files = [tmp_path / "gpt_tiny.pt", tmp_path / "cpu" / "ckpt_0000010.pt",
+             tmp_path / "finetune" / "ckpt.pt"]
+    for i, newest in enumerate(files):
+        for j, f in enumerate(files):
+            os.utime(f, (1000 + (j == i), 1000 + (j == i)))
+        assert ch.newest_checkpoint(str(tmp_path)) == str(newest)
+        assert ch.load(str(newest))[0].config.vocab_size == (tok.vocab_size + 3 if i == 2
+                                                               else tok.vocab_size)
+    # a checkpoint without its tokenizer: one error naming both
+    os.remove(tmp_path / "finetune" / "tokenizer.json")
+    monkeypatch.setattr(ch, "out_dir", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"ckpt\.pt names the tokenizer .*tokenizer"
+                                                r"\.json', which does not exist"):
+        ch.main()
+
+
+def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
+    path = chat_files / "chat" / "gpt_tiny.pt"
+    p = subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--init={path}", "--device=cpu",
+                        "--threads=1", "--max_new_tokens=6", "--temperature=0", "--seed=1"],
+                       input="king queen\n/temp -1\n", capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.splitlines()
+    assert err[0].startswith(f"chat.py: {path} | ") and "chat model" in err[0]
+    assert err[-1] == "error: /temp -1: temperature must be >= 0, got -1.0"
+    s = chat_session(chat_files / "chat", max_new_tokens=6)
+    reply = expected_reply(s, s.prompt("king queen"), 0)
+    assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+
+
+@needs_cuda
+def test_chat_streamed_tokens_equal_generate_on_cuda(chat_files):
+    s = chat_session(chat_files / "chat", temperature=1.0, top_p=0.9, seed=5)
+    s.model.to("cuda")
+    s.set_seed(5)
+    want = expected_reply(s, s.prompt("king queen"), 1.0, None, 0.9, seed=5)
+    s.set_seed(5)
+    assert s.reply("king queen", io.StringIO(), io.StringIO()) == want
