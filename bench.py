@@ -302,7 +302,7 @@ MEMORY_CHILD = textwrap.dedent("""
 def bench_bpe(args):
     repeat = max(1, getattr(args, "repeat", 3) or 3)
     data = Path(getattr(args, "data", "") or Path(bpe.__file__).resolve().parent.parent / "shared" / "data")
-    plays = bpe.load_plays_markdown()
+    plays = bpe.plays_by_name()
     docs = list(plays.values())
     corpus_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     rows = []

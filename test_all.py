@@ -730,7 +730,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def plays():
-    return bpe.load_plays_markdown()
+    return bpe.plays_by_name()
 
 
 @pytest.fixture(scope="module")
@@ -812,8 +812,8 @@ def test_save_load_roundtrip(trained, tmp_path):
         assert getattr(back, name) == getattr(trained, name), name
     text = path.read_text(encoding="utf-8")
     a, b = next(iter(trained.merges))
-    assert json.loads(text)["merges"][0] == [a, b, bpe.show(trained.vocab[256])]
-    assert f'\n    [{a}, {b}, "{bpe.show(trained.vocab[256])}"],\n' in text  # one merge a line, readable
+    assert json.loads(text)["merges"][0] == [a, b, bpe.token_text(trained.vocab[256])]
+    assert f'\n    [{a}, {b}, "{bpe.token_text(trained.vocab[256])}"],\n' in text  # one merge a line, readable
     back.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text(encoding="utf-8") == text
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
@@ -1027,10 +1027,10 @@ def test_bad_gpt2_merges_line(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for args, msg in ((["--vocab_size=10"], "error: vocab_size=10 is too small"),
-                      (["--heldout=nope"], "error: --heldout='nope' is not a play"),
+    for args, msg in ((["--vocab_size=10"], "error: --vocab_size=10: must be 257 to"),
+                      (["--heldout=nope"], "error: unknown play 'nope'"),
                       (["--vocab_size=abc"], "error: --vocab_size expects int"),
-                      (["--pattern=gpt5"], "error: --pattern='gpt5': choose one of gpt2, gpt4")):
+                      (["--pattern=gpt5"], "error: unknown pattern 'gpt5'; valid patterns: gpt2, gpt4")):
         r = subprocess.run([sys.executable, str(ROOT / "bpe.py"), *args, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert r.returncode != 0 and r.stderr.startswith(msg) and len(r.stderr.strip().splitlines()) == 1, r.stderr
