@@ -345,7 +345,7 @@ class Tokenizer:
             allowed = set(self.special_tokens)
         elif allowed_special in ("none", "none_raise"):
             allowed = set()
-        elif isinstance(allowed_special, str):
+        elif isinstance(allowed_special, str) or not isinstance(allowed_special, (set, frozenset, list, tuple)):
             raise ValueError(f"allowed_special is 'all', 'none', 'none_raise' or a set, not {allowed_special!r}")
         else:
             allowed = set(allowed_special)
@@ -406,6 +406,8 @@ class Tokenizer:
             if not hasattr(ids, "__iter__"):
                 raise TypeError(f"decode takes a list of token ids, not {type(ids).__name__}") from None
             bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+            if not isinstance(bad, int):
+                raise TypeError(f"token ids are ints, got {bad!r} ({type(bad).__name__})") from None
             raise ValueError(f"unknown token id {bad!r} (vocab size {self.vocab_size})") from None
 
     def decode(self, ids):

