@@ -751,7 +751,8 @@ def check_options():
         ("vocab_size", 257 <= vocab_size <= MAX_VOCAB, f"257 to {MAX_VOCAB:,} (256 bytes, <|endoftext|>, merges)"),
         ("workers", 0 <= workers <= 1024, "0 (one per CPU) to 1024"),
         ("out_dir", out_dir.strip() != "", "a folder"),
-        ("sentence", sentence != "", "some text to split into tokens"),
+        ("sentence", sentence != "" and "<|endoftext|>" not in sentence,
+         "some text to split into tokens, without the special token <|endoftext|>"),
     ])
     cli.one_of("pattern", pattern, list(PATTERNS))
 

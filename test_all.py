@@ -1211,6 +1211,7 @@ BPE_BAD_OPTIONS = [  # (arguments, exit code, start of the one stderr line)
     (["--pattern=gpt5"], 1, "error: unknown pattern 'gpt5'; valid patterns: gpt2, gpt4"),
     (["--heldout=nope"], 1, "error: unknown play 'nope'; valid plays: "),
     (["--sentence="], 1, "error: --sentence='': must be"),
+    (["--sentence=a<|endoftext|>b"], 1, "error: --sentence='a<|endoftext|>b': must be"),
     (["--out_dir="], 1, "error: --out_dir='': must be"),
     (["--nope=1"], 2, "error: unknown option --nope"),
     (["vocab_size=300"], 2, "error: arguments look like --name=value"),
