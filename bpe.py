@@ -63,7 +63,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # general category (letters of many scripts, combining marks, digits, spaces and separators,
 # punctuation, symbols, emoji with joiners, control, format and private-use characters), at the
 # start, after a space and in runs, and line ends of every kind.
-PROBE = ("Aa zé Ωμέγα Привет 你好世界 こんにちは 안녕 مرحبا שָׁלוֹם नमस्ते e\u0301 ǅ ſß 'tis I'm don't CAN'T "
+PROBE = ("Aa zé Ωμέγα Привет 你好世界 こんにちは 안녕 مرحبا שָׁלוֹם नमस्ते का e\u0301 1\u20dd ǅ ʰ ſß 'tis I'm don't CAN'T "
          "0 42 3.14 ١٢٣ ½ ² Ⅻ !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ¡¿«»—…€£¥©®° ±×÷ "
          "👋🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️ \t\ttab\n\nline\r\nwin\rmac\x0b\x0c\x1c\x85\u2028\u2029 "
          "\xa0\u3000\u200b\u2060\ufeff \x00\x01\x1f\x7f\ue000\U0010fffd x  y   \n  \n ")

@@ -1082,6 +1082,9 @@ def test_bpe_heap_merge_equals_simple_merge(trained):
 
 def test_bpe_pattern_must_keep_every_character(trained, tmp_path):
     # A split pattern that skips characters made encode drop text silently (issue 14 #2).
+    cats = {"Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po",
+            "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Co"}  # all but Cs (surrogates), Cn (unassigned)
+    assert {unicodedata.category(c) for c in bpe.PROBE} == cats
     for bad in (r"\p{L}+", "", r"\w+|\s+", "[^\n]+"):
         with pytest.raises(ValueError, match="split pattern .* drops"):
             Tokenizer(trained.merges, trained.special_tokens, bad)
