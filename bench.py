@@ -262,7 +262,7 @@ def bench_micrograd(args):
 
 
 # ======================================================================
-# bpe: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory
+# bpe: training vs HF tokenizers, encoding vs tiktoken (text, and one long pre-token), encode_iterable memory
 # ======================================================================
 
 
