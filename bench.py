@@ -262,7 +262,7 @@ def bench_micrograd(args):
 
 
 # ======================================================================
-# bpe: training vs HF tokenizers, encoding vs tiktoken, encode_iterable memory
+# bpe: training vs HF tokenizers, encoding vs tiktoken (text, and one long pre-token), encode_iterable memory
 # ======================================================================
 
 
@@ -299,10 +299,46 @@ MEMORY_CHILD = textwrap.dedent("""
 """)
 
 
+def unspaced_text(n, seed=0):
+    """n characters with no space: runs of letters, of CJK and of base64, up to 20k characters each."""
+    rng = random.Random(seed)
+    alphabets = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                 "".join(map(chr, range(0x4E00, 0x9FA6))),
+                 "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"]
+    parts, size = [], 0
+    while size < n:
+        s = "".join(rng.choices(rng.choice(alphabets), k=rng.randrange(1, 20_000)))
+        parts.append(s)
+        size += len(s)
+    return "".join(parts)[:n]
+
+
+def bench_bpe_long(tok, enc, vocab_name, repeat, n=1_000_000):
+    """Encoding one long pre-token is O(n log n) with bpe_heap (the pair-list loop was quadratic):
+    n characters vs tiktoken, and the time ratio when the length doubles."""
+    texts = {n: unspaced_text(n), 2 * n: unspaced_text(2 * n)}
+    times = {}
+    for k, text in texts.items():
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+        (tik, ours), _ = cp.timed([lambda: enc.encode_ordinary(text),
+                                   lambda: (tok.cache.clear(), tok.encode_ordinary(text))], repeat, gc_on=True)
+        times[k] = ours, tik
+    (ours, tik), (ours2, tik2) = times[n], times[2 * n]
+    longest = max(map(len, tok.regex.findall(texts[n])))
+    return [
+        {"section": "bpe", "name": f"encode {n / 1e6:g}M unspaced characters (longest pre-token {longest:,}),"
+         f" {vocab_name}, s (vs tiktoken)", "ours": round(ours, 3), "reference": round(tik, 3), "unit": "s",
+         "ratio": round(ours / tik, 2), "target": "ratio <= 10", "met": ours / tik <= 10, "note": ""},
+        {"section": "bpe", "name": f"encode {2 * n / 1e6:g}M vs {n / 1e6:g}M unspaced characters, time ratio",
+         "ours": round(ours2 / ours, 2), "reference": round(tik2 / tik, 2), "unit": "x",
+         "ratio": None, "target": "ours <= 2.2", "met": ours2 / ours <= 2.2,
+         "note": f"reference = tiktoken's ratio; {ours2:.2f} s for {2 * n / 1e6:g}M"}]
+
+
 def bench_bpe(args):
     repeat = max(1, getattr(args, "repeat", 3) or 3)
     data = Path(getattr(args, "data", "") or Path(bpe.__file__).resolve().parent.parent / "shared" / "data")
-    plays = bpe.load_plays_markdown()
+    plays = bpe.plays_by_name()
     docs = list(plays.values())
     corpus_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     rows = []
@@ -365,6 +401,9 @@ def bench_bpe(args):
         size = big.stat().st_size / 2**20
     row(f"encode_iterable over a {size:.0f} MiB file, peak RSS, MiB", peak, None, "MiB", "< 100", peak < 100,
         f"{base:.0f} MiB after import+load; {n_ids / 1e6:.1f}M ids at {size / dt:.1f} MiB/s")
+
+    # 5. one long pre-token: 1M characters without a space (letters, CJK, base64), and 2M
+    rows += bench_bpe_long(tok, enc, vocab_name, repeat)
 
     print(f"\nbpe.py benchmarks (median of {repeat}; ratio = ours / reference)")
     for r in rows:

