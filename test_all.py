@@ -1791,7 +1791,7 @@ def test_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkey
     (tmp_path / "cut.pt").write_bytes(before[:len(before) // 2])  # a copy cut short
     with pytest.raises(ValueError, match="cut.pt is not a readable checkpoint"):
         gpt.load_checkpoint(tmp_path / "cut.pt")
-    torch.save({"model": {}}, tmp_path / "part.pt")
+    torch.save({"format": gpt.FORMAT, "model": {}}, tmp_path / "part.pt")
     with pytest.raises(ValueError, match=r"part.pt is not a complete checkpoint \(no config\)"):
         gpt.load_checkpoint(tmp_path / "part.pt")
 
@@ -1935,7 +1935,7 @@ def tiny(corpus, out_dir, **kw):
 
 
 def weights(out_dir):
-    return train.load_checkpoint(train.checkpoints(out_dir)[-1])["model"]
+    return train.load_run(train.checkpoints(out_dir)[-1])["model"]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -2036,9 +2036,9 @@ def test_peak_flops_lookup_and_mfu():
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
+    model = tiny_model(50)
     for step in (1, 2, 3, 4):
-        train.save_checkpoint({"format": train.FORMAT, "step": step, "w": torch.ones(3) * step},
-                              tmp_path, step, keep=2)
+        train.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
     assert [Path(p).name for p in train.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
     before = (tmp_path / "ckpt_0000004.pt").read_bytes()
 
@@ -2048,7 +2048,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"format": train.FORMAT, "step": 5}, tmp_path, 5, keep=2)
+        train.save_run(tmp_path, 5, model, keep=2)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]  # no temp left
     assert (tmp_path / "ckpt_0000004.pt").read_bytes() == before
@@ -2058,18 +2058,18 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "garbage.pt"))
+        train.load_run(str(tmp_path / "garbage.pt"))
     torch.save({"model": {}, "iter_num": 5}, tmp_path / "nanogpt.pt")  # someone else's format
-    with pytest.raises(ValueError, match="format is not 'nanollm-train-1'"):
-        train.load_checkpoint(str(tmp_path / "nanogpt.pt"))
-    torch.save({"format": train.FORMAT}, tmp_path / "empty.pt")
-    with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no step, model"):
-        train.load_checkpoint(str(tmp_path / "empty.pt"))
-    torch.save({"format": train.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
+    with pytest.raises(ValueError, match="format is not 'nanollm-2'"):
+        train.load_run(str(tmp_path / "nanogpt.pt"))
+    torch.save({"format": gpt.FORMAT}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no config, model, step"):
+        train.load_run(str(tmp_path / "empty.pt"))
+    torch.save({"format": gpt.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "code.pt"))
+        train.load_run(str(tmp_path / "code.pt"))
     with pytest.raises(FileNotFoundError):
-        train.load_checkpoint(str(tmp_path / "missing.pt"))
+        train.load_run(str(tmp_path / "missing.pt"))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -2196,7 +2196,7 @@ def test_two_processes_equal_one(corpus, tmp_path):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
-    rng = train.load_checkpoint(train.checkpoints(tmp_path / "two")[-1])["rng"]
+    rng = train.load_run(train.checkpoints(tmp_path / "two")[-1])["rng"]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # seeded per rank (dropout differs)
 
 
@@ -2222,7 +2222,7 @@ def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
     run = train.train(c)
     torch.manual_seed(c.seed)
     _, _, loader, _, _ = train.load_data(c, 0, 1, torch.device("cpu"))
-    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    model = gpt.GPT(gpt.GPTConfig(**train.load_run(run["checkpoint"])["config"]))
     opt = torch.optim.AdamW(gpt.param_groups(model, c.weight_decay), lr=c.lr,
                             betas=(c.beta1, c.beta2))
     for step in range(3):
@@ -2319,9 +2319,9 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
     code, msg = cli_error(capsys, args(corpus, tmp_path / "y", data_dir=str(tmp_path / "shards")))
     assert code == 1 and "no shard files" in msg
     # --init naming a file that has the format but not what a resume needs
-    torch.save({"format": train.FORMAT}, tmp_path / "stub.pt")
+    torch.save({"format": gpt.FORMAT}, tmp_path / "stub.pt")
     code, msg = cli_error(capsys, args(corpus, tmp_path / "z", init=str(tmp_path / "stub.pt")))
-    assert code == 1 and "stub.pt is not a complete checkpoint (no step, model" in msg
+    assert code == 1 and "stub.pt is not a complete checkpoint (no config, model, step" in msg
 
 
 @pytest.mark.parametrize("option,value", [
@@ -2332,7 +2332,9 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
 def test_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsys):
     code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
                                    f"--data_dir={tmp_path / 'd'}"])
-    assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be ")
+    names = {"dtype": "dtype", "optimizer": "optimizer", "schedule": "schedule", "arch": "arch"}
+    assert code == 1 and msg.startswith(f"error: unknown {names[option]} {value!r}; valid "
+                                        if option in names else f"error: --{option}={value!r}: must be ")
     assert not os.listdir(tmp_path)
 
 
@@ -2350,7 +2352,7 @@ def test_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monk
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "load_data", ctrl_c)  # Ctrl-C while the data is prepared
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
-    assert code == 1 and msg.startswith("error: interrupted: quit without saving")
+    assert code == 130 and msg == "interrupted"
     assert not (tmp_path / "x").exists()
 
 
@@ -2362,7 +2364,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     last = msg.split("last good checkpoint: ")[1]
     assert last == train.checkpoints(out)[-1]
     step = int(msg.split("at step ")[1].split(":")[0])
-    assert train.load_checkpoint(last)["step"] == step  # saved after the last finite step
+    assert train.load_run(last)["step"] == step  # saved after the last finite step
 
 
 def test_cli_runs_as_a_script(tmp_path):
