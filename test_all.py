@@ -2805,24 +2805,24 @@ def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
     with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
-        finetune_base(sft_lr=float("nan"))
+        finetune_base(sft_lr=1e30)
     # user data: 2 conversations, eval_frac 0.9 still leaves one to train on (it reaches SFT)
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n"
                              for q, a in [("sun moon", "moon sun"), ("king lord", "lord king")]))
     with pytest.raises(ValueError, match=r"^loss nan at iteration 2"):
-        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=float("nan"))
+        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=1e30)
     assert sorted(os.listdir(tmp_path / "finetune")) == ["ckpt.pt"]
     assert (tmp_path / "finetune" / "ckpt.pt").read_bytes() == b"earlier result"
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("lora_rank", 0, "--lora_rank must be at least 1, got 0"),
-    ("lora_rank", -2, "--lora_rank must be at least 1, got -2"),
-    ("n_eval", 0, "--n_eval must be at least 1, got 0"),
-    ("batch_size", 0, "--batch_size must be at least 1, got 0"),
-    ("eval_frac", 1.0, "--eval_frac must be between 0 and 1, got 1.0"),
-    ("eval_frac", -1.0, "--eval_frac must be between 0 and 1, got -1.0"),
+    ("lora_rank", 0, "--lora_rank=0: must be at least 1"),
+    ("lora_rank", -2, "--lora_rank=-2: must be at least 1"),
+    ("n_eval", 0, "--n_eval=0: must be in [1, 10**5]"),
+    ("batch_size", 0, "--batch_size=0: must be at least 1"),
+    ("eval_frac", 1.0, "--eval_frac=1.0: must be between 0 and 1"),
+    ("eval_frac", -1.0, "--eval_frac=-1.0: must be between 0 and 1"),
     ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
 ])
 def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):

@@ -400,7 +400,7 @@ def build(c, rank, world, dev):
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
         pad_vocab=c.pad_vocab)
     if dev.type != "cuda":  # CUDA says "out of memory" itself; RAM runs out in silence
-        cli.fits_in_memory(run_bytes(c, mcfg), f"a model of {c.n_layer} x {c.n_embd} with "
+        cli.fits_in_memory(run_bytes(mcfg, c.batch_size), f"a model of {c.n_layer} x {c.n_embd} with "
                            f"--batch_size={c.batch_size} --block_size={c.block_size}")
     raw = gpt.GPT(mcfg).to(dev)
     opt = make_optimizer(raw, c, dev.type)
@@ -499,24 +499,24 @@ def trim_log(log_path, step):
         f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
 
-def run_bytes(c, mcfg):
+def run_bytes(mcfg, batch_size):
     """A lower bound on the memory a CPU run needs: fp32 weights, gradients and AdamW's two
     moments (16 bytes a parameter), and the activations one micro-batch keeps for backward
     (counted low: 8 numbers per layer and width, the logits twice)."""
     V, C, L = mcfg.padded_vocab, mcfg.n_embd, mcfg.n_layer
-    params = V * C + c.block_size * C + L * 12 * C * C
-    activations = c.batch_size * c.block_size * (8 * L * C + 2 * V)
+    params = V * C + mcfg.block_size * C + L * 12 * C * C
+    activations = batch_size * mcfg.block_size * (8 * L * C + 2 * V)
     return 16 * params + 4 * activations
 
 
 @contextlib.contextmanager
 def hold_out_dir(folder):
-    """cli.hold_dir(folder) for the run; a folder it had to create and that stays empty
-    (the run stopped before writing) is removed again."""
+    """cli.hold_dir(folder) for a run (train.py's, finetune.py's); a folder it had to create
+    and that stays empty (the run stopped before writing) is removed again."""
     created = not os.path.exists(folder)
     try:
         with cli.hold_dir(folder):
-            yield
+            yield folder
     finally:
         if created:
             with contextlib.suppress(OSError):
