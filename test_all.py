@@ -2385,6 +2385,180 @@ def test_gpu_bf16_compile_matches_eager(corpus, tmp_path):
     assert fast["peak_memory"] > 0 and fast["log"][-1]["mfu"] is not None
 
 
+def holder(folder):
+    """A real second process that holds folder (cli.hold_dir) until killed; returns it once
+    the lock is taken."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, cli\n"
+                          "with cli.hold_dir(sys.argv[1]):\n    print('held', flush=True)\n"
+                          "    time.sleep(120)", str(folder)],
+                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def dead_pid():
+    """The pid of a process that has exited (a kill -9'd writer)."""
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                       capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_train_one_run_per_out_dir(corpus, tmp_path, capsys, monkeypatch):
+    """A run holds out_dir: a second one, in a real second process, refuses with one line
+    naming the holder's pid and leaves the folder as it was; the lock goes when the run ends.
+    A dead run's lock and a dead writer's temp file are cleaned up by the next start."""
+    out = tmp_path / "run"
+    other = holder(out)
+    try:
+        (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, msg = cli_error(capsys, args(corpus, out))
+        assert code == 1 and f"is in use by another run (pid {other.pid})" in msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        other.kill()
+        other.wait()
+    seen = []
+    real_lr_at = train.lr_at
+
+    def lr_at(step, *a):  # while our run trains: a second train.py on the same out_dir
+        if step == 1:
+            seen.append(subprocess.run([sys.executable, str(ROOT / "train.py"),
+                                        *args(corpus, out)], capture_output=True, text=True,
+                                       cwd=ROOT, timeout=120))
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.train(tiny(corpus, out, max_iters=3))
+    monkeypatch.undo()
+    assert seen[0].returncode == 1 and seen[0].stderr.count("\n") == 1, seen[0].stderr
+    assert f"(pid {os.getpid()})" in seen[0].stderr and not (out / ".lock").exists()
+    # kill -9 left a lock and half a checkpoint behind: the next run takes over, cleans up
+    dead = dead_pid()
+    (out / ".lock").write_text(str(dead))
+    stale = out / f".ckpt_0000009.pt.{dead}.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train.train(tiny(corpus, out, max_iters=4))
+    assert not stale.exists() and not (out / ".lock").exists()
+
+
+def test_train_full_disk_during_save_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    """torch.save hitting a full disk (it raises RuntimeError, not OSError) is one line naming
+    the file, exit 1; the checkpoint already on disk is intact and no temp file is left."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    old = train.checkpoints(out)[-1]
+    before = Path(old).read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, msg = cli_error(capsys, args(corpus, out, max_iters=4, save_interval=2))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 1 and msg == f"error: no space left on device writing {out / 'ckpt_0000004.pt'}"
+    assert Path(old).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_0000002.pt", "log.jsonl"]
+
+
+def test_train_ctrl_c_after_data_preparation_exits_130(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the data is ready, before the loop: one line, exit 130 (the shell's code
+    for SIGINT), nothing written."""
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "make_optimizer", ctrl_c)
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
+    assert (code, msg) == (130, "interrupted") and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", "1e-3", "lr='1e-3': must be of type float (the constant is lr = 0.002)"),
+    ("n_layer", 2.5, "n_layer=2.5: must be of type int (the constant is n_layer = 4)"),
+    ("compile", 1, "compile=1: must be of type bool (the constant is compile = False)"),
+    ("batch_size", True, "batch_size=True: must be of type int (the constant is batch_size = 16)"),
+    ("data", None, "data=None: must be of type str (the constant is data = '')")])
+def test_train_make_config_checks_types(field, value, message):
+    with pytest.raises(ValueError) as e:
+        train.make_config(**{field: value})
+    assert str(e.value) == message
+    assert train.make_config(lr=1).lr == 1  # an int is a float
+
+
+def run_checkpoint(corpus, out, change):
+    """A real run checkpoint with some fields replaced (each a path into the dict: "data/pos")."""
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    path = train.checkpoints(out)[-1]
+    ck = torch.load(path, weights_only=True)
+    for where, value in change.items():
+        *parents, last = where.split("/")
+        d = ck
+        for p in parents:
+            d = d[p]
+        if value is KeyError:
+            del d[last]
+        else:
+            d[last] = value
+    torch.save(ck, path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"step": "abc"}, "step='abc' is not a step number"),
+    ({"step": -3}, "step=-3 is not a step number"),
+    ({"data": {"pos": 5}}, "data is a dict with keys ['pos'], expected a dict with keys"),
+    ({"data/pos": "5"}, "data.pos is str '5', expected int"),
+    ({"data/pos": -1}, "data.pos=-1 is negative"),
+    ({"rng": KeyError}, "is not a complete checkpoint (no rng)"),
+    ({"rng": "x"}, "rng is str 'x', expected a list of generator states"),
+    ({"rng": [{"python": 1}]}, "rng[0] is not a generator state"),
+    ({"optimizer": []}, "optimizer is a list of 0, expected a dict"),
+    ({"optimizer/param_groups": []}, "optimizer is not an optimizer state for this model"),
+    ({"optimizer/state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
+                              "exp_avg_sq": torch.zeros(3)}}},
+     "optimizer state exp_avg is a torch.float32 tensor of shape (3,), expected a tensor"),
+    ({"config/n_layer": "2"}, "config field n_layer='2' is not <class 'int'>"),
+    ({"config/n_layer": 0}, "config field n_layer=0 is out of range"),
+    ({"config/colour": "red"}, "config has an unknown field 'colour'"),
+    ({"config/norm": "batchnorm"}, "bad model config (norm='batchnorm'; expected one of"),
+    ({"model": {"wte.weight": "x"}}, '"model" is not a dict of named tensors'),
+    ({"model/wte.weight": torch.zeros(3)}, "state dict shapes do not fit the model"),
+])
+def test_train_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, capsys, change,
+                                                          message):
+    """Right format, wrong contents: one line naming the file and what is wrong, exit 1."""
+    path = run_checkpoint(corpus, tmp_path / "run", change)
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "run", max_iters=4))
+    assert code == 1 and msg.startswith(f"error: {path}") and message in msg, msg
+
+
+TRAIN_BAD = [  # (options, exit code): 2 for a bad name or type, 1 for a rejected value
+    (["--nope=1"], 2), (["--lr=abc"], 2), (["--max_iters=1.5"], 2), (["--preset=nope"], 2),
+    (["--lr=nan"], 2), (["--beta2=1.0"], 1), (["--seed=-1"], 1), (["--vocab_size=5"], 1),
+    (["--n_head=3"], 1), (["--dtype=fp8"], 1), (["--device=tpu"], 1), (["--sampler=x"], 1),
+    (["--tokenizer=/no/such.json"], 1), (["--n_embd=65536", "--n_head=1", "--n_layer=64"], 1)]
+
+
+def test_train_cli_bad_options_table(corpus, tmp_path):
+    """Each bad option through the real command line: exactly one line on stderr, the exit
+    code, and the output folder (a checkpoint, a log) byte-identical afterwards."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    base = [a for a in args(corpus, out) if not a.startswith("--max_iters")] + ["--max_iters=4"]
+    procs = [(opts, code, subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, *opts],
+                                           cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True))
+             for opts, code in TRAIN_BAD]
+    for opts, code, p in procs:
+        _, err = p.communicate(timeout=300)
+        assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
+        assert err.startswith("error: ") and "Traceback" not in err, (opts, err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================

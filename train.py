@@ -721,7 +721,7 @@ def config(values):
     for k, v in values.items():
         want = type(defaults[k])
         if not (type(v) is want or want is float and type(v) is int):
-            raise ValueError(f"{k}={v!r} must be a {want.__name__} "
+            raise ValueError(f"{k}={v!r}: must be of type {want.__name__} "
                              f"(the constant is {k} = {defaults[k]!r})")
     c = dataclasses.make_dataclass("Config", list(values))(**values)
     check_options(c)
