@@ -1796,6 +1796,40 @@ def test_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkey
         gpt.load_checkpoint(tmp_path / "part.pt")
 
 
+def test_gpt_checkpoint_refuses_non_finite_weights(tmp_path):
+    """The one writer never replaces a good file with a diverged model: ValueError naming the
+    file and the first bad tensor, the old file byte-identical, no temp file."""
+    model = _tiny()
+    path = tmp_path / "ck.pt"
+    gpt.save_checkpoint(path, model, iter=1)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[3, 4] = float("inf")
+    with pytest.raises(ValueError) as e:
+        gpt.save_checkpoint(path, model, iter=2)
+    assert str(e.value).startswith(f"{path} not written: the weight h.0.mlp.c_fc.weight is "
+                                   "not finite")
+    assert os.listdir(tmp_path) == ["ck.pt"] and path.read_bytes() == before
+
+
+def test_gpt_checkpoint_config_fields_are_checked(tmp_path):
+    """A config with a wrong name, type or range, or weights that do not fit it: one
+    ValueError naming the file, before any memory is allocated for the model."""
+    model = _tiny()
+    gpt.save_checkpoint(tmp_path / "ok.pt", model)
+    ck = torch.load(tmp_path / "ok.pt", weights_only=True)
+    for change, message in [({"n_embd": "64"}, "config field n_embd='64' is not"),
+                            ({"n_embd": 10**6}, "the weights do not fit its config (wte.weight"),
+                            ({"vocab_size": -5}, "config field vocab_size=-5 is out of range"),
+                            ({"dropout": 1.5}, "config field dropout=1.5 is out of range"),
+                            ({"bias": 1}, "config field bias=1 is not"),
+                            ({"shape": "round"}, "config has an unknown field 'shape'")]:
+        torch.save({**ck, "config": {**ck["config"], **change}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            gpt.load_checkpoint(tmp_path / "bad.pt")
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value)
+
+
 def test_gpt2_init_has_transformers_statistics():
     """Per tensor, our random init has the statistics of GPT2LMHeadModel's: std 0.02, residual
     projections (c_proj) 0.02 / sqrt(2 * n_layer), biases 0, LayerNorm weights 1."""
@@ -3019,6 +3053,71 @@ def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         ft.load_base(str(tmp_path / "gpt_tiny.pt"), "nope.json")
     assert str(e.value) == "no tokenizer at nope.json"
+
+
+def test_finetune_one_run_per_out_dir(finetune_base, tmp_path):
+    """out_dir/finetune is held by a real second process: finetune refuses with one error
+    naming its pid, before any work, and the folder is left as it was."""
+    folder = tmp_path / "finetune"
+    other = holder(folder)
+    try:
+        (folder / "ckpt.pt").write_bytes(b"earlier result")
+        with pytest.raises(ValueError, match=rf"is in use by another run \(pid {other.pid}\)"):
+            finetune_base()
+        assert sorted(os.listdir(folder)) == [".lock", "ckpt.pt"]
+        assert (folder / "ckpt.pt").read_bytes() == b"earlier result"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_finetune_load_base_checks_what_it_reads(tmp_path):
+    tok = word_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = tiny_model(tok.vocab_size)
+    for extra, message in [(dict(tokenizer=5), "tokenizer and data_dir must be paths"),
+                           (dict(data_dir=["x"]), "tokenizer and data_dir must be paths")]:
+        gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, **extra)
+        with pytest.raises(ValueError, match=f"gpt_tiny.pt: {message}"):
+            ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    ck = torch.load(tmp_path / "gpt_tiny.pt", weights_only=True)
+    torch.save({**ck, "config": {**ck["config"], "n_layer": 2.0}}, tmp_path / "gpt_tiny.pt")
+    with pytest.raises(ValueError, match="gpt_tiny.pt: config field n_layer=2.0 is not"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+
+
+FINETUNE_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected value, words)
+    (["--nope=1"], 2, "unknown option --nope"), (["--sft_lr=x"], 2, "expects float"),
+    (["--sft_lr=-1"], 1, "--sft_lr=-1.0: must be above 0"),
+    (["--sft_iters=0"], 1, "--sft_iters=0: must be at least 1"),
+    (["--dpo_iters=-5"], 1, "--dpo_iters=-5: must be at least 1"),
+    (["--replay=1.5"], 1, "--replay=1.5: must be in [0, 1]"),
+    (["--method=qlora"], 1, "unknown method 'qlora'"),
+    (["--tasks=add,nope"], 1, "unknown task 'nope'"),
+    (["--batch_size=100000000"], 1, "GiB of memory")]  # checked once the base model is known
+
+
+def test_finetune_cli_bad_options_table(tmp_path):
+    """Each bad option through the real command line: one line on stderr, the exit code, and
+    out_dir/finetune (an earlier result) byte-identical afterwards."""
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
+    (tmp_path / "finetune" / "tokenizer.json").write_bytes(b"earlier tokenizer")
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                               "--n_train=5", "--n_eval=1", *opts], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for opts, _, _ in FINETUNE_BAD]
+    for p, (opts, code, words) in zip(procs, FINETUNE_BAD):
+        _, err = p.communicate(timeout=300)
+        assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
+        assert err.startswith("error: ") and words in err, (opts, err)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 # ======================================================================
