@@ -45,6 +45,7 @@ import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
 import gpt  # noqa: E402
 import micrograd as mg  # noqa: E402
+import resume  # noqa: E402
 import train  # noqa: E402
 from block import Block, block_numpy  # noqa: E402
 from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer  # noqa: E402
@@ -1969,7 +1970,7 @@ def tiny(corpus, out_dir, **kw):
 
 
 def weights(out_dir):
-    return train.load_run(train.checkpoints(out_dir)[-1])["model"]
+    return resume.load_run(resume.checkpoints(out_dir)[-1])["model"]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -2072,8 +2073,8 @@ def test_peak_flops_lookup_and_mfu():
 def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     model = tiny_model(50)
     for step in (1, 2, 3, 4):
-        train.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
-    assert [Path(p).name for p in train.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+        resume.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
+    assert [Path(p).name for p in resume.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
     before = (tmp_path / "ckpt_0000004.pt").read_bytes()
 
     def dying_save(obj, f):  # the process dies half-way through writing
@@ -2082,7 +2083,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_run(tmp_path, 5, model, keep=2)
+        resume.save_run(tmp_path, 5, model, keep=2)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]  # no temp left
     assert (tmp_path / "ckpt_0000004.pt").read_bytes() == before
@@ -2092,18 +2093,18 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_run(str(tmp_path / "garbage.pt"))
+        resume.load_run(str(tmp_path / "garbage.pt"))
     torch.save({"model": {}, "iter_num": 5}, tmp_path / "nanogpt.pt")  # someone else's format
     with pytest.raises(ValueError, match="format is not 'nanollm-2'"):
-        train.load_run(str(tmp_path / "nanogpt.pt"))
+        resume.load_run(str(tmp_path / "nanogpt.pt"))
     torch.save({"format": gpt.FORMAT}, tmp_path / "empty.pt")
     with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no config, model, step"):
-        train.load_run(str(tmp_path / "empty.pt"))
+        resume.load_run(str(tmp_path / "empty.pt"))
     torch.save({"format": gpt.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_run(str(tmp_path / "code.pt"))
+        resume.load_run(str(tmp_path / "code.pt"))
     with pytest.raises(FileNotFoundError):
-        train.load_run(str(tmp_path / "missing.pt"))
+        resume.load_run(str(tmp_path / "missing.pt"))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -2152,7 +2153,7 @@ def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
 def test_compiled_and_ddp_prefixes_are_stripped():
     sd = {"_orig_mod.wte.weight": 1, "module._orig_mod.h.0.attn.c_attn.weight": 2,
           "module.module.ln_f.weight": 3, "h.1._orig_mod.mlp.c_fc.weight": 4}
-    assert train.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
+    assert resume.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
                                           "ln_f.weight": 3, "h.1.mlp.c_fc.weight": 4}
 
 
@@ -2230,7 +2231,7 @@ def test_two_processes_equal_one(corpus, tmp_path):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
-    rng = train.load_run(train.checkpoints(tmp_path / "two")[-1])["rng"]
+    rng = resume.load_run(resume.checkpoints(tmp_path / "two")[-1])["rng"]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # seeded per rank (dropout differs)
 
 
@@ -2256,7 +2257,7 @@ def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
     run = train.train(c)
     torch.manual_seed(c.seed)
     _, _, loader, _, _ = train.load_data(c, 0, 1, torch.device("cpu"))
-    model = gpt.GPT(gpt.GPTConfig(**train.load_run(run["checkpoint"])["config"]))
+    model = gpt.GPT(gpt.GPTConfig(**resume.load_run(run["checkpoint"])["config"]))
     opt = torch.optim.AdamW(gpt.param_groups(model, c.weight_decay), lr=c.lr,
                             betas=(c.beta1, c.beta2))
     for step in range(3):
@@ -2396,9 +2397,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
                                        save_interval=1, keep_checkpoints=2, grad_clip=0.0))
     assert code == 1 and "is not finite at step" in msg and "last good checkpoint" in msg
     last = msg.split("last good checkpoint: ")[1]
-    assert last == train.checkpoints(out)[-1]
+    assert last == resume.checkpoints(out)[-1]
     step = int(msg.split("at step ")[1].split(":")[0])
-    assert train.load_run(last)["step"] == step  # saved after the last finite step
+    assert resume.load_run(last)["step"] == step  # saved after the last finite step
 
 
 def test_cli_runs_as_a_script(tmp_path):
@@ -2481,7 +2482,7 @@ def test_train_full_disk_during_save_is_one_line(corpus, tmp_path, capsys, monke
     the file, exit 1; the checkpoint already on disk is intact and no temp file is left."""
     out = tmp_path / "run"
     train.train(tiny(corpus, out, max_iters=2, save_interval=2))
-    old = train.checkpoints(out)[-1]
+    old = resume.checkpoints(out)[-1]
     before = Path(old).read_bytes()
     real_save = torch.save
 
@@ -2524,7 +2525,7 @@ def test_train_make_config_checks_types(field, value, message):
 def run_checkpoint(corpus, out, change):
     """A real run checkpoint with some fields replaced (each a path into the dict: "data/pos")."""
     train.train(tiny(corpus, out, max_iters=2, save_interval=2))
-    path = train.checkpoints(out)[-1]
+    path = resume.checkpoints(out)[-1]
     ck = torch.load(path, weights_only=True)
     for where, value in change.items():
         *parents, last = where.split("/")
