@@ -9,8 +9,9 @@ What you will learn
     data-parallel training with torchrun (DDP);
   * evaluation as val loss and bits per byte, so char-level and BPE runs compare; MFU: how
     much of the chip's peak arithmetic the model actually uses;
-  * checkpoints that resume exactly (model, optimizer, every RNG, data position), written
-    atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops the run.
+  * checkpoints that resume exactly (model, optimizer, every RNG, data position: resume.py),
+    written atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops
+    the run.
 
 Run it
   python train.py                      # "cpu" preset: built-in plays, minutes on 2 cores
@@ -22,6 +23,7 @@ Run it
 
 A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the same command
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
+One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
 import contextlib
 import dataclasses
