@@ -80,8 +80,8 @@ def check_like(path, name, saved, live):
     elif isinstance(live, torch.Tensor):
         ok = (isinstance(saved, torch.Tensor) and saved.dtype == live.dtype
               and saved.shape == live.shape)
-    else:
-        ok = type(saved) is type(live)
+    else:  # an int where a float is (weight_decay=0 from Python) is a number all the same
+        ok = type(saved) is type(live) or {type(saved), type(live)} == {int, float}
     if not ok:
         raise ValueError(f"{path}: {name} is {short(saved)}, expected {short(live)}")
     inner = (live.items() if isinstance(live, dict) else

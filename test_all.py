@@ -2522,6 +2522,12 @@ def test_train_make_config_checks_types(field, value, message):
     assert train.make_config(lr=1).lr == 1  # an int is a float
 
 
+def test_train_resume_accepts_an_int_where_a_float_was(corpus, tmp_path):
+    """make_config takes an int for a float constant; the resume checks must take it too."""
+    train.train(tiny(corpus, tmp_path, max_iters=2, save_interval=2, weight_decay=0.1))
+    assert train.train(tiny(corpus, tmp_path, max_iters=3, weight_decay=0))["step"] == 3
+
+
 def run_checkpoint(corpus, out, change):
     """A real run checkpoint with some fields replaced (each a path into the dict: "data/pos")."""
     train.train(tiny(corpus, out, max_iters=2, save_interval=2))
