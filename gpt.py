@@ -19,15 +19,17 @@ What it writes (under --out_dir, default ./out)
   data/...           bpe vocabulary + token shards (dataloader.prepare; reused on the next run)
   gpt_tiny.pt        the checkpoint: {"model": state_dict, "config": asdict(GPTConfig),
                      "tokenizer": "tokenizer.json" (next to it), "iter": steps trained},
-                     written atomically; load_checkpoint(path) reads it with weights_only=True
+                     "format": FORMAT, written atomically; load_checkpoint(path) reads it
+                     with weights_only=True
   tokenizer.json     the bpe vocabulary (dataloader.load_tokenizer reads it)
 """
 import math
 import os
 import re
 import time
+import typing
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -333,18 +335,33 @@ def pick_device(name):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# One layout for every model file nanollm writes (gpt.py's demo, train.py's runs, finetune.py):
+#     {"format": FORMAT, "config": asdict(GPTConfig), "model": state_dict, **extras}
+# gpt.py's extras: "tokenizer" (a path, relative to the file) and "iter"; train.py's run adds
+# what an exact resume needs (step, optimizer, RNGs, data position: train.save_run). One writer
+# (save_checkpoint) and one reader (read_checkpoint) serve all three files.
+FORMAT = "nanollm-2"  # version 1: gpt.py's files had no format, train.py's said "nanollm-train-1"
+
+
 def save_checkpoint(path, model, **extra):
-    """Write {"model": state_dict, "config": asdict(config), **extra} atomically (a temp
-    file in the same folder, then os.replace: a crash never leaves half a checkpoint)."""
+    """Write {"format", "config", "model", **extra} to path atomically (a temp file beside it,
+    then os.replace: a crash never leaves half a checkpoint). A model with a nan or inf weight
+    is refused before anything is written: a diverged run must not replace a good file."""
+    state = model.state_dict()
+    bad = next((k for k, v in state.items()
+                if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path} not written: the weight {bad} is not finite (the model diverged)")
     with cli.atomic_open(path) as f:
-        torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, f)
+        torch.save({"format": FORMAT, "config": asdict(model.config), "model": state, **extra}, f)
 
 
-def read_checkpoint(path, keys=(), fmt=None):
-    """The dict in a checkpoint file (ours, train.py's, finetune.py's), read onto the CPU (no
-    GPU memory spike) with weights_only=True: tensors and plain containers, never code. A
-    missing, truncated or foreign file, another format (when fmt is given: the dict's
-    "format"), or a missing key is one clear error."""
+def read_checkpoint(path, keys=()):
+    """The one reader: the dict in a file save_checkpoint wrote, loaded onto the CPU (no GPU
+    memory spike) with weights_only=True (tensors and plain containers, never code). A missing,
+    truncated or foreign file, a missing key in ("config", "model", *keys), a config whose fields
+    have the wrong names, types or ranges, or weights that are not named tensors: one
+    ValueError naming the file (FileNotFoundError if there is none)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -352,25 +369,72 @@ def read_checkpoint(path, keys=(), fmt=None):
     except Exception as e:  # truncated, not a torch file, or a pickle with code in it
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({reason})") from None
-    if not isinstance(ck, dict) or fmt is not None and ck.get("format") != fmt:
-        raise ValueError(f"{path} is not a nanollm checkpoint"
-                         + (f" (format is not {fmt!r})" if fmt is not None else ""))
-    missing = [k for k in keys if k not in ck]
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a nanollm checkpoint (format is not {FORMAT!r})")
+    missing = [k for k in ("config", "model", *keys) if k not in ck]
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint (no {', '.join(missing)})")
+    model = ck["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        raise ValueError(f"{path}: \"model\" is not a dict of named tensors")
+    checkpoint_config(path, ck["config"])
     return ck
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a file written by save_checkpoint."""
-    ckpt = read_checkpoint(path, ("model", "config"))
+def _of_type(value, kind):
+    """Whether value has the dataclass field type kind (int, float, str, bool, int | None);
+    bool is not an int here, an int is a float."""
+    kinds = typing.get_args(kind) or (kind,)
+    return any(type(value) is k or (k is float and type(value) is int) for k in kinds)
+
+
+def checkpoint_config(path, saved):
+    """GPTConfig from a checkpoint's "config" dict, every field checked (name, type, range)
+    before any memory is allocated for it; errors name the file and the field."""
+    kinds = {f.name: f.type for f in fields(GPTConfig)}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: \"config\" is not a dict")
+    for k, v in saved.items():
+        if k not in kinds:
+            raise ValueError(f"{path}: config has an unknown field {k!r}")
+        if not _of_type(v, kinds[k]):
+            raise ValueError(f"{path}: config field {k}={v!r} is not {kinds[k]}")
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab",
+                "n_kv_head", "n_hidden", "norm_eps", "rope_theta")
+    bad = [k for k, v in saved.items() if k in positive and v is not None and v <= 0]
+    bad += [k for k in ("dropout",) if k in saved and not 0 <= saved[k] < 1]
+    if bad:
+        raise ValueError(f"{path}: config field {bad[0]}={saved[bad[0]]!r} is out of range")
     try:
-        config = GPTConfig(**ckpt["config"])
-    except TypeError as e:
-        raise ValueError(f"{path}: bad config: {e}") from None
-    model = GPT(config)
-    model.load_weights(ckpt["model"])
-    return model.to(device), ckpt
+        return GPTConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad model config ({e})") from None
+
+
+def load_weights_from(model, path, ck):
+    """model.load_weights(ck["model"]) with the file named in any mismatch."""
+    try:
+        model.load_weights(ck["model"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a file written by save_checkpoint. The model is built on
+    the meta device first (no memory) so a config that does not fit the weights costs nothing."""
+    ck = read_checkpoint(path)
+    config = checkpoint_config(path, ck["config"])
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    wrong = [k for k, v in ck["model"].items() if k in shapes and v.shape != shapes[k]]
+    if wrong or set(shapes) != set(ck["model"]):
+        raise ValueError(f"{path}: the weights do not fit its config ("
+                         + (f"{wrong[0]} is {tuple(ck['model'][wrong[0]].shape)}, the config "
+                            f"makes {tuple(shapes[wrong[0]])})" if wrong else
+                            f"names differ: {sorted(set(shapes) ^ set(ck['model']))[:3]})"))
+    return load_weights_from(GPT(config), path, ck).to(device), ck
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -47,6 +47,7 @@ import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
 import gpt  # noqa: E402
 import micrograd as mg  # noqa: E402
+import resume  # noqa: E402
 import train  # noqa: E402
 from block import Block, block_numpy  # noqa: E402
 from bpe import GPT2_PATTERN, GPT4_PATTERN, Tokenizer  # noqa: E402
@@ -1990,9 +1991,43 @@ def test_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkey
     (tmp_path / "cut.pt").write_bytes(before[:len(before) // 2])  # a copy cut short
     with pytest.raises(ValueError, match="cut.pt is not a readable checkpoint"):
         gpt.load_checkpoint(tmp_path / "cut.pt")
-    torch.save({"model": {}}, tmp_path / "part.pt")
+    torch.save({"format": gpt.FORMAT, "model": {}}, tmp_path / "part.pt")
     with pytest.raises(ValueError, match=r"part.pt is not a complete checkpoint \(no config\)"):
         gpt.load_checkpoint(tmp_path / "part.pt")
+
+
+def test_gpt_checkpoint_refuses_non_finite_weights(tmp_path):
+    """The one writer never replaces a good file with a diverged model: ValueError naming the
+    file and the first bad tensor, the old file byte-identical, no temp file."""
+    model = _tiny()
+    path = tmp_path / "ck.pt"
+    gpt.save_checkpoint(path, model, iter=1)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[3, 4] = float("inf")
+    with pytest.raises(ValueError) as e:
+        gpt.save_checkpoint(path, model, iter=2)
+    assert str(e.value).startswith(f"{path} not written: the weight h.0.mlp.c_fc.weight is "
+                                   "not finite")
+    assert os.listdir(tmp_path) == ["ck.pt"] and path.read_bytes() == before
+
+
+def test_gpt_checkpoint_config_fields_are_checked(tmp_path):
+    """A config with a wrong name, type or range, or weights that do not fit it: one
+    ValueError naming the file, before any memory is allocated for the model."""
+    model = _tiny()
+    gpt.save_checkpoint(tmp_path / "ok.pt", model)
+    ck = torch.load(tmp_path / "ok.pt", weights_only=True)
+    for change, message in [({"n_embd": "64"}, "config field n_embd='64' is not"),
+                            ({"n_embd": 10**6}, "the weights do not fit its config (wte.weight"),
+                            ({"vocab_size": -5}, "config field vocab_size=-5 is out of range"),
+                            ({"dropout": 1.5}, "config field dropout=1.5 is out of range"),
+                            ({"bias": 1}, "config field bias=1 is not"),
+                            ({"shape": "round"}, "config has an unknown field 'shape'")]:
+        torch.save({**ck, "config": {**ck["config"], **change}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            gpt.load_checkpoint(tmp_path / "bad.pt")
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value)
 
 
 def test_gpt2_init_has_transformers_statistics():
@@ -2134,7 +2169,7 @@ def tiny(corpus, out_dir, **kw):
 
 
 def weights(out_dir):
-    return train.load_checkpoint(train.checkpoints(out_dir)[-1])["model"]
+    return resume.load_run(resume.checkpoints(out_dir)[-1])["model"]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -2235,10 +2270,10 @@ def test_peak_flops_lookup_and_mfu():
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
+    model = tiny_model(50)
     for step in (1, 2, 3, 4):
-        train.save_checkpoint({"format": train.FORMAT, "step": step, "w": torch.ones(3) * step},
-                              tmp_path, step, keep=2)
-    assert [Path(p).name for p in train.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+        resume.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
+    assert [Path(p).name for p in resume.checkpoints(tmp_path)] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
     before = (tmp_path / "ckpt_0000004.pt").read_bytes()
 
     def dying_save(obj, f):  # the process dies half-way through writing
@@ -2247,7 +2282,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"format": train.FORMAT, "step": 5}, tmp_path, 5, keep=2)
+        resume.save_run(tmp_path, 5, model, keep=2)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]  # no temp left
     assert (tmp_path / "ckpt_0000004.pt").read_bytes() == before
@@ -2257,18 +2292,18 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
 def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "garbage.pt"))
+        resume.load_run(str(tmp_path / "garbage.pt"))
     torch.save({"model": {}, "iter_num": 5}, tmp_path / "nanogpt.pt")  # someone else's format
-    with pytest.raises(ValueError, match="format is not 'nanollm-train-1'"):
-        train.load_checkpoint(str(tmp_path / "nanogpt.pt"))
-    torch.save({"format": train.FORMAT}, tmp_path / "empty.pt")
-    with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no step, model"):
-        train.load_checkpoint(str(tmp_path / "empty.pt"))
-    torch.save({"format": train.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
+    with pytest.raises(ValueError, match="format is not 'nanollm-2'"):
+        resume.load_run(str(tmp_path / "nanogpt.pt"))
+    torch.save({"format": gpt.FORMAT}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty.pt is not a complete checkpoint \(no config, model, step"):
+        resume.load_run(str(tmp_path / "empty.pt"))
+    torch.save({"format": gpt.FORMAT, "evil": Path("x")}, tmp_path / "code.pt")  # a class: refused
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "code.pt"))
+        resume.load_run(str(tmp_path / "code.pt"))
     with pytest.raises(FileNotFoundError):
-        train.load_checkpoint(str(tmp_path / "missing.pt"))
+        resume.load_run(str(tmp_path / "missing.pt"))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -2317,7 +2352,7 @@ def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
 def test_compiled_and_ddp_prefixes_are_stripped():
     sd = {"_orig_mod.wte.weight": 1, "module._orig_mod.h.0.attn.c_attn.weight": 2,
           "module.module.ln_f.weight": 3, "h.1._orig_mod.mlp.c_fc.weight": 4}
-    assert train.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
+    assert resume.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
                                           "ln_f.weight": 3, "h.1.mlp.c_fc.weight": 4}
 
 
@@ -2433,7 +2468,7 @@ def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
-    rng = train.load_checkpoint(train.checkpoints(tmp_path / "two")[-1])["rng"]
+    rng = resume.load_run(resume.checkpoints(tmp_path / "two")[-1])["rng"]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # seeded per rank (dropout differs)
 
 
@@ -2459,7 +2494,7 @@ def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
     run = train.train(c)
     torch.manual_seed(c.seed)
     _, _, loader, _, _ = train.load_data(c, 0, 1, torch.device("cpu"))
-    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    model = gpt.GPT(gpt.GPTConfig(**resume.load_run(run["checkpoint"])["config"]))
     opt = torch.optim.AdamW(gpt.param_groups(model, c.weight_decay), lr=c.lr,
                             betas=(c.beta1, c.beta2))
     for step in range(3):
@@ -2588,9 +2623,9 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
     code, msg = cli_error(capsys, args(corpus, tmp_path / "y", data_dir=str(tmp_path / "shards")))
     assert code == 1 and "no shard files" in msg
     # --init naming a file that has the format but not what a resume needs
-    torch.save({"format": train.FORMAT}, tmp_path / "stub.pt")
+    torch.save({"format": gpt.FORMAT}, tmp_path / "stub.pt")
     code, msg = cli_error(capsys, args(corpus, tmp_path / "z", init=str(tmp_path / "stub.pt")))
-    assert code == 1 and "stub.pt is not a complete checkpoint (no step, model" in msg
+    assert code == 1 and "stub.pt is not a complete checkpoint (no config, model, step" in msg
 
 
 @pytest.mark.parametrize("option,value", [
@@ -2601,7 +2636,9 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
 def test_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsys):
     code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
                                    f"--data_dir={tmp_path / 'd'}"])
-    assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be ")
+    names = {"dtype": "dtype", "optimizer": "optimizer", "schedule": "schedule", "arch": "arch"}
+    assert code == 1 and msg.startswith(f"error: unknown {names[option]} {value!r}; valid "
+                                        if option in names else f"error: --{option}={value!r}: must be ")
     assert not os.listdir(tmp_path)
 
 
@@ -2619,7 +2656,7 @@ def test_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monk
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "load_data", ctrl_c)  # Ctrl-C while the data is prepared
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
-    assert code == 1 and msg.startswith("error: interrupted: quit without saving")
+    assert code == 130 and msg == "interrupted"
     assert not (tmp_path / "x").exists()
 
 
@@ -2629,9 +2666,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
                                        save_interval=1, keep_checkpoints=2, grad_clip=0.0))
     assert code == 1 and "is not finite at step" in msg and "last good checkpoint" in msg
     last = msg.split("last good checkpoint: ")[1]
-    assert last == train.checkpoints(out)[-1]
+    assert last == resume.checkpoints(out)[-1]
     step = int(msg.split("at step ")[1].split(":")[0])
-    assert train.load_checkpoint(last)["step"] == step  # saved after the last finite step
+    assert resume.load_run(last)["step"] == step  # saved after the last finite step
 
 
 def test_cli_runs_as_a_script(tmp_path):
@@ -2650,6 +2687,188 @@ def test_gpu_bf16_compile_matches_eager(corpus, tmp_path):
     assert fast["log"][0]["loss"] == pytest.approx(eager["log"][0]["loss"], abs=0.02)
     assert fast["val_loss"] == pytest.approx(eager["val_loss"], abs=0.1)
     assert fast["peak_memory"] > 0 and fast["log"][-1]["mfu"] is not None
+
+
+def holder(folder):
+    """A real second process that holds folder (cli.hold_dir) until killed; returns it once
+    the lock is taken."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, cli\n"
+                          "with cli.hold_dir(sys.argv[1]):\n    print('held', flush=True)\n"
+                          "    time.sleep(120)", str(folder)],
+                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def dead_pid():
+    """The pid of a process that has exited (a kill -9'd writer)."""
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                       capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_train_one_run_per_out_dir(corpus, tmp_path, capsys, monkeypatch):
+    """A run holds out_dir: a second one, in a real second process, refuses with one line
+    naming the holder's pid and leaves the folder as it was; the lock goes when the run ends.
+    A dead run's lock and a dead writer's temp file are cleaned up by the next start."""
+    out = tmp_path / "run"
+    other = holder(out)
+    try:
+        (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, msg = cli_error(capsys, args(corpus, out))
+        assert code == 1 and f"is in use by another run (pid {other.pid})" in msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        other.kill()
+        other.wait()
+    seen = []
+    real_lr_at = train.lr_at
+
+    def lr_at(step, *a):  # while our run trains: a second train.py on the same out_dir
+        if step == 1:
+            seen.append(subprocess.run([sys.executable, str(ROOT / "train.py"),
+                                        *args(corpus, out)], capture_output=True, text=True,
+                                       cwd=ROOT, timeout=120))
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    train.train(tiny(corpus, out, max_iters=3))
+    monkeypatch.undo()
+    assert seen[0].returncode == 1 and seen[0].stderr.count("\n") == 1, seen[0].stderr
+    assert f"(pid {os.getpid()})" in seen[0].stderr and not (out / ".lock").exists()
+    # kill -9 left a lock and half a checkpoint behind: the next run takes over, cleans up
+    dead = dead_pid()
+    (out / ".lock").write_text(str(dead))
+    stale = out / f".ckpt_0000009.pt.{dead}.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train.train(tiny(corpus, out, max_iters=4))
+    assert not stale.exists() and not (out / ".lock").exists()
+
+
+def test_train_full_disk_during_save_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    """torch.save hitting a full disk (it raises RuntimeError, not OSError) is one line naming
+    the file, exit 1; the checkpoint already on disk is intact and no temp file is left."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    old = resume.checkpoints(out)[-1]
+    before = Path(old).read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, msg = cli_error(capsys, args(corpus, out, max_iters=4, save_interval=2))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 1 and msg == f"error: no space left on device writing {out / 'ckpt_0000004.pt'}"
+    assert Path(old).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_0000002.pt", "log.jsonl"]
+
+
+def test_train_ctrl_c_after_data_preparation_exits_130(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the data is ready, before the loop: one line, exit 130 (the shell's code
+    for SIGINT), nothing written."""
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "make_optimizer", ctrl_c)
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
+    assert (code, msg) == (130, "interrupted") and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", "1e-3", "lr='1e-3': must be of type float (the constant is lr = 0.002)"),
+    ("n_layer", 2.5, "n_layer=2.5: must be of type int (the constant is n_layer = 4)"),
+    ("compile", 1, "compile=1: must be of type bool (the constant is compile = False)"),
+    ("batch_size", True, "batch_size=True: must be of type int (the constant is batch_size = 16)"),
+    ("data", None, "data=None: must be of type str (the constant is data = '')")])
+def test_train_make_config_checks_types(field, value, message):
+    with pytest.raises(ValueError) as e:
+        train.make_config(**{field: value})
+    assert str(e.value) == message
+    assert train.make_config(lr=1).lr == 1  # an int is a float
+
+
+def test_train_resume_accepts_an_int_where_a_float_was(corpus, tmp_path):
+    """make_config takes an int for a float constant; the resume checks must take it too."""
+    train.train(tiny(corpus, tmp_path, max_iters=2, save_interval=2, weight_decay=0.1))
+    assert train.train(tiny(corpus, tmp_path, max_iters=3, weight_decay=0))["step"] == 3
+
+
+def run_checkpoint(corpus, out, change):
+    """A real run checkpoint with some fields replaced (each a path into the dict: "data/pos")."""
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    path = resume.checkpoints(out)[-1]
+    ck = torch.load(path, weights_only=True)
+    for where, value in change.items():
+        *parents, last = where.split("/")
+        d = ck
+        for p in parents:
+            d = d[p]
+        if value is KeyError:
+            del d[last]
+        else:
+            d[last] = value
+    torch.save(ck, path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"step": "abc"}, "step='abc' is not a step number"),
+    ({"step": -3}, "step=-3 is not a step number"),
+    ({"data": {"pos": 5}}, "data is a dict with keys ['pos'], expected a dict with keys"),
+    ({"data/pos": "5"}, "data.pos is str '5', expected int"),
+    ({"data/pos": -1}, "data.pos=-1 is negative"),
+    ({"rng": KeyError}, "is not a complete checkpoint (no rng)"),
+    ({"rng": "x"}, "rng is str 'x', expected a list of generator states"),
+    ({"rng": [{"python": 1}]}, "rng[0] is not a generator state"),
+    ({"optimizer": []}, "optimizer is a list of 0, expected a dict"),
+    ({"optimizer/param_groups": []}, "optimizer is not an optimizer state for this model"),
+    ({"optimizer/state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
+                              "exp_avg_sq": torch.zeros(3)}}},
+     "optimizer state exp_avg is a torch.float32 tensor of shape (3,), expected a tensor"),
+    ({"config/n_layer": "2"}, "config field n_layer='2' is not <class 'int'>"),
+    ({"config/n_layer": 0}, "config field n_layer=0 is out of range"),
+    ({"config/colour": "red"}, "config has an unknown field 'colour'"),
+    ({"config/norm": "batchnorm"}, "bad model config (norm='batchnorm'; expected one of"),
+    ({"model": {"wte.weight": "x"}}, '"model" is not a dict of named tensors'),
+    ({"model/wte.weight": torch.zeros(3)}, "state dict shapes do not fit the model"),
+])
+def test_train_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, capsys, change,
+                                                          message):
+    """Right format, wrong contents: one line naming the file and what is wrong, exit 1."""
+    path = run_checkpoint(corpus, tmp_path / "run", change)
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "run", max_iters=4))
+    assert code == 1 and msg.startswith(f"error: {path}") and message in msg, msg
+
+
+TRAIN_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected value, words)
+    (["--nope=1"], 2, "unknown option --nope"), (["--max_iters=1.5"], 2, "expects int"),
+    (["--preset=nope"], 2, "unknown preset 'nope'"), (["--beta2=1.0"], 1, "--beta2=1.0: must be"),
+    (["--seed=-1"], 1, "--seed=-1: must be"), (["--dtype=fp8"], 1, "unknown dtype 'fp8'"),
+    (["--tokenizer=/no/such.json"], 1, "--tokenizer='/no/such.json': must be"),
+    (["--n_embd=65536", "--n_head=1", "--n_layer=64"], 1, "GiB of memory")]  # refused in time
+
+
+def test_train_cli_bad_options_table(corpus, tmp_path):
+    """Each bad option through the real command line: exactly one line on stderr, the exit
+    code, and the output folder (a checkpoint, a log) byte-identical afterwards."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=2, save_interval=2))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    base = [a for a in args(corpus, out) if not a.startswith("--max_iters")] + ["--max_iters=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [(opts, code, subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, *opts],
+                                           cwd=ROOT, stdout=subprocess.PIPE, env=env,
+                                           stderr=subprocess.PIPE, text=True))
+             for opts, code, _ in TRAIN_BAD]
+    for (opts, code, p), (_, _, words) in zip(procs, TRAIN_BAD):
+        _, err = p.communicate(timeout=300)
+        assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
+        assert err.startswith("error: ") and words in err, (opts, err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ======================================================================
@@ -3111,24 +3330,24 @@ def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
     with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
-        finetune_base(sft_lr=float("nan"))
+        finetune_base(sft_lr=1e30)
     # user data: 2 conversations, eval_frac 0.9 still leaves one to train on (it reaches SFT)
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n"
                              for q, a in [("sun moon", "moon sun"), ("king lord", "lord king")]))
     with pytest.raises(ValueError, match=r"^loss nan at iteration 2"):
-        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=float("nan"))
+        finetune_base(data=str(chats), eval_frac=0.9, sft_lr=1e30)
     assert sorted(os.listdir(tmp_path / "finetune")) == ["ckpt.pt"]
     assert (tmp_path / "finetune" / "ckpt.pt").read_bytes() == b"earlier result"
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("lora_rank", 0, "--lora_rank must be at least 1, got 0"),
-    ("lora_rank", -2, "--lora_rank must be at least 1, got -2"),
-    ("n_eval", 0, "--n_eval must be at least 1, got 0"),
-    ("batch_size", 0, "--batch_size must be at least 1, got 0"),
-    ("eval_frac", 1.0, "--eval_frac must be between 0 and 1, got 1.0"),
-    ("eval_frac", -1.0, "--eval_frac must be between 0 and 1, got -1.0"),
+    ("lora_rank", 0, "--lora_rank=0: must be at least 1"),
+    ("lora_rank", -2, "--lora_rank=-2: must be at least 1"),
+    ("n_eval", 0, "--n_eval=0: must be in [1, 10**5]"),
+    ("batch_size", 0, "--batch_size=0: must be at least 1"),
+    ("eval_frac", 1.0, "--eval_frac=1.0: must be between 0 and 1"),
+    ("eval_frac", -1.0, "--eval_frac=-1.0: must be between 0 and 1"),
     ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
 ])
 def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
@@ -3149,6 +3368,71 @@ def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         ft.load_base(str(tmp_path / "gpt_tiny.pt"), "nope.json")
     assert str(e.value) == "no tokenizer at nope.json"
+
+
+def test_finetune_one_run_per_out_dir(finetune_base, tmp_path):
+    """out_dir/finetune is held by a real second process: finetune refuses with one error
+    naming its pid, before any work, and the folder is left as it was."""
+    folder = tmp_path / "finetune"
+    other = holder(folder)
+    try:
+        (folder / "ckpt.pt").write_bytes(b"earlier result")
+        with pytest.raises(ValueError, match=rf"is in use by another run \(pid {other.pid}\)"):
+            finetune_base()
+        assert sorted(os.listdir(folder)) == [".lock", "ckpt.pt"]
+        assert (folder / "ckpt.pt").read_bytes() == b"earlier result"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_finetune_load_base_checks_what_it_reads(tmp_path):
+    tok = word_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = tiny_model(tok.vocab_size)
+    for extra, message in [(dict(tokenizer=5), "tokenizer and data_dir must be paths"),
+                           (dict(data_dir=["x"]), "tokenizer and data_dir must be paths")]:
+        gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, **extra)
+        with pytest.raises(ValueError, match=f"gpt_tiny.pt: {message}"):
+            ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+    ck = torch.load(tmp_path / "gpt_tiny.pt", weights_only=True)
+    torch.save({**ck, "config": {**ck["config"], "n_layer": 2.0}}, tmp_path / "gpt_tiny.pt")
+    with pytest.raises(ValueError, match="gpt_tiny.pt: config field n_layer=2.0 is not"):
+        ft.load_base(str(tmp_path / "gpt_tiny.pt"))
+
+
+FINETUNE_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected value, words)
+    (["--nope=1"], 2, "unknown option --nope"), (["--sft_lr=x"], 2, "expects float"),
+    (["--sft_lr=-1"], 1, "--sft_lr=-1.0: must be above 0"),
+    (["--sft_iters=0"], 1, "--sft_iters=0: must be at least 1"),
+    (["--dpo_iters=-5"], 1, "--dpo_iters=-5: must be at least 1"),
+    (["--replay=1.5"], 1, "--replay=1.5: must be in [0, 1]"),
+    (["--method=qlora"], 1, "unknown method 'qlora'"),
+    (["--tasks=add,nope"], 1, "unknown task 'nope'"),
+    (["--batch_size=100000000"], 1, "GiB of memory")]  # checked once the base model is known
+
+
+def test_finetune_cli_bad_options_table(tmp_path):
+    """Each bad option through the real command line: one line on stderr, the exit code, and
+    out_dir/finetune (an earlier result) byte-identical afterwards."""
+    tok = word_tokenizer()
+    gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
+                        tokenizer="tokenizer.json")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
+    (tmp_path / "finetune" / "tokenizer.json").write_bytes(b"earlier tokenizer")
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
+                               "--n_train=5", "--n_eval=1", *opts], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for opts, _, _ in FINETUNE_BAD]
+    for p, (opts, code, words) in zip(procs, FINETUNE_BAD):
+        _, err = p.communicate(timeout=300)
+        assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
+        assert err.startswith("error: ") and words in err, (opts, err)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 # ======================================================================

@@ -9,8 +9,9 @@ What you will learn
     data-parallel training with torchrun (DDP);
   * evaluation as val loss and bits per byte, so char-level and BPE runs compare; MFU: how
     much of the chip's peak arithmetic the model actually uses;
-  * checkpoints that resume exactly (model, optimizer, every RNG, data position), written
-    atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops the run.
+  * checkpoints that resume exactly (model, optimizer, every RNG, data position: resume.py),
+    written atomically, refusing a different model; Ctrl-C saves before exiting; a NaN stops
+    the run.
 
 Run it
   python train.py                      # "cpu" preset: built-in plays, minutes on 2 cores
@@ -22,10 +23,11 @@ Run it
 
 A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the same command
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
+One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
 import contextlib
 import dataclasses
-import glob
+import functools
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +48,7 @@ import bpe
 import cli
 import gpt
 from dataloader import DataLoader, prepare
+from resume import resume, rng_state, save_run  # checkpoints that resume exactly
 from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -180,6 +184,315 @@ def make_optimizer(model, c, device_type):
         gpt.param_groups(model, c.weight_decay), **kw)
 
 
+# ----------------------------------------------------------------------------- the loop
+def train(c):
+    """Train with the hyperparameters c (from make_config); returns a summary dict.
+    Under torchrun, one process per GPU: it sets RANK, WORLD_SIZE and LOCAL_RANK for each.
+    Process 0 holds out_dir for the whole run: a second run on the same folder refuses."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if c.grad_accum % world:  # micro-batches per step, over all processes: the same on each
+        raise ValueError(f"--grad_accum={c.grad_accum} must be a multiple of the {world} processes")
+    dev = gpt.pick_device(c.device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local)  # one GPU per process
+        torch.cuda.set_device(dev)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    if dev.type == "cuda":  # TF32: fp32 matmuls on the tensor cores, 10-bit mantissa inputs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with hold_out_dir(c.out_dir) if rank == 0 else contextlib.nullcontext():
+        if world > 1:
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        try:
+            return run(c, rank, world, dev)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
+
+
+def run(c, rank, world, dev):
+    """One process's run: build everything (resuming if there is a checkpoint), then the loop:
+    a step, a log line every log_interval steps, an evaluation and a checkpoint now and then."""
+    s = build(c, rank, world, dev)
+    step, last_ckpt, val, sample, logged = s.step, s.last_ckpt, (None, None), None, []
+    meter = Meter(step)
+    with catch_signals() as signals:
+        while step < c.max_iters:
+            lr, loss, norm, stop = train_step(c, s, step, signals, last_ckpt)
+            step += 1
+            meter.steps += 1
+            if step % c.log_interval == 0 or step == c.max_iters or stop:
+                logged.append(log_step(c, s, meter, step, lr, loss, norm))
+            with meter.paused():  # evaluations and saves stay out of tokens/s
+                if step % c.eval_interval == 0 or step == c.max_iters:
+                    val, sample = evaluate_and_sample(c, s, step)
+                if step % c.save_interval == 0 or step == c.max_iters or stop:
+                    last_ckpt = save(c, s, step)
+            if stop:
+                break
+    if val[0] is None and not signals:  # no step ran (a finished run resumed): not a new row
+        val, sample = evaluate_and_sample(c, s, step, log=False)
+    return summarize(c, s, meter, step, val, sample, last_ckpt, signals, logged)
+
+
+def train_step(c, s, step, signals, last_ckpt):
+    """One optimizer step over grad_accum micro-batches: (lr, summed loss, gradient norm,
+    whether a signal asks the run to stop). A non-finite loss or norm stops the run before
+    the weights change."""
+    lr = lr_at(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters, c.schedule, c.decay_frac)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=s.dev)
+    for micro in range(s.accum):
+        x, y = s.loader.next_batch()
+        # DDP averages gradients in backward: only on the last micro-batch (the earlier
+        # ones just add into .grad)
+        last = micro == s.accum - 1
+        with s.model.no_sync() if s.world > 1 and not last else contextlib.nullcontext():
+            with s.autocast:
+                _, loss = s.model(x, y)
+            s.scaler.scale(loss / s.accum).backward()  # mean over the micro-batches
+        loss_sum += loss.detach()
+    s.scaler.unscale_(s.opt)  # clip the true gradient, not the fp16-scaled one
+    norm = torch.nn.utils.clip_grad_norm_(s.raw.parameters(), c.grad_clip or math.inf)
+    # one small tensor carries "not finite" and "signal received" to every process
+    watched = loss_sum if s.scaler.is_enabled() else loss_sum + norm  # fp16 may skip inf
+    flags = torch.stack([(~torch.isfinite(watched)).float(),
+                         torch.tensor(float(bool(signals)), device=s.dev)])
+    if s.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
+    if bad:
+        raise FloatingPointError(
+            f"loss {loss_sum.item() / s.accum} or gradient norm {norm.item()} is not finite "
+            f"at step {step}: stopped before updating; last good checkpoint: "
+            f"{last_ckpt or 'none written yet'}")
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.opt.zero_grad(set_to_none=True)
+    return lr, loss_sum, norm, bool(stop)
+
+
+def log_step(c, s, meter, step, lr, loss_sum, norm):
+    """The log line and the log.jsonl row for this step (every process takes part: the loss
+    is averaged over them); returns the row."""
+    if s.world > 1:  # the mean over all processes (gloo has no AVG)
+        dist.all_reduce(loss_sum)
+        loss_sum /= s.world
+    tps, elapsed = meter.rate(s.tokens_per_step)
+    row = {"step": step, "loss": loss_sum.item() / s.accum, "lr": lr,
+           "grad_norm": norm.item(), "tokens_per_s": tps,
+           "mfu": mfu(s.flops_per_token, tps, s.peak_flops), "elapsed": elapsed}
+    left = elapsed / (step - meter.start_step) * (c.max_iters - step)
+    s.say(f"step {step:5d}/{c.max_iters} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+          f"norm {row['grad_norm']:.3f} | {tps / 1e3:.1f}k tok/s | "
+          + (f"mfu {row['mfu']:.1%} | " if row["mfu"] is not None else "")
+          + f"{gpt.fmt_time(elapsed)} elapsed, {gpt.fmt_time(left)} left")
+    write_log(s, row)
+    return row
+
+
+def evaluate_and_sample(c, s, step, log=True):
+    """((val loss, bits per byte), a sample continuing a val window or None)."""
+    loss, bpb = evaluate(s.raw, s.val_batches, s.val_bytes, s.autocast, s.rank, s.world)
+    s.say(f"step {step:5d} | val loss {loss:.4f} | {bpb:.3f} bits per byte")
+    if log:
+        write_log(s, {"step": step, "val_loss": loss, "val_bpb": bpb})
+    sample = None
+    if s.rank == 0 and c.sample_tokens:
+        with s.autocast:  # continues the first 16 tokens of a val window
+            out = s.raw.generate(s.val_batches[0][0][0, :16], c.sample_tokens, temperature=0.8,
+                                 top_p=0.95, eot_id=s.eot, seed=c.seed)
+        sample = s.tok.decode(out[0].tolist())
+        s.say(f"sample at step {step}:\n{sample}")
+    return (loss, bpb), sample
+
+
+def save(c, s, step):
+    """Checkpoint the run at step (every process sends its RNGs); returns the path on process 0."""
+    rngs = [rng_state()] * s.world
+    if s.world > 1:  # every rank's generators, in rank order
+        dist.all_gather_object(rngs, rng_state())
+    if s.rank == 0:
+        return save_run(c.out_dir, step, s.raw, c.keep_checkpoints, optimizer=s.opt.state_dict(),
+                        scaler=s.scaler.state_dict(), rng=rngs, data=s.loader.state_dict(),
+                        train_config=dataclasses.asdict(c), tokenizer=s.tok_path)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
+    """(loss per token, bits per byte) over a fixed list of val batches, every world-th on each
+    rank. Bits per byte = nats / ln 2 / UTF-8 bytes of the targets: longer tokens raise the
+    loss per token but not per byte, so char-level and BPE runs compare."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
+    for x, y in batches[rank::world]:
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item(), (total[0] / math.log(2) / n_bytes).item()
+
+
+def summarize(c, s, meter, step, val, sample, last_ckpt, signals, logged):
+    """The run's summary dict (and loss.png when --plot)."""
+    mem = peak_memory(s.dev)
+    if mem:
+        s.say(f"peak memory: {mem / 2**30:.2f} GiB ({'CUDA' if s.dev.type == 'cuda' else 'RSS'})")
+    summary = {"step": step, "val_loss": val[0], "val_bpb": val[1], "checkpoint": last_ckpt,
+               "time": time.time() - meter.t0, "interrupted": signals[0] if signals else None,
+               "peak_memory": mem, "log": logged, "tokens_per_s":
+                   float(np.median([r["tokens_per_s"] for r in logged])) if logged else None}
+    if sample is not None:
+        summary["sample"] = sample
+    if s.rank == 0 and c.plot:
+        s.say(write_plot(s.log_path, os.path.join(c.out_dir, "loss.png")))
+    return summary
+
+
+# ----------------------------------------------------------------------------- building a run
+class Setup(NamedTuple):
+    """What build() makes for a run; the loop's functions read it, none changes it."""
+    model: torch.nn.Module       # what the step calls: raw, maybe compiled, maybe DDP-wrapped
+    raw: gpt.GPT                 # the plain module: saved, evaluated, sampled
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+    tok: object
+    tok_path: str                # the tokenizer file, named in each checkpoint
+    val_batches: list
+    val_bytes: int
+    autocast: object
+    dev: torch.device
+    rank: int
+    world: int
+    accum: int                   # micro-batches per process per step
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None
+    log_path: str
+    step: int                    # where the run starts (0, or the resumed step)
+    last_ckpt: str | None
+    eot: int | None
+    say: Callable
+
+
+def quiet(*args, **kwargs):
+    """print on process 0, this on the others."""
+
+
+def build(c, rank, world, dev):
+    """Seeds, data, model, optimizer and scaler, then the resume from a checkpoint, then the
+    model's wrappers (activation checkpointing, torch.compile, DDP): a Setup."""
+    say = print if rank == 0 else quiet
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # dropout differs per rank
+        seed(c.seed + rank)
+    ptdtype = (getattr(torch, c.dtype) if c.dtype != "auto"  # auto: bf16 where the chip has it
+               else torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported()
+               else torch.float32)
+    autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
+    mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
+        gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
+        pad_vocab=c.pad_vocab)
+    if dev.type != "cuda":  # CUDA says "out of memory" itself; RAM runs out in silence
+        cli.fits_in_memory(run_bytes(mcfg, c.batch_size), f"a model of {c.n_layer} x {c.n_embd} with "
+                           f"--batch_size={c.batch_size} --block_size={c.block_size}")
+    raw = gpt.GPT(mcfg).to(dev)
+    opt = make_optimizer(raw, c, dev.type)
+    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
+    step, last_ckpt, path = resume(c, mcfg, raw, opt, scaler, loader, rank, world)
+    if path:
+        say(f"resumed from {path} at step {step}")
+    log_path = os.path.join(c.out_dir, "log.jsonl")
+    if rank == 0:  # the log holds this run's history: after a resume, drop what came later
+        trim_log(log_path, step if path else 0)
+    model = raw
+    if c.checkpointing:
+        checkpoint_blocks(raw)
+    if c.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    accum = c.grad_accum // world
+    tokens_per_step = c.batch_size * c.block_size * accum * world
+    peak_name, peak = device_peak(dev)
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        ptdtype, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    s = Setup(model, raw, opt, scaler, loader, tok,
+              os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json")),
+              val_batches, val_bytes, autocast, dev, rank, world, accum, tokens_per_step,
+              raw.flops_per_token(), peak[key] * world if peak and peak[key] else None,
+              log_path, step, last_ckpt, tok.special_tokens.get("<|endoftext|>"), say)
+    say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} MFLOPs "
+        f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
+    say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
+        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps")
+    return s
+
+
+class Meter:
+    """Tokens per second between log lines, evaluations and saves left out (paused)."""
+
+    def __init__(self, start_step):
+        self.t0 = self.t_log = time.time()
+        self.start_step, self.steps = start_step, 0  # steps since the last log line
+
+    def rate(self, tokens_per_step):
+        """(tokens/s since the last call, seconds since the start); restarts the count."""
+        now = time.time()
+        tps = self.steps * tokens_per_step / (now - self.t_log)
+        self.t_log, self.steps = now, 0
+        return tps, now - self.t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        yield
+        self.t_log += time.time() - t
+
+
+def write_log(s, row):
+    if s.rank == 0:
+        with open(s.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def trim_log(log_path, step):
+    """Keep the rows of log.jsonl up to step (all of them go for a fresh run), atomically."""
+    rows = log_rows(log_path) if step and os.path.exists(log_path) else []
+    with cli.atomic_open(log_path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
+
+
+def run_bytes(mcfg, batch_size):
+    """A lower bound on the memory a CPU run needs: fp32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter), and the activations one micro-batch keeps for backward
+    (counted low: 8 numbers per layer and width, the logits twice)."""
+    V, C, L = mcfg.padded_vocab, mcfg.n_embd, mcfg.n_layer
+    params = V * C + mcfg.block_size * C + L * 12 * C * C
+    activations = batch_size * mcfg.block_size * (8 * L * C + 2 * V)
+    return 16 * params + 4 * activations
+
+
+@contextlib.contextmanager
+def hold_out_dir(folder):
+    """cli.hold_dir(folder) for a run (train.py's, finetune.py's); a folder it had to create
+    and that stays empty (the run stopped before writing) is removed again."""
+    created = not os.path.exists(folder)
+    try:
+        with cli.hold_dir(folder):
+            yield folder
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty
 # ----------------------------------------------------------------------------- peak FLOPs, MFU
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets. bf16/fp16 accumulate in
 # fp32; tf32 is what fp32 matmuls run at with TF32 on; None: the chip has no such unit. A key
@@ -223,192 +536,76 @@ def mfu(flops_per_token, tokens_per_s, peak_flops):
     return flops_per_token * tokens_per_s / peak_flops if peak_flops else None
 
 
-# ----------------------------------------------------------------------------- checkpoints
-FORMAT = "nanollm-train-1"
+
+# ----------------------------------------------------------------------------- options
+TOKENIZERS = ("char", "bpe", "gpt2")
+SAMPLERS = ("epoch", "random")
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("ours", "torch", "fused")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def checkpoints(out_dir):
-    """The checkpoint files in out_dir, oldest first."""
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-
-
-def save_checkpoint(state, out_dir, step, keep=3):
-    """Write out_dir/ckpt_STEP.pt, then delete all but the newest `keep`. Atomic: a temporary
-    file in the same folder, swapped in by os.replace, so a crash never leaves half a file."""
-    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    with cli.atomic_open(path) as f:
-        torch.save(state, f)
-    for old in checkpoints(out_dir)[:-keep]:
-        os.remove(old)
-    return path
-
-
-def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint (read by gpt.read_checkpoint: onto the CPU, no
-    code unpickled), refusing another format or a file that lacks what a resume needs."""
-    return gpt.read_checkpoint(path, ("step", "model", "optimizer", "scaler", "rng",
-                                      "model_config", "data"), FORMAT)
-
-
-def clean_state_dict(sd):
-    """Plain parameter names: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
-    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
-
-
-def config_diff(saved, current, ignore=("dropout",)):
-    """'name saved -> current' for each model-config field that differs (dropout may change)."""
-    return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current))
-            if k not in ignore and saved.get(k) != current.get(k)]
-
-
-def rng_state():
-    """Every random generator a run uses, as tensors and plain lists (weights_only-safe)."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [key.tolist(), pos, has_gauss, gauss],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    key, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state(("MT19937", np.array(key, np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ----------------------------------------------------------------------------- setup helpers
 def make_config(**overrides):
-    """The hyperparameters as one object: the constants above, then the preset named by
-    overrides["preset"] (default: the `preset` constant), then the overrides themselves."""
+    """The hyperparameters as one object, for Python callers: the constants above, then the
+    preset named by overrides["preset"] (default: the `preset` constant), then the overrides
+    themselves: make_config(n_layer=2).n_layer == 2. (The command line has cli apply the
+    preset, then calls config.)"""
     c = cli.hyperparameters(globals())
-    name = overrides.get("preset", c["preset"])
-    if name not in PRESETS_TRAIN:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS_TRAIN)}")
-    unknown = set(overrides) - set(c)
+    unknown = sorted(set(overrides) - set(c))
     if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}")
-    c.update(PRESETS_TRAIN[name])
-    c.update(overrides)
-    c = dataclasses.make_dataclass("Config", list(c))(**c)
-    rules = [(n, getattr(c, n) >= 1, "at least 1") for n in (  # each range, before any work
-        "n_layer", "n_head", "n_embd", "block_size", "pad_vocab", "batch_size", "grad_accum",
-        "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
-    rules += [(n, getattr(c, n) >= 0, ">= 0") for n in (
-        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
-        "eval_iters", "sample_tokens")]
-    cli.check(vars(c), rules + [
-        ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
-        ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
-        ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
-        ("arch", c.arch in gpt.PRESETS, f"one of {', '.join(gpt.PRESETS)}"),
-        ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
-        ("optimizer", c.optimizer in ("ours", "torch", "fused"), "ours, torch or fused"),
-        ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"),
-         "auto, float32, bfloat16 or float16")])
+        raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}")
+    name = cli.one_of("preset", overrides.get("preset", c["preset"]), list(PRESETS_TRAIN))
+    return config({**c, **PRESETS_TRAIN[name], **overrides})
+
+
+def config(values):
+    """A complete set of hyperparameters, checked (each of the constants' type, then every
+    range), as a Config object: config({... "lr": "1e-3" ...}) is a ValueError naming lr."""
+    defaults = cli.hyperparameters(globals())
+    for k, v in values.items():
+        want = type(defaults[k])
+        if not (type(v) is want or want is float and type(v) is int):
+            raise ValueError(f"{k}={v!r}: must be of type {want.__name__} "
+                             f"(the constant is {k} = {defaults[k]!r})")
+    c = dataclasses.make_dataclass("Config", list(values))(**values)
+    check_options(c)
     return c
 
 
-def checkpoint_blocks(model):
-    """Activation checkpointing: keep only each block's input, recompute the rest in backward:
-    most of the activation memory saved for about one more forward pass of compute."""
-    from block import Block
-    for blk in (m for m in model.modules() if isinstance(m, Block)):
-        def forward(x, cache=None, _f=blk.forward):
-            if cache is not None or not torch.is_grad_enabled():
-                return _f(x, cache)
-            return torch.utils.checkpoint.checkpoint(_f, x, use_reentrant=False)
-        blk.forward = forward
+def check_options(c):
+    """Every option's range, before any work: the first bad one is one ValueError."""
+    for what, value, names in (("preset", c.preset, PRESETS_TRAIN), ("arch", c.arch, gpt.PRESETS),
+                               ("sampler", c.sampler, SAMPLERS), ("schedule", c.schedule, SCHEDULES),
+                               ("optimizer", c.optimizer, OPTIMIZERS), ("dtype", c.dtype, DTYPES),
+                               ("device", c.device.split(":")[0], DEVICES)):
+        cli.one_of(what, value, list(names))
+    v = vars(c)
+    rules = [(n, v[n] >= 1, "at least 1") for n in (
+        "n_layer", "n_head", "n_embd", "block_size", "pad_vocab", "batch_size", "grad_accum",
+        "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
+    rules += [(n, v[n] >= 0, ">= 0") for n in (
+        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
+        "eval_iters", "sample_tokens", "seed")]
+    cli.check(v, rules + [
+        ("n_embd", c.n_embd % c.n_head == 0, f"a multiple of --n_head={c.n_head}"),
+        ("vocab_size", 257 <= c.vocab_size <= 2**20, "in [257, 2**20] (256 bytes, then merges)"),
+        ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
+        ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+        ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
+        ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+        ("seed", c.seed < 2**32 - 2**16, "below 2**32 - 2**16 (numpy seeds, one per process)"),
+        ("tokenizer", c.tokenizer in TOKENIZERS or os.path.isfile(c.tokenizer),
+         "char, bpe, gpt2 or the path of a saved tokenizer"),
+        ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device) is not None,
+         "auto, cpu, cuda, cuda:N or mps"),
+        ("out_dir", c.out_dir != "", "a folder"),
+        ("data_dir", c.data_dir != "", "a folder"),
+        ("init", c.init != "", "auto, scratch or the path of a checkpoint")])
 
 
-def peak_memory(dev):
-    """Peak bytes this process held: CUDA allocations on a GPU, resident memory on a CPU."""
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev)
-    if sys.platform == "win32":
-        return None
-    import resource
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-
-
-@torch.no_grad()
-def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
-    """(loss per token, bits per byte) over a fixed list of val batches, every world-th on each
-    rank. Bits per byte = nats / ln 2 / UTF-8 bytes of the targets: longer tokens raise the
-    loss per token but not per byte, so char-level and BPE runs compare."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
-    for x, y in batches[rank::world]:
-        with autocast:
-            _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item(), (total[0] / math.log(2) / n_bytes).item()
-
-
-def log_rows(path):
-    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
-    leaves half a line)."""
-    rows = []
-    for line in open(path):
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def write_plot(log_path, png_path):
-    """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    rows = log_rows(log_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "val")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set(xlabel="step", ylabel="loss (nats per token)")
-    ax.legend()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-    return f"wrote {png_path}"
-
-
-# ----------------------------------------------------------------------------- the run
-def train(c):
-    """Train with the hyperparameters c (from make_config); returns a summary dict.
-    Under torchrun, one process per GPU: it sets RANK, WORLD_SIZE and LOCAL_RANK for each."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if c.grad_accum % world:  # micro-batches per step, over all processes: the same on each
-        raise ValueError(f"--grad_accum={c.grad_accum} must be a multiple of the {world} processes")
-    dev = gpt.pick_device(c.device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local)  # one GPU per process
-        torch.cuda.set_device(dev)
-    if world > 1:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    if dev.type == "cuda":  # TF32: fp32 matmuls on the tensor cores, 10-bit mantissa inputs
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    try:
-        return run(c, rank, world, dev)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
+# ----------------------------------------------------------------------------- setup helpers
 def load_data(c, rank, world, dev):
     """Tokenizer, train loader (this rank's share) and the fixed val batches."""
     if c.preset in SHAKESPEARE and not c.data:
@@ -485,197 +682,78 @@ def catch_signals():
             signal.signal(s, h)
 
 
-def run(c, rank, world, dev):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    for seed in (torch.manual_seed, random.seed, np.random.seed):  # dropout differs per rank
-        seed(c.seed + rank)
-    ptdtype = (getattr(torch, c.dtype) if c.dtype != "auto"  # auto: bf16 where the chip has it
-               else torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported()
-               else torch.float32)
-    autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-
-    tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
-    mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
-        gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-        block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
-        pad_vocab=c.pad_vocab)
-    model = raw = gpt.GPT(mcfg).to(dev)  # raw, the plain module, is saved and evaluated
-    opt = make_optimizer(raw, c, dev.type)
-    scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
-
-    step, log_path = 0, os.path.join(c.out_dir, "log.jsonl")
-    ckpts = checkpoints(c.out_dir)
-    if c.init == "scratch" and ckpts:
-        raise ValueError(f"{c.out_dir} already holds {os.path.basename(ckpts[-1])}; "
-                         "--init=scratch will not overwrite it: pick another --out_dir")
-    last_ckpt = ckpts[-1] if ckpts else None
-    path = {"auto": last_ckpt, "scratch": None}.get(c.init, c.init)  # what to resume from
-    if path:
-        ck = load_checkpoint(path)
-        diff = config_diff(ck["model_config"], dataclasses.asdict(mcfg))
-        if diff:
-            raise ValueError(f"{path} holds a different model ({'; '.join(diff)}); use the same "
-                             "model settings, or another --out_dir for a new run")
-        raw.load_weights(clean_state_dict(ck["model"]))
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        loader.load_state_dict(ck["data"])  # a global position: any world size resumes
-        if len(ck["rng"]) == world:  # else (another world size) the RNGs keep their seeds
-            set_rng_state(ck["rng"][rank])
-        step = ck["step"]
-        say(f"resumed from {path} at step {step}")
-    if master:  # the log holds this run's history: after a resume, drop what came later
-        os.makedirs(c.out_dir, exist_ok=True)
-        rows = log_rows(log_path) if path and os.path.exists(log_path) else []
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        os.replace(log_path + ".tmp", log_path)
-
-    if c.checkpointing:
-        checkpoint_blocks(raw)
-    if c.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    accum = c.grad_accum // world  # micro-batches per process per step
-    tokens_per_step = c.batch_size * c.block_size * accum * world
-    peak_name, peak = device_peak(dev)
-    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        ptdtype, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-    peak_flops = peak[key] * world if peak and peak[key] else None
-    flops_per_token = raw.flops_per_token()
-    say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs "
-        f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
-    say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
-        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps")
-
-    def write_log(row):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def evaluate_now(log=True):  # val loss, and a sample to read how the model is doing
-        loss, bpb = evaluate(raw, val_batches, val_bytes, autocast, rank, world)
-        say(f"step {step:5d} | val loss {loss:.4f} | {bpb:.3f} bits per byte")
-        if log:
-            write_log({"step": step, "val_loss": loss, "val_bpb": bpb})
-        if master and c.sample_tokens:
-            with autocast:  # continues the first 16 tokens of a val window
-                out = raw.generate(val_batches[0][0][0, :16], c.sample_tokens, temperature=0.8,
-                                   top_p=0.95, eot_id=eot, seed=c.seed)
-            sample[0] = tok.decode(out[0].tolist())
-            say(f"sample at step {step}:\n{sample[0]}")
-        return loss, bpb
-
-    def save_now():
-        rngs = [rng_state()] * world
-        if world > 1:  # every rank's generators, in rank order
-            dist.all_gather_object(rngs, rng_state())
-        if master:
-            state = {"format": FORMAT, "step": step, "model": raw.state_dict(),
-                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                     "model_config": dataclasses.asdict(mcfg), "data": loader.state_dict(),
-                     "train_config": dataclasses.asdict(c),
-                     "tokenizer": os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json"))}
-            return save_checkpoint(state, c.out_dir, step, c.keep_checkpoints)
-
-    val, sample, eot = (None, None), [None], tok.special_tokens.get("<|endoftext|>")
-    t0 = t_log = time.time()
-    steps_logged, start_step, logged = 0, step, []
-    with catch_signals() as signals:
-        while step < c.max_iters:
-            lr = lr_at(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters, c.schedule, c.decay_frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=dev)
-            for micro in range(accum):
-                x, y = loader.next_batch()
-                # DDP averages gradients in backward: only on the last micro-batch (the
-                # earlier ones just add into .grad)
-                last = micro == accum - 1
-                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    with autocast:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / accum).backward()  # mean over the micro-batches
-                loss_sum += loss.detach()
-            scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
-            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip or math.inf)
-            # one small tensor carries "not finite" and "signal received" to every process
-            watched = loss_sum if scaler.is_enabled() else loss_sum + norm  # fp16 may skip inf
-            flags = torch.stack([(~torch.isfinite(watched)).float(),
-                                 torch.tensor(float(bool(signals)), device=dev)])
-            if world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:
-                raise FloatingPointError(
-                    f"loss {loss_sum.item() / accum} or gradient norm {norm.item()} is not finite "
-                    f"at step {step}: stopped before updating; last good checkpoint: "
-                    f"{last_ckpt or 'none written yet'}")
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            steps_logged += 1
-
-            if step % c.log_interval == 0 or step == c.max_iters or stop:
-                if world > 1:  # the mean over all processes (gloo has no AVG)
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                now = time.time()
-                tps = steps_logged * tokens_per_step / (now - t_log)
-                row = {"step": step, "loss": loss_sum.item() / accum, "lr": lr,
-                       "grad_norm": norm.item(), "tokens_per_s": tps,
-                       "mfu": mfu(flops_per_token, tps, peak_flops), "elapsed": now - t0}
-                left = (now - t0) / (step - start_step) * (c.max_iters - step)
-                say(f"step {step:5d}/{c.max_iters} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                    f"norm {row['grad_norm']:.3f} | {tps / 1e3:.1f}k tok/s | "
-                    + (f"mfu {row['mfu']:.1%} | " if row["mfu"] is not None else "")
-                    + f"{gpt.fmt_time(now - t0)} elapsed, {gpt.fmt_time(left)} left")
-                write_log(row)
-                logged.append(row)
-                t_log, steps_logged = time.time(), 0
-            t_pause = time.time()
-            if step % c.eval_interval == 0 or step == c.max_iters:
-                val = evaluate_now()
-            if step % c.save_interval == 0 or step == c.max_iters or stop:
-                last_ckpt = save_now()
-            if stop:
-                break
-            t_log += time.time() - t_pause  # evals and saves stay out of tokens/s
-    if val[0] is None and not signals:  # no step ran (a finished run resumed): not a new row
-        val = evaluate_now(log=False)
-
-    mem = peak_memory(dev)
-    if mem:
-        say(f"peak memory: {mem / 2**30:.2f} GiB ({'CUDA' if dev.type == 'cuda' else 'RSS'})")
-    summary = {"step": step, "val_loss": val[0], "val_bpb": val[1], "checkpoint": last_ckpt,
-               "time": time.time() - t0, "interrupted": signals[0] if signals else None,
-               "peak_memory": mem, "log": logged, "tokens_per_s":
-                   float(np.median([r["tokens_per_s"] for r in logged])) if logged else None}
-    if sample[0] is not None:
-        summary["sample"] = sample[0]
-    if master and c.plot:
-        say(write_plot(log_path, os.path.join(c.out_dir, "loss.png")))
-    return summary
+def checkpoint_blocks(model):
+    """Activation checkpointing: keep only each block's input, recompute the rest in backward:
+    most of the activation memory saved for about one more forward pass of compute."""
+    from block import Block
+    for blk in (m for m in model.modules() if isinstance(m, Block)):
+        def forward(x, cache=None, _f=blk.forward):
+            if cache is not None or not torch.is_grad_enabled():
+                return _f(x, cache)
+            return torch.utils.checkpoint.checkpoint(_f, x, use_reentrant=False)
+        blk.forward = forward
 
 
-def main(argv=None):
-    """The command line: --name=value options, one-line errors, exit codes."""
-    options = cli.hyperparameters(globals())
-    cli.override(options, argv, presets=PRESETS_TRAIN)
+def peak_memory(dev):
+    """Peak bytes this process held: CUDA allocations on a GPU, resident memory on a CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    if sys.platform == "win32":
+        return None
+    import resource
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+
+def log_rows(path):
+    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
+    leaves half a line)."""
+    rows = []
+    for line in open(path):
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def write_plot(log_path, png_path):
+    """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
     try:
-        result = train(make_config(**options))
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = log_rows(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "val")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set(xlabel="step", ylabel="loss (nats per token)")
+    ax.legend()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)
+    return f"wrote {png_path}"
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    """The command line, python train.py --name=value ...; main(["--max_iters=10"]) from Python.
+    cli.run turns errors into one line: exit 2 for a bad option, 1 for a rejected value, a bad
+    file, a full disk or a non-finite loss, 130 for Ctrl-C before the loop. A signal inside the
+    loop saves a checkpoint first, then exits 128 + its number."""
+    options = cli.hyperparameters(globals())  # a copy: the module's constants stay as they are
+    cli.run(functools.partial(command, options), options, presets=PRESETS_TRAIN, argv=argv,
+            errors=(ValueError, OSError, ImportError, FloatingPointError))
+
+
+def command(options):
+    try:
+        result = train(config(options))
     except torch.OutOfMemoryError:
-        raise SystemExit("error: out of memory: lower --batch_size (and raise --grad_accum to "
-                         "keep the tokens per step), or set --checkpointing=true") from None
-    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C inside it
-        raise SystemExit("error: interrupted: quit without saving (checkpoints already "
-                         "written are intact)") from None
-    except (ValueError, OSError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ValueError("out of memory: lower --batch_size (and raise --grad_accum to keep the "
+                         "tokens per step), or set --checkpointing=true") from None
     if result["interrupted"]:
         print(f"stopped by {signal.Signals(result['interrupted']).name} at step {result['step']}; "
               f"saved {result['checkpoint']}; run the same command to resume", file=sys.stderr)

@@ -1,0 +1,184 @@
+"""resume.py - checkpoints that resume a training run exactly, and never trust the file.
+
+What you will learn
+  * what a run's state is: the weights, the optimizer's moments, the fp16 loss scale, every
+    random generator of every process (Python, NumPy, torch, CUDA) and the data position;
+    save all of it and a resumed run is bit-for-bit the run that never stopped;
+  * that a run checkpoint is a model checkpoint (gpt.py's one layout: format, config, model)
+    with those extras, so gpt.py, train.py and finetune.py read each other's files;
+  * reading a file you did not write: weights_only=True (no code), then every field checked
+    against what this run builds itself (types, keys, lengths, shapes), one line naming the
+    file and the field when something does not fit.
+
+train.py uses it (save_run after a step, resume before the loop); test_all.py checks an
+interrupted and resumed run against one that never stopped.
+"""
+import contextlib
+import dataclasses
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+import gpt
+
+
+# ----------------------------------------------------------------------------- save and read
+# A run's checkpoint is a model checkpoint in gpt.py's one layout (format, config, model),
+# whose extras are what an exact resume needs: the step, the optimizer, the fp16 scaler,
+# every process's RNGs, the data position (plus train_config and the tokenizer's path).
+RUN_KEYS = ("step", "optimizer", "scaler", "rng", "data")
+
+
+def checkpoints(out_dir):
+    """The checkpoint files in out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def save_run(out_dir, step, model, keep=3, **extras):
+    """Write out_dir/ckpt_STEP.pt with gpt.save_checkpoint (atomic; refuses non-finite weights),
+    then delete all but the newest `keep`."""
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    gpt.save_checkpoint(path, model, step=step, **extras)
+    for old in checkpoints(out_dir)[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(old)
+    return path
+
+
+def load_run(path):
+    """A run checkpoint, read by gpt.read_checkpoint (the one reader: format, config, weights),
+    with the resume fields checked too: one ValueError naming the file and the field. The
+    optimizer, scaler and data position are checked against the live objects (resume)."""
+    ck = gpt.read_checkpoint(path, RUN_KEYS)
+    if type(ck["step"]) is not int or ck["step"] < 0:
+        raise ValueError(f"{path}: step={ck['step']!r} is not a step number")
+    for key in ("optimizer", "scaler", "data"):
+        if not isinstance(ck[key], dict):
+            raise ValueError(f"{path}: {key} is {short(ck[key])}, expected a dict")
+    rngs, live = ck["rng"], rng_state()
+    if not isinstance(rngs, list) or not rngs:
+        raise ValueError(f"{path}: rng is {short(rngs)}, expected a list of generator states")
+    for i, r in enumerate(rngs):  # CUDA generators: as many as that machine had GPUs
+        cuda = r.get("cuda") if isinstance(r, dict) else None
+        if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) for t in cuda):
+            raise ValueError(f"{path}: rng[{i}] is not a generator state")
+        check_like(path, f"rng[{i}]", dict(r, cuda=[]), dict(live, cuda=[]))
+    return ck
+
+
+def check_like(path, name, saved, live):
+    """Refuse a saved value not built like the one this run makes itself (the same types, dict
+    keys, sequence lengths, tensor dtypes and shapes): one ValueError naming file and field."""
+    if isinstance(live, dict):
+        ok = isinstance(saved, dict) and saved.keys() == live.keys()
+    elif isinstance(live, (list, tuple)):
+        ok = type(saved) is type(live) and len(saved) == len(live)
+    elif isinstance(live, torch.Tensor):
+        ok = (isinstance(saved, torch.Tensor) and saved.dtype == live.dtype
+              and saved.shape == live.shape)
+    else:  # an int where a float is (weight_decay=0 from Python) is a number all the same
+        ok = type(saved) is type(live) or {type(saved), type(live)} == {int, float}
+    if not ok:
+        raise ValueError(f"{path}: {name} is {short(saved)}, expected {short(live)}")
+    inner = (live.items() if isinstance(live, dict) else
+             enumerate(live) if isinstance(live, (list, tuple)) else ())
+    for k, v in inner:
+        check_like(path, f"{name}.{k}" if isinstance(live, dict) else f"{name}[{k}]", saved[k], v)
+
+
+def short(value):
+    """A few words for a value in an error message."""
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(map(str, value))[:6]}"
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def load_optimizer(path, opt, saved):
+    """opt.load_state_dict(saved), refusing a state that does not fit these parameters (group
+    sizes, hyperparameter types, moment shapes) with one line naming the file."""
+    live = opt.state_dict()["param_groups"]
+    groups = saved.get("param_groups")
+    if (not isinstance(saved.get("state"), dict) or not isinstance(groups, list)
+            or len(groups) != len(live) or not all(isinstance(g, dict) for g in groups)):
+        raise ValueError(f"{path}: optimizer is not an optimizer state for this model")
+    for i, (g, h) in enumerate(zip(groups, live)):
+        for k in g.keys() & h.keys():  # ours and torch's AdamW share most names
+            check_like(path, f"optimizer.param_groups[{i}].{k}", g[k], h[k])
+    try:
+        opt.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: optimizer state does not fit ({str(e)[:120]})") from None
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor) or v.dim() and v.shape != p.shape:
+                raise ValueError(f"{path}: optimizer state {k} is {short(v)}, expected a tensor "
+                                 f"of shape {tuple(p.shape)}")
+
+
+def clean_state_dict(sd):
+    """Plain parameter names: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
+    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
+
+
+def config_diff(saved, current, ignore=("dropout",)):
+    """'name saved -> current' for each model-config field that differs (dropout may change)."""
+    return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in ignore and saved.get(k) != current.get(k)]
+
+
+# ----------------------------------------------------------------------------- resume
+def resume(c, mcfg, raw, opt, scaler, loader, rank, world):
+    """Load the checkpoint --init names (auto: the newest in out_dir) into the run's pieces:
+    (step, newest checkpoint in out_dir, the path resumed from or None)."""
+    ckpts = checkpoints(c.out_dir)
+    if c.init == "scratch" and ckpts:
+        raise ValueError(f"{c.out_dir} already holds {os.path.basename(ckpts[-1])}; "
+                         "--init=scratch will not overwrite it: pick another --out_dir")
+    last = ckpts[-1] if ckpts else None
+    path = {"auto": last, "scratch": None}.get(c.init, c.init)
+    if not path:
+        return 0, last, None
+    ck = load_run(path)
+    diff = config_diff(ck["config"], dataclasses.asdict(mcfg))
+    if diff:
+        raise ValueError(f"{path} holds a different model ({'; '.join(diff)}); use the same "
+                         "model settings, or another --out_dir for a new run")
+    gpt.load_weights_from(raw, path, {"model": clean_state_dict(ck["model"])})
+    load_optimizer(path, opt, ck["optimizer"])
+    if scaler.is_enabled():  # a run that was fp16 and is not now keeps no scale
+        check_like(path, "scaler", ck["scaler"], scaler.state_dict())
+        scaler.load_state_dict(ck["scaler"])
+    check_like(path, "data", ck["data"], loader.state_dict())
+    if ck["data"]["pos"] < 0:
+        raise ValueError(f"{path}: data.pos={ck['data']['pos']} is negative")
+    loader.load_state_dict(ck["data"])  # a global position: any world size resumes
+    if len(ck["rng"]) == world:  # else (another world size) the RNGs keep their seeds
+        set_rng_state(ck["rng"][rank])
+    return ck["step"], last, path
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state():
+    """Every random generator a run uses, as tensors and plain lists (weights_only-safe)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [key.tolist(), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    key, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", np.array(key, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
