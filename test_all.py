@@ -2545,7 +2545,7 @@ def test_train_evaluate_whole_val_split_equals_a_plain_mean(corpus, tmp_path):
     batch = (len(windows) - 1) // 2
     assert len(windows) % batch and len(windows) // batch == 2   # 2 full batches + a short one
     run = train.train(tiny(corpus, tmp_path / "run", batch_size=batch, **kw))
-    model = gpt.GPT(gpt.GPTConfig(**train.load_checkpoint(run["checkpoint"])["model_config"]))
+    model = gpt.GPT(gpt.GPTConfig(**resume.load_run(run["checkpoint"])["config"]))
     model.load_weights(weights(tmp_path / "run"))
     w = torch.stack(windows)
     with torch.no_grad():
@@ -3881,9 +3881,8 @@ def test_chat_main_finds_the_newest_checkpoint_and_names_missing_files(chat_file
     tok.save(str(tmp_path / "tokenizer.json"))
     gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
     (tmp_path / "cpu").mkdir()
-    torch.save({"format": train.FORMAT, "model": model.state_dict(),
-                "model_config": gpt.asdict(model.config),
-                "tokenizer": str(tmp_path / "tokenizer.json")}, tmp_path / "cpu" / "ckpt_0000010.pt")
+    gpt.save_checkpoint(str(tmp_path / "cpu" / "ckpt_0000010.pt"), model,  # train.py's layout
+                        tokenizer=str(tmp_path / "tokenizer.json"))
     (tmp_path / "finetune").mkdir()
     for f in ("gpt_tiny.pt", "tokenizer.json"):
         (tmp_path / "finetune" / f.replace("gpt_tiny", "ckpt")).write_bytes(
