@@ -169,7 +169,7 @@ def score_hellaswag(model, tok, examples, rank=0, world=1):
     of hellaswag.jsonl. Under DDP each rank scores every world-th example and the counts are
     summed, so every rank gets the same metrics (rows: only its own)."""
     rows, correct = [], torch.zeros(4, dtype=torch.float64)  # n, acc, acc_norm, acc_tokmean
-    for ex in tokenize_examples(tok, examples[rank::world]):
+    for ex in tokenize_examples(tok, examples[rank::world], model and model.config.block_size):
         ctx_ids, ending_ids = ex["ctx_ids"], ex["ending_ids"]
         lls = [ll for ll, _ in score(model, [(ctx_ids, e) for e in ending_ids])]  # one forward
         nbytes = [len(e.encode("utf-8")) for e in ex["endings"]]
@@ -189,10 +189,11 @@ def score_hellaswag(model, tok, examples, rank=0, world=1):
     return metrics, rows
 
 
-def tokenize_examples(tok, examples):
-    """examples with their "ctx_ids" and "ending_ids" (encode_example), kept if already there:
+def tokenize_examples(tok, examples, block_size=None):
+    """examples with their "ctx_ids" and "ending_ids" (encode_example), kept if already there.
     train.py encodes once at the start, so a text its tokenizer cannot encode (a char
-    vocabulary without some letter) fails before training, not at the first evaluation."""
+    vocabulary without some letter) or an ending longer than block_size fails before
+    training, not at the first evaluation."""
     out = []
     for ex in examples:
         if "ctx_ids" not in ex:
@@ -201,6 +202,10 @@ def tokenize_examples(tok, examples):
             except ValueError as e:
                 raise ValueError(f"HellaSwag example {ex['ind']}: {e}") from None
             ex = dict(ex, ctx_ids=ctx_ids, ending_ids=ending_ids)
+        longest = max(map(len, ex["ending_ids"]))
+        if block_size and longest > block_size:
+            raise ValueError(f"HellaSwag example {ex['ind']}: an ending of {longest} tokens does "
+                             f"not fit block_size={block_size}")
         out.append(ex)
     return out
 

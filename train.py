@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import cli
+import evals
 import gpt
 from dataloader import DataLoader, prepare
 from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
@@ -96,6 +97,10 @@ save_interval = 500      # steps between checkpoints (and at the end)
 keep_checkpoints = 3     # the newest K are kept
 init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
 plot = False             # write out_dir/loss.png at the end (needs matplotlib)
+hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); "" = off
+hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
+hellaswag_limit = 0      # score only the first N examples; 0 = all
+eval_only = False        # score --init's checkpoint on --hellaswag and stop (no training)
 
 # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
 # 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
@@ -298,7 +303,7 @@ def make_config(**overrides):
         "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
     rules += [(n, getattr(c, n) >= 0, ">= 0") for n in (
         "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
-        "eval_iters", "sample_tokens")]
+        "eval_iters", "sample_tokens", "hellaswag_every", "hellaswag_limit")]
     cli.check(vars(c), rules + [
         ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
@@ -395,6 +400,8 @@ def train(c):
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local)  # one GPU per process
         torch.cuda.set_device(dev)
+    if c.eval_only:
+        return score_checkpoint(c, world, dev)
     if world > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if c.threads:
@@ -407,6 +414,27 @@ def train(c):
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def score_checkpoint(c, world, dev):
+    """--eval_only: HellaSwag on one checkpoint (--init=PATH, or out_dir's newest with
+    --init=auto); prints the summary line, writes out_dir/hellaswag.jsonl (evals.py)."""
+    if world > 1:
+        raise ValueError("--eval_only runs in one process: start it with python, not torchrun")
+    if not c.hellaswag:
+        raise ValueError("--eval_only needs --hellaswag=PATH (a HellaSwag jsonl)")
+    path = {"auto": (checkpoints(c.out_dir) or [None])[-1], "scratch": None}.get(c.init, c.init)
+    if not path:
+        raise ValueError(f"--eval_only needs a checkpoint: --init=PATH.pt, or a run in "
+                         f"--out_dir={c.out_dir} (none there)")
+    examples = evals.read_hellaswag(c.hellaswag, limit=c.hellaswag_limit)  # all checked first
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    model, tok = evals.load_model(path, device=dev)
+    ptdtype = torch.float32 if c.dtype == "auto" else getattr(torch, c.dtype)  # auto: exact
+    with torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32):
+        metrics = evals.run_hellaswag(model, tok, examples, c.out_dir)
+    return {"interrupted": None, "checkpoint": path, "hellaswag": metrics}
 
 
 def load_data(c, rank, world, dev):
@@ -495,7 +523,9 @@ def run(c, rank, world, dev):
                else torch.float32)
     autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
+    hs = evals.read_hellaswag(c.hellaswag, limit=c.hellaswag_limit) if c.hellaswag else None
     tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
+    hs = hs and evals.tokenize_examples(tok, hs, c.block_size)  # once; a misfit fails now
     mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
         gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
@@ -569,6 +599,12 @@ def run(c, rank, world, dev):
             say(f"sample at step {step}:\n{sample[0]}")
         return loss, bpb
 
+    def hellaswag_now():  # accuracy on HellaSwag, each rank scoring its share
+        with autocast:
+            m, _ = evals.score_hellaswag(raw, tok, hs, rank, world)
+        say(f"step {step:5d} | {evals.summary_line(m)}")
+        write_log({"step": step, **{f"hellaswag_{k}": v for k, v in m.items()}})
+
     def save_now():
         rngs = [rng_state()] * world
         if world > 1:  # every rank's generators, in rank order
@@ -640,6 +676,8 @@ def run(c, rank, world, dev):
             t_pause = time.time()
             if step % c.eval_interval == 0 or step == c.max_iters:
                 val = evaluate_now()
+            if hs and (step % (c.hellaswag_every or c.eval_interval) == 0 or step == c.max_iters):
+                hellaswag_now()
             if step % c.save_interval == 0 or step == c.max_iters or stop:
                 last_ckpt = save_now()
             if stop:
