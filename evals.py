@@ -180,9 +180,11 @@ def score_hellaswag(model, tok, examples, rank=0, world=1):
                          pred_norm=pred_norm, pred_tokmean=pred_tokmean))
         correct += torch.tensor([1.0, pred == ex["label"], pred_norm == ex["label"],
                                  pred_tokmean == ex["label"]], dtype=torch.float64)
-    if world > 1:
+    if world > 1:  # on the model's device: NCCL reduces CUDA tensors only
         import torch.distributed as dist
-        dist.all_reduce(correct)  # gloo and nccl both sum float64 on the CPU tensor's device
+        correct = correct.to(model.wte.weight.device)
+        dist.all_reduce(correct)
+        correct = correct.cpu()
     n = int(correct[0].item())
     metrics = {"n": n, **{k: correct[j + 1].item() / max(n, 1)
                           for j, k in enumerate(("acc", "acc_norm", "acc_tokmean"))}}
@@ -306,7 +308,10 @@ def harness_hellaswag_yaml(jsonl_path, folder, task="hellaswag_local"):
     """A harness task over a local HellaSwag jsonl (no hub access): the harness's own hellaswag
     task (its YAML, preprocessing and metrics, acc_bytes added) with the dataset swapped for
     the file. Returns the YAML's path; pass its folder as include_path."""
-    import lm_eval.tasks
+    try:
+        import lm_eval.tasks
+    except ImportError:
+        raise ImportError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
     yaml_src = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "hellaswag", "hellaswag.yaml")
     path = os.path.join(folder, f"{task}.yaml")
     text = "\n".join([
@@ -448,14 +453,17 @@ def main():
                           ("threads", threads >= 0, ">= 0")])
     if threads:
         torch.set_num_threads(threads)
+    path = hellaswag
     if download:
-        print(f"saved {download_hellaswag(out_dir)}")
-        if not (model and (hellaswag or tasks)):
+        saved = download_hellaswag(out_dir)
+        print(f"saved {saved}")
+        if not model:
             return
-    if not hellaswag and not tasks:
+        path = path or saved
+    if not path and not tasks:
         raise ValueError("nothing to do: pass --hellaswag=PATH and/or --tasks=NAMES "
                          "(or --download=true)")
-    examples = read_hellaswag(hellaswag, raw, limit) if hellaswag else None  # checked first
+    examples = read_hellaswag(path, raw, limit) if path else None  # checked first
     net, tok = load_model(model, gpt2_dir, gpt.pick_device(device))
     if examples is not None:
         run_hellaswag(net, tok, examples, out_dir)

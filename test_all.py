@@ -3252,6 +3252,21 @@ def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
     assert evals.predictions([-1, -1, -2], [1, 1, 1], [1, 1, 1]) == (0, 0, 0)  # ties: the first
 
 
+def test_evals_ranks_share_examples(hf_tiny, tmp_path, monkeypatch):
+    """Under DDP each rank scores every world-th example and the counts are summed: two ranks
+    (all_reduce played by hand) give the one-process metrics."""
+    hf, model, tok = hf_tiny
+    examples = evals.read_hellaswag(write_jsonl(tmp_path / "hs.jsonl", HS_DOCS))
+    alone, _ = evals.score_hellaswag(model, tok, examples)
+    other = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: other.append(t.clone()))
+    _, rows1 = evals.score_hellaswag(model, tok, examples, rank=1, world=2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.add_(other[0]))
+    both, rows0 = evals.score_hellaswag(model, tok, examples, rank=0, world=2)
+    assert [r["ind"] for r in rows0] == [0, 2] and [r["ind"] for r in rows1] == [1]
+    assert both == alone
+
+
 def hs_text_docs(n=6):
     """HellaSwag rows written with the characters of the train-section corpus (cli.py)."""
     return [hellaswag_doc(k, f"the option is parsed {k} times.", "then", [  # <= 16 chars each
@@ -3416,3 +3431,22 @@ def test_evals_harness_rolling_and_generate(hf_tiny):
     reqs = [Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 20}), 0),
             Instance("generate_until", {}, (prompt, {"until": [stop, "\u2603"], "max_gen_toks": 20}), 1)]
     assert lm.generate_until(reqs) == [want, want.split(stop)[0]]
+
+
+def test_evals_script_line_and_errors(corpus, tmp_path):
+    """python evals.py --model=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
+    one line on stderr, exit 1, nothing written."""
+    r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
+    good = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs(3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(hs_text_docs(1)[0]) + "\n[]\n")
+    for path, out in ((good, tmp_path / "a"), (bad, tmp_path / "b")):
+        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={r['checkpoint']}",
+                            f"--hellaswag={path}", f"--out_dir={out}", "--device=cpu", "--threads=1"],
+                           capture_output=True, text=True, timeout=120)
+        if path == good:
+            assert p.returncode == 0 and p.stdout.startswith("hellaswag 3 examples | acc ")
+            assert len((out / "hellaswag.jsonl").read_text().splitlines()) == 3
+        else:
+            assert p.returncode == 1 and p.stderr == f"error: {bad}:2: expected a JSON object, got list\n"
+            assert not out.exists()
