@@ -169,7 +169,8 @@ def score_hellaswag(model, tok, examples, rank=0, world=1):
     of hellaswag.jsonl. Under DDP each rank scores every world-th example and the counts are
     summed, so every rank gets the same metrics (rows: only its own)."""
     rows, correct = [], torch.zeros(4, dtype=torch.float64)  # n, acc, acc_norm, acc_tokmean
-    for ex in tokenize_examples(tok, examples[rank::world], model and model.config.block_size):
+    block_size = model.config.block_size if model is not None else None
+    for ex in tokenize_examples(tok, examples[rank::world], block_size):
         ctx_ids, ending_ids = ex["ctx_ids"], ex["ending_ids"]
         lls = [ll for ll, _ in score(model, [(ctx_ids, e) for e in ending_ids])]  # one forward
         nbytes = [len(e.encode("utf-8")) for e in ex["endings"]]

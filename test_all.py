@@ -152,7 +152,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
     ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
-                           "primer, train, mfu"),
+                           "primer, train, mfu, evals"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
 ])
@@ -3349,6 +3349,14 @@ def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
     assert evals.read_hellaswag(str(write_jsonl(tmp_path / "s.jsonl", [dict(good, label="2")])))[0]["label"] == 2
     # through train.py: exit 1, one line, nothing written
     r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
+    with pytest.raises(FileNotFoundError, match="needs GPT-2's gpt2_vocab.json"):
+        evals.load_model("gpt2", gpt2_dir=str(tmp_path))  # refused before any download
+    with pytest.raises(FileNotFoundError, match="no checkpoint at nope.pt"):
+        evals.load_model("nope.pt")
+    ck = torch.load(r["checkpoint"], weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k != "tokenizer"}, tmp_path / "notok.pt")
+    with pytest.raises(ValueError, match="notok.pt names no tokenizer file"):
+        evals.load_model(str(tmp_path / "notok.pt"))
     out = tmp_path / "never"
     base = [f"--out_dir={out}", "--device=cpu"]
     for argv, want in [
