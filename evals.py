@@ -163,24 +163,30 @@ def predictions(lls, ending_bytes, ending_tokens):
             argmax([ll / t for ll, t in zip(lls, ending_tokens)]))
 
 
-def score_hellaswag(model, tok, examples, rank=0, world=1):
+def score_hellaswag(model, tok, examples, rank=0, world=1, batch=8):
     """Score HellaSwag examples (read_hellaswag's) with model and tok: returns (metrics, rows).
     metrics: {"n", "acc", "acc_norm", "acc_tokmean"}; rows: one dict per example with the keys
-    of hellaswag.jsonl. Under DDP each rank scores every world-th example and the counts are
-    summed, so every rank gets the same metrics (rows: only its own)."""
+    of hellaswag.jsonl. batch examples (4 rows each) share a forward: a GPU wants wide
+    batches. Under DDP each rank scores every world-th example and the counts are summed, so
+    every rank gets the same metrics (rows: only its own)."""
     rows, correct = [], torch.zeros(4, dtype=torch.float64)  # n, acc, acc_norm, acc_tokmean
     block_size = model.config.block_size if model is not None else None
-    for ex in tokenize_examples(tok, examples[rank::world], block_size):
-        ctx_ids, ending_ids = ex["ctx_ids"], ex["ending_ids"]
-        lls = [ll for ll, _ in score(model, [(ctx_ids, e) for e in ending_ids])]  # one forward
-        nbytes = [len(e.encode("utf-8")) for e in ex["endings"]]
-        ntok = [len(e) for e in ending_ids]
-        pred, pred_norm, pred_tokmean = predictions(lls, nbytes, ntok)
-        rows.append(dict(ind=ex["ind"], label=ex["label"], ctx_ids=ctx_ids, ending_ids=ending_ids,
-                         loglikelihoods=lls, ending_bytes=nbytes, ending_tokens=ntok, pred=pred,
-                         pred_norm=pred_norm, pred_tokmean=pred_tokmean))
-        correct += torch.tensor([1.0, pred == ex["label"], pred_norm == ex["label"],
-                                 pred_tokmean == ex["label"]], dtype=torch.float64)
+    mine = tokenize_examples(tok, examples[rank::world], block_size)
+    for i in range(0, len(mine), batch):
+        chunk = mine[i:i + batch]
+        flat = [(ex["ctx_ids"], e) for ex in chunk for e in ex["ending_ids"]]
+        scored = score(model, flat, batch_rows=len(flat))  # one forward
+        for k, ex in enumerate(chunk):
+            lls = [ll for ll, _ in scored[N_ENDINGS * k:N_ENDINGS * (k + 1)]]
+            nbytes = [len(e.encode("utf-8")) for e in ex["endings"]]
+            ntok = [len(e) for e in ex["ending_ids"]]
+            pred, pred_norm, pred_tokmean = predictions(lls, nbytes, ntok)
+            rows.append(dict(ind=ex["ind"], label=ex["label"], ctx_ids=ex["ctx_ids"],
+                             ending_ids=ex["ending_ids"], loglikelihoods=lls, ending_bytes=nbytes,
+                             ending_tokens=ntok, pred=pred, pred_norm=pred_norm,
+                             pred_tokmean=pred_tokmean))
+            correct += torch.tensor([1.0, pred == ex["label"], pred_norm == ex["label"],
+                                     pred_tokmean == ex["label"]], dtype=torch.float64)
     if world > 1:  # on the model's device: NCCL reduces CUDA tensors only
         import torch.distributed as dist
         correct = correct.to(model.wte.weight.device)

@@ -3199,10 +3199,14 @@ def test_evals_loglikelihoods_equal_transformers(hf_tiny, tmp_path):
     real_hidden = model.hidden
     model.hidden = lambda x, cache=None: calls.append(x.shape) or real_hidden(x, cache)
     try:
-        metrics, rows = evals.score_hellaswag(model, tok, examples)
+        metrics, rows = evals.score_hellaswag(model, tok, examples, batch=1)
+        metrics2, rows2 = evals.score_hellaswag(model, tok, examples, batch=2)  # 8 rows, then 4
     finally:
         del model.hidden
-    assert [s[0] for s in calls] == [4, 4, 4] and metrics["n"] == 3
+    assert metrics2 == metrics and sum([r.pop("loglikelihoods") for r in rows2], []) == pytest.approx(
+        sum([r["loglikelihoods"] for r in rows], []), abs=1e-5)
+    assert rows2 == [{k: v for k, v in r.items() if k != "loglikelihoods"} for r in rows]
+    assert [s[0] for s in calls] == [4, 4, 4, 8, 4] and metrics["n"] == 3
     assert len(rows[2]["ctx_ids"]) + len(rows[2]["ending_ids"][0]) > 65  # really truncated
     for ex, row in zip(examples, rows):
         assert row["ctx_ids"] == tok.encode(ex["ctx"])
