@@ -57,6 +57,7 @@ threads = 0              # torch CPU threads; 0 = torch's choice
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 EOT = "<|endoftext|>"
+NO_LM_EVAL = "lm-evaluation-harness is not installed: pip install lm-eval==0.4.13"
 N_ENDINGS = 4
 
 
@@ -224,7 +225,7 @@ def summary_line(metrics):
             f"acc_norm {metrics['acc_norm']:.4f} | acc_tokmean {metrics['acc_tokmean']:.4f}")
 
 
-# ----------------------------------------------------------------------------- lm-evaluation-harness
+# ----------------------------------------------------------------------------- the harness
 def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
     """An lm_eval TemplateLM over our model and tokenizer, for lm_eval.simple_evaluate(model=...).
     The harness tokenizes (TemplateLM: whole text, then cut after the context) and calls
@@ -234,8 +235,7 @@ def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
         from lm_eval import utils as lm_utils
         from lm_eval.api.model import TemplateLM
     except ImportError:
-        raise ImportError("the lm-evaluation-harness adapter needs lm-eval: "
-                          "pip install lm-eval==0.4.13") from None
+        raise ImportError(NO_LM_EVAL) from None
     eot = tok.special_tokens.get(EOT)
 
     class NanoLM(TemplateLM):
@@ -259,7 +259,8 @@ def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
             # longest first, so a batch holds rows of about one length (little padding)
-            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+            order = sorted(range(len(requests)),
+                           key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
             scored = score(model, [(requests[i][1], requests[i][2]) for i in order], batch_rows)
             out = [None] * len(requests)
             for i, s in zip(order, scored):
@@ -270,9 +271,10 @@ def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             out = []
             for (text,) in [r.args for r in requests]:
-                windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                windows = lm_utils.get_rolling_token_windows(  # each token predicted once
                     token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)]
+                    max_seq_len=self.max_length, context_len=1)
+                windows = [lm_utils.make_disjoint_window(w) for w in windows]
                 out.append(sum(ll for ll, _ in score(model, windows, batch_rows)))
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), out[-1])
             return out
@@ -304,11 +306,12 @@ def harness_evaluate(lm, task_names, limit=None, include_path=None, log_samples=
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ImportError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
+        raise ImportError(NO_LM_EVAL) from None
     manager = (TaskManager(include_path=include_path, include_defaults=False)  # no index of
                if include_path else None)  # the ~10,000 built-in task files: seconds saved
-    return lm_eval.simple_evaluate(model=lm, tasks=list(task_names), limit=limit, task_manager=manager,
-                                   log_samples=log_samples, bootstrap_iters=0)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(task_names), limit=limit,
+                                   task_manager=manager, log_samples=log_samples,
+                                   bootstrap_iters=0)
 
 
 def harness_hellaswag_yaml(jsonl_path, folder, task="hellaswag_local"):
@@ -318,7 +321,7 @@ def harness_hellaswag_yaml(jsonl_path, folder, task="hellaswag_local"):
     try:
         import lm_eval.tasks
     except ImportError:
-        raise ImportError("lm-evaluation-harness is not installed: pip install lm-eval==0.4.13") from None
+        raise ImportError(NO_LM_EVAL) from None
     yaml_src = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "hellaswag", "hellaswag.yaml")
     path = os.path.join(folder, f"{task}.yaml")
     text = "\n".join([

@@ -3462,3 +3462,16 @@ def test_evals_script_line_and_errors(corpus, tmp_path):
         else:
             assert p.returncode == 1 and p.stderr == f"error: {bad}:2: expected a JSON object, got list\n"
             assert not out.exists()
+
+
+def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):
+    """Without lm-eval the adapter is one ImportError line naming the install command
+    (cli.run prints it, exit 1); the rest of evals.py does not need it."""
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import lm_eval... now fails
+    for call in (lambda: evals.harness_lm(None, Tokenizer([])),
+                 lambda: evals.harness_evaluate(None, ["x"]),
+                 lambda: evals.harness_hellaswag_yaml(tmp_path / "a.jsonl", tmp_path)):
+        with pytest.raises(ImportError, match=r"^lm-evaluation-harness is not installed: "
+                                              r"pip install lm-eval==0\.4\.13$"):
+            call()
