@@ -14,8 +14,8 @@ the ratios.
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
 training), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
 (shakespeare-char: nanoGPT's baseline config vs our preset; the 16 GB fit), mfu (the 124M
-training micro-step on a GPU, variant by variant, vs transformers'). Rows also go to
-out/bench.json.
+training micro-step on a GPU, variant by variant, vs transformers'), evals (HellaSwag
+scoring vs transformers). Rows also go to out/bench.json.
 """
 import contextlib
 import importlib
@@ -821,12 +821,80 @@ def bench_mfu(args):
 
 
 # ======================================================================
+# evals: HellaSwag scoring (evals.py) vs the same sums through transformers
+# ======================================================================
+
+def hellaswag_like(n, vocab, seed=0):
+    """n HellaSwag-shaped examples as token ids: a 60-token context, 4 endings of 10 to 30."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(0, vocab, (k,), generator=g).tolist()
+    lens = lambda: torch.randint(10, 31, (4,), generator=g).tolist()
+    return [{"ind": k, "label": k % 4, "ctx": "", "endings": ["x" * m for m in ms],
+             "ctx_ids": ids(60), "ending_ids": [ids(m) for m in ms]}
+            for k, ms in ((k, lens()) for k in range(n))]
+
+
+def hf_hellaswag(hf, examples, device):
+    """The reference: each example's 4 rows padded into one batch, full logits, log_softmax,
+    the ending positions summed; returns the predictions by sum."""
+    preds = []
+    with torch.no_grad():
+        for ex in examples:
+            rows = [ex["ctx_ids"] + e for e in ex["ending_ids"]]
+            T = max(map(len, rows)) - 1
+            x = torch.zeros(4, T, dtype=torch.long)
+            for r, row in enumerate(rows):
+                x[r, :len(row) - 1] = torch.tensor(row[:-1])
+            logp = torch.log_softmax(hf(x.to(device)).logits.float(), -1).cpu()
+            sums = [logp[r, len(ex["ctx_ids"]) - 1 + torch.arange(len(e)), torch.tensor(e)].sum()
+                    for r, e in enumerate(ex["ending_ids"])]
+            preds.append(int(torch.stack(sums).argmax()))
+    return preds
+
+
+def bench_evals(args):
+    """HellaSwag scoring speed: evals.score_hellaswag (4 rows in one forward, the LM head only
+    at the ending positions) vs transformers (full logits) vs our readable path (one row, full
+    logits), same weights; the predictions must agree. Units: input tokens per second."""
+    import evals
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    repeat = getattr(args, "repeat", None) or 5
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    rows = []
+    for preset, n in {"tiny": 32, "gpt2": 64 if cuda else 4}.items():
+        ours, hf = _models(preset, device)
+        ours.eval(), hf.eval()
+        examples = hellaswag_like(n, ours.config.vocab_size)
+        tokens = sum(4 * len(ex["ctx_ids"]) + sum(map(len, ex["ending_ids"])) for ex in examples)
+
+        def fast():
+            return [r["pred"] for r in evals.score_hellaswag(ours, None, examples)[1]]
+
+        def readable():
+            return [evals.argmax([evals.score_one(ours, ex["ctx_ids"], e) for e in ex["ending_ids"]])
+                    for ex in examples]
+
+        (t_fast, t_read, t_hf), (p_fast, p_read, p_hf) = cp.timed(
+            [fast, readable, lambda: hf_hellaswag(hf, examples, device)], repeat, device,
+            warmup=1, gc_on=True)
+        if not p_fast == p_read == p_hf:
+            raise RuntimeError(f"hellaswag {preset}: the predictions differ")
+        rows.append(_row(f"hellaswag {preset}, {n} examples: batched", name, t_fast, t_hf, tokens,
+                         "float32"))
+        rows.append(_row(f"hellaswag {preset}, {n} examples: readable path", name, t_read, t_hf,
+                         tokens, "float32, one row per forward"))
+    print_rows(rows)
+    return rows
+
+
+# ======================================================================
 # main
 # ======================================================================
 
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
-            "mfu": bench_mfu}
+            "mfu": bench_mfu, "evals": bench_evals}
 
 
 def main():

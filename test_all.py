@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -42,6 +43,7 @@ import bpe  # noqa: E402
 import chat as ch  # noqa: E402 (chat() is finetune's test helper)
 import cli  # noqa: E402
 import cuda_primer  # noqa: E402
+import evals  # noqa: E402
 import dataloader  # noqa: E402
 import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
@@ -155,7 +157,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
     ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
-                           "primer, train, mfu"),
+                           "primer, train, mfu, evals"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
 ])
@@ -3926,3 +3928,380 @@ def test_chat_streamed_tokens_equal_generate_on_cuda(chat_files):
     want = expected_reply(s, s.prompt("king queen"), 1.0, None, 0.9, seed=5)
     s.set_seed(5)
     assert s.reply("king queen", io.StringIO(), io.StringIO()) == want
+
+
+# ======================================================================
+# evals: tests for evals.py: HellaSwag scoring vs transformers, metrics by hand, the CLI, lm-eval
+# ======================================================================
+
+try:
+    import lm_eval  # noqa: F401
+    from lm_eval.api.instance import Instance
+    HAVE_LM_EVAL = True
+except ImportError:
+    HAVE_LM_EVAL = False
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="needs lm-eval (pip install lm-eval)")
+
+
+def hellaswag_doc(ind, ctx_a, ctx_b, endings, label, activity="Making tea"):
+    """One row in HellaSwag's own format (hellaswag_val.jsonl)."""
+    ctx = ctx_a + (" " + ctx_b if ctx_b else "")
+    return dict(ind=ind, activity_label=activity, ctx_a=ctx_a, ctx_b=ctx_b, ctx=ctx,
+                endings=endings, label=label, split="val", split_type="indomain",
+                source_id=f"test~{ind}")
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+HS_DOCS = [  # WikiHow-style tags, ctx_b to capitalize, a context longer than block_size=64
+    hellaswag_doc(0, "A man is sitting on a roof.", "he", ["is using wrap to wrap a pair of skis.",
+              "is ripping level tiles off.", "is holding a rubik's cube.",
+              "starts pulling up roofing on a roof."], 3, "Roof shingle removal"),
+    hellaswag_doc(1, "[header] How to brew tea [title] Boil fresh water.", "the Kettle [step] sings",
+                  ["when it is  ready.", "[substeps] and the cat leaves.", "loudly.", "for ages."], 0),
+    hellaswag_doc(2, " ".join(["The long walk goes on and on."] * 12), "",
+                  ["until night.", "forever and ever.", "into the sea.", "nowhere at all."], 2, "Walking"),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    """A random 2-layer GPT-2 with the real 50,257-token vocabulary and a 64-token context, the
+    same weights in transformers and in our GPT (from_hf), and GPT-2's tokenizer."""
+    if not (DATA / "gpt2_vocab.json").exists():
+        pytest.skip("needs ../shared/data")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()
+    tok = Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", DATA / "gpt2_merges.txt")
+    return hf, GPT.from_hf(hf).eval(), tok
+
+
+def hf_loglikelihood(hf, ctx_ids, cont_ids, block):
+    """log P(cont | ctx) computed directly with transformers, context cut to fit the block."""
+    row = (ctx_ids + cont_ids)[-(block + 1):]
+    with torch.no_grad():
+        logits = hf(torch.tensor([row[:-1]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)[-len(cont_ids):]
+    target = torch.tensor(row[-len(cont_ids):])
+    return logp.gather(1, target[:, None]).sum().item(), bool((logits[-len(cont_ids):].argmax(-1) == target).all())
+
+
+def test_evals_preprocess_by_hand():
+    """The harness's rules, worked out by hand: strip first, ' [title]' -> '. ', tags deleted
+    (shortest match), then ONE pass of double -> single space (so a space can stay in front)."""
+    cases = {
+        "  Hello [title] World  ": "Hello. World",
+        "[header] How to make tea [title] Boil water. [step] Pour it.":
+            " How to make tea. Boil water. Pour it.",
+        "keep [one] this [two] too": "keep this too",
+        "a   b": "a  b",                   # three spaces: one pass leaves two
+        "[a] x [b]": " x ",
+        "no tags here.": "no tags here.",
+        "[title]start": "start",           # no space before it: just a tag
+    }
+    for text, want in cases.items():
+        assert evals.preprocess(text) == want, text
+    ctx, ends = evals.example_text(HS_DOCS[1])
+    assert ctx == "Making tea: How to brew tea. Boil fresh water. The kettle sings"
+    assert ends == ["when it is ready.", " and the cat leaves.", "loudly.", "for ages."]
+    ctx, ends = evals.example_text(HS_DOCS[0])
+    assert ctx == "Roof shingle removal: A man is sitting on a roof. He"
+    raw_ctx, raw_ends = evals.example_text(HS_DOCS[1], raw=True)  # build-nanogpt: untouched
+    assert raw_ctx == HS_DOCS[1]["ctx"] and raw_ends == HS_DOCS[1]["endings"]
+    if HAVE_LM_EVAL:  # the harness's own code agrees on every case
+        from lm_eval.tasks.hellaswag import utils as hs_utils
+        assert all(hs_utils.preprocess(t) == evals.preprocess(t) for t in cases)
+        for d in HS_DOCS:
+            got = hs_utils.process_docs(__import__("datasets").Dataset.from_list([d]))[0]
+            assert (got["query"], got["choices"]) == evals.example_text(d)
+
+
+def test_evals_loglikelihoods_equal_transformers(hf_tiny, tmp_path):
+    """Each ending's summed log-probability equals transformers' GPT2LMHeadModel with the same
+    weights (to 1e-4), including a context cut from the left; the batched fast path equals the
+    one-row readable path; the 4 endings go through one forward."""
+    hf, model, tok = hf_tiny
+    examples = evals.read_hellaswag(write_jsonl(tmp_path / "hs.jsonl", HS_DOCS))
+    calls = []
+    real_hidden = model.hidden
+    model.hidden = lambda x, cache=None: calls.append(x.shape) or real_hidden(x, cache)
+    try:
+        metrics, rows = evals.score_hellaswag(model, tok, examples, batch=1)
+        metrics2, rows2 = evals.score_hellaswag(model, tok, examples, batch=2)  # 8 rows, then 4
+    finally:
+        del model.hidden
+    assert metrics2 == metrics and sum([r.pop("loglikelihoods") for r in rows2], []) == pytest.approx(
+        sum([r["loglikelihoods"] for r in rows], []), abs=1e-5)
+    assert rows2 == [{k: v for k, v in r.items() if k != "loglikelihoods"} for r in rows]
+    assert [s[0] for s in calls] == [4, 4, 4, 8, 4] and metrics["n"] == 3
+    assert len(rows[2]["ctx_ids"]) + len(rows[2]["ending_ids"][0]) > 65  # really truncated
+    for ex, row in zip(examples, rows):
+        assert row["ctx_ids"] == tok.encode(ex["ctx"])
+        for i, end in enumerate(row["ending_ids"]):
+            assert row["ctx_ids"] + end == tok.encode(ex["ctx"] + " " + ex["endings"][i])
+            want, greedy = hf_loglikelihood(hf, row["ctx_ids"], end, 64)
+            assert row["loglikelihoods"][i] == pytest.approx(want, abs=1e-4)
+            assert evals.score_one(model, row["ctx_ids"], end) == pytest.approx(want, abs=1e-4)
+    # rows of very different lengths in one padded batch: each equals its own forward
+    rows_in = [(r["ctx_ids"], e) for r in rows for e in r["ending_ids"]]
+    for (ll, greedy), (c, e) in zip(evals.score(model, rows_in, batch_rows=12), rows_in):
+        want, want_greedy = hf_loglikelihood(hf, c, e, 64)
+        assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+    # a continuation the model can predict greedily: is_greedy is True
+    c = tok.encode("Hello")
+    nxt = hf(torch.tensor([c])).logits[0, -1].argmax().item()
+    assert evals.score(model, [(c, [nxt])])[0][1] is True
+
+
+def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
+    """acc, acc_norm, acc_tokmean on 3 examples whose log-likelihoods are chosen by hand so
+    the three metrics disagree: 1/3, 2/3, 3/3. A char tokenizer makes the counts plain: an
+    ending of b bytes is b + 1 tokens (the space before it is one)."""
+    chosen = [  # (ending lengths in bytes, log-likelihoods, label)
+        ([5, 5, 5, 5], [-5, -10, -10, -10], 0),       # all three pick 0 (right)
+        ([2, 10, 5, 5], [-5, -11, -15, -15], 1),      # sum: 0 | per byte: 1 | per token: 1
+        ([1, 10, 3, 6], [-2.2, -12, -4, -9], 2),      # sum: 0 | per byte: 1 | per token: 2
+    ]
+    docs = [dict(ind=10 + k, ctx=f"context {k}", endings=["abcdefghij"[:b] for b in bs], label=label)
+            for k, (bs, _, label) in enumerate(chosen)]
+    path = write_jsonl(tmp_path / "hs.jsonl", docs)
+    tok = dataloader.CharTokenizer.train(path.read_text())
+    table = {}
+    for k, (bs, lls, _) in enumerate(chosen):
+        ctx = tok.encode(f"context {k}")
+        for b, ll in zip(bs, lls):
+            table[tuple(ctx), tuple(tok.encode(" " + "abcdefghij"[:b]))] = ll
+    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
+                        [(table[tuple(c), tuple(e)], False) for c, e in rows])
+    metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
+    assert metrics == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3, "acc_tokmean": 1.0}
+    assert [(r["pred"], r["pred_norm"], r["pred_tokmean"]) for r in rows] == [(0, 0, 0), (0, 1, 1), (0, 1, 2)]
+    assert [r["ending_bytes"] for r in rows] == [c[0] for c in chosen]
+    assert [r["ending_tokens"] for r in rows] == [[b + 1 for b in c[0]] for c in chosen]
+    assert [r["ind"] for r in rows] == [10, 11, 12]
+    assert evals.predictions([-6, -8, -9], [10, 20, 30], [2, 4, 2]) == (0, 2, 1)  # docstring
+    assert evals.predictions([-1, -1, -2], [1, 1, 1], [1, 1, 1]) == (0, 0, 0)  # ties: the first
+
+
+def test_evals_ranks_share_examples(hf_tiny, tmp_path, monkeypatch):
+    """Under DDP each rank scores every world-th example and the counts are summed: two ranks
+    (all_reduce played by hand) give the one-process metrics."""
+    hf, model, tok = hf_tiny
+    examples = evals.read_hellaswag(write_jsonl(tmp_path / "hs.jsonl", HS_DOCS))
+    alone, _ = evals.score_hellaswag(model, tok, examples)
+    other = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: other.append(t.clone()))
+    _, rows1 = evals.score_hellaswag(model, tok, examples, rank=1, world=2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.add_(other[0]))
+    both, rows0 = evals.score_hellaswag(model, tok, examples, rank=0, world=2)
+    assert [r["ind"] for r in rows0] == [0, 2] and [r["ind"] for r in rows1] == [1]
+    assert both == alone
+
+
+def hs_text_docs(n=6):
+    """HellaSwag rows written with the characters of the train-section corpus (cli.py)."""
+    return [hellaswag_doc(k, f"the option is parsed {k} times.", "then", [  # <= 16 chars each
+        "it prints.", "a value.", "one file.", "the run ends."],
+        k % 4, "Parsing options") for k in range(n)]
+
+
+def test_evals_train_eval_only_line_and_jsonl(corpus, tmp_path, capsys):
+    """python train.py --init=CKPT --eval_only=true --hellaswag=PATH: one line; hellaswag.jsonl
+    holds every key with the right types, the acc recomputed from it equals the line, and each
+    log-likelihood equals a fresh full-logits computation on the loaded checkpoint."""
+    r = train.train(tiny(corpus, tmp_path / "run", max_iters=10, save_interval=10))
+    path = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs())
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    train.main([f"--init={r['checkpoint']}", "--eval_only=true", f"--hellaswag={path}",
+                f"--out_dir={out}", "--device=cpu", "--threads=1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"hellaswag 6 examples \| acc [0-9.]+ \| acc_norm [0-9.]+ \| acc_tokmean [0-9.]+", line)
+    rows = [json.loads(x) for x in (out / "hellaswag.jsonl").read_text().splitlines()]
+    keys = ["ind", "label", "ctx_ids", "ending_ids", "loglikelihoods", "ending_bytes",
+            "ending_tokens", "pred", "pred_norm", "pred_tokmean"]
+    assert [list(r) for r in rows] == [keys] * 6
+    model, tok = evals.load_model(r["checkpoint"])
+    for r_, d in zip(rows, hs_text_docs()):
+        assert (r_["ind"], r_["label"]) == (d["ind"], d["label"])
+        assert all(type(r_[k]) is int for k in ("ind", "label", "pred", "pred_norm", "pred_tokmean"))
+        assert len(r_["ending_ids"]) == len(r_["loglikelihoods"]) == 4
+        assert all(isinstance(i, int) for i in r_["ctx_ids"] + sum(r_["ending_ids"], []))
+        assert r_["ending_tokens"] == [len(e) for e in r_["ending_ids"]]
+        assert r_["ending_bytes"] == [len(e.encode()) for e in evals.example_text(d)[1]]
+        for ll, e in zip(r_["loglikelihoods"], r_["ending_ids"]):
+            assert ll == pytest.approx(evals.score_one(model, r_["ctx_ids"], e), abs=1e-4)
+        assert r_["pred"] == int(np.argmax(r_["loglikelihoods"]))
+        assert r_["pred_norm"] == int(np.argmax(np.divide(r_["loglikelihoods"], r_["ending_bytes"])))
+        assert r_["pred_tokmean"] == int(np.argmax(np.divide(r_["loglikelihoods"], r_["ending_tokens"])))
+    got = {k: np.mean([r_[p] == r_["label"] for r_ in rows])
+           for k, p in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_tokmean", "pred_tokmean"))}
+    assert line == (f"hellaswag 6 examples | acc {got['acc']:.4f} | acc_norm {got['acc_norm']:.4f}"
+                    f" | acc_tokmean {got['acc_tokmean']:.4f}")
+    assert not list(out.glob(".*"))  # no lock or temp file left behind
+
+
+def test_evals_train_logs_hellaswag(corpus, tmp_path):
+    """--hellaswag --hellaswag_every=5: rows at steps 5 and 10 in log.jsonl; the last equals a
+    fresh score of the final checkpoint."""
+    path = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs(5))
+    r = train.train(tiny(corpus, tmp_path / "run", max_iters=10, save_interval=10,
+                         hellaswag=str(path), hellaswag_every=5, hellaswag_limit=4))
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    hs = [x for x in rows if "hellaswag_acc" in x]
+    assert [x["step"] for x in hs] == [5, 10] and all(x["hellaswag_n"] == 4 for x in hs)
+    model, tok = evals.load_model(r["checkpoint"])
+    metrics, _ = evals.score_hellaswag(model, tok, evals.read_hellaswag(path, limit=4))
+    assert {k: hs[-1][f"hellaswag_{k}"] for k in metrics} == pytest.approx(metrics)
+
+
+def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
+    good = hellaswag_doc(0, "a b", "c", ["d", "e", "f", "g"], 1)
+    cases = {
+        "missing": (None, "no HellaSwag file at"),
+        "empty": ("\n\n", "no examples (the file is empty)"),
+        "corrupt": (json.dumps(good) + "\n{not json\n", "corrupt.jsonl:2: not a JSON line"),
+        "label": (json.dumps(dict(good, label=4)) + "\n", "label.jsonl:1: 'label' must be 0, 1, 2 or 3, got 4"),
+        "strlabel": (json.dumps(dict(good, label="x")) + "\n", "'label' must be 0, 1, 2 or 3, got 'x'"),
+        "three": (json.dumps(good) + "\n" + json.dumps(dict(good, endings=["d", "e", "f"])) + "\n",
+                  "three.jsonl:2: 'endings' must be a list of 4 strings, got 3 items"),
+        "array": ("[1, 2]\n", "array.jsonl:1: expected a JSON object, got list"),
+        "noctx": (json.dumps({"endings": ["a"] * 4, "label": 0}) + "\n", "'ctx' must be a string"),
+        "binary": (b"\xff\xfe\n", "binary.jsonl:1: not UTF-8 text"),
+    }
+    for name, (text, want) in cases.items():
+        p = tmp_path / f"{name}.jsonl"
+        if isinstance(text, bytes):
+            p.write_bytes(text)
+        elif text is not None:
+            p.write_text(text)
+        with pytest.raises((ValueError, OSError), match=re.escape(want)):
+            evals.read_hellaswag(str(p))
+    assert evals.read_hellaswag(str(write_jsonl(tmp_path / "s.jsonl", [dict(good, label="2")])))[0]["label"] == 2
+    # through train.py: exit 1, one line, nothing written
+    r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
+    with pytest.raises(FileNotFoundError, match="needs GPT-2's gpt2_vocab.json"):
+        evals.load_model("gpt2", gpt2_dir=str(tmp_path))  # refused before any download
+    with pytest.raises(FileNotFoundError, match="no checkpoint at nope.pt"):
+        evals.load_model("nope.pt")
+    ck = torch.load(r["checkpoint"], weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k != "tokenizer"}, tmp_path / "notok.pt")
+    with pytest.raises(ValueError, match="notok.pt names no tokenizer file"):
+        evals.load_model(str(tmp_path / "notok.pt"))
+    out = tmp_path / "never"
+    base = [f"--out_dir={out}", "--device=cpu"]
+    for argv, want in [
+        ([f"--init={r['checkpoint']}", "--eval_only=true", f"--hellaswag={tmp_path / 'label.jsonl'}"],
+         "label.jsonl:1: 'label' must be"),
+        ([f"--init={r['checkpoint']}", "--eval_only=true", f"--hellaswag={tmp_path / 'nope.jsonl'}"],
+         "no HellaSwag file at"),
+        ([f"--init={r['checkpoint']}", "--eval_only=true"], "--eval_only needs --hellaswag=PATH"),
+        (["--eval_only=true", f"--hellaswag={tmp_path / 's.jsonl'}"], "--eval_only needs a checkpoint"),
+        ([f"--init={tmp_path / 'nope.pt'}", "--eval_only=true", f"--hellaswag={tmp_path / 's.jsonl'}"],
+         "no checkpoint at"),
+        ([f"--hellaswag={tmp_path / 'three.jsonl'}", "--max_iters=2", "--tokenizer=char",
+          f"--data={corpus / 'corpus.txt'}", f"--data_dir={corpus / 'shards'}"], "three.jsonl:2:"),
+        (["--eval_only=true", "--hellaswag_limit=-1"], "--hellaswag_limit=-1: must be >= 0"),
+    ]:
+        code, msg = cli_error(capsys, base + argv)
+        assert code == 1 and want in msg, (argv, msg)
+        assert not out.exists(), argv
+
+
+@needs_lm_eval
+def test_evals_harness_equals_our_scorer(hf_tiny, tmp_path, monkeypatch):
+    """lm_eval.simple_evaluate with the harness's own hellaswag task (its YAML, preprocessing
+    and metrics) over a local jsonl, offline, on our adapter: per-example log-likelihoods equal
+    score_hellaswag's, and its acc / acc_bytes equal our acc / acc_norm."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf, model, tok = hf_tiny
+    docs = HS_DOCS + [hellaswag_doc(3 + k, f"Someone pours water {k} times.", "she", [
+        "smiles.", "drinks it all slowly.", "leaves.", "drops [title] the cup."], k % 4) for k in range(3)]
+    path = write_jsonl(tmp_path / "hs.jsonl", docs)
+    evals.harness_hellaswag_yaml(path, tmp_path / "tasks")
+    res = evals.harness_evaluate(evals.harness_lm(model, tok), ["hellaswag_local"],
+                                 include_path=str(tmp_path / "tasks"), log_samples=True)
+    metrics, rows = evals.score_hellaswag(model, tok, evals.read_hellaswag(path))
+    samples = sorted(res["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) == 6
+    for s, row in zip(samples, rows):
+        lls = [r[0][0] for r in s["resps"]]
+        assert lls == pytest.approx(row["loglikelihoods"], abs=1e-6)
+        assert s["arguments"][0][0] == evals.example_text(docs[s["doc_id"]])[0]
+    got = res["results"]["hellaswag_local"]
+    assert got["acc,none"] == pytest.approx(metrics["acc"])
+    assert got["acc_bytes,none"] == pytest.approx(metrics["acc_norm"])
+
+
+@needs_lm_eval
+def test_evals_harness_rolling_and_generate(hf_tiny):
+    """loglikelihood_rolling: every token predicted once, with transformers as the reference
+    (one window, and a text 2.5 windows long); generate_until: transformers' greedy generate,
+    cut at the first stop string."""
+    hf, model, tok = hf_tiny
+    lm = evals.harness_lm(model, tok, max_gen_toks=20)
+    eot = tok.special_tokens["<|endoftext|>"]
+    short = "The kettle sings when the water is ready."
+    long = " ".join(f"Line {k} of a long text that goes on." for k in range(20))
+
+    def ref(text, L=64):  # windows of L predicted tokens; the last one with a full context
+        ids = tok.encode(text)
+        seq, total = [eot] + ids, 0.0
+        for s in range(0, len(ids), L):
+            e = min(s + L, len(ids))
+            start = max(0, e - L)
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([seq[start:e]])).logits[0].double(), -1)
+            target = torch.tensor(seq[start + 1:e + 1])
+            total += logp.gather(1, target[:, None])[-(e - s):].sum().item()
+        return total
+
+    assert len(tok.encode(long)) > 2 * 64
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in (short, long)]
+    assert lm.loglikelihood_rolling(reqs) == pytest.approx([ref(short), ref(long)], abs=1e-4)
+    prompt = "The kettle sings"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        want_ids = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=20, do_sample=False, pad_token_id=eot)[0, len(ids):].tolist()
+    want = tok.decode(want_ids)
+    stop = tok.decode(want_ids[5:6])
+    reqs = [Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 20}), 0),
+            Instance("generate_until", {}, (prompt, {"until": [stop, "\u2603"], "max_gen_toks": 20}), 1)]
+    assert lm.generate_until(reqs) == [want, want.split(stop)[0]]
+
+
+def test_evals_script_line_and_errors(corpus, tmp_path):
+    """python evals.py --model=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
+    one line on stderr, exit 1, nothing written."""
+    r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
+    good = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs(3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(hs_text_docs(1)[0]) + "\n[]\n")
+    for path, out in ((good, tmp_path / "a"), (bad, tmp_path / "b")):
+        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={r['checkpoint']}",
+                            f"--hellaswag={path}", f"--out_dir={out}", "--device=cpu", "--threads=1"],
+                           capture_output=True, text=True, timeout=120)
+        if path == good:
+            assert p.returncode == 0 and p.stdout.startswith("hellaswag 3 examples | acc ")
+            assert len((out / "hellaswag.jsonl").read_text().splitlines()) == 3
+        else:
+            assert p.returncode == 1 and p.stderr == f"error: {bad}:2: expected a JSON object, got list\n"
+            assert not out.exists()
+
+
+def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):
+    """Without lm-eval the adapter is one ImportError line naming the install command
+    (cli.run prints it, exit 1); the rest of evals.py does not need it."""
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import lm_eval... now fails
+    for call in (lambda: evals.harness_lm(None, Tokenizer([])),
+                 lambda: evals.harness_evaluate(None, ["x"]),
+                 lambda: evals.harness_hellaswag_yaml(tmp_path / "a.jsonl", tmp_path)):
+        with pytest.raises(ImportError, match=r"^lm-evaluation-harness is not installed: "
+                                              r"pip install lm-eval==0\.4\.13$"):
+            call()

@@ -46,9 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import cli
+import evals
 import gpt
 from dataloader import DataLoader, prepare
-from resume import resume, rng_state, save_run  # checkpoints that resume exactly
+from resume import checkpoints, resume, rng_state, save_run  # checkpoints that resume exactly
 from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -100,6 +101,10 @@ save_interval = 500      # steps between checkpoints (and at the end)
 keep_checkpoints = 3     # the newest K are kept
 init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
 plot = False             # write out_dir/loss.png at the end (needs matplotlib)
+hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); "" = off
+hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
+hellaswag_limit = 0      # score only the first N examples; 0 = all
+eval_only = False        # score --init's checkpoint on --hellaswag and stop (no training)
 
 # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
 # 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
@@ -202,6 +207,8 @@ def train(c):
     if dev.type == "cuda":  # TF32: fp32 matmuls on the tensor cores, 10-bit mantissa inputs
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if c.eval_only:
+        return score_checkpoint(c, world, dev)
     with hold_out_dir(c.out_dir) if rank == 0 else contextlib.nullcontext():
         if world > 1:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -228,6 +235,9 @@ def run(c, rank, world, dev):
             with meter.paused():  # evaluations and saves stay out of tokens/s
                 if step % c.eval_interval == 0 or step == c.max_iters:
                     val, sample = evaluate_and_sample(c, s, step)
+                if s.hellaswag and (step % (c.hellaswag_every or c.eval_interval) == 0
+                                    or step == c.max_iters):
+                    score_hellaswag(s, step)
                 if step % c.save_interval == 0 or step == c.max_iters or stop:
                     last_ckpt = save(c, s, step)
             if stop:
@@ -310,6 +320,33 @@ def evaluate_and_sample(c, s, step, log=True):
     return (loss, bpb), sample
 
 
+def score_hellaswag(s, step):
+    """Accuracy on HellaSwag (evals.py), each rank scoring its share, logged with the step."""
+    with s.autocast:
+        m, _ = evals.score_hellaswag(s.raw, s.tok, s.hellaswag, s.rank, s.world)
+    s.say(f"step {step:5d} | {evals.summary_line(m)}")
+    write_log(s, {"step": step, **{f"hellaswag_{k}": v for k, v in m.items()}})
+
+
+def score_checkpoint(c, world, dev):
+    """--eval_only: HellaSwag on one checkpoint (--init=PATH, or out_dir's newest with
+    --init=auto); prints the summary line, writes out_dir/hellaswag.jsonl (evals.py)."""
+    if world > 1:
+        raise ValueError("--eval_only runs in one process: start it with python, not torchrun")
+    if not c.hellaswag:
+        raise ValueError("--eval_only needs --hellaswag=PATH (a HellaSwag jsonl)")
+    path = {"auto": (checkpoints(c.out_dir) or [None])[-1], "scratch": None}.get(c.init, c.init)
+    if not path:
+        raise ValueError(f"--eval_only needs a checkpoint: --init=PATH.pt, or a run in "
+                         f"--out_dir={c.out_dir} (none there)")
+    examples = evals.read_hellaswag(c.hellaswag, limit=c.hellaswag_limit)  # all checked first
+    model, tok = evals.load_model(path, device=dev)
+    ptdtype = torch.float32 if c.dtype == "auto" else getattr(torch, c.dtype)  # auto: exact
+    with torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32):
+        metrics = evals.run_hellaswag(model, tok, examples, c.out_dir)
+    return {"interrupted": None, "checkpoint": path, "hellaswag": metrics}
+
+
 def save(c, s, step):
     """Checkpoint the run at step (every process sends its RNGs); returns the path on process 0."""
     rngs = [rng_state()] * s.world
@@ -379,6 +416,7 @@ class Setup(NamedTuple):
     step: int                    # where the run starts (0, or the resumed step)
     last_ckpt: str | None
     eot: int | None
+    hellaswag: list | None       # tokenized HellaSwag examples (--hellaswag), or None
     say: Callable
 
 
@@ -396,7 +434,9 @@ def build(c, rank, world, dev):
                else torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported()
                else torch.float32)
     autocast = torch.autocast(dev.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    hs = evals.read_hellaswag(c.hellaswag, limit=c.hellaswag_limit) if c.hellaswag else None
     tok, prep, loader, val_batches, val_bytes = load_data(c, rank, world, dev)
+    hs = hs and evals.tokenize_examples(tok, hs, c.block_size)  # once; a misfit fails now
     mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
         gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
@@ -429,7 +469,7 @@ def build(c, rank, world, dev):
               os.path.abspath(os.path.join(prep.train, "..", "tokenizer.json")),
               val_batches, val_bytes, autocast, dev, rank, world, accum, tokens_per_step,
               raw.flops_per_token(), peak[key] * world if peak and peak[key] else None,
-              log_path, step, last_ckpt, tok.special_tokens.get("<|endoftext|>"), say)
+              log_path, step, last_ckpt, tok.special_tokens.get("<|endoftext|>"), hs, say)
     say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} MFLOPs "
         f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
     say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
@@ -586,7 +626,7 @@ def check_options(c):
         "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
     rules += [(n, v[n] >= 0, ">= 0") for n in (
         "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
-        "eval_iters", "sample_tokens", "seed")]
+        "eval_iters", "sample_tokens", "seed", "hellaswag_every", "hellaswag_limit")]
     cli.check(v, rules + [
         ("n_embd", c.n_embd % c.n_head == 0, f"a multiple of --n_head={c.n_head}"),
         ("vocab_size", 257 <= c.vocab_size <= 2**20, "in [257, 2**20] (256 bytes, then merges)"),
