@@ -286,7 +286,7 @@ def newest_checkpoint(folder):
 
 def load(path, tok_path=""):
     """(model, tokenizer) from any nanollm checkpoint: the one place chat.py reads one."""
-    model, tok, _ = finetune.load_base(path, tok_path)
+    model, tok, _ = gpt.load_model(path, tok_path)
     return model, tok
 
 

@@ -414,29 +414,14 @@ def download_hellaswag(folder, split="val"):
 
 
 def load_model(name, gpt2_dir="../shared/data", device="cpu"):
-    """(model, tokenizer) from a checkpoint file (train.py's: "model_config"; gpt.py's:
-    "config"; both name their tokenizer file) or a Hugging Face GPT-2 name ("gpt2",
-    "gpt2-medium", ...: GPT.from_pretrained, internet, with GPT-2's files from gpt2_dir)."""
-    import dataloader  # its load_tokenizer reads both of our tokenizer formats
+    """(model, tokenizer) from a nanollm checkpoint file (gpt.load_model) or a Hugging Face
+    GPT-2 name ("gpt2", "gpt2-medium", ...: GPT.from_pretrained, internet, with GPT-2's files
+    from gpt2_dir)."""
     if not name:
         raise ValueError("no model: pass a checkpoint file or a Hugging Face GPT-2 name")
     if os.path.isfile(name):
-        ck = gpt.read_checkpoint(name, ("model",))
-        config = ck.get("model_config", ck.get("config"))
-        if not isinstance(config, dict):
-            raise ValueError(f"{name} is not a nanollm checkpoint (no model config)")
-        try:
-            config = gpt.GPTConfig(**{**config, "dropout": 0.0})
-        except TypeError as e:
-            raise ValueError(f"{name}: bad config: {e}") from None
-        if not isinstance(ck.get("tokenizer"), str):
-            raise ValueError(f"{name} names no tokenizer file")
-        tok_path = os.path.join(os.path.dirname(os.path.abspath(name)), ck["tokenizer"])
-        if not os.path.isfile(tok_path):
-            raise FileNotFoundError(f"{name}: its tokenizer file {tok_path} is missing")
-        m = gpt.GPT(config)
-        m.load_weights(ck["model"])
-        return m.to(device).eval(), dataloader.load_tokenizer(tok_path)
+        model, tok, _ = gpt.load_model(name, device=device)
+        return model, tok
     if not re.fullmatch(r"(openai-community/)?(distil)?gpt2(-medium|-large|-xl)?", name):
         raise FileNotFoundError(f"no checkpoint at {name} (nor a Hugging Face GPT-2 name)")
     files = [os.path.join(gpt2_dir, f) for f in ("gpt2_vocab.json", "gpt2_merges.txt")]

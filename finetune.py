@@ -483,25 +483,14 @@ def newest_checkpoint(folder):
 
 def load_base(path, tok_path=""):
     """(model, tokenizer, pretraining data folder or None) from a checkpoint of gpt.py,
-    train.py or this file (one layout: gpt.load_checkpoint reads them all). The tokenizer is
-    the one the checkpoint names (a path relative to the checkpoint's folder, or absolute),
-    unless tok_path. The data folder (dataloader.prepare's, with train/ and val/ shards)
-    sits beside it."""
-    model, ck = gpt.load_checkpoint(path)
-    saved = ck.get("tokenizer", "tokenizer.json")
-    if not isinstance(saved, str) or not isinstance(ck.get("data_dir", ""), str):
-        raise ValueError(f"{path}: tokenizer and data_dir must be paths (strings)")
-    saved = os.path.join(os.path.dirname(path), saved)
-    if not os.path.isfile(tok_path or saved):  # name where the path came from: that is the fix
-        raise FileNotFoundError(f"no tokenizer at {tok_path}" if tok_path else
-                                f"{path} names the tokenizer {saved!r}, which does not exist; "
-                                "pass --tokenizer=PATH")
-    tok_path = tok_path or saved
-    tok = dataloader.load_tokenizer(tok_path)
-    if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"vocabulary mismatch: {path} has {model.config.vocab_size} token ids, "
-                         f"its tokenizer {tok_path} has {tok.vocab_size}")
-    return model.eval(), tok, ck.get("data_dir") or data_folder(tok_path, os.path.dirname(path))
+    train.py or this file (gpt.load_model reads them all, with the tokenizer they name unless
+    tok_path). The data folder (dataloader.prepare's, with train/ and val/ shards) sits
+    beside the tokenizer, or is the checkpoint's data_dir."""
+    model, tok, ck = gpt.load_model(path, tok_path)
+    if not isinstance(ck.get("data_dir", ""), str):
+        raise ValueError(f"{path}: data_dir must be a path (a string)")
+    tok_path = tok_path or os.path.join(os.path.dirname(path), ck["tokenizer"])
+    return model, tok, ck.get("data_dir") or data_folder(tok_path, os.path.dirname(path))
 
 
 def data_folder(tok_path, near):

@@ -437,6 +437,30 @@ def load_checkpoint(path, device="cpu"):
     return load_weights_from(GPT(config), path, ck).to(device), ck
 
 
+def load_model(path, tok_path="", device="cpu"):
+    """(model, tokenizer, checkpoint dict) from any nanollm checkpoint (gpt.py's, train.py's,
+    finetune.py's: one layout). The tokenizer is the file the checkpoint names (relative to the
+    checkpoint's folder, or absolute), unless tok_path is given; its vocabulary must be the
+    model's. What finetune.py, chat.py and evals.py start from."""
+    model, ck = load_checkpoint(path, device)
+    saved = ck.get("tokenizer")
+    if not tok_path and not isinstance(saved, str):
+        raise ValueError(f"{path} names no tokenizer file (pass --tokenizer=PATH)" if saved is None
+                         else f"{path}: tokenizer must be a path (a string), not {saved!r}")
+    if not tok_path:
+        tok_path = os.path.join(os.path.dirname(path), saved)
+        if not os.path.isfile(tok_path):  # name where the path came from: that is the fix
+            raise FileNotFoundError(f"{path} names the tokenizer {tok_path!r}, which does not "
+                                    "exist; pass --tokenizer=PATH")
+    elif not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"no tokenizer at {tok_path}")
+    tok = dataloader.load_tokenizer(tok_path)
+    if tok.vocab_size != model.config.vocab_size:
+        raise ValueError(f"vocabulary mismatch: {path} has {model.config.vocab_size} token ids, "
+                         f"its tokenizer {tok_path} has {tok.vocab_size}")
+    return model.eval(), tok, ck
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 # Name maps between our state dict and transformers'. GPT-2's Conv1D stores weights as
 # (in, out), the transpose of nn.Linear. Llama keeps q, k, v apart (we fuse them in c_attn),

@@ -3392,8 +3392,9 @@ def test_finetune_load_base_checks_what_it_reads(tmp_path):
     tok = word_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     model = tiny_model(tok.vocab_size)
-    for extra, message in [(dict(tokenizer=5), "tokenizer and data_dir must be paths"),
-                           (dict(data_dir=["x"]), "tokenizer and data_dir must be paths")]:
+    for extra, message in [(dict(tokenizer=5), "tokenizer must be a path"),
+                           (dict(tokenizer="tokenizer.json", data_dir=["x"]),
+                            "data_dir must be a path")]:
         gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, **extra)
         with pytest.raises(ValueError, match=f"gpt_tiny.pt: {message}"):
             ft.load_base(str(tmp_path / "gpt_tiny.pt"))
