@@ -1342,7 +1342,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="short.*block_size 64"):
         dl.DataLoader(folder, 4, 64)
     for B, T, msg in ((0, 8, "batch_size"), (-3, 8, "batch_size"), (4, 0, "block_size"), (4, 2.0, "block_size")):
-        with pytest.raises(ValueError, match=f"{msg} must be an integer >= 1"):
+        with pytest.raises(ValueError, match=f"--{msg}=.*: must be an integer >= 1"):
             dl.DataLoader(folder, B, T)
     with pytest.raises(FileNotFoundError, match="nothing"):
         dl.DataLoader(tmp_path / "nothing", 4, 8)
@@ -1358,8 +1358,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="gpt2_vocab.json"):
         dl.prepare(str(tmp_path / "empty.txt"), "gpt2", out_dir=tmp_path / "out")
     (tmp_path / "ok.txt").write_text("some text\n" * 20)
-    for kw, msg in (({"val_fraction": 1.5}, "val_fraction must be in"), ({"val_fraction": -0.1}, "val_fraction"),
-                    ({"val_fraction": 1.0}, "val_fraction"), ({"seed": -1}, "seed must be an integer >= 0")):
+    for kw, msg in (({"val_fraction": 1.5}, "val_fraction=1.5: must be in"), ({"val_fraction": -0.1}, "val_fraction"),
+                    ({"val_fraction": 1.0}, "val_fraction"), ({"seed": -1}, "seed=-1: must be an integer >= 0")):
         with pytest.raises(ValueError, match=msg):
             dl.prepare(str(tmp_path / "ok.txt"), "char", out_dir=tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()  # refused before any work
