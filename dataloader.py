@@ -614,7 +614,7 @@ def write_shards(documents, tokenizer, out_dir, val_fraction=0.1, split="docs", 
         raise ValueError(f"the tokenizer has no {EOT} token to put between {len(documents)} documents")
     train, val = split_documents(documents, val_fraction, split, seed)
     pieces = itertools.chain((("train", d) for d in train), (("val", d) for d in val))
-    with cli.hold_dir(out):
+    with building(out):
         tokenizer.save(out / "tokenizer.json")
         return write_corpus(pieces, tokenizer, out, meta_for(tokenizer, split, val_fraction, seed, config),
                             shard_tokens, workers)
@@ -663,7 +663,7 @@ def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
 
 
 def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_fraction=0.1,
-            split="auto", seed=1337, workers=0, shard_tokens=100_000_000, small=SMALL_CORPUS):
+            split="auto", seed=1337, workers=0, shard_tokens=100_000_000, small=SMALL_CORPUS, chunk_chars=1 << 20):
     """Tokenizer + train/val shards for `data`, built once under out_dir and then reused.
 
     data: "" for the built-in plays, a path for iter_documents, or a folder prepare() made
@@ -696,21 +696,29 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
     kind = f"bpe{vocab_size}" if tokenizer == "bpe" else tokenizer if not files or tokenizer == "gpt2" else "tok"
     folder = Path(out_dir) / f"{Path(data).name.split('.')[0] if data else 'plays'}-{kind}-{key}"
     if not (folder / "meta.json").exists():
-        new = not folder.exists()
-        try:
-            with cli.hold_dir(folder):  # a second prepare of this folder refuses, naming our pid
-                if not (folder / "meta.json").exists():
-                    build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers,
-                          shard_tokens, small, config)
-        except BaseException:
-            if new and not (folder / "progress.json").exists() and not (folder / "meta.json").exists():
-                shutil.rmtree(folder, ignore_errors=True)  # nothing worth resuming: leave no trace
-            raise
+        with building(folder):
+            if not (folder / "meta.json").exists():  # not finished by another run while we waited
+                build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers,
+                      shard_tokens, small, chunk_chars, config)
     return read_prepared(folder)
 
 
+@contextlib.contextmanager
+def building(folder):
+    """Hold folder while it is built: a second prepare of it refuses, naming our pid (cli.hold_dir).
+    On failure a folder this call made is removed unless it has shards worth resuming."""
+    new = not Path(folder).exists()
+    try:
+        with cli.hold_dir(folder):
+            yield
+    except BaseException:
+        if new and not (Path(folder) / "progress.json").exists() and not (Path(folder) / "meta.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers, shard_tokens,
-          small, config):
+          small, chunk_chars, config):
     """prepare()'s work: read, split, make (or, resuming, reload) the tokenizer, write the shards."""
     pos = [0]  # input bytes read so far, for the ETA
     docs = iter_documents(data, pos=pos) if data else iter(load_plays())
@@ -726,7 +734,7 @@ def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed,
     del head, train_head
     total = sum(f[1] for f in config["source"].get("files", []))
     write_corpus(pieces, tok, folder, meta_for(tok, mode, val_fraction, seed, config), shard_tokens, workers,
-                 total_bytes=total, pos=pos)
+                 chunk_chars, total, pos)
 
 
 def read_prepared(folder):
@@ -755,13 +763,14 @@ SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
 def corpus_files(path):
     """A file, or a folder's .txt/.jsonl/.jsonl.gz/.parquet files (recursively, sorted by path,
-    hidden ones such as a download's .cache skipped)."""
+    hidden ones such as a download's .cache, and GPT-2's tokenizer files, skipped)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     if not p.is_dir():
         return [p]
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
+                   and f.name not in GPT2_FILES  # the tokenizer may sit beside the data: not a document
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
         raise ValueError(f"{p}: folder holds no {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} files")
