@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -387,9 +388,11 @@ def split_stream(docs, val_fraction, split="auto", seed=0, small=SMALL_CORPUS):
 _worker_tokenizer = None
 
 
-def _init_worker(tok):
+def _init_worker(tok, in_pool=False):
     global _worker_tokenizer
     _worker_tokenizer = tok
+    if in_pool:  # Ctrl-C is for the main process: it stops the pool and prints one line
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_chunk(chunk):
@@ -438,18 +441,16 @@ def encode_chunks(chunks, tok, workers=1):
         _init_worker(tok)
         yield from map(_encode_chunk, chunks)
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok,)) as pool:
-        todo = deque()
-        try:
-            for chunk in chunks:
-                todo.append(pool.submit(_encode_chunk, chunk))
-                if len(todo) >= 2 * workers:
-                    yield todo.popleft().result()
-            while todo:
+    pool, todo = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok, True)), deque()
+    try:
+        for chunk in chunks:
+            todo.append(pool.submit(_encode_chunk, chunk))
+            if len(todo) >= 2 * workers:
                 yield todo.popleft().result()
-        finally:
-            for f in todo:
-                f.cancel()
+        while todo:
+            yield todo.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C: waits for the running chunks only
 
 
 def encode_documents(docs, tok, workers=1, chunk_chars=1 << 20):
@@ -470,8 +471,8 @@ class ShardWriter:
     A resumed run starts from it and writes exactly the bytes a straight run would.
     """
 
-    def __init__(self, folder, size, eot, state=None):
-        self.folder, self.size, self.eot = Path(folder), size, eot
+    def __init__(self, folder, size, eot, state=None, on_shard=None):
+        self.folder, self.size, self.eot, self.on_shard = Path(folder), size, eot, on_shard
         self.state = dict(state or {"shards": 0, "doc": 0, "skip": 0, "tokens": 0, "documents": 0, "bytes": 0})
         s = self.state
         self.shards, self.tokens, self.documents, self.bytes = s["shards"], s["tokens"], s["documents"], s["bytes"]
@@ -518,6 +519,8 @@ class ShardWriter:
                 self.state = dict(shards=self.shards, doc=int(self.marks[-1, 0]) + 1, skip=0, tokens=self.tokens,
                                   documents=self.documents, bytes=self.bytes)
             self.marks = self.marks[j:]
+            if self.on_shard:  # after the shard is on disk: a kill between the two redoes that shard
+                self.on_shard()
 
     def summary(self):
         names = [f"{self.folder.name}/{i:06d}.bin" for i in range(self.shards)]
@@ -559,18 +562,19 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
     folder, progress = Path(folder), Path(folder) / "progress.json"
     state = read_progress(progress) if progress.exists() else {}
     writers = {}
+
+    def save():
+        with atomic_open(progress) as f:
+            f.write(json.dumps({name: w.state for name, w in writers.items()}).encode())
+
     for name in ("train", "val"):
         (folder / name).mkdir(parents=True, exist_ok=True)
         cli.remove_stale_temps(folder / name)  # a killed run's half-written shard
-        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(EOT), state.get(name))
+        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(EOT), state.get(name), save)
     start = {name: w.state["doc"] for name, w in writers.items()}
     show = Progress(writers, total_bytes, pos)
     for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
-        wrote = [writers[name].add(*arrays) for name, arrays in result.items()]
-        if any(wrote):  # after the shard is on disk: a kill between the two redoes that shard
-            with atomic_open(progress) as f:
-                f.write(json.dumps({name: w.state for name, w in writers.items()}).encode())
-        show.show(any(wrote))
+        show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
     for w in writers.values():
         if w.pending or w.shards == 0:  # the rest; an empty split gets one empty shard
             w.flush(w.pending)

@@ -1562,6 +1562,23 @@ def test_data_resume_after_kill_equals_a_straight_run(tmp_path):
     assert all_bytes(folder) == all_bytes(Path(straight.train).parent)  # every shard, byte for byte
 
 
+def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+    tok = dl.CharTokenizer.train(["abcdefgh \n"])
+    tok.save(tmp_path / "tok.json")
+    line = json.dumps({"text": "abcdefgh " * 100}) + "\n"
+    (tmp_path / "c.jsonl").write_text(line * 8_000)  # 7.2M characters: seconds of work for 2 workers
+    p = subprocess.Popen([sys.executable, "dataloader.py", f"--data={tmp_path / 'c.jsonl'}", "--workers=2",
+                          f"--tokenizer={tmp_path / 'tok.json'}", "--shard_tokens=100000",
+                          f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    while not list((tmp_path / "out").glob("*/train/000001.bin")):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert list((tmp_path / "out").glob("*/progress.json"))  # kept: the next run resumes
+
+
 def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
     import errno
     tok = dl.CharTokenizer.train(["abc \n"])
