@@ -644,6 +644,8 @@ def tokenizer_files(tokenizer, data, out_dir):
     if tokenizer in ("bpe", "char"):
         return []
     if tokenizer != "gpt2":
+        if not Path(tokenizer).is_file():  # a typo of a name, or a missing file
+            cli.one_of("tokenizer", tokenizer, ["bpe", "char", "gpt2", "a saved tokenizer's path"])
         return [Path(tokenizer)]
     folders = ([Path(data)] if Path(data).is_dir() else [Path(data).parent]) if data else []
     for d in folders + [Path(out_dir)]:

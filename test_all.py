@@ -1709,13 +1709,14 @@ def run_dataloader(monkeypatch, capsys, argv):
     ("--batch_size=100000000", 1, "would need"), ("--sampler=nope", 1, "unknown sampler 'nope'"),
     ("--download=nope", 1, "unknown download 'nope'"), ("--out_dir= ", 1, "--out_dir"),
     ("--data=MISSING", 1, "MISSING"), ("--data=BAD", 1, "bad.jsonl:1: not valid JSON"),
-    ("--tokenizer=MISSING", 1, "MISSING"), ("--tokenizer=BAD", 1, "bad.jsonl")])
+    ("--tokenizer=MISSING", 1, "unknown tokenizer 'MISSING"), ("--tokenizer=gtp2", 1, "valid tokenizers: bpe, char, gpt2"),
+    ("--tokenizer=BAD", 1, "bad.jsonl")])
 def test_data_cli_bad_options_table(option, code, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.jsonl").write_text("{nope\n")
     (tmp_path / "out" / "old").mkdir(parents=True)
     (tmp_path / "out" / "old" / "x.bin").write_bytes(b"keep me")
     option = option.replace("MISSING", str(tmp_path / "missing.txt")).replace("BAD", str(tmp_path / "bad.jsonl"))
-    message = message.replace("MISSING", "missing.txt")
+    message = message.replace("MISSING", str(tmp_path / "missing.txt"))
     before = all_bytes(tmp_path)
     got, err = run_dataloader(monkeypatch, capsys, [option, f"--out_dir={tmp_path / 'out'}"][:2 if "out_dir" not in option else 1])
     assert (got, err.count("\n")) == (code, 1) and err.startswith("error: ") and message in err, err
