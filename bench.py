@@ -10,9 +10,10 @@ the ratios.
     python bench.py --only=model --device=cuda        # on a GPU
     python bench.py --only=train --data=../shared/data
     python bench.py --only=mfu --device=cuda --variants=0,3   # rows of MFU_VARIANTS
+    python bench.py --only=prepare --corpus_mb=1024   # corpus -> shards vs build-nanogpt's method
 
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
-training), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
+training), prepare (corpus to shards vs build-nanogpt's tiktoken pool), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
 (shakespeare-char: nanoGPT's baseline config vs our preset; the 16 GB fit), mfu (the 124M
 training micro-step on a GPU, variant by variant, vs transformers'), evals (HellaSwag
 scoring vs transformers). Rows also go to out/bench.json.
@@ -22,6 +23,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import bpe  # noqa: E402
+import cli  # noqa: E402
 import cuda_primer as cp  # noqa: E402
 import dataloader as dl  # noqa: E402
 import gpt  # noqa: E402
@@ -56,6 +59,7 @@ data = ""             # folder with tinyshakespeare.txt, gpt2_vocab.json, gpt2_m
 repeat = 5            # timed runs per number (the median is reported)
 device = "cpu"        # model and mfu sections: "cuda" on a GPU
 variants = ""         # mfu section: indices into MFU_VARIANTS, e.g. "0,3,4" ("" = all)
+corpus_mb = 1024      # prepare section: MB of generated text (>= 1024 for the README row)
 out = "out/bench.json"
 
 # ======================================================================
@@ -488,6 +492,124 @@ def bench_data(args):
 
 
 # ======================================================================
+# prepare: corpus -> shards, ours (bpe.py's GPT-2 + a pool) vs build-nanogpt's method (tiktoken + a pool)
+# ======================================================================
+
+def write_web_like_corpus(path, mb, seed=0):
+    """A .jsonl corpus of about mb MB: documents of 50-2,000 words drawn with tinyshakespeare's
+    word frequencies (its real vocabulary and punctuation), with numbers and paragraph breaks.
+    Returns (documents, UTF-8 bytes of their text)."""
+    src = Path(__file__).resolve().parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+    words = np.array(src.read_text().split() if src.exists() else "the cat sat on a mat .".split())
+    rng, docs, nbytes = np.random.default_rng(seed), 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while nbytes < mb * 1e6:
+            pick = words[rng.integers(0, len(words), rng.integers(50, 2000))].tolist()
+            for k in rng.integers(0, len(pick), len(pick) // 40):  # numbers and paragraphs, as on the web
+                pick[k] = f"{rng.integers(0, 10**rng.integers(1, 6))}\n\n" if k % 2 else str(rng.integers(0, 3000))
+            text = " ".join(pick)
+            f.write(json.dumps({"text": text}) + "\n")
+            docs, nbytes = docs + 1, nbytes + len(text.encode())
+    return docs, nbytes
+
+
+# build-nanogpt's fineweb.py method, written out here: tiktoken's GPT-2 in a multiprocessing Pool
+# (imap, chunksize 16), [<|endoftext|>] + ids per document as uint16, shards filled in order.
+NANOGPT_PREPARE = r"""
+import json, multiprocessing as mp, resource, sys, time
+from pathlib import Path
+import numpy as np, tiktoken
+
+def init(ranks, pattern):
+    global enc
+    enc = tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+
+def tokenize(text):
+    ids = [50256]
+    ids.extend(enc.encode_ordinary(text))
+    return np.array(ids, np.uint16)
+
+def texts(path):
+    with open(path, "rb") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+corpus, out, workers, shard = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ranks, pattern = json.loads(Path(sys.argv[5]).read_text()), sys.argv[6]
+ranks = {bytes.fromhex(k): v for k, v in ranks.items()}
+out.mkdir(parents=True, exist_ok=True)
+t0 = time.perf_counter()
+with mp.Pool(workers, initializer=init, initargs=(ranks, pattern)) as pool:
+    buf, n, k, total = np.empty(shard, np.uint16), 0, 0, 0
+    for toks in pool.imap(tokenize, texts(corpus), chunksize=16):
+        total += len(toks)
+        while n + len(toks) >= shard:  # fill the shard, save it, carry the rest over
+            r = shard - n
+            buf[n:] = toks[:r]
+            np.save(out / f"shard_{k:06d}.npy", buf)
+            k, n, toks = k + 1, 0, toks[r:]
+        buf[n:n + len(toks)] = toks
+        n += len(toks)
+    if n:
+        np.save(out / f"shard_{k:06d}.npy", buf[:n])
+rss = [int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024,
+       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]  # VmHWM: this process since exec
+print(json.dumps({"s": time.perf_counter() - t0, "tokens": total, "rss": rss}))
+"""
+
+OUR_PREPARE = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[5])
+import dataloader as dl
+t0 = time.perf_counter()
+meta = dl.prepare(sys.argv[1], "gpt2", out_dir=sys.argv[2], workers=int(sys.argv[3]), shard_tokens=int(sys.argv[4])).meta
+rss = [int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024,
+       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]  # VmHWM: this process since exec
+print(json.dumps({"s": time.perf_counter() - t0, "tokens": sum(s["tokens"] for s in meta["splits"].values()), "rss": rss}))
+"""
+
+
+def bench_prepare(args):
+    """MB/s of text to shards, ours vs build-nanogpt's method, same corpus, same cores, in turns."""
+    if not args.data or not (Path(args.data) / "gpt2_vocab.json").exists():
+        print("skipped: needs --data with gpt2_vocab.json and gpt2_merges.txt")
+        return []
+    cores, rows = os.cpu_count() or 1, []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "corpus").mkdir()
+        for f in dl.GPT2_FILES:  # beside the corpus, where prepare(tokenizer="gpt2") looks
+            (tmp / "corpus" / f).write_bytes((Path(args.data) / f).read_bytes())
+        docs, nbytes = write_web_like_corpus(tmp / "corpus" / "web.jsonl", args.corpus_mb)
+        ranks = Tokenizer.from_gpt2_files(*(tmp / "corpus" / f for f in dl.GPT2_FILES)).to_tiktoken_ranks()
+        (tmp / "ranks.json").write_text(json.dumps({k.hex(): v for k, v in ranks.items()}))
+        print(f"corpus: {docs:,} documents, {nbytes / 1e6:,.0f} MB of text; {cores} processes each")
+        shard = 100_000_000
+        runs = {"ours": [], "nanogpt": []}
+        for k in range(min(args.repeat, 3)):  # in turns; a fresh output folder each time
+            for name, script, extra in (("ours", OUR_PREPARE, [str(ROOT)]),
+                                        ("nanogpt", NANOGPT_PREPARE, [str(tmp / "ranks.json"), GPT2_PATTERN])):
+                out = subprocess.run([sys.executable, "-c", script, str(tmp / "corpus" / "web.jsonl"),
+                                      str(tmp / f"{name}{k}"), str(cores), str(shard), *extra],
+                                     stdout=subprocess.PIPE, text=True, check=True)
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(tmp / f"{name}{k}")
+        ours, ref = (statistics.median(r["s"] for r in runs[n]) for n in ("ours", "nanogpt"))
+        # the same ids: each split's first document has no <|endoftext|> before it in ours
+        assert runs["ours"][0]["tokens"] + 2 == runs["nanogpt"][0]["tokens"], (runs["ours"][0], runs["nanogpt"][0])
+        rss = max(r["rss"][0] for r in runs["ours"]), max(r["rss"][1] for r in runs["ours"])
+        ref_rss = max(r["rss"][0] for r in runs["nanogpt"]), max(r["rss"][1] for r in runs["nanogpt"])
+        for what, s, r, ratio in (("prepare(): bpe.py GPT-2, process pool, 100M-token shards", ours, rss, ref / ours),
+                                  ("build-nanogpt's method: tiktoken GPT-2, Pool.imap, uint16 shards", ref, ref_rss, 1.0)):
+            rows.append({"bench": "prepare", "what": f"{what} ({cores} processes, {nbytes / 1e6:,.0f} MB)",
+                         "median": nbytes / 1e6 / s, "unit": "MB/s", "ratio": ratio,
+                         "peak_rss_main_MB": r[0] / 1e6, "peak_rss_worker_MB": r[1] / 1e6})
+            print(f"{rows[-1]['what']:<100s} {rows[-1]['median']:>8,.2f} MB/s  x{ratio:.2f}  "
+                  f"peak RSS {r[0] / 1e6:,.0f} MB main, {r[1] / 1e6:,.0f} MB largest worker")
+    return rows
+
+
+# ======================================================================
 # model: block.py / gpt.py against transformers' GPT-2
 # ======================================================================
 
@@ -892,7 +1014,7 @@ def bench_evals(args):
 # main
 # ======================================================================
 
-SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
+SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data, "prepare": bench_prepare,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
             "mfu": bench_mfu, "evals": bench_evals}
 
@@ -910,12 +1032,13 @@ def main():
         raise ValueError(f"--device={device}, but torch sees no CUDA GPU")
     if repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {repeat}")
+    cli.check(globals(), [("corpus_mb", 1 <= corpus_mb <= 10**6, "in [1, 1000000] (MB of generated text)")])
     if not all(i.isdigit() and int(i) < len(MFU_VARIANTS) for i in variants.split(",") if variants):
         raise ValueError(f"--variants wants indices 0..{len(MFU_VARIANTS) - 1} like 0,3, "
                          f"got {variants!r}")
     default = Path(__file__).resolve().parent.parent / "shared" / "data"
     args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
-                                 repeat=repeat, device=device, variants=variants)
+                                 repeat=repeat, device=device, variants=variants, corpus_mb=corpus_mb)
     results = {}
     for name in names:
         print(f"\n## {name}")

