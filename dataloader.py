@@ -528,14 +528,14 @@ class ShardWriter:
 
 
 class Progress:
-    """One updating line on stderr: documents, tokens, MB/s, ETA (from the share of input bytes
-    read). A log (not a terminal) gets a line per shard written and the last one."""
+    """One updating line on stdout (errors alone go to stderr): documents, tokens, MB/s, ETA
+    (from the share of input bytes read). A log (not a terminal) gets a line per shard written and the last one."""
 
     def __init__(self, writers, total_bytes=0, pos=None):
         self.writers, self.total, self.pos = writers, total_bytes, pos or [0]
         self.t0 = self.shown = time.time()
         self.bytes0 = sum(w.bytes for w in writers.values())
-        self.live = sys.stderr.isatty()
+        self.live = sys.stdout.isatty()
 
     def show(self, wrote=False, final=False):
         now = time.time()
@@ -547,7 +547,7 @@ class Progress:
         eta = f", ETA {(now - self.t0) * (1 - done) / done / 60:.1f} min" if 0 < done < 1 and not final else ""
         print(f"\rprepare: {sum(x.documents for x in w):,} documents, {sum(x.tokens for x in w) / 1e6:,.1f} M tokens, "
               f"{sum(x.shards for x in w)} shards, {rate:.1f} MB/s{eta}   ",
-              end="\n" if final or not self.live else "", file=sys.stderr)
+              end="\n" if final or not self.live else "", flush=True)
 
 
 def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1, chunk_chars=1 << 20,
@@ -661,8 +661,7 @@ def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
                              f"over {SMALL_CORPUS:,} characters; use bpe, gpt2 or a saved tokenizer")
         return CharTokenizer.train(head, special_tokens=(EOT,) if len(head) > 1 else ())
     if tokenizer == "bpe":
-        print(f"training a {vocab_size}-token bpe vocabulary on {sum(map(len, train_head)) / 1e6:.1f} M chars",
-              file=sys.stderr)
+        print(f"training a {vocab_size}-token bpe vocabulary on {sum(map(len, train_head)) / 1e6:.1f} M chars")
         return bpe.Tokenizer.train(train_head, vocab_size, special_tokens=(EOT,))
     return bpe.Tokenizer.from_gpt2_files(*files) if tokenizer == "gpt2" else load_tokenizer(tokenizer)
 
@@ -1016,7 +1015,7 @@ def download_fineweb(name="fineweb-edu-sample", out="out/data"):
     files = select_files([(f.path, f.size) for f in tree if hasattr(f, "size")], name)
     todo = files_to_fetch(files, local)
     print(f"{repo}: {len(files)} files, {sum(s for _, s in files) / 1e9:.1f} GB; "
-          f"{len(todo)} to fetch into {local}", file=sys.stderr)
+          f"{len(todo)} to fetch into {local}")
     for path, _ in todo:
         huggingface_hub.hf_hub_download(repo, path, repo_type="dataset", local_dir=local)
     return local
