@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import block
 import bpe
 import cli
 import dataloader
@@ -141,10 +142,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx, targets: (B, T) int64 -> logits (B, T, vocab_size), mean cross-entropy or None.
-        Targets equal to -1 are ignored."""
+        Targets equal to -1 are ignored. kernels="triton" while training: logits is None."""
         logits = self.head(self.hidden(idx, cache))
         loss = None
-        if targets is not None:
+        if targets is not None and self.config.kernels == "triton":
+            # fused: in training the gradient overwrites the logits, so none are returned
+            inplace = torch.is_grad_enabled() and logits.requires_grad
+            loss = block.triton_kernels().cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), -1, inplace)
+            logits = None if inplace else logits
+        elif targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
@@ -365,7 +372,7 @@ def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict) from a file written by save_checkpoint."""
     ckpt = read_checkpoint(path, ("model", "config"))
     try:
-        config = GPTConfig(**ckpt["config"])
+        config = GPTConfig(**{**ckpt["config"], "kernels": "torch"})  # a run-time choice
     except TypeError as e:
         raise ValueError(f"{path}: bad config: {e}") from None
     model = GPT(config)

@@ -68,6 +68,19 @@ def _tiles(d):
 # is all the backward needs to rebuild P = exp(s - lse) exactly, tile by tile.
 
 @triton.jit
+def _sum(x, axis: tl.constexpr):
+    # = tl.sum(x, axis). tl.sum, tl.max and tl.zeros are themselves @triton.jit functions of
+    # triton's library: when torch imported triton before TRITON_INTERPRET was set, they were
+    # built for the GPU and fail in the interpreter. tl.reduce and tl.full are builtins.
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     # fp32 on a GPU would round the inputs to tf32 (10-bit mantissa); "ieee" keeps them exact
     if IEEE:
@@ -90,8 +103,8 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob,
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)       # (BLOCK_M, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), ACC)        # running max (base-2 units)
-    l = tl.zeros([BLOCK_M], ACC)                      # running sum of exp2(s - m)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)           # running unnormalized output
+    l = tl.full([BLOCK_M], 0.0, ACC)                      # running sum of exp2(s - m)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)           # running unnormalized output
     qk_scale = scale * 1.4426950408889634             # fold 1/sqrt(d) and log2(e) together
     offset = S - T                 # query t sits at key position S - T + t (after a cache)
     end = S
@@ -107,11 +120,11 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob,
         if CAUSAL:
             ok = ok & (keys[None, :] <= rows[:, None] + offset)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_new = tl.maximum(m, _max(s, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)                    # shrink what was summed before
-        l = l * alpha + tl.sum(p, 1)
+        l = l * alpha + _sum(p, 1)
         v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(ACC)
         m = m_new
@@ -134,7 +147,7 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T, D, ACC: tl
     o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + dims[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + dims[None, :], mask=mask,
                  other=0.0)
-    tl.store(DELTA + bh * T + rows, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=rows < T)
+    tl.store(DELTA + bh * T + rows, _sum(o.to(ACC) * do.to(ACC), 1), mask=rows < T)
 
 
 @triton.jit
@@ -156,8 +169,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                 other=0.0)
     v = tl.load(V + b * svb + hk * svh + keys[:, None] * svt + dims[None, :], mask=kv_mask,
                 other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
     offset = S - T
     lo = 0
     if CAUSAL:  # queries before this tile's first key see none of it: start below them
@@ -210,7 +223,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  other=0.0)
     lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
     delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
     offset = S - T
     end = S
     if CAUSAL:
@@ -364,59 +377,73 @@ def flash_attention(q, k, v, causal=True, scale=None, return_lse=False):
 #   in registers and writes one partial row; torch adds the (programs, N) partials.
 
 @triton.jit
-def _norm_fwd(X, W, B, Y, MEAN, RSTD, sx, sy, N, eps,
-              RMS: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(ACC)
+def _norm_fwd(X, W, B, Y, MEAN, RSTD, sx, sy, M, N, eps,
+              RMS: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # BLOCK_R whole rows
+    cols = tl.arange(0, BLOCK)                                 # N rounded up to a power of 2
+    rok, cok = rows < M, cols < N
+    ok = rok[:, None] & cok[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * sx + cols[None, :], mask=ok, other=0.0).to(ACC)
     if RMS:
-        mean = 0.0
-        xc = x
+        mean = tl.full([BLOCK_R], 0.0, ACC)
     else:
-        mean = tl.sum(x, 0) / N
-        xc = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / N + eps)
-    y = xc * rstd * tl.load(W + cols, mask=ok, other=0.0).to(ACC)
+        mean = _sum(x, 1) / N
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_sum(xc * xc, 1) / N + eps)
+    y = xc * rstd[:, None] * tl.load(W + cols, mask=cok, other=0.0).to(ACC)[None, :]
     if HAS_B:
-        y += tl.load(B + cols, mask=ok, other=0.0).to(ACC)
-    tl.store(Y + row * sy + cols, y.to(Y.dtype.element_ty), mask=ok)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        y += tl.load(B + cols, mask=cok, other=0.0).to(ACC)[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * sy + cols[None, :], y.to(Y.dtype.element_ty),
+             mask=ok)
+    tl.store(MEAN + rows, mean, mask=rok)
+    tl.store(RSTD + rows, rstd, mask=rok)
 
 
 @triton.jit
 def _norm_bwd(X, W, DY, DX, MEAN, RSTD, DW, DB, sx, sdy, sdx, M, N, ROWS,
-              RMS: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+              RMS: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    w = tl.load(W + cols, mask=ok, other=0.0).to(ACC)
-    dw = tl.zeros([BLOCK], ACC)
-    db = tl.zeros([BLOCK], ACC)
-    for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, M)):
-        x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(ACC)
-        dy = tl.load(DY + row * sdy + cols, mask=ok, other=0.0).to(ACC)
-        mean, rstd = tl.load(MEAN + row), tl.load(RSTD + row)
-        xhat = tl.where(ok, (x - mean) * rstd, 0.0)
-        g = dy * w
-        c = tl.sum(g * xhat, 0) / N
+    cok = cols < N
+    w = tl.load(W + cols, mask=cok, other=0.0).to(ACC)
+    dw = tl.full([BLOCK], 0.0, ACC)   # this program's share of dw and db, in registers
+    db = tl.full([BLOCK], 0.0, ACC)
+    for start in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, M), BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        rok = rows < M
+        ok = rok[:, None] & cok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(X + r64 * sx + cols[None, :], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(DY + r64 * sdy + cols[None, :], mask=ok, other=0.0).to(ACC)
+        mean = tl.load(MEAN + rows, mask=rok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rok, other=0.0)
+        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
+        c = _sum(g * xhat, 1) / N
         if RMS:
-            dx = (g - xhat * c) * rstd
+            dx = (g - xhat * c[:, None]) * rstd[:, None]
         else:
-            dx = (g - tl.sum(g, 0) / N - xhat * c) * rstd
-        tl.store(DX + row * sdx + cols, dx.to(DX.dtype.element_ty), mask=ok)
-        dw += dy * xhat
-        db += dy
-    tl.store(DW + pid * N + cols, dw, mask=ok)
+            dx = (g - (_sum(g, 1) / N)[:, None] - xhat * c[:, None]) * rstd[:, None]
+        tl.store(DX + r64 * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        dw += _sum(dy * xhat, 0)
+        db += _sum(dy, 0)
+    tl.store(DW + pid * N + cols, dw, mask=cok)
     if HAS_B:
-        tl.store(DB + pid * N + cols, db, mask=ok)
+        tl.store(DB + pid * N + cols, db, mask=cok)
 
 
-def _rows(x, what):
+def _rows(x):
     """x (..., N) as (M, N) with unit column stride (a copy only if it has to be)."""
     x2 = x.reshape(-1, x.size(-1))
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _row_block(block):
+    """Rows per tile: 16 under the interpreter (it pays per operation, not per element);
+    on a GPU enough rows for ~4096 elements a tile."""
+    return 16 if INTERPRET else max(1, min(16, 4096 // block))
 
 
 class Norm(torch.autograd.Function):
@@ -424,16 +451,17 @@ class Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
         shape, N = x.shape, x.size(-1)
-        x2 = _rows(x, "norm")
+        x2 = _rows(x)
         M = x2.size(0)
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = torch.empty(M, device=x.device, dtype=stat)
-        rstd = torch.empty(M, device=x.device, dtype=stat)
+        mean = torch.empty(M, device=x.device, dtype=_stat(x.dtype))
+        rstd = torch.empty(M, device=x.device, dtype=_stat(x.dtype))
         block = triton.next_power_of_2(N)
-        _norm_fwd[(M,)](x2, weight, bias if bias is not None else weight, y, mean, rstd,
-                        x2.stride(0), y.stride(0), N, eps, RMS=rms, HAS_B=bias is not None,
-                        ACC=_acc(x.dtype), BLOCK=block, num_warps=_warps(block))
+        br = _row_block(block)
+        _norm_fwd[(triton.cdiv(M, br),)](
+            x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0),
+            y.stride(0), M, N, eps, RMS=rms, HAS_B=bias is not None, ACC=_acc(x.dtype),
+            BLOCK_R=br, BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.shape = rms, bias is not None, shape
         return y.view(shape)
@@ -442,18 +470,19 @@ class Norm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         M, N = x2.shape
-        dy2 = _rows(dy, "norm")
+        dy2 = _rows(dy)
         dx = torch.empty_like(x2)
-        # enough programs to fill the GPU, few enough that the partial sums stay small
-        ROWS = 1 if INTERPRET and M <= 64 else max(1, triton.cdiv(M, 4 * _sm_count(x2.device)))
-        progs = triton.cdiv(M, ROWS)
-        acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        dw = torch.empty(progs, N, device=x2.device, dtype=acc)
-        db = torch.empty(progs, N, device=x2.device, dtype=acc) if ctx.has_bias else dw
         block = triton.next_power_of_2(N)
+        br = _row_block(block)
+        # enough programs to fill the GPU, few enough that the partial sums stay small
+        ROWS = br * max(1, triton.cdiv(M, br * 4 * _sm_count(x2.device)))
+        progs = triton.cdiv(M, ROWS)
+        dw = torch.empty(progs, N, device=x2.device, dtype=_stat(x2.dtype))
+        db = torch.empty_like(dw) if ctx.has_bias else dw
         _norm_bwd[(progs,)](x2, weight, dy2, dx, mean, rstd, dw, db, x2.stride(0), dy2.stride(0),
                             dx.stride(0), M, N, ROWS, RMS=ctx.rms, HAS_B=ctx.has_bias,
-                            ACC=_acc(x2.dtype), BLOCK=block, num_warps=_warps(block))
+                            ACC=_acc(x2.dtype), BLOCK_R=br, BLOCK=block,
+                            num_warps=_warps(block))
         dweight = dw.sum(0).to(weight.dtype)
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dweight, dbias, None, None
@@ -465,7 +494,7 @@ def _warps(block):
 
 def _sm_count(device):
     if device.type != "cuda":
-        return 4
+        return 1   # the interpreter: one program sums every row
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -505,35 +534,41 @@ def rms_norm(x, weight, eps=1e-6):
 # a loss of 0 and a zero gradient; n_valid is read from device memory (no host sync).
 
 @triton.jit
-def _xent(LOGITS, TARGETS, LOSS, GRAD, NVALID, sl, sg, V, ignore_index,
-          WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    target = tl.load(TARGETS + row)
-    base = LOGITS + row.to(tl.int64) * sl
+def _xent(LOGITS, TARGETS, LOSS, GRAD, NVALID, sl, sg, M, V, ignore_index,
+          WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rok = rows < M
+    target = tl.load(TARGETS + rows, mask=rok, other=ignore_index)
+    base = LOGITS + rows[:, None].to(tl.int64) * sl                   # (BLOCK_R, 1) pointers
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), ACC)   # per-lane running max and sum, merged below
-    l = tl.zeros([BLOCK_V], ACC)
+    m = tl.full([BLOCK_R, BLOCK_V], float("-inf"), ACC)  # per-lane running max and sum,
+    l = tl.full([BLOCK_R, BLOCK_V], 0.0, ACC)            # merged across lanes at the end
     for start in range(0, V, BLOCK_V):
-        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(ACC)
+        ok = rok[:, None] & (start + cols < V)[None, :]
+        x = tl.load(base + start + cols[None, :], mask=ok, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # lanes that saw nothing yet
         l = l * tl.exp(m - m_safe) + tl.exp(x - m_safe)
         m = m_new
-    m_row = tl.max(m, 0)
-    lse = m_row + tl.log(tl.sum(l * tl.exp(m - m_row), 0))
-    skip = target == ignore_index
+    m_row = _max(m, 1)
+    m_row = tl.where(m_row == float("-inf"), 0.0, m_row)          # padding rows
+    lse = m_row + tl.log(tl.where(rok, _sum(l * tl.exp(m - m_row[:, None]), 1), 1.0))
+    skip = (target == ignore_index) | (rows >= M)
     safe_t = tl.where(skip, 0, target)
-    x_t = tl.load(base + safe_t).to(ACC)
-    tl.store(LOSS + row, tl.where(skip, 0.0, lse - x_t))
+    x_t = tl.load(LOGITS + rows.to(tl.int64) * sl + safe_t, mask=rok, other=0.0).to(ACC)
+    tl.store(LOSS + rows, tl.where(skip, 0.0, lse - x_t), mask=rok)
     if WRITE_GRAD:
         inv_n = 1.0 / tl.load(NVALID).to(ACC)
-        gbase = GRAD + row.to(tl.int64) * sg
+        gbase = GRAD + rows[:, None].to(tl.int64) * sg
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            x = tl.load(base + c, mask=c < V, other=0.0).to(ACC)
-            g = (tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)) * inv_n
-            g = tl.where(skip, 0.0, g)
-            tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=c < V)
+            ok = rok[:, None] & (c < V)[None, :]
+            x = tl.load(base + c[None, :], mask=ok, other=0.0).to(ACC)
+            hot = tl.where(c[None, :] == target[:, None], 1.0, 0.0)
+            g = (tl.exp(x - lse[:, None]) - hot) * inv_n
+            g = tl.where(skip[:, None], 0.0, g)
+            tl.store(gbase + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
 
 
 class CrossEntropy(torch.autograd.Function):
@@ -546,12 +581,14 @@ class CrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         n_valid = (targets != ignore_index).sum()
         losses = torch.empty(M, device=logits.device, dtype=_stat(logits.dtype))
-        grad = logits if inplace else torch.empty_like(logits)
+        grad = logits if inplace or not want_grad else torch.empty_like(logits)
         if M:
-            _xent[(M,)](logits, targets, losses, grad, n_valid, logits.stride(0), grad.stride(0),
-                        V, ignore_index, WRITE_GRAD=want_grad, ACC=_acc(logits.dtype),
-                        BLOCK_V=min(triton.next_power_of_2(V), 64 if INTERPRET else 4096),
-                        num_warps=8 if not INTERPRET else 4)
+            br = 16 if INTERPRET else 1
+            _xent[(triton.cdiv(M, br),)](
+                logits, targets, losses, grad, n_valid, logits.stride(0), grad.stride(0), M, V,
+                ignore_index, WRITE_GRAD=want_grad, ACC=_acc(logits.dtype), BLOCK_R=br,
+                BLOCK_V=min(triton.next_power_of_2(V), 64 if INTERPRET else 4096),
+                num_warps=4 if INTERPRET else 8)
         if want_grad:
             ctx.save_for_backward(grad)
         return losses.sum() / n_valid  # 0 / 0 = nan when every target is ignored, as torch

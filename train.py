@@ -83,6 +83,7 @@ optimizer = "fused"      # "ours" (written out below), "torch" or "fused" (torch
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
 compile = False          # torch.compile the model
+kernels = "torch"        # "torch" or "triton" (kernels.py: attention, norms, loss; needs triton)
 checkpointing = False    # activation checkpointing: recompute blocks in backward, less memory
 threads = 0              # torch CPU threads; 0 = torch's choice
 seed = 1337
@@ -255,8 +256,9 @@ def clean_state_dict(sd):
     return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
 
 
-def config_diff(saved, current, ignore=("dropout",)):
-    """'name saved -> current' for each model-config field that differs (dropout may change)."""
+def config_diff(saved, current, ignore=("dropout", "kernels")):
+    """'name saved -> current' for each model-config field that differs (dropout and the
+    kernels may change)."""
     return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
             for k in sorted(set(saved) | set(current))
             if k not in ignore and saved.get(k) != current.get(k)]
@@ -305,6 +307,7 @@ def make_config(**overrides):
         ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
         ("arch", c.arch in gpt.PRESETS, f"one of {', '.join(gpt.PRESETS)}"),
         ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
+        ("kernels", c.kernels in ("torch", "triton"), "torch or triton"),
         ("optimizer", c.optimizer in ("ours", "torch", "fused"), "ours, torch or fused"),
         ("dtype", c.dtype in ("auto", "float32", "bfloat16", "float16"),
          "auto, float32, bfloat16 or float16")])
@@ -499,7 +502,7 @@ def run(c, rank, world, dev):
     mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
         gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
-        pad_vocab=c.pad_vocab)
+        pad_vocab=c.pad_vocab, kernels=c.kernels)
     model = raw = gpt.GPT(mcfg).to(dev)  # raw, the plain module, is saved and evaluated
     opt = make_optimizer(raw, c, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
