@@ -44,7 +44,7 @@ except ImportError as e:  # CPU-only torch wheels do not bring triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_HEAD_DIM = 128       # q, k, v tiles of 64-128 rows x 128 columns fill an SM's SRAM
 MAX_NORM_WIDTH = 16384   # one row of a norm is held in registers at once
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _tiles(d):
@@ -274,7 +274,8 @@ def _check_attention(q, k, v, causal):
                          "call .contiguous() first")
 
 
-def _check_device(what, *tensors):
+def _check_device(what, *tensors, floats=99):
+    """Same device, one the kernels can run on; the first `floats` tensors of a float dtype."""
     dev = tensors[0].device
     if any(t.device != dev for t in tensors):
         raise ValueError(f"{what}: all tensors must be on one device, got "
@@ -285,9 +286,8 @@ def _check_device(what, *tensors):
     if dev.type == "cuda" and INTERPRET:
         raise ValueError(f"{what}: TRITON_INTERPRET=1 runs kernels on CPU tensors only; "
                          f"got {dev}")
-    kinds = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for t in tensors:
-        if t.is_floating_point() and t.dtype not in kinds:
+    for t in tensors[:floats]:
+        if t.dtype not in FLOATS:
             raise ValueError(f"{what}: dtype {t.dtype} is not supported (float16, bfloat16, "
                              "float32, float64)")
 
@@ -614,7 +614,7 @@ def cross_entropy(logits, targets, ignore_index=-100, inplace=False):
     gradient over the logits themselves: use it only when nothing reads them afterwards
     (the training loss), and never on a leaf tensor.
     """
-    _check_device("cross_entropy", logits, targets)
+    _check_device("cross_entropy", logits, targets, floats=1)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy wants logits (M, V) and targets (M,), got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
