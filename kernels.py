@@ -631,3 +631,79 @@ def cross_entropy(logits, targets, ignore_index=-100, inplace=False):
         raise ValueError(f"cross_entropy: targets must be in [0, {logits.size(1)}) or "
                          f"ignore_index={ignore_index}")
     return CrossEntropy.apply(logits, targets, int(ignore_index), bool(inplace))
+
+
+# ============================================================================ bytes, demo
+def loss_bytes(M, V, nbytes=2):
+    """{"eager" | "fused": (HBM bytes moved, bytes held from forward to backward)} of the mean
+    cross-entropy of (M, V) logits of `nbytes` each, as a bf16 autocast run computes it.
+    Eager, forward: cast to fp32 (read 2, write 4 per logit), log_softmax (read 4, write 4,
+    kept for backward); backward: the nll gradient (write 4), log_softmax's backward (read 4 + 4,
+    write 4), the cast back (read 4, write 2). Fused: read the row twice, write the gradient
+    once over the logits, all in the forward; the backward of loss.backward() moves nothing.
+        >>> loss_bytes(1, 1, 2)
+        {'eager': (36, 4), 'fused': (6, 0)}
+    """
+    n = M * V
+    eager = (nbytes + 4) + (4 + 4) + 4 + (4 + 4 + 4) + (4 + nbytes)
+    return {"eager": (eager * n, 4 * n), "fused": (3 * nbytes * n, 0)}
+
+
+def rms_norm_bytes(M, N, nbytes=2):
+    """HBM bytes of block.py's written-out RMSNorm forward (pow, mean, rsqrt, two multiplies:
+    x is read 3 times, x^2 written and read, the product written and read, y written; the
+    (M, 1) statistics neglected) against the fused kernel (read x once, write y once)."""
+    return {"eager": 7 * M * N * nbytes, "fused": 2 * M * N * nbytes}
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def demo(dev=None, seed=0):
+    """Each kernel against torch on small inputs, then the bytes they save at GPT-2 scale.
+    On a CPU it runs under the interpreter (float32): seconds, not speed."""
+    dev = torch.device(dev or ("cuda" if torch.cuda.is_available() else "cpu"))
+    where = "the Triton interpreter (numpy)" if INTERPRET else str(dev)
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, T, d = 1, 2, 1, 24, 16   # GQA, T not a multiple of the 16-row tile
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dev).requires_grad_()
+
+    q, k, v = rand(B, H, T, d), rand(B, Hkv, T, d), rand(B, Hkv, T, d)
+    do = torch.randn(B, H, T, d, generator=g).to(dev)
+    kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    s = (q @ kr.transpose(-1, -2) / math.sqrt(d)).masked_fill(
+        ~torch.ones(T, T, dtype=torch.bool, device=dev).tril(), float("-inf"))
+    ref = torch.softmax(s, -1) @ vr
+    o = flash_attention(q, k, v)
+    lse = flash_attention(q, k, v, return_lse=True)[1]
+    grads = [torch.autograd.grad(y, (q, k, v), do) for y in (o, ref)]
+    print(f"on {where}, float32, max |ours - torch|:")
+    print(f"  FlashAttention-2 causal, q {tuple(q.shape)}, k/v {tuple(k.shape)} (GQA): output "
+          f"{_max_diff([o], [ref]):.1e}, LSE {_max_diff([lse], [torch.logsumexp(s, -1)]):.1e}, "
+          f"dq dk dv {_max_diff(*grads):.1e}")
+    x, w, b, dy = rand(50, 96), rand(96), rand(96), torch.randn(50, 96, generator=g).to(dev)
+    for name, ours, theirs in [
+            ("LayerNorm", layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (96,), w, b)),
+            ("RMSNorm", rms_norm(x, w), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+             * w)]:
+        ins = (x, w, b) if name == "LayerNorm" else (x, w)
+        diff = _max_diff(torch.autograd.grad(ours, ins, dy), torch.autograd.grad(theirs, ins, dy))
+        print(f"  {name} (50, 96): output {_max_diff([ours], [theirs]):.1e}, gradients {diff:.1e}")
+    logits, t = rand(50, 300), torch.randint(0, 300, (50,), generator=g).to(dev)
+    t[::4] = -1
+    ours, theirs = cross_entropy(logits, t, -1), torch.nn.functional.cross_entropy(
+        logits, t, ignore_index=-1)
+    diff = _max_diff(*(torch.autograd.grad(y, logits) for y in (ours, theirs)))
+    print(f"  cross-entropy (50, 300), ignore_index=-1: loss {_max_diff([ours], [theirs]):.1e}, "
+          f"gradient {diff:.1e}")
+    M, V, C, GiB = 8 * 1024, 50304, 768, 2**30
+    lb, nb = loss_bytes(M, V), rms_norm_bytes(M, C)
+    print(f"GPT-2 124M, micro-batch 8 x 1024 tokens, bf16 autocast:\n"
+          f"  loss over ({M}, {V}) logits: eager moves {lb['eager'][0] / GiB:.1f} GiB and keeps "
+          f"{lb['eager'][1] / GiB:.2f} GiB of fp32 log-probabilities for backward; fused moves "
+          f"{lb['fused'][0] / GiB:.1f} GiB and keeps nothing ({lb['eager'][0] / lb['fused'][0]:.0f}x"
+          f" less traffic)\n  RMSNorm over ({M}, {C}): written out {nb['eager'] / 2**20:.0f} MiB,"
+          f" fused {nb['fused'] / 2**20:.0f} MiB")
