@@ -152,7 +152,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
     ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
-                           "primer, train, mfu"),
+                           "primer, train, mfu, kernels"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
 ])
@@ -3384,7 +3384,8 @@ def test_kernels_gpu_bf16_norms_and_loss():
     ref = F.cross_entropy(r, t, ignore_index=-1)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(a.grad.float(), r.grad, rtol=2e-2, atol=1e-6)
+    scale = (t != -1).sum() * 50257  # gradients are ~1 / (n_valid * V): compare them at ~1
+    torch.testing.assert_close(a.grad.float() * scale, r.grad * scale, rtol=2e-2, atol=2e-2)
 
 
 @needs_cuda_triton
