@@ -378,6 +378,7 @@ def flash_attention(q, k, v, bq, bk):
 
     For each block of queries (kept on chip) we stream blocks of keys and values, and keep per
     row a running max m, a running sum l and an unnormalized output acc, rescaled when m grows.
+    kernels.py's _attn_fwd is this loop as a Triton kernel, with its backward (phase 5b).
     """
     T, d = q.shape[-2:]
     o = np.empty_like(q)
