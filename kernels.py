@@ -18,7 +18,8 @@ What you will learn
     buffer itself.
 
 Run it
-  python cuda_primer.py --sections=kernels    # the kernels vs torch, on a GPU or on a CPU
+  python kernels.py                            # each kernel vs torch (CPU: the interpreter, s)
+  python cuda_primer.py --sections=kernels     # the same, inside the primer's kernels section
   python bench.py --only=kernels --device=cuda # speed vs SDPA flash / cuDNN, eager, compile
 
 On a machine without CUDA this file switches on Triton's interpreter (TRITON_INTERPRET=1,
@@ -40,6 +41,10 @@ try:
 except ImportError as e:  # CPU-only torch wheels do not bring triton
     raise ImportError("kernels='triton' needs the triton package: pip install triton "
                       "(CUDA builds of torch already ship it)") from e
+
+# demo options (python kernels.py --name=value)
+device = "auto"          # "auto" (cuda when available, else the interpreter on cpu), "cpu", "cuda"
+seed = 0
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_HEAD_DIM = 128       # q, k, v tiles of 64-128 rows x 128 columns fill an SM's SRAM
@@ -707,3 +712,18 @@ def demo(dev=None, seed=0):
           f"{lb['fused'][0] / GiB:.1f} GiB and keeps nothing ({lb['eager'][0] / lb['fused'][0]:.0f}x"
           f" less traffic)\n  RMSNorm over ({M}, {C}): written out {nb['eager'] / 2**20:.0f} MiB,"
           f" fused {nb['fused'] / 2**20:.0f} MiB")
+
+
+def main():
+    import cli  # only when run as a script: block.py imports this file, and cli stays out of it
+    cli.one_of("device", device, ("auto", "cpu", "cuda"))
+    dev = "cuda" if device == "auto" and not INTERPRET else "cpu" if device == "auto" else device
+    if (dev == "cuda") == INTERPRET:
+        raise ValueError(f"--device={device}: this process runs kernels on "
+                         f"{'cpu (TRITON_INTERPRET=1)' if INTERPRET else 'cuda'}")
+    demo(dev, seed)
+
+
+if __name__ == "__main__":
+    import cli
+    cli.run(main, globals())

@@ -3431,3 +3431,13 @@ def test_kernels_primer_demo_checks_each_kernel(capsys):
     assert len(diffs) == 9 and max(diffs) < 1e-4, out  # fa: 3, norms: 2 x 2, loss: 2
     # 8192 x 50304 logits: 36 bytes each eager = 13.8 GiB, 6 fused = 2.3 GiB; 4 held = 1.54 GiB
     assert "eager moves 13.8 GiB and keeps 1.54 GiB" in out and "fused moves 2.3 GiB" in out
+
+
+@needs_triton
+@pytest.mark.parametrize("value, message", [
+    ("gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
+    ("cuda" if KDEV == "cpu" else "cpu", "this process runs kernels on")])
+def test_kernels_demo_rejects_a_bad_device(monkeypatch, value, message):
+    monkeypatch.setattr(kernels, "device", value)
+    with pytest.raises(ValueError, match=f"^(--device={value}: )?{message}"):
+        kernels.main()
