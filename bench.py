@@ -11,12 +11,15 @@ the ratios.
     python bench.py --only=train --data=../shared/data
     python bench.py --only=mfu --device=cuda --variants=0,3   # rows of MFU_VARIANTS
     python bench.py --only=prepare --corpus_mb=1024   # corpus -> shards vs build-nanogpt's method
+    python bench.py --only=kernels --device=cuda      # Triton kernels vs SDPA, eager, compile
 
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
 training), prepare (corpus to shards vs build-nanogpt's tiktoken pool), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
 (shakespeare-char: nanoGPT's baseline config vs our preset; the 16 GB fit), mfu (the 124M
 training micro-step on a GPU, variant by variant, vs transformers'), evals (HellaSwag
-scoring vs transformers). Rows also go to out/bench.json.
+scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms and loss vs SDPA
+/ eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
+out/bench.json.
 """
 import contextlib
 import importlib
@@ -1011,12 +1014,174 @@ def bench_evals(args):
 
 
 # ======================================================================
+# kernels: kernels.py's Triton kernels vs torch's (GPU only; on a CPU they are checked, not
+# timed: python cuda_primer.py --sections=kernels)
+# ======================================================================
+
+def kernel_rows(device, group, variants, make_call, repeat, flops=None):
+    """Time make_call(fn) for each of variants {name: fn}, taking turns; one row each with the
+    median, the ratio to the first variant, TFLOP/s if flops, and the peak memory of one call
+    above what was allocated before it. A variant that fails to run (a backend this GPU lacks)
+    is reported and left out."""
+    calls = {}
+    for name, fn in variants.items():
+        try:
+            call = make_call(fn)
+            call()
+            calls[name] = call
+        except RuntimeError as e:
+            print(f"  {name}: skipped ({' '.join(str(e).split())[:120]})")
+    peaks = {}
+    for name, call in calls.items():
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / GiB
+    times, _ = cp.timed(list(calls.values()), repeat, device, warmup=3, calls=10)
+    rows, first = [], times[0] if times else None
+    print(f"{group}:")
+    for (name, _), t in zip(calls.items(), times):
+        tf = f"{flops / t / 1e12:7.1f} TFLOP/s" if flops else ""
+        print(f"  {name:<40} {t * 1e3:9.3f} ms  x{first / t:5.2f} vs first  "
+              f"+{peaks[name]:6.2f} GiB {tf}", flush=True)
+        rows.append({"bench": "kernels", "group": group, "what": name, "ms": t * 1e3,
+                     "speed_vs_first": first / t, "peak_gib": peaks[name],
+                     "tflops": flops / t / 1e12 if flops else None})
+    return rows
+
+
+def kernel_step(kern, device, repeat, B=8, micro=4):
+    """The GPT-2 124M training micro-step (bf16 autocast, eager), kernels="torch" or "triton":
+    tokens/s, MFU and peak memory."""
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.get_config("gpt2", dropout=0.0, kernels=kern)).to(device)
+    x = torch.randint(0, model.config.vocab_size, (B, model.config.block_size), device=device)
+
+    def steps(n=micro):
+        for _ in range(n):
+            with torch.autocast("cuda", torch.bfloat16):
+                _, loss = model(x, x)
+            loss.backward()  # gradients accumulate, as in train.py
+
+    torch.cuda.reset_peak_memory_stats(device)
+    steps(2)
+    seconds = cp.timed([steps], repeat, device, gc_on=True)[0][0] / micro
+    tps = B * model.config.block_size / seconds
+    peak = device_peak(device)[1]
+    r = {"bench": "kernels", "group": "124M step", "what": f"kernels={kern}",
+         "tokens_per_s": tps, "mfu": train.mfu(model.flops_per_token(), tps, peak and peak["bf16"]),
+         "peak_gib": torch.cuda.max_memory_allocated(device) / GiB}
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    print(f"  kernels={kern:<7} {tps:10,.0f} tokens/s  MFU {mfu:>6}  peak {r['peak_gib']:.2f} GiB",
+          flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return r
+
+
+def bench_kernels(args):
+    device = torch.device(getattr(args, "device", None) or "cpu")
+    if device.type != "cuda":
+        print("needs CUDA: kernels.py is timed on a GPU only (--device=cuda); skipped. On a CPU, "
+              "python cuda_primer.py --sections=kernels checks each kernel under the interpreter")
+        return []
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import kernels
+    rep, bf16 = args.repeat, torch.bfloat16
+    print(f"device: {device_peak(device)[0]}; medians of {rep}, 10 calls each, taking turns")
+
+    def rand(*shape, dtype=bf16, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    # FlashAttention-2 at GPT-2's shapes, causal; FLOPs: 2 matmuls of 2*T*T*D, half masked
+    B, H, T, D = 8, 12, 1024, 64
+    q, k, v, do = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D)
+
+    def sdpa(backend):
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attend
+
+    attn = {"SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION),
+            "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
+            "ours (kernels.flash_attention)": kernels.flash_attention}
+    with torch.no_grad():
+        diff = (attn["ours (kernels.flash_attention)"](q, k, v) - attn["SDPA flash"](q, k, v))
+    print(f"FA2 vs SDPA flash, bf16: max |diff| {diff.abs().max().item():.1e}")
+    fwd = 2 * B * H * T * T * D
+    rows = kernel_rows(device, f"attention forward, B={B} H={H} T={T} D={D} bf16 causal", attn,
+                       lambda fn: lambda: fn(q, k, v), rep, fwd)
+
+    def fwd_bwd(fn, inputs, grad):
+        def call():
+            for t in inputs:
+                t.grad = None
+            fn(*inputs).backward(grad)
+        return call
+
+    rows += kernel_rows(device, "attention forward + backward", attn,
+                        lambda fn: fwd_bwd(fn, (q, k, v), do), rep, 3.5 * fwd)
+    del q, k, v, do
+
+    # norms: (8192, 768) bf16 activations, fp32 weights, as in a bf16 autocast model
+    M, C = 8 * 1024, 768
+    x, dy = rand(M, C), rand(M, C, grad=False)
+    w, b = rand(C, dtype=torch.float32), rand(C, dtype=torch.float32)
+
+    def amp(fn):
+        def run(*a):
+            with torch.autocast("cuda", bf16):
+                return fn(*a)
+        return run
+
+    ln = lambda x, w, b: F.layer_norm(x, (C,), w, b, 1e-5)  # noqa: E731
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    for group, eager, ours, ins in [("LayerNorm", ln, kernels.layer_norm, (x, w, b)),
+                                    ("RMSNorm (block.py's, written out)", rms, kernels.rms_norm,
+                                     (x, w))]:
+        variants = {"eager (autocast)": amp(eager), "torch.compile": torch.compile(amp(eager)),
+                    "ours (kernels.py)": ours}
+        rows += kernel_rows(device, f"{group} forward + backward, ({M}, {C})", variants,
+                            lambda fn, ins=ins: fwd_bwd(lambda *a: fn(*a).float(), ins, dy.float()),
+                            rep)
+
+    # the loss over GPT-2's padded vocabulary; every variant first copies the logits (a fresh
+    # non-leaf buffer each call, which the fused loss overwrites with the gradient)
+    V, Vp = 50257, 50304
+    wide = rand(M, Vp)
+    t = torch.randint(0, V, (M,), device=device)
+    eager = lambda z: F.cross_entropy(z.float(), t, ignore_index=-1)  # noqa: E731  (autocast)
+    loss = {"eager (fp32, as autocast)": eager, "torch.compile": torch.compile(eager),
+            "ours, fused in place": lambda z: kernels.cross_entropy(z, t, -1, inplace=True)}
+
+    def loss_call(fn):
+        def call():
+            wide.grad = None
+            fn(wide[:, :V] * 1.0).backward()
+        return call
+
+    rows += kernel_rows(device, f"cross-entropy forward + backward, ({M}, {V}) bf16 logits",
+                        loss, loss_call, rep)
+    del wide, x, dy
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    print("GPT-2 124M training micro-step, batch 8 x 1024, bf16 autocast, eager:")
+    rows += [kernel_step(k, device, rep) for k in ("torch", "triton")]
+    return rows
+
+
+# ======================================================================
 # main
 # ======================================================================
 
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data, "prepare": bench_prepare,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
-            "mfu": bench_mfu, "evals": bench_evals}
+            "mfu": bench_mfu, "evals": bench_evals, "kernels": bench_kernels}
 
 
 def main():

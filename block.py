@@ -58,10 +58,11 @@ class BlockConfig:
     pos: str = "learned"          # "learned": the model adds a table; "rope": rotate q, k here
     rope_theta: float = 10000.0
     sdpa: bool = True             # fused attention kernel; False = the readable math
+    kernels: str = "torch"        # "triton": attention, norms (and gpt.py's loss) from kernels.py
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-                   "pos": ("learned", "rope")}
+                   "pos": ("learned", "rope"), "kernels": ("torch", "triton")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -69,6 +70,9 @@ class BlockConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.kernels == "triton" and self.dropout:
+            raise ValueError(f"kernels='triton' has no attention dropout; use dropout=0, "
+                             f"got {self.dropout}")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_dim}")
 
@@ -100,35 +104,45 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- norms
+def triton_kernels():
+    """kernels.py, imported on first use (it needs triton; a CPU-only install may lack it)."""
+    import kernels
+    return kernels
+
+
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * weight + bias, over the channels; bias optional."""
 
-    def __init__(self, n, bias=True, eps=1e-5):
+    def __init__(self, n, bias=True, eps=1e-5, kernels="torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.triton = eps, kernels == "triton" and bool(triton_kernels())
         self.weight = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
 
     def forward(self, x):
+        if self.triton:
+            return triton_kernels().layer_norm(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring, cheaper, no bias."""
 
-    def __init__(self, n, eps=1e-6):
+    def __init__(self, n, eps=1e-6, kernels="torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.triton = eps, kernels == "triton" and bool(triton_kernels())
         self.weight = nn.Parameter(torch.ones(n))
 
     def forward(self, x):
+        if self.triton:
+            return triton_kernels().rms_norm(x, self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 def make_norm(cfg):
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return LayerNorm(cfg.n_embd, cfg.bias, cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.kernels)
+    return LayerNorm(cfg.n_embd, cfg.bias, cfg.norm_eps, cfg.kernels)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -192,6 +206,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rope, self.rope_theta = cfg.pos == "rope", cfg.rope_theta
+        self.triton = cfg.kernels == "triton" and bool(triton_kernels())
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -207,7 +222,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)               # (B, nkv, S, hd), S = cached + T
-        y = self.attend_fast(q, k, v) if self.sdpa else self.attend_readable(q, k, v)
+        if self.triton:  # FlashAttention-2; causal aligns query t with key S - T + t
+            y = triton_kernels().flash_attention(q, k.to(q.dtype), v.to(q.dtype), causal=True)
+        else:
+            y = self.attend_fast(q, k, v) if self.sdpa else self.attend_readable(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -378,6 +378,7 @@ def flash_attention(q, k, v, bq, bk):
 
     For each block of queries (kept on chip) we stream blocks of keys and values, and keep per
     row a running max m, a running sum l and an unnormalized output acc, rescaled when m grows.
+    kernels.py's _attn_fwd is this loop as a Triton kernel, with its backward (phase 5b).
     """
     T, d = q.shape[-2:]
     o = np.empty_like(q)
@@ -549,11 +550,25 @@ def softmax_unfused(x):
     return e / e.sum(-1, keepdim=True)
 
 
+def kernels_lesson(dev):
+    """kernels.py (phase 5b: FlashAttention-2, norms, fused loss) against torch, if it can run."""
+    try:
+        import kernels
+    except ImportError as e:
+        print(f"skipped kernels.py: {e}")
+        return
+    if kernels.INTERPRET == (dev.type == "cuda"):
+        print(f"skipped kernels.py: on {dev.type} with TRITON_INTERPRET={int(kernels.INTERPRET)}")
+        return
+    kernels.demo(dev)
+
+
 def kernels_demo(dev):
     """Time the CUDA and Triton kernels against torch; return compare()'s rows."""
     if dev.type != "cuda":
         print("skipped: the CUDA C++ and Triton kernels need a CUDA GPU (this run is on "
               f"{dev.type}); sections 3-5 show the same ideas on the CPU")
+        kernels_lesson(dev)  # kernels.py's Triton kernels, checked under the interpreter
         return []
     rows = []
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -575,6 +590,7 @@ def kernels_demo(dev):
         return rows
     # the rows of GPT-2's attention matrix: T = 1024 scores each
     s = torch.randn(32768, 1024, device=dev, generator=g)
+    kernels_lesson(dev)
     print("softmax over (32768, 1024) float32 rows, speedup vs the first line:")
     return rows + compare({"torch.softmax": lambda s: torch.softmax(s, -1),
                            "softmax written out (eager)": softmax_unfused,

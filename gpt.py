@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import block
 import bpe
 import cli
 import dataloader
@@ -143,10 +144,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx, targets: (B, T) int64 -> logits (B, T, vocab_size), mean cross-entropy or None.
-        Targets equal to -1 are ignored."""
+        Targets equal to -1 are ignored. kernels="triton" while training: logits is None."""
         logits = self.head(self.hidden(idx, cache))
         loss = None
-        if targets is not None:
+        if targets is not None and self.config.kernels == "triton":
+            # fused: in training the gradient overwrites the logits, so none are returned
+            inplace = torch.is_grad_enabled() and logits.requires_grad
+            loss = block.triton_kernels().cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), -1, inplace)
+            logits = None if inplace else logits
+        elif targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
@@ -406,8 +413,8 @@ def checkpoint_config(path, saved):
     bad += [k for k in ("dropout",) if k in saved and not 0 <= saved[k] < 1]
     if bad:
         raise ValueError(f"{path}: config field {bad[0]}={saved[bad[0]]!r} is out of range")
-    try:
-        return GPTConfig(**saved)
+    try:  # the kernels are a run-time choice: a file always loads on the torch path
+        return GPTConfig(**{**saved, "kernels": "torch"})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model config ({e})") from None
 

@@ -128,8 +128,9 @@ def clean_state_dict(sd):
     return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
 
 
-def config_diff(saved, current, ignore=("dropout",)):
-    """'name saved -> current' for each model-config field that differs (dropout may change)."""
+def config_diff(saved, current, ignore=("dropout", "kernels")):
+    """'name saved -> current' for each model-config field that differs (dropout and the
+    kernels may change: they change how the same weights are computed, not the weights)."""
     return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
             for k in sorted(set(saved) | set(current))
             if k not in ignore and saved.get(k) != current.get(k)]

@@ -158,7 +158,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
     ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, prepare, model, "
-                           "primer, train, mfu, evals"),
+                           "primer, train, mfu, evals, kernels"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
 ])
@@ -4625,3 +4625,350 @@ def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):
         with pytest.raises(ImportError, match=r"^lm-evaluation-harness is not installed: "
                                               r"pip install lm-eval==0\.4\.13$"):
             call()
+
+
+# ======================================================================
+# kernels: tests for kernels.py: the Triton kernels against torch. Without CUDA they run under
+# Triton's interpreter on CPU tensors in float32 / float64 (tiny shapes: it is slow); with CUDA
+# the same tests run on the GPU, and the bf16 ones too.
+# ======================================================================
+
+try:
+    import kernels
+except ImportError:  # triton absent: every test below skips
+    kernels = None
+needs_triton = pytest.mark.skipif(kernels is None, reason="needs triton (requirements-dev.txt)")
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def readable_attention(q, k, v, causal):
+    """softmax(q k^T / sqrt(d)) v written out, GQA by repeating k, v; also the masked scores'
+    logsumexp. Causal: query t sees keys up to S - T + t, as block.attend_readable."""
+    H, Hkv, T, S = q.size(1), k.size(1), q.size(2), k.size(2)
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    if causal:
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def qkv(B, H, Hkv, T, S, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, n, d, generator=g, dtype=torch.float64).to(KDEV, dtype)
+            .requires_grad_() for h, n in ((H, T), (Hkv, S), (Hkv, S))]
+
+
+# (B, H, Hkv, T, S, d): odd T (not a multiple of the tile), GQA, a chunk after a cache (T < S)
+FLASH_SHAPES = [(1, 4, 2, 37, 37, 16), (2, 2, 1, 20, 33, 32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", FLASH_SHAPES)
+def test_kernels_flash_forward_equals_readable_attention(shape, causal):
+    q, k, v = qkv(*shape)
+    ref, ref_lse = readable_attention(q, k, v, causal)
+    o = kernels.flash_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    o2, lse = kernels.flash_attention(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(o, o2)
+    if causal:  # block.py's own readable path, the model's reference
+        B, H, Hkv, T, S, d = shape
+        attn = block.CausalSelfAttention(block.BlockConfig(n_embd=H * d, n_head=H, n_kv_head=Hkv))
+        torch.testing.assert_close(o, attn.attend_readable(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, causal", [(FLASH_SHAPES[0], True), (FLASH_SHAPES[1], False),
+                                           (FLASH_SHAPES[1], True)])
+def test_kernels_flash_backward_equals_autograd(shape, causal):
+    q, k, v = qkv(*shape)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(KDEV)
+    ref = torch.autograd.grad(readable_attention(q, k, v, causal)[0], (q, k, v), do)
+    ours = torch.autograd.grad(kernels.flash_attention(q, k, v, causal=causal), (q, k, v), do)
+    for name, a, b in zip("qkv", ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@needs_triton
+def test_kernels_gradcheck_float64():
+    # the kernels have a float64 path (fp64 dots and accumulators): finite differences in
+    # float64 against the backward kernels, on shapes small enough for the interpreter
+    q, k, v = qkv(1, 2, 1, 5, 5, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: kernels.flash_attention(q, k, v), (q, k, v),
+                                    fast_mode=True)
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(KDEV).requires_grad_()
+               for s in ((3, 5), (5,), (5,)))
+    assert torch.autograd.gradcheck(kernels.layer_norm, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradcheck(kernels.rms_norm, (x, w), fast_mode=True)
+    t = torch.tensor([1, -1, 4], device=KDEV)
+    assert torch.autograd.gradcheck(lambda z: kernels.cross_entropy(z * 1.0, t, -1), (x,),
+                                    fast_mode=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 100)])
+def test_kernels_norms_equal_torch(shape):
+    g = torch.Generator().manual_seed(0)
+    N = shape[-1]
+    x, dy = (torch.randn(*shape, generator=g).to(KDEV) for _ in range(2))
+    w, b = (torch.randn(N, generator=g).to(KDEV) for _ in range(2))
+    rms = block.RMSNorm(N, eps=1e-6).to(KDEV)
+    with torch.no_grad():
+        rms.weight.copy_(w)
+    cases = {  # name: (ours, torch's, inputs)
+        "layer_norm": (lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5),
+                       lambda x, w, b: F.layer_norm(x, (N,), w, b, 1e-5), (x, w, b)),
+        "layer_norm, no bias": (lambda x, w: kernels.layer_norm(x, w, None, 1e-5),
+                                lambda x, w: F.layer_norm(x, (N,), w, None, 1e-5), (x, w)),
+        "rms_norm": (lambda x, w: kernels.rms_norm(x, w, 1e-6),
+                     lambda x, w: F.rms_norm(x, (N,), w, 1e-6), (x, w)),
+    }
+    for name, (ours, ref, inputs) in cases.items():
+        a = [t.clone().requires_grad_() for t in inputs]
+        r = [t.clone().requires_grad_() for t in inputs]
+        ya, yr = ours(*a), ref(*r)
+        assert ya.shape == yr.shape and ya.dtype == yr.dtype
+        torch.testing.assert_close(ya, yr, rtol=1e-5, atol=1e-5, msg=name)
+        for ga, gr in zip(torch.autograd.grad(ya, a, dy), torch.autograd.grad(yr, r, dy)):
+            torch.testing.assert_close(ga, gr, rtol=1e-4, atol=1e-4, msg=name)
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(kernels.rms_norm(xr, rms.weight, 1e-6), rms(xr), rtol=1e-5,
+                               atol=1e-5)  # block.py's RMSNorm is the same function
+
+
+@needs_triton
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_kernels_cross_entropy_equals_torch(ignore_index):
+    g = torch.Generator().manual_seed(0)
+    M, V = 37, 65
+    wide = (torch.randn(M, 128, generator=g) * 4).to(KDEV)  # a padded vocabulary: 128 columns
+    t = torch.randint(0, V, (M,), generator=g).to(KDEV)
+    t[::5] = ignore_index
+    ref_in = wide[:, :V].clone().requires_grad_()
+    ref = F.cross_entropy(ref_in, t, ignore_index=ignore_index)
+    ref.backward(torch.tensor(2.5, device=KDEV))   # a non-unit upstream gradient
+    x = wide[:, :V].clone().requires_grad_()
+    loss = kernels.cross_entropy(x, t, ignore_index)
+    loss.backward(torch.tensor(2.5, device=KDEV))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-5, atol=1e-7)
+    # in place, on a strided slice of the wide buffer as gpt.py passes it: the gradient lands in
+    # the logits' own memory, the padding columns untouched
+    leaf = wide.clone().requires_grad_()
+    buf = leaf * 1.0
+    loss = kernels.cross_entropy(buf[:, :V], t, ignore_index, inplace=True)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad[:, :V], ref_in.grad / 2.5, rtol=1e-5, atol=1e-7)
+    assert not leaf.grad[:, V:].any()
+    torch.testing.assert_close(buf.detach()[:, :V], ref_in.grad / 2.5, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: no gradient written, the logits untouched
+        y = wide[:, :V].clone()
+        torch.testing.assert_close(kernels.cross_entropy(y, t, ignore_index, inplace=True), ref)
+        assert torch.equal(y, wide[:, :V])
+
+
+def tiny_gpt_losses(kern, arch, steps):
+    torch.manual_seed(0)
+    cfg = gpt.get_config(arch, n_layer=2, n_embd=32, n_head=2, n_kv_head=1 if arch == "llama"
+                         else None, block_size=16, vocab_size=65, pad_vocab=64, kernels=kern)
+    model = GPT(cfg).to(KDEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, 65, (2, 16), generator=g).to(KDEV) for _ in range(2))
+    y[0, :3] = -1
+    with torch.no_grad():  # evaluation, same weights: the logits come back, not overwritten
+        start = model(x, y)
+    losses = []
+    for _ in range(steps):
+        logits, loss = model(x, y)
+        assert (logits is None) == (kern == "triton")  # the fused loss reuses their memory
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, start
+
+
+@needs_triton
+@pytest.mark.parametrize("arch, steps", [("tiny", 5), ("llama", 2)])
+def test_kernels_tiny_gpt_trains_like_torch(arch, steps):
+    (ours, (logits, loss)), (ref, (ref_logits, ref_loss)) = (
+        tiny_gpt_losses(k, arch, steps) for k in ("triton", "torch"))
+    assert ours[0] == pytest.approx(ref[0], rel=1e-6)  # one forward: rounding only
+    # AdamW divides by sqrt(v): rounding differences of ~1e-7 in tiny gradients grow to ~1e-5
+    assert ours == pytest.approx(ref, rel=1e-4)
+    assert ref[-1] < ref[0] - 0.3  # it learns: the comparison is not of two flat lines
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+def test_kernels_bad_input_is_one_error():
+    q, k, v = qkv(1, 4, 2, 8, 8, 16)
+    x, w = torch.randn(3, 8, device=KDEV), torch.ones(8, device=KDEV)
+    t = torch.tensor([0, 1, 2], device=KDEV)
+    fa = kernels.flash_attention
+    cases = [
+        (lambda: fa(*qkv(1, 2, 2, 4, 4, 129)), "head_dim 129 is not supported \\(1 to 128\\)"),
+        (lambda: fa(q.double(), k, v), "must share a dtype"),
+        (lambda: fa(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16)),
+         "4 query heads are not a multiple of 3 key/value heads"),
+        (lambda: fa(q, k, v[:, :, :5]), "must match"),
+        (lambda: fa(q[0], k, v), "4-D"),
+        (lambda: fa(q, k[:, :, :4], v[:, :, :4]), "causal with 8 queries but only 4 keys"),
+        (lambda: fa(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v),
+         "head_dim axis contiguous"),
+        (lambda: fa(q, k.to("meta"), v), "one device"),
+        (lambda: fa(*(t.to(torch.int32) for t in (q, k, v))), "dtype torch.int32 is not supported"),
+        (lambda: kernels.layer_norm(x.long(), w), "dtype torch.int64 is not supported"),
+        (lambda: kernels.layer_norm(x, w[:5]), "weight must have shape \\(8,\\)"),
+        (lambda: kernels.rms_norm(torch.randn(1, 16385, device=KDEV),
+                                  torch.ones(16385, device=KDEV)), "1 to 16384"),
+        (lambda: kernels.cross_entropy(x, torch.tensor([0, 8, 1], device=KDEV)),
+         "targets must be in \\[0, 8\\)"),
+        (lambda: kernels.cross_entropy(x, t[:2]), "logits \\(M, V\\) and targets \\(M,\\)"),
+        (lambda: kernels.cross_entropy(x, t.float()), "integer targets"),
+        (lambda: kernels.cross_entropy(x.requires_grad_(), t, inplace=True), "leaf"),
+        (lambda: kernels.cross_entropy(x.t().contiguous().t(), t), "stride 1"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+
+
+def test_kernels_config_and_missing_triton(monkeypatch):
+    with pytest.raises(ValueError, match="kernels='cuda'; expected one of \\('torch', 'triton'\\)"):
+        block.BlockConfig(kernels="cuda")
+    with pytest.raises(ValueError, match="kernels='triton' has no attention dropout"):
+        block.BlockConfig(kernels="triton", dropout=0.1)
+    # a CPU-only install without triton: asking for the kernels is one clear ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    with pytest.raises(ImportError, match="^kernels='triton' needs the triton package: pip "
+                                          "install triton"):
+        GPT(gpt.get_config("tiny", n_layer=1, kernels="triton"))
+    GPT(gpt.get_config("tiny", n_layer=1))  # the torch path never imports it
+
+
+def test_kernels_every_file_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import cli, micrograd, bpe, dataloader, block, gpt, train, finetune, cuda_primer\n"
+            "assert 'kernels' not in sys.modules; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@needs_triton
+def test_kernels_checkpoint_loads_on_the_torch_path(tmp_path):
+    # kernels is a run-time choice: a checkpoint trained with triton loads anywhere
+    cfg = gpt.get_config("tiny", n_layer=1, n_embd=32, n_head=2, kernels="triton")
+    model = GPT(cfg)
+    path = tmp_path / "ck.pt"
+    gpt.save_checkpoint(path, model)
+    loaded, ck = gpt.load_checkpoint(path)
+    assert loaded.config.kernels == "torch" and ck["config"]["kernels"] == "triton"
+    assert train.config_diff(ck["config"], {**ck["config"], "kernels": "torch"}) == []
+
+
+needs_cuda_triton = pytest.mark.skipif(kernels is None or not torch.cuda.is_available(),
+                                       reason="needs a CUDA GPU and triton")
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernels_gpu_bf16_flash_matches_fp32(causal):
+    # GPT-2's head size and a few tiles, bf16 against the fp32 math (bf16 has 8 bits of mantissa)
+    for shape in [(2, 12, 12, 300, 300, 64), (2, 8, 2, 257, 513, 128)]:
+        q, k, v = qkv(*shape, dtype=torch.bfloat16)
+        do = torch.randn_like(q)
+        ref = readable_attention(*(t.float() for t in (q, k, v)), causal)[0]
+        o = kernels.flash_attention(q, k, v, causal=causal)
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), ref, rtol=2e-2, atol=2e-2)
+        g32 = torch.autograd.grad(ref, (q, k, v), do.float())
+        g16 = torch.autograd.grad(o, (q, k, v), do)
+        for a, b in zip(g16, g32):
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+@needs_cuda_triton
+def test_kernels_gpu_bf16_norms_and_loss():
+    x = torch.randn(8 * 1024, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(768, device="cuda"), torch.randn(768, device="cuda")
+    torch.testing.assert_close(kernels.layer_norm(x, w, b).float(),
+                               F.layer_norm(x.float(), (768,), w, b), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kernels.rms_norm(x, w).float(),
+                               F.rms_norm(x.float(), (768,), w, 1e-6), rtol=2e-2, atol=2e-2)
+    logits = torch.randn(4096, 50304, device="cuda", dtype=torch.bfloat16)[:, :50257]
+    t = torch.randint(0, 50257, (4096,), device="cuda")
+    t[::7] = -1
+    a = logits.clone().requires_grad_()
+    loss = kernels.cross_entropy(a, t, -1)
+    loss.backward()
+    r = logits.float().requires_grad_()
+    ref = F.cross_entropy(r, t, ignore_index=-1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    scale = (t != -1).sum() * 50257  # gradients are ~1 / (n_valid * V): compare them at ~1
+    torch.testing.assert_close(a.grad.float() * scale, r.grad * scale, rtol=2e-2, atol=2e-2)
+
+
+@needs_cuda_triton
+def test_kernels_gpu_tiny_gpt_trains_like_torch():
+    ours, _ = tiny_gpt_losses("triton", "tiny", 5)
+    ref, _ = tiny_gpt_losses("torch", "tiny", 5)
+    assert ours == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+@needs_triton
+def test_kernels_loss_bytes_held_for_backward_match_autograd():
+    # what eager cross-entropy keeps for backward, counted by autograd's saved-tensor hooks, is
+    # loss_bytes' figure (fp32 log-probabilities); the fused loss keeps only the logits' memory
+    M, V = 24, 70
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(M, V, generator=g).to(KDEV, torch.float32)
+    t = torch.randint(0, V, (M,), generator=g).to(KDEV)
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    x = wide.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        F.cross_entropy(x.to(torch.bfloat16).float(), t)   # what autocast does to bf16 logits
+    big = {s.data_ptr(): s for s in saved if s.numel() == M * V}.values()  # each tensor once
+    assert sum(s.numel() * s.element_size() for s in big) == kernels.loss_bytes(M, V)["eager"][1]
+    saved.clear()
+    logits = x * 1.0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        kernels.cross_entropy(logits, t, inplace=True)
+    big = [s for s in saved if s.numel() == M * V]
+    assert big and all(s.data_ptr() == logits.data_ptr() for s in big)  # no new (M, V) memory
+    assert kernels.loss_bytes(M, V)["fused"][1] == 0
+
+
+@needs_triton
+def test_kernels_primer_demo_checks_each_kernel(capsys):
+    cuda_primer.kernels_lesson(torch.device(KDEV))
+    out = capsys.readouterr().out
+    diffs = [float(x) for x in regex.findall(r"\d\.\de[-+]\d\d", out)]
+    assert len(diffs) == 9 and max(diffs) < 1e-4, out  # fa: 3, norms: 2 x 2, loss: 2
+    # 8192 x 50304 logits: 36 bytes each eager = 13.8 GiB, 6 fused = 2.3 GiB; 4 held = 1.54 GiB
+    assert "eager moves 13.8 GiB and keeps 1.54 GiB" in out and "fused moves 2.3 GiB" in out
+
+
+@needs_triton
+@pytest.mark.parametrize("value, message", [
+    ("gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
+    ("cuda" if KDEV == "cpu" else "cpu", "this process runs kernels on")])
+def test_kernels_demo_rejects_a_bad_device(monkeypatch, value, message):
+    monkeypatch.setattr(kernels, "device", value)
+    with pytest.raises(ValueError, match=f"^(--device={value}: )?{message}"):
+        kernels.main()

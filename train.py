@@ -88,6 +88,7 @@ optimizer = "fused"      # "ours" (written out below), "torch" or "fused" (torch
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
 compile = False          # torch.compile the model
+kernels = "torch"        # "torch" or "triton" (kernels.py: attention, norms, loss; needs triton)
 checkpointing = False    # activation checkpointing: recompute blocks in backward, less memory
 threads = 0              # torch CPU threads; 0 = torch's choice
 seed = 1337
@@ -440,7 +441,7 @@ def build(c, rank, world, dev):
     mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
         gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
-        pad_vocab=c.pad_vocab)
+        pad_vocab=c.pad_vocab, kernels=c.kernels)
     if dev.type != "cuda":  # CUDA says "out of memory" itself; RAM runs out in silence
         cli.fits_in_memory(run_bytes(mcfg, c.batch_size), f"a model of {c.n_layer} x {c.n_embd} with "
                            f"--batch_size={c.batch_size} --block_size={c.block_size}")
@@ -582,6 +583,7 @@ TOKENIZERS = ("char", "bpe", "gpt2")
 SAMPLERS = ("epoch", "random")
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("ours", "torch", "fused")
+KERNELS = ("torch", "triton")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -618,6 +620,7 @@ def check_options(c):
     for what, value, names in (("preset", c.preset, PRESETS_TRAIN), ("arch", c.arch, gpt.PRESETS),
                                ("sampler", c.sampler, SAMPLERS), ("schedule", c.schedule, SCHEDULES),
                                ("optimizer", c.optimizer, OPTIMIZERS), ("dtype", c.dtype, DTYPES),
+                               ("kernels", c.kernels, KERNELS),
                                ("device", c.device.split(":")[0], DEVICES)):
         cli.one_of(what, value, list(names))
     v = vars(c)
