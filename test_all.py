@@ -4873,7 +4873,7 @@ def test_kernels_checkpoint_loads_on_the_torch_path(tmp_path):
     gpt.save_checkpoint(path, model)
     loaded, ck = gpt.load_checkpoint(path)
     assert loaded.config.kernels == "torch" and ck["config"]["kernels"] == "triton"
-    assert train.config_diff(ck["config"], {**ck["config"], "kernels": "torch"}) == []
+    assert resume.config_diff(ck["config"], {**ck["config"], "kernels": "torch"}) == []
 
 
 needs_cuda_triton = pytest.mark.skipif(kernels is None or not torch.cuda.is_available(),
