@@ -15,6 +15,8 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
+import threading
 import unicodedata
 from collections import Counter
 from dataclasses import replace
@@ -165,6 +167,153 @@ def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, opt
         bench.main()
     assert str(e.value) == message
 
+
+# ----------------------------------------------------------------------------- files and exits
+def dead_pid():
+    """The pid of a process that has exited and been reaped: nothing runs under it now."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def cli_child(code, path):
+    """Run a small script (cli imported, no torch: fast) in a fresh interpreter through
+    cli.run, with `path` as PATH (cli.run takes the arguments as options); the
+    CompletedProcess."""
+    script = "import os\nimport cli\nPATH = os.environ['CHILD_PATH']\ndef main():\n" \
+        + textwrap.indent(code, "    ") + "\ncli.run(main, {})"
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "CHILD_PATH": str(path)})
+
+
+def test_cli_hold_dir_one_run_per_folder(tmp_path):
+    d, hold = tmp_path / "run", "with cli.hold_dir(PATH):\n    print('held')"
+    with cli.hold_dir(d) as held:
+        assert held == d and (d / cli.LOCK_NAME).read_text() == str(os.getpid())
+        r = cli_child(hold, d)  # a second run at once: one line naming our pid, exit 1
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (f"error: {d} is in use by another run (pid {os.getpid()}); wait "
+                            "for it to finish or choose another folder\n")
+        with cli.hold_dir(d):  # the holder may hold it again; the inner exit keeps the lock
+            pass
+        assert (d / cli.LOCK_NAME).read_text() == str(os.getpid())
+    assert not (d / cli.LOCK_NAME).exists()  # released
+    r = cli_child(hold, d)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "held\n", "")
+    assert sorted(p.name for p in d.iterdir()) == []  # the child released it too
+
+
+def test_cli_hold_dir_takes_over_a_dead_runs_lock_and_releases_on_error(tmp_path):
+    lock = tmp_path / cli.LOCK_NAME
+    for stale in (str(dead_pid()), "not a pid"):
+        lock.write_text(stale)
+        with pytest.raises(RuntimeError, match="boom"):
+            with cli.hold_dir(tmp_path):
+                assert lock.read_text() == str(os.getpid())
+                raise RuntimeError("boom")
+        assert not lock.exists(), stale
+
+
+def test_cli_hold_dir_waits_for_a_lock_being_written(tmp_path):
+    """An empty lock is another run between its create and its write: it must not be taken
+    over (two runs would then hold one folder)."""
+    lock = tmp_path / cli.LOCK_NAME
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text("")
+        writer = threading.Timer(0.2, lambda: lock.write_text(str(other.pid)))
+        writer.start()
+        with pytest.raises(ValueError, match=f"in use by another run \\(pid {other.pid}\\)"):
+            with cli.hold_dir(tmp_path):
+                pass
+        writer.join()
+        assert lock.read_text() == str(other.pid)  # the other run's lock is left alone
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_cli_remove_stale_temps_only_dead_writers_of_our_naming(tmp_path):
+    # a real leftover: a writer killed inside atomic_open (os._exit skips every cleanup)
+    r = cli_child("with cli.atomic_open(PATH) as f:\n    f.write(b'half')\n"
+                  "    os._exit(9)", tmp_path / "ckpt.pt")
+    assert r.returncode == 9
+    (left,) = [p.name for p in tmp_path.iterdir()]
+    assert left.startswith(".ckpt.pt.") and left.endswith(".tmp")
+    dead = dead_pid()
+    keep = [f".ckpt.pt.{os.getpid()}.abcd1234.tmp",  # a live writer (us)
+            f".notes.{dead}.draft.tmp", "ckpt.pt.tmp", "ckpt.pt"]  # not our naming
+    for name in keep:
+        (tmp_path / name).write_text("x")
+    assert cli.remove_stale_temps(tmp_path) == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert cli.remove_stale_temps(tmp_path / "missing") == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_cli_atomic_open_full_disk_is_one_line_and_keeps_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"the good checkpoint")
+    real = cli.tempfile.mkstemp
+
+    def full_disk(*a, **k):  # the temp file exists, but its writes go to /dev/full: ENOSPC
+        fd, name = real(*a, **k)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    def torch_message(f):  # how torch.save has reported a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+    monkeypatch.setattr(cli.tempfile, "mkstemp", full_disk)
+    writers = {"small write": lambda f: f.write(b"x"), "big write": lambda f: f.write(b"x" * 10**6),
+               "numpy": lambda f: np.save(f, np.zeros(1000)),
+               "torch": lambda f: torch.save({"w": torch.zeros(10**6)}, f),
+               "torch's message": torch_message}
+    for name, write in writers.items():
+        with pytest.raises(OSError) as e:
+            with cli.atomic_open(target) as f:
+                write(f)
+        assert str(e.value) == f"no space left on device writing {target}", name
+        assert target.read_bytes() == b"the good checkpoint", name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], name  # temp removed
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # other errors are not disk-full
+        with cli.atomic_open(tmp_path / "x") as f:
+            raise RuntimeError("unexpected pos 704 vs 598")
+
+
+def test_cli_one_of_and_fits_in_memory(monkeypatch):
+    assert cli.one_of("sampler", "epoch", ["epoch", "random"]) == "epoch"
+    with pytest.raises(ValueError) as e:
+        cli.one_of("sampler", "x", ["epoch", "random"])
+    assert str(e.value) == "unknown sampler 'x'; valid samplers: epoch, random"
+    avail = cli.available_memory()  # MemAvailable: at most the machine's RAM
+    assert avail is None or 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(cli, "available_memory", lambda: 3 * 2**30)
+    cli.fits_in_memory(3 * 2**30, "all of it")  # exactly what is there: fine
+    with pytest.raises(ValueError) as e:
+        cli.fits_in_memory(80 * 2**30, "--tile_n=100000")
+    assert str(e.value) == "--tile_n=100000 would need 80.0 GiB of memory; 3.0 GiB is available"
+    monkeypatch.setattr(cli, "available_memory", lambda: None)  # unknown (not Linux): no check
+    cli.fits_in_memory(2**60, "anything")
+
+
+def test_cli_run_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["demo.py"])
+
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, cli_globals())
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    # a real SIGINT to a running script
+    script = "import time\nimport cli\ndef main():\n    print('ready', flush=True)\n" \
+             "    time.sleep(60)\ncli.run(main, {})"
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err) == (130, "", "interrupted\n")
 
 # ======================================================================
 # micrograd: tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
