@@ -11,12 +11,14 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import replace
@@ -2057,6 +2059,217 @@ def test_cli_unknown_preset_is_one_line(script):
         "error: unknown preset 'nope'; valid presets: " + ("tiny, laptop, gpt2, llama" if script == "gpt.py"
                                                            else "gpt2, llama")]
 
+
+# ----------------------------------------------------------------------------- the demo and sampling: bad runs
+def files_of(folder):
+    """{relative path: bytes} of every file under folder, to see that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()}
+
+
+def small_demo(monkeypatch, corpus, out_dir, **settings):
+    """gpt.main's settings for a run of seconds: a char corpus (no bpe training), 2 steps."""
+    real = dataloader.prepare
+    monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(
+        str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
+    base = dict(out_dir=str(out_dir), block_size=16, batch_size=4, max_iters=2, eval_iters=1,
+                num_samples=0, time_limit=0.0)  # char: no <|endoftext|> to sample from
+    for k, v in {**base, **settings}.items():
+        monkeypatch.setattr(gpt, k, v)
+
+
+def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkeypatch):
+    small_demo(monkeypatch, corpus, tmp_path)
+    gpt.main()
+    before = files_of(tmp_path)
+    assert sorted(before) == ["gpt_tiny.pt", "tokenizer.json"]
+    # nan at step 2; with 1 step the loss is still finite, the update is not (val loss)
+    for iters, what in ((2, "loss"), (1, "validation loss")):
+        small_demo(monkeypatch, corpus, tmp_path, max_iters=iters, lr=1e30)
+        with pytest.raises(ValueError, match=rf"^the {what} is (nan|inf) at step {iters}: "
+                                             r"training diverged \(lower --lr=1e\+30\); nothing"
+                                             rf" was saved, {tmp_path / 'gpt_tiny.pt'} is as it"):
+            gpt.main()
+        assert files_of(tmp_path) == before, iters
+
+
+def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
+    script = ("import os, time, cli\nwith cli.hold_dir(os.environ['CHILD_PATH']):\n"
+              "    print('held', flush=True)\n    time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "CHILD_PATH": str(tmp_path)})
+    try:
+        assert other.stdout.readline() == "held\n"
+        small_demo(monkeypatch, corpus, tmp_path)
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {other.pid}\)"):
+            gpt.main()
+        assert files_of(tmp_path) == {".lock": str(other.pid).encode()}  # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    gpt.main()  # the other run is gone: its lock is taken over, ours released at the end
+    assert sorted(files_of(tmp_path)) == ["gpt_tiny.pt", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("out_dir", "", "--out_dir='': must be a folder name"),
+    ("preset", "nope", "unknown preset 'nope'; valid presets: tiny, laptop, gpt2, llama"),
+    ("vocab_size", 256, "--vocab_size=256: must be between 257"),
+    ("vocab_size", 70000, "--vocab_size=70000: must be between 257"),
+    ("block_size", 0, "--block_size=0: must be at least 1"),
+    ("lr", 0.0, "--lr=0.0: must be finite and > 0"),
+    ("lr", math.inf, "--lr=inf: must be finite and > 0"),
+    ("weight_decay", -0.1, "--weight_decay=-0.1: must be finite and >= 0"),
+    ("num_samples", -1, "--num_samples=-1: must be >= 0"),
+    ("sample_tokens", -5, "--sample_tokens=-5: must be at least 1"),
+    ("sample_tokens", 0, "--sample_tokens=0: must be at least 1"),
+    ("temperature", -1.0, "--temperature=-1.0: must be finite and >= 0"),
+    ("temperature", math.nan, "--temperature=nan: must be finite and >= 0"),
+    ("top_k", -1, "--top_k=-1: must be >= 0"),
+    ("top_p", 0.0, "--top_p=0.0: must be in (0, 1]"),
+    ("top_p", 1.5, "--top_p=1.5: must be in (0, 1]"),
+    ("seed", -1, "--seed=-1: must be >= 0"),
+    ("time_limit", math.nan, "--time_limit=nan: must be >= 0"),
+    ("block_size", 100000, "preset tiny with --batch_size=16 --block_size=100000 would need "),
+    ("batch_size", 100000, "preset tiny with --batch_size=100000 --block_size=128 would need ")])
+def test_gpt_demo_every_option_has_a_range(option, value, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(gpt, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(gpt, option, value)
+    with pytest.raises(ValueError) as e:
+        gpt.main()
+    assert str(e.value).startswith(message), str(e.value)
+    assert "would need" not in message or str(e.value).endswith("8.0 GiB is available")
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def saved_bytes(cfg, B):
+    """Bytes of one training step counted directly: 4 float32 copies of every parameter
+    (weights, grads, AdamW's m and v) + every tensor autograd saves for backward (hooks)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*[torch.randint(0, cfg.vocab_size, (B, cfg.block_size))] * 2)
+    return 16 * sum(p.numel() for p in model.parameters()) + sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_gpt_train_bytes_bounds_what_autograd_saves(name, sdpa):
+    """The estimate gpt.py refuses a run with is at least what a step keeps (so a refused run
+    would not have fit) and at most twice it (temporaries on top: not a needless refusal)."""
+    for B, T in ((2, 32), (2, 128), (1, 256)):
+        cfg = replace(PRESETS[name], block_size=T, sdpa=sdpa, n_layer=2)
+        total, measured = gpt.train_bytes(cfg, B), saved_bytes(cfg, B)
+        assert measured <= total <= 2 * measured, (B, T)
+        per_batch = gpt.train_bytes(cfg, 2 * B) - total  # the activations alone
+        assert 1 <= per_batch / (saved_bytes(cfg, 2 * B) - measured) <= 2, (B, T)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
+    (dict(temperature=math.nan), "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (dict(temperature=math.inf), "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (dict(temperature=-1), "temperature must be a finite number >= 0 (0 = greedy), got -1"),
+    (dict(temperature="0.8"), "temperature must be a finite number >= 0 (0 = greedy), got '0.8'"),
+    (dict(top_k=0), "top_k must be an integer >= 1 (None = off), got 0"),
+    (dict(top_k=2.5), "top_k must be an integer >= 1 (None = off), got 2.5"),
+    (dict(top_p=math.nan), "top_p must be in (0, 1], got nan"),
+    (dict(eot_id=-1), "eot_id must be a token id in [0, 100), got -1"),
+    (dict(eot_id=100), "eot_id must be a token id in [0, 100), got 100")])
+def test_gpt_generate_bad_arguments_name_them(kw, message):
+    args = dict(max_new_tokens=2, **kw) if "max_new_tokens" not in kw else kw
+    with pytest.raises(ValueError) as e:
+        _tiny().generate([1], **args)
+    assert str(e.value) == message
+
+
+def test_gpt_sampling_refuses_nonfinite_logits():
+    model = _tiny()
+    with torch.no_grad():
+        model.ln_f.weight[0] = math.nan  # a diverged model: every logit nan
+    for temperature in (0.0, 1.0):  # greedy would pick token 0 from nan silently
+        with pytest.raises(ValueError, match="logits are not finite"):
+            model.generate([1], 3, temperature=temperature)
+    with pytest.raises(ValueError, match="logits are not finite"):
+        gpt.sample(torch.tensor([[0.0, math.inf]]))
+    assert gpt.sample(torch.tensor([[-math.inf, 0.0]])).tolist() == [1]  # -inf: masked, fine
+
+
+# ----------------------------------------------------------------------------- the demo from the command line
+GPT_SMALL = ["--vocab_size=300", "--batch_size=2", "--block_size=16", "--max_iters=2",
+             "--eval_iters=1", "--num_samples=1", "--sample_tokens=5", "--threads=1"]
+
+
+def gpt_cli(folder, *args, **kw):
+    return subprocess.Popen([sys.executable, "gpt.py", *GPT_SMALL, f"--out_dir={folder}", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def gpt_cli_run(tmp_path_factory):
+    """A real tiny `python gpt.py` run (bpe 300, 2 steps): its folder, the data cached in it."""
+    d = tmp_path_factory.mktemp("gpt_run")
+    out, err = (p := gpt_cli(d)).communicate(timeout=300)
+    assert p.returncode == 0, err
+    return d
+
+
+def copy_run(gpt_cli_run, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(gpt_cli_run, d)
+    return d, files_of(d)
+
+
+def test_gpt_cli_diverged_run_is_one_line_and_keeps_the_checkpoint(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    out, err = (p := gpt_cli(d, "--lr=1e30")).communicate(timeout=300)
+    assert p.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: the loss is nan at step 2: training diverged"), err
+    assert "sample" not in out  # stopped: no sampling from a broken model
+    assert files_of(d) == before  # gpt_tiny.pt byte-identical
+
+
+def test_gpt_cli_ctrl_c_is_one_line_and_exit_130(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    p = gpt_cli(d, "--max_iters=100000", "--time_limit=0")
+    for line in p.stdout:  # training has started once the data is ready
+        if line.startswith("data ready"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (130, "interrupted\n")
+    assert files_of(d) == before  # nothing saved, the lock released
+
+
+def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    table = [  # (option, exit code, the one line on stderr starts with)
+        ("--nope=1", 2, "error: unknown option --nope; valid names: "),
+        ("--batch_size=abc", 2, "error: --batch_size expects int, got 'abc'"),
+        ("--lr=nan", 2, "error: --lr expects a finite number, got 'nan'"),
+        ("--sample_tokens=-5", 1, "error: --sample_tokens=-5: must be at least 1"),
+        ("--block_size=100000", 1, "error: preset tiny with --batch_size=2 --block_size=100000 "
+                                   "would need "),
+        ("--batch_size=100000", 1, "error: preset tiny with --batch_size=100000 --block_size=16 "
+                                   "would need "),
+        ("--device=gpu", 1, "error: --device='gpu': expected cpu, cuda, cuda:N, mps or auto")]
+    runs = [gpt_cli(d, option) for option, _, _ in table]  # at once: each is mostly startup
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(d) == before
 
 # ======================================================================
 # train: tests for train.py
