@@ -820,6 +820,90 @@ def test_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
     assert "final loss" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: mg.Neuron(0), "Neuron: nin must be an integer >= 1 (its inputs), got 0"),
+    (lambda: mg.Neuron(2.5), "Neuron: nin must be an integer >= 1 (its inputs), got 2.5"),
+    (lambda: mg.Layer(2, 0), "Layer: nout must be an integer >= 1 (its neurons), got 0"),
+    (lambda: mg.MLP(2, [-1]), "MLP: nouts[0] must be an integer >= 1 (a layer's size), got -1"),
+    (lambda: mg.MLP(2, [16, "16", 1]), "MLP: nouts[1] must be an integer >= 1 (a layer's size), got '16'"),
+    (lambda: mg.MLP(0, [1]), "MLP: nin must be an integer >= 1 (its inputs), got 0"),
+    (lambda: mg.MLP(2, []), "MLP: nouts must list at least one layer size, e.g. [16, 16, 1]"),
+    (lambda: mg.MLP(2, 16), "MLP: nouts must list at least one layer size, e.g. [16, 16, 1]")])
+def test_micrograd_modules_refuse_bad_sizes(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("SGD", dict(lr=-1.0)), ("SGD", dict(lr=math.nan)), ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1.0)), ("SGD", dict(lr=0.0, momentum=0.9, weight_decay=0.0)),
+    ("AdamW", dict(lr=-1.0)), ("AdamW", dict(betas=(1.0, 0.999))), ("AdamW", dict(betas=(0.9, -0.1))),
+    ("AdamW", dict(eps=-1e-8)), ("AdamW", dict(weight_decay=-0.1)),
+    ("AdamW", dict(lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0))])
+def test_micrograd_optimizers_refuse_what_torch_refuses(name, kw):
+    try:
+        getattr(torch.optim, name)([torch.zeros(2, requires_grad=True)], **kw)
+        refused = None
+    except ValueError as e:
+        refused = e
+    if refused is None:
+        getattr(mg, name)([mg.Tensor(np.zeros(2))], **kw)  # accepted by both
+    else:
+        with pytest.raises(ValueError, match=f"^{name}: {next(iter(kw))} must be "):
+            getattr(mg, name)([mg.Tensor(np.zeros(2))], **kw)
+
+
+def test_micrograd_graph_bytes_bounds_what_a_step_allocates():
+    """The estimate the demo refuses a size with is at least what one step allocates (counted
+    by tracemalloc: model, graph, backward's walk) and at most twice it."""
+    import tracemalloc
+    for n, h in ((20, 8), (10, 32), (40, 16), (5, 64)):
+        random.seed(0)
+        X, y = mg.make_moons(n, 0.1, 0)
+        tracemalloc.start()
+        try:
+            model = mg.MLP(2, [h, h, 1])
+            loss, _ = mg.hinge_loss(model, X, y)
+            loss.backward()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= mg.graph_bytes(n, h) <= 2 * peak, (n, h)
+
+
+def test_micrograd_demo_refuses_a_graph_bigger_than_memory(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "available_memory", lambda: 2**30)
+    for name, value in (("hidden", 100000), ("n_points", 10**7)):
+        with monkeypatch.context() as m:
+            m.setattr(mg, name, value)
+            with pytest.raises(ValueError) as e:
+                mg.main()
+        assert str(e.value).startswith(f"--n_points={mg.n_points if name != 'n_points' else value}"
+                                       f" --hidden={mg.hidden if name != 'hidden' else value}"
+                                       " would need "), str(e.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_micrograd_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")  # micrograd.py writes nothing: the cwd stays so
+    table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
+             ("--steps=abc", 2, "error: --steps expects int, got 'abc'"),
+             ("--noise=nan", 2, "error: --noise expects a finite number, got 'nan'"),
+             ("--steps=0", 1, "error: --steps=0: must be >= 1"),
+             ("--lr=-1", 1, "error: --lr=-1.0: must be finite and > 0"),
+             ("--n_points=1", 1, "error: --n_points=1: must be >= 2"),
+             ("--seed=-1", 1, "error: --seed=-1: must be >= 0"),
+             ("--hidden=1000000", 1, "error: --n_points=100 --hidden=1000000 would need ")]
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "micrograd.py"), option], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for option, _, _ in table]
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(tmp_path) == {"keep.txt": b"mine"}
+
 # ======================================================================
 # bpe: tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
 # ======================================================================
@@ -2256,14 +2340,11 @@ def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_pa
     d, before = copy_run(gpt_cli_run, tmp_path)
     table = [  # (option, exit code, the one line on stderr starts with)
         ("--nope=1", 2, "error: unknown option --nope; valid names: "),
-        ("--batch_size=abc", 2, "error: --batch_size expects int, got 'abc'"),
-        ("--lr=nan", 2, "error: --lr expects a finite number, got 'nan'"),
         ("--sample_tokens=-5", 1, "error: --sample_tokens=-5: must be at least 1"),
         ("--block_size=100000", 1, "error: preset tiny with --batch_size=2 --block_size=100000 "
                                    "would need "),
         ("--batch_size=100000", 1, "error: preset tiny with --batch_size=100000 --block_size=16 "
-                                   "would need "),
-        ("--device=gpu", 1, "error: --device='gpu': expected cpu, cuda, cuda:N, mps or auto")]
+                                   "would need ")]  # the rest: in-process tests above
     runs = [gpt_cli(d, option) for option, _, _ in table]  # at once: each is mostly startup
     for (option, code, start), p in zip(table, runs):
         out, err = p.communicate(timeout=300)
