@@ -3375,7 +3375,7 @@ def test_primer_cli_runs_and_rejects_bad_input():
     r = subprocess.run(cmd[:2] + ["--sections=tiling,nope"], cwd=root, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; choose from "
+    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; valid sections: "
                                              "device, roofline, tiling, flash, fusion, kernels, "
                                              "profile"]
 
@@ -3513,8 +3513,71 @@ def test_primer_flash_memory_by_hand(monkeypatch, capsys):
                                            ("repeat", 0)])
 def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     monkeypatch.setattr(cuda_primer, option, value)
-    with pytest.raises(ValueError, match=f"^--{option} must be "):
+    with pytest.raises(ValueError, match=f"^--{option}={value}: must be "):
         cuda_primer.main()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("sections", "tiling,", "unknown section ''; valid sections: device, roofline, tiling, "),
+    ("device", "gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
+    ("out", "", "--out='': must be a folder name"),
+    ("repeat", 0, "--repeat=0: must be at least 1"),
+    ("batch_size", 0, "--batch_size=0: must be at least 1"),
+    ("tile_n", 0, "--tile_n=0: must be between 1 and 128"),
+    ("tile_n", 100000, "--tile_n=100000: must be between 1 and 128"),
+    ("attn_t", 0, "--attn_t=0: must be at least 1"),
+    ("block_q", 0, "--block_q=0: must be at least 1"),
+    ("block_k", -1, "--block_k=-1: must be at least 1"),
+    ("seed", -1, "--seed=-1: must be >= 0"),
+    ("matmul_sizes", "512,x", "--matmul_sizes='512,x': must be positive integers like 512,1024"),
+    ("attn_t", 100000, "--attn_t=100000 would need "),
+    ("copy_mb", 10**7, "--copy_mb=10000000 would need "),
+    ("matmul_sizes", "512,100000", "--matmul_sizes=100000 would need "),
+    ("fusion_tokens", 10**8, "--fusion_tokens=100000000 would need "),
+    ("batch_size", 10**6, "--batch_size=1000000 would need ")])
+def test_primer_every_option_has_a_range(monkeypatch, capsys, option, value, message):
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(cuda_primer, "device", "cpu")
+    monkeypatch.setattr(cuda_primer, option, value)
+    with pytest.raises(ValueError) as e:
+        cuda_primer.main()
+    assert str(e.value).startswith(message), str(e.value)
+    assert "would need" not in message or str(e.value).endswith("8.0 GiB is available")
+    assert capsys.readouterr().out == ""  # refused before any section ran
+
+
+def test_primer_attention_bytes_bound_what_numpy_allocates():
+    """The estimate --attn_t is refused with vs the peak numpy allocation (tracemalloc) of the
+    flash section's naive and tiled attention: at least it, at most twice it."""
+    import tracemalloc
+    for T in (64, 256, 512):
+        q, k, v = (np.random.default_rng(0).standard_normal((4, T, 64)) for _ in range(3))
+        tracemalloc.start()
+        try:
+            cuda_primer.naive_attention(q, k, v)
+            cuda_primer.flash_attention(q, k, v, 64, 64)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= cuda_primer.attention_bytes(T) <= 2 * peak, T
+
+
+def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
+    (tmp_path / "roofline.png").write_bytes(b"an old plot")
+    table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
+             ("--tile_n=1.5", 2, "error: --tile_n expects int, got '1.5'"),
+             ("--tile_n=100000", 1, "error: --tile_n=100000: must be between 1 and 128"),
+             ("--attn_t=100000", 1, "error: --attn_t=100000 would need "),
+             ("--sections=tiling,nope", 1, "error: unknown section 'nope'; valid sections: ")]
+    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out={tmp_path}",
+                              option], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for option, _, _ in table]
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(tmp_path) == {"roofline.png": b"an old plot"}
+
 
 @needs_cuda
 def test_primer_cuda_kernel_equals_torch():
