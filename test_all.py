@@ -154,11 +154,15 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
-    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
+    ("device", "foo", "--device='foo': expected cpu, cuda, cuda:N, mps or auto"),
+    ("only", "model,nope", "unknown section 'nope'; valid sections: micrograd, bpe, data, model, "
                            "primer, train, mfu"),
-    ("repeat", 0, "--repeat must be at least 1, got 0"),
-    ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
+    ("repeat", 0, "--repeat=0: must be at least 1"),
+    ("variants", "0,x", "--variants='0,x': must be indices 0..9 like 0,3"),
+    ("out", "", "--out='': must be a file path (not a folder)"),
+    ("out", ".", "--out='.': must be a file path (not a folder)"),
+    ("data", "/missing.txt", "--data='/missing.txt': must be an existing file or folder (or "
+                             "empty: ../shared/data when it is there)"),
 ])
 def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
                                                                  message):
@@ -168,6 +172,46 @@ def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, opt
     with pytest.raises(ValueError) as e:
         bench.main()
     assert str(e.value) == message
+
+
+def test_cli_bench_writes_bench_json_only_with_results(monkeypatch, tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    out.write_text('{"old": "rows"}')
+    monkeypatch.setattr(bench, "out", str(out))
+    monkeypatch.setattr(bench, "only", "train")
+    monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
+    monkeypatch.setattr(bench, "data", str(tmp_path))  # a folder, but no tinyshakespeare.txt
+    with pytest.raises(ValueError, match="must be a tinyshakespeare.txt, or a folder holding one"):
+        bench.main()
+    monkeypatch.setattr(bench, "data", "")
+
+    def broken(args):
+        raise OSError("a section failed")
+    for section, message in ((broken, "a section failed"), (lambda args: [], None)):
+        monkeypatch.setattr(bench, "SECTIONS", {"train": section})
+        if message:
+            with pytest.raises(OSError, match=message):
+                bench.main()
+        else:
+            bench.main()  # no rows at all: nothing to write
+        assert files_of(tmp_path) == {"bench.json": b'{"old": "rows"}'}  # untouched, no temp
+    monkeypatch.setattr(bench, "SECTIONS", {"train": lambda args: [{"name": "x", "s": 1.5}]})
+    bench.main()
+    assert json.loads(out.read_text()) == {"train": [{"name": "x", "s": 1.5}]}
+    assert sorted(files_of(tmp_path)) == ["bench.json"]
+
+
+def test_cli_bench_missing_data_is_one_line_and_keeps_bench_json(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "bench.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only=train",
+                        "--data=/missing.txt"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == ("error: --data='/missing.txt': must be an existing file or folder (or "
+                        "empty: ../shared/data when it is there)\n")
+    assert files_of(tmp_path) == {"out/bench.json": b"{}"}
 
 
 # ----------------------------------------------------------------------------- files and exits
