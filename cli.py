@@ -253,7 +253,8 @@ def hold_dir(folder):
     """Hold folder for this process: one run per output folder. The lock file folder/.lock
     holds our pid; a second run finds it and refuses with one line naming that pid; a lock
     left by a dead process is taken over. Released on exit, however the block ends. The
-    holder may hold it again (nested use in one process); the outer hold releases it.
+    holder may hold it again (nested use in one process); the outer hold releases it. An
+    empty lock is a holder between its create and its write: waited for, not taken over.
     Holding it also removes a dead writer's temp files (remove_stale_temps)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ What it writes (under --out_dir, default ./out)
                      "tokenizer": "tokenizer.json" (next to it), "iter": steps trained},
                      written atomically; load_checkpoint(path) reads it with weights_only=True
   tokenizer.json     the bpe vocabulary (dataloader.load_tokenizer reads it)
+  .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
+A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
 import math
 import numbers
