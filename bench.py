@@ -793,11 +793,12 @@ SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data,
 
 def check_options():
     """Every option before any section runs (one line naming it: cli.check, cli.one_of,
-    gpt.pick_device). An explicit --data that is not there is an error, not a skip."""
+    gpt.pick_device). An explicit --data that is not there is an error, not a skip. Returns
+    (section names, device)."""
     names = list(SECTIONS) if only == "all" else only.split(",")
     for name in names:
         cli.one_of("section", name, list(SECTIONS))
-    gpt.pick_device(device)
+    dev = gpt.pick_device(device)  # "auto" becomes the device it picks
     cli.check(globals(), [
         ("repeat", repeat >= 1, "at least 1"),
         ("variants", all(i.isdigit() and int(i) < len(MFU_VARIANTS)
@@ -808,14 +809,14 @@ def check_options():
          "an existing file or folder (or empty: ../shared/data when it is there)"),
         ("data", not data or "train" not in names or find_shakespeare(data) is not None,
          "a tinyshakespeare.txt, or a folder holding one, for the train section")])
-    return names
+    return names, str(dev)
 
 
 def main():
-    names = check_options()
+    names, dev = check_options()
     default = Path(__file__).resolve().parent.parent / "shared" / "data"
     args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
-                                 repeat=repeat, device=device, variants=variants)
+                                 repeat=repeat, device=dev, variants=variants)
     results = {}
     for name in names:
         print(f"\n## {name}")
