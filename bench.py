@@ -1184,39 +1184,47 @@ SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data, 
             "mfu": bench_mfu, "evals": bench_evals, "kernels": bench_kernels}
 
 
-def main():
+def check_options():
+    """Every option before any section runs (one line naming it: cli.check, cli.one_of,
+    gpt.pick_device). An explicit --data that is not there is an error, not a skip. Returns
+    (section names, device)."""
     names = list(SECTIONS) if only == "all" else only.split(",")
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        raise ValueError(f"unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device={device!r} is not a torch device; try cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}, but torch sees no CUDA GPU")
-    if repeat < 1:
-        raise ValueError(f"--repeat must be at least 1, got {repeat}")
-    cli.check(globals(), [("corpus_mb", 1 <= corpus_mb <= 10**6, "in [1, 1000000] (MB of generated text)")])
-    if not all(i.isdigit() and int(i) < len(MFU_VARIANTS) for i in variants.split(",") if variants):
-        raise ValueError(f"--variants wants indices 0..{len(MFU_VARIANTS) - 1} like 0,3, "
-                         f"got {variants!r}")
+    for name in names:
+        cli.one_of("section", name, list(SECTIONS))
+    dev = gpt.pick_device(device)  # "auto" becomes the device it picks
+    cli.check(globals(), [
+        ("repeat", repeat >= 1, "at least 1"),
+        ("corpus_mb", 1 <= corpus_mb <= 10**6, "in [1, 1000000] (MB of generated text)"),
+        ("variants", all(i.isdigit() and int(i) < len(MFU_VARIANTS)
+                         for i in variants.split(",") if variants),
+         f"indices 0..{len(MFU_VARIANTS) - 1} like 0,3"),
+        ("out", out != "" and not Path(out).is_dir(), "a file path (not a folder)"),
+        ("data", not data or Path(data).exists(),
+         "an existing file or folder (or empty: ../shared/data when it is there)"),
+        ("data", not data or "train" not in names or find_shakespeare(data) is not None,
+         "a tinyshakespeare.txt, or a folder holding one, for the train section")])
+    return names, str(dev)
+
+
+def main():
+    names, dev = check_options()
     default = Path(__file__).resolve().parent.parent / "shared" / "data"
     args = types.SimpleNamespace(data=data or (str(default) if default.exists() else ""),
-                                 repeat=repeat, device=device, variants=variants, corpus_mb=corpus_mb)
+                                 repeat=repeat, device=dev, variants=variants,
+                                 corpus_mb=corpus_mb)
     results = {}
     for name in names:
         print(f"\n## {name}")
         t0 = time.perf_counter()
         results[name] = SECTIONS[name](args)
         print(f"({name}: {time.perf_counter() - t0:.0f} s)")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, out)
+    if not any(results.values()):  # an old bench.json is worth more than an empty one
+        print(f"\nno rows: {out} left as it was")
+        return
+    with cli.atomic_open(out) as f:  # whole or not at all, and only after every section ran
+        f.write(json.dumps(results, indent=1, default=str).encode())
     print(f"\nrows written to {out}")
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -28,8 +28,10 @@ import contextlib
 import errno
 import math
 import os
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TYPES = (bool, int, float, str)
@@ -210,6 +212,9 @@ def atomic_open(path):
         raise
 
 
+_TEMP_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))  # mkstemp's 8
+
+
 def remove_stale_temps(folder):
     """Delete atomic_open's temp files in folder whose writer is dead (a kill -9 mid-save
     leaves one behind); a live writer's file is left alone. Returns the names removed."""
@@ -218,8 +223,8 @@ def remove_stale_temps(folder):
     if not folder.is_dir():
         return removed
     for p in folder.glob(f".*{TMP_SUFFIX}"):
-        parts = p.name.split(".")  # ["", NAME..., PID, XXXX, "tmp"]
-        if len(parts) >= 5 and parts[-3].isdigit() and not _pid_alive(int(parts[-3])):
+        m = _TEMP_NAME.fullmatch(p.name)  # only our own naming: a user's .x.12.y.tmp stays
+        if m and not _pid_alive(int(m[1])):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
             removed.append(p.name)
@@ -229,12 +234,28 @@ def remove_stale_temps(folder):
 LOCK_NAME = ".lock"
 
 
+def _lock_owner(lock, wait=1.0):
+    """The pid text in a lock file, or None if it is gone. An empty file is a holder between
+    its create and its write (microseconds): wait for the pid rather than take it over; one
+    still empty after `wait` seconds was left by a crash."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            owner = lock.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if owner or time.monotonic() > deadline:
+            return owner
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def hold_dir(folder):
     """Hold folder for this process: one run per output folder. The lock file folder/.lock
     holds our pid; a second run finds it and refuses with one line naming that pid; a lock
     left by a dead process is taken over. Released on exit, however the block ends. The
-    holder may hold it again (nested use in one process); the outer hold releases it.
+    holder may hold it again (nested use in one process); the outer hold releases it. An
+    empty lock is a holder between its create and its write: waited for, not taken over.
     Holding it also removes a dead writer's temp files (remove_stale_temps)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -244,9 +265,8 @@ def hold_dir(folder):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                owner = lock.read_text().strip()
-            except FileNotFoundError:
+            owner = _lock_owner(lock)
+            if owner is None:
                 continue  # released between our two calls: try again
             if owner == mine:
                 yield folder  # already ours: nested hold

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, PRESETS
+import cli
+from gpt import GPT, PRESETS, train_bytes
 from train import PEAK_FLOPS, device_peak
 
 try:  # Triton ships with the CUDA builds of torch; CPU-only installs lack it
@@ -253,11 +254,11 @@ def plot_roofline(path, costs, flops, bw, title):
         ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
     ax.set(xlabel="arithmetic intensity (FLOP/byte)", ylabel="attainable TFLOP/s", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")  # write whole, then rename: never a torn file
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with cli.atomic_open(path) as f:  # whole or not at all: never a torn PNG
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     print(f"roofline plot -> {path}")
 
 
@@ -371,6 +372,14 @@ def naive_attention(q, k, v):
     s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def attention_bytes(T, heads=4, d=64):
+    """Bytes the flash section's numpy arrays take at their peak for sequence length T:
+    ~3.5 (heads, T, T) float64 score arrays alive at once in naive_attention (scores, masked,
+    exp, probabilities; each freed once the next exists), plus q, k, v, o and flash's tiles.
+    test_all checks it with tracemalloc."""
+    return int((3.5 * T * T + 8 * T * d) * heads * 8)
 
 
 def flash_attention(q, k, v, bq, bk):
@@ -622,26 +631,43 @@ def profile_demo(dev):
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
 
 
-def main():
+def check_options():
+    """Every option's range before any work: one line naming it (cli.check, cli.one_of), and
+    on the CPU the sizes this machine cannot hold, with what they would need. Returns
+    (chosen sections, device)."""
     chosen = SECTIONS if sections == "all" else tuple(s.strip() for s in sections.split(","))
-    unknown = [s for s in chosen if s not in SECTIONS]
-    if unknown:
-        raise ValueError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda, but torch sees no CUDA GPU")
-    for name in ("repeat", "batch_size", "tile_n", "attn_t", "block_q", "block_k"):
-        if globals()[name] < 1:
-            raise ValueError(f"--{name} must be at least 1, got {globals()[name]}")
-    for name in ("copy_mb", "fusion_tokens"):
-        if globals()[name] < 0:
-            raise ValueError(f"--{name} must be 0 (the default) or more, got {globals()[name]}")
-    if not all(s.strip().isdigit() and int(s) > 0 for s in matmul_sizes.split(",") if matmul_sizes):
-        raise ValueError(f"--matmul_sizes wants positive integers like 512,1024, "
-                         f"got {matmul_sizes!r}")
+    for name in chosen:
+        cli.one_of("section", name, SECTIONS)
+    cli.one_of("device", device, ("auto", "cpu", "cuda"))
+    sizes = matmul_sizes.split(",") if matmul_sizes else []
+    cli.check(globals(), [
+        ("device", device != "cuda" or torch.cuda.is_available(), "auto or cpu: torch sees no GPU"),
+        ("out", out != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
+        ("copy_mb", copy_mb >= 0, ">= 0 (0 = the default)"),
+        ("matmul_sizes", all(s.strip().isdigit() and int(s) > 0 for s in sizes),
+         "positive integers like 512,1024"),
+        ("batch_size", batch_size >= 1, "at least 1"),
+        ("tile_n", 1 <= tile_n <= 128,
+         "between 1 and 128 (its tile-1 pass is n^3 Python steps: 2.1 M at 128)"),
+        ("attn_t", attn_t >= 1, "at least 1"),
+        ("block_q", block_q >= 1, "at least 1"), ("block_k", block_k >= 1, "at least 1"),
+        ("fusion_tokens", fusion_tokens >= 0, ">= 0 (0 = the default)"), ("seed", seed >= 0, ">= 0")])
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
+    if dev.type == "cpu":  # the OOM killer would end the run without a word
+        need = {f"--attn_t={attn_t}": attention_bytes(attn_t),
+                f"--copy_mb={copy_mb}": 2 * (copy_mb or 256) * 2**20,  # source and copy
+                **{f"--matmul_sizes={n}": 3 * 4 * int(n) ** 2 for n in sizes},  # a, b, a @ b
+                # the input, 3 results kept to compare, and the eager version's temporaries
+                f"--fusion_tokens={fusion_tokens}": 8 * 4 * 3072 * (fusion_tokens or 2048),
+                f"--batch_size={batch_size}": train_bytes(PRESETS["tiny"], batch_size)}
+        for what, nbytes in need.items():
+            cli.fits_in_memory(nbytes, what)
+    return chosen, dev
+
+
+def main():
+    chosen, dev = check_options()
     torch.manual_seed(seed)
     steps = {"device": device_report, "roofline": roofline,
              "tiling": lambda dev: tiling_demo(), "flash": lambda dev: flash_demo(),  # numpy
@@ -655,5 +681,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -22,8 +22,11 @@ What it writes (under --out_dir, default ./out)
                      "format": FORMAT, written atomically; load_checkpoint(path) reads it
                      with weights_only=True
   tokenizer.json     the bpe vocabulary (dataloader.load_tokenizer reads it)
+  .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
+A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
 import math
+import numbers
 import os
 import re
 import time
@@ -90,9 +93,7 @@ PRESETS = {
 
 
 def get_config(name, **overrides):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(PRESETS[cli.one_of("preset", name, list(PRESETS))], **overrides)
 
 
 class GPT(nn.Module):
@@ -192,6 +193,11 @@ class GPT(nn.Module):
         processed once and each step feeds one token; the tokens are the same as without.
         """
         check_sampling(temperature, top_k, top_p)
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        V = self.config.vocab_size
+        if eot_id is not None and not (isinstance(eot_id, numbers.Integral) and 0 <= eot_id < V):
+            raise ValueError(f"eot_id must be a token id in [0, {V}), got {eot_id!r}")
         dev = self.wte.weight.device
         idx = torch.as_tensor(idx, dtype=torch.long, device=dev)
         idx = idx[None] if idx.dim() == 1 else idx
@@ -263,16 +269,28 @@ class GPT(nn.Module):
 
 
 def check_sampling(temperature, top_k, top_p):
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """A ValueError naming the argument for settings that would sample garbage or fail deep
+    inside torch (a nan temperature, top_k=0 keeps nothing, top_p=0 too)."""
+    if not _real(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (None = off), got {top_k!r}")
+    if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V)."""
+    """One token id per row of logits (B, V). -inf is a masked token; nan or +inf means the
+    model is broken (a diverged run): an error, not a random or a silent argmax pick."""
+    if not (logits < math.inf).all():  # False for nan and +inf alike
+        raise ValueError("the logits are not finite (nan or inf): the model's weights are "
+                         "broken, e.g. by a diverged training run")
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(truncate(logits / temperature, top_k, top_p), dim=-1)
@@ -323,6 +341,21 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_fr
         progress = (step - (max_iters - decay_iters)) / decay_iters
         return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
     raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
+
+
+def train_bytes(config, batch_size):
+    """Bytes one float32 training step needs, estimated before allocating anything: 4 copies of
+    every parameter (weights, gradients, AdamW's two moments) and, per token, what autograd
+    keeps for backward: ~10 C + 2 hidden (3 for SwiGLU) per layer, 2 (T, T) score rows per
+    head for the readable attention, the logits three times, and one transient score matrix.
+    test_all checks it against the bytes saved for backward, counted with hooks."""
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        n = sum(p.numel() for p in GPT(config).parameters())
+    c = config
+    per_token = c.n_layer * (10 * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.hidden
+                             + (0 if c.sdpa else 2) * c.n_head * c.block_size)
+    per_token += 2 * c.n_embd + 3 * c.padded_vocab + c.n_head * c.block_size
+    return 4 * (4 * n + batch_size * c.block_size * per_token)
 
 
 def pick_device(name):
@@ -625,16 +658,15 @@ def estimate_loss(model, loader, iters):
 
 def main():
     t_start = time.time()
-    cli.check(globals(), [  # bad settings fail before any work
-        ("max_iters", max_iters >= 1, "at least 1"), ("batch_size", batch_size >= 1, "at least 1"),
-        ("eval_iters", eval_iters >= 1, "at least 1"), ("threads", threads >= 0, ">= 0"),
-        ("time_limit", time_limit >= 0, ">= 0 (0 = no limit)")])
-    config = get_config(preset, block_size=block_size)
-    check_sampling(temperature, top_k or None, top_p)
-    dev = pick_device(device)
+    config, dev = check_options()  # bad settings fail before any work
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
+    with cli.hold_dir(out_dir):  # one run per folder: a second one at once refuses
+        run_demo(config, dev, t_start)
+
+
+def run_demo(config, dev, t_start):
     # 1. data: a bpe vocabulary and token shards, built on the first run and then reused
     data = dataloader.prepare("", "bpe", vocab_size, os.path.join(out_dir, "data"), seed=seed)
     tok = data.tokenizer
@@ -646,8 +678,35 @@ def main():
           f"{model.flops_per_token() / 1e6:.1f} MFLOPs per token (forward+backward)")
     print(f"data ready in {time.time() - t_start:.0f}s: vocabulary {tok.vocab_size}, "
           f"{data.meta['splits']['train']['tokens']:,} training tokens")
-    # 3. train: AdamW, warmup + cosine; the schedule ends at max_iters or at the time limit
-    #    (data preparation included), whichever comes first
+    # 3. train, then check the model before anything is written: a diverged run keeps the
+    #    old checkpoint (nan weights give a nan validation loss, even when the last loss was not)
+    ckpt_path = os.path.join(out_dir, f"gpt_{preset}.pt")
+    t0, it = train_loop(model, train_data, t_start, ckpt_path)
+    val = estimate_loss(model, val_data, eval_iters)
+    if not math.isfinite(val) or not all(p.isfinite().all() for p in model.parameters()):
+        raise ValueError(diverged("validation loss", val, it, ckpt_path))
+    per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
+    print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "
+          f"per token = {per_byte:.3f} per byte (a uniform guess: ln({tok.vocab_size}) = "
+          f"{math.log(tok.vocab_size):.2f} per token)")
+    # 4. save: checkpoint + tokenizer, so finetune.py can start from here
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(tok_path)
+    save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
+    print(f"saved {ckpt_path} and {tok_path}")
+    # 5. sample
+    eot = tok.special_tokens.get(dataloader.EOT)
+    for i in range(num_samples):
+        out = model.generate([eot], sample_tokens, temperature=temperature, top_k=top_k or None,
+                             top_p=top_p, eot_id=eot, seed=seed + i)
+        print(f"---- sample {i + 1} ----")
+        print(tok.decode([t for t in out[0].tolist() if t != eot]).strip())
+
+
+def train_loop(model, train_data, t_start, ckpt_path):
+    """AdamW, warmup + cosine; the schedule ends at max_iters or at the time limit (data
+    preparation included), whichever comes first. Returns (start time, steps done); a
+    non-finite loss stops it at once."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     deadline = t_start + time_limit if time_limit else math.inf
     t0, it = time.time(), 0
@@ -658,6 +717,8 @@ def main():
             g["lr"] = lr_at(it, lr, lr / 10, 20, steps)
         x, y = train_data.next_batch()
         _, loss = model(x, y)
+        if not math.isfinite(loss.item()):  # going on would only train nan
+            raise ValueError(diverged("loss", loss.item(), it + 1, ckpt_path))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -670,24 +731,38 @@ def main():
     if it < max_iters:  # say so: fewer steps end at a higher loss
         print(f"time limit: stopped at step {it} of {max_iters} ({time_limit:g} s, data "
               f"preparation included); --time_limit=0 runs all {max_iters} steps")
-    val = estimate_loss(model, val_data, eval_iters)
-    per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
-    print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "
-          f"per token = {per_byte:.3f} per byte (a uniform guess: ln({tok.vocab_size}) = "
-          f"{math.log(tok.vocab_size):.2f} per token)")
-    # 4. save: checkpoint + tokenizer, so finetune.py can start from here
-    tok_path = os.path.join(out_dir, "tokenizer.json")
-    tok.save(tok_path)
-    ckpt_path = os.path.join(out_dir, f"gpt_{preset}.pt")
-    save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
-    print(f"saved {ckpt_path} and {tok_path}")
-    # 5. sample
-    eot = tok.special_tokens.get(dataloader.EOT)
-    for i in range(num_samples):
-        out = model.generate([eot], sample_tokens, temperature=temperature, top_k=top_k or None,
-                             top_p=top_p, eot_id=eot, seed=seed + i)
-        print(f"---- sample {i + 1} ----")
-        print(tok.decode([t for t in out[0].tolist() if t != eot]).strip())
+    return t0, it
+
+
+def diverged(what, value, step, ckpt_path):
+    return (f"the {what} is {value} at step {step}: training diverged (lower --lr={lr:g}); "
+            f"nothing was saved, {ckpt_path} is as it was")
+
+
+def check_options():
+    """Every option's range, the preset, the device, and whether a training step fits in
+    memory: one line naming the option (cli.check) before any work. Returns (config, device)."""
+    cli.check(globals(), [
+        ("out_dir", out_dir != "", "a folder name"),
+        ("vocab_size", 257 <= vocab_size <= 65536,
+         "between 257 (the 256 bytes and <|endoftext|>) and 65536"),
+        ("batch_size", batch_size >= 1, "at least 1"), ("block_size", block_size >= 1, "at least 1"),
+        ("max_iters", max_iters >= 1, "at least 1"),
+        ("time_limit", time_limit >= 0, ">= 0 (0 = no limit)"),
+        ("lr", 0 < lr < math.inf, "finite and > 0"),
+        ("weight_decay", 0 <= weight_decay < math.inf, "finite and >= 0"),
+        ("eval_iters", eval_iters >= 1, "at least 1"),
+        ("num_samples", num_samples >= 0, ">= 0 (0 = no samples)"),
+        ("sample_tokens", sample_tokens >= 1, "at least 1"),
+        ("temperature", 0 <= temperature < math.inf, "finite and >= 0 (0 = greedy)"),
+        ("top_k", top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < top_p <= 1, "in (0, 1] (1 = off)"),
+        ("seed", seed >= 0, ">= 0"), ("threads", threads >= 0, ">= 0")])
+    config = get_config(preset, block_size=block_size, vocab_size=vocab_size)
+    dev = pick_device(device)
+    if dev.type == "cpu":  # the OOM killer would end the run without a word
+        cli.fits_in_memory(train_bytes(config, batch_size), f"preset {preset} with "
+                           f"--batch_size={batch_size} --block_size={block_size}")
+    return config, dev
 
 
 if __name__ == "__main__":

@@ -31,22 +31,6 @@ steps = 100      # full-batch SGD steps
 lr = 1.0         # learning rate at step 0, decayed linearly to 10% of it
 alpha = 1e-4     # L2 regularization strength
 
-def _topo(root):
-    """Every interior node reachable from root (leaves have no backward to run), each after its
-    inputs. An explicit stack, not recursion: 100,000 ops deep works (recursion stops near 1,000)."""
-    order, seen, stack = [], {root}, [(root, iter(root._prev))]
-    while stack:
-        v, inputs = stack[-1]
-        for c in inputs:
-            if c._prev and c not in seen:
-                seen.add(c)
-                stack.append((c, iter(c._prev)))
-                break
-        else:
-            stack.pop()
-            order.append(v)
-    return order if root._prev else []
-
 # ----------------------------------------------------------------------------- Part 1: the scalar engine
 def _value(x, op):
     """A plain number as a Value; anything else is a clear error at the op."""
@@ -182,10 +166,28 @@ class Value:
             w.grad += x.data * g
             x.grad += w.data * g
 
+    @staticmethod
+    def _topo(root):
+        """Every interior node reachable from root (leaves have no backward to run), each after
+        its inputs: the order backward() walks in reverse. An explicit stack, not recursion:
+        100,000 ops deep works (recursion stops near 1,000). Tensor.backward walks the same way."""
+        order, seen, stack = [], {root}, [(root, iter(root._prev))]
+        while stack:
+            v, inputs = stack[-1]
+            for c in inputs:
+                if c._prev and c not in seen:
+                    seen.add(c)
+                    stack.append((c, iter(c._prev)))
+                    break
+            else:
+                stack.pop()
+                order.append(v)
+        return order if root._prev else []
+
     def backward(self):
         """v.grad = d(self)/d(v) for every Value v this depends on. Leaves accumulate like torch
         (zero_grad() between steps); interior nodes restart from 0, so nothing counts twice."""
-        order = _topo(self)
+        order = Value._topo(self)
         for v in order:
             v.grad = 0.0
         self.grad = 1.0
@@ -194,6 +196,12 @@ class Value:
 
     def __repr__(self): return f"Value(data={self.data:.6g}, grad={self.grad:.6g})"
 
+def _size(n, where, name, meaning):
+    """n if it is an integer >= 1, else a ValueError naming it: Neuron(0) has nothing to weigh."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{where}: {name} must be an integer >= 1 ({meaning}), got {n!r}")
+    return int(n)
+
 class Module:
     def zero_grad(self):
         for p in self.parameters():
@@ -201,7 +209,7 @@ class Module:
 
 class Neuron(Module):
     def __init__(self, nin, nonlin=True):
-        self.w = [Value(random.uniform(-1, 1)) for _ in range(nin)]
+        self.w = [Value(random.uniform(-1, 1)) for _ in range(_size(nin, "Neuron", "nin", "its inputs"))]
         self.b = Value(0.0)
         self.nonlin = nonlin  # the last layer stays linear: its output is a score, not a feature
 
@@ -213,7 +221,7 @@ class Neuron(Module):
 
 class Layer(Module):
     def __init__(self, nin, nout, nonlin=True):
-        self.neurons = [Neuron(nin, nonlin) for _ in range(nout)]
+        self.neurons = [Neuron(nin, nonlin) for _ in range(_size(nout, "Layer", "nout", "its neurons"))]
 
     def __call__(self, x):
         out = [n(x) for n in self.neurons]
@@ -224,7 +232,10 @@ class Layer(Module):
 class MLP(Module):
     """MLP(2, [16, 16, 1]): 2 inputs, two ReLU layers of 16, one linear output."""
     def __init__(self, nin, nouts):
-        sizes = [nin] + list(nouts)
+        if not isinstance(nouts, (list, tuple)) or not nouts:
+            raise ValueError("MLP: nouts must list at least one layer size, e.g. [16, 16, 1]")
+        sizes = [_size(nin, "MLP", "nin", "its inputs")]
+        sizes += [_size(n, "MLP", f"nouts[{i}]", "a layer's size") for i, n in enumerate(nouts)]
         self.layers = [Layer(sizes[i], sizes[i + 1], nonlin=i < len(nouts) - 1) for i in range(len(nouts))]
 
     def __call__(self, x):
@@ -236,7 +247,7 @@ class MLP(Module):
     def parameters(self): return [p for layer in self.layers for p in layer.parameters()]
 
 # ----------------------------------------------------------------------------- Part 2: the tensor engine
-# Same graph and _topo, but an op's backward(g) returns one gradient per input; Tensor.backward adds each in
+# Same graph and walk (Value._topo), but an op's backward(g) returns one gradient per input; Tensor.backward adds each in
 # (summed over broadcast axes). Ops are few and heavy: closures holding forward results (e, s, xhat) cost nothing.
 def _axis(a, shape, op):
     """One axis as a non-negative int, or an error naming the axis and the shape."""
@@ -320,7 +331,7 @@ class Tensor:
         grad = np.ones_like(self.data) if grad is None else np.asarray(grad, self.data.dtype)
         if grad.shape != self.shape:
             raise ValueError(f"backward(): grad shape {grad.shape} != tensor shape {self.shape}")
-        order = _topo(self)
+        order = Value._topo(self)
         for v in order:
             v.grad = None
         self._acc(grad)
@@ -593,10 +604,18 @@ for _f in (gelu, softmax, log_softmax, layer_norm, rms_norm, masked_fill, dropou
     setattr(Tensor, _f.__name__, _f)  # x.softmax(-1) is softmax(x, -1)
 
 # ----------------------------------------------------------------------------- Optimizers
+def _check_hyper(opt, **values):
+    """The ranges torch.optim checks: a negative lr would climb the loss, a negative decay grow
+    the weights."""
+    for name, v in values.items():
+        if not isinstance(v, numbers.Real) or v < 0:
+            raise ValueError(f"{opt}: {name} must be a number >= 0, got {v!r}")
+
 class SGD:
     """p -= lr * g, g with L2 weight decay and momentum (a running sum of past steps), as torch.optim.SGD
     (dampening=0, nesterov=False). For Tensors and Values alike (anything with .data and .grad)."""
     def __init__(self, params, lr=0.01, momentum=0.0, weight_decay=0.0):
+        _check_hyper("SGD", lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.params, self.lr, self.momentum, self.weight_decay = list(params), lr, momentum, weight_decay
         self.buf = [None] * len(self.params)
 
@@ -615,6 +634,9 @@ class SGD:
 class AdamW(SGD):  # shares zero_grad
     """Adam (a step size per parameter from running gradient moments); decay shrinks weights directly, not via g."""
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        _check_hyper("AdamW", lr=lr, eps=eps, weight_decay=weight_decay)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
         self.params, self.lr, self.betas, self.eps, self.weight_decay = list(params), lr, betas, eps, weight_decay
         self.m, self.v, self.t = [0.0] * len(self.params), [0.0] * len(self.params), 0
 
@@ -643,6 +665,14 @@ def hinge_loss(model, X, y, alpha=1e-4):
     loss = Value.sum(margins) * (1.0 / len(margins)) + alpha * Value.sum([p * p for p in model.parameters()])
     return loss, np.mean([(s.data > 0) == (yi > 0) for yi, s in zip(y, scores)])
 
+def graph_bytes(n_points, hidden):
+    """Bytes one step of the demo allocates, estimated before building anything: a Value node
+    is ~100 bytes + 8 per input (+ its grad and backward's walk). Per point, the two hidden
+    layers' dot nodes hold 2 * hidden inputs each: 16 hidden^2 bytes, most of it. Then the
+    model's parameters, each squared for the L2 term. test_all checks it with tracemalloc."""
+    params = 2 * hidden + hidden + hidden * hidden + hidden + hidden + 1
+    return n_points * (16 * hidden * hidden + 1000 * hidden + 1500) + 400 * params
+
 def draw(model, X, y, width=64, height=22):
     """The decision boundary in the terminal: '.' where the model says +1; points o (+1), x (-1)."""
     lo, hi = X.min(0) - 0.25, X.max(0) + 0.25
@@ -660,6 +690,7 @@ def main():
         ("noise", 0 <= noise < math.inf, "finite and >= 0"),
         ("lr", 0 < lr < math.inf, "finite and > 0"),
         ("alpha", 0 <= alpha < math.inf, "finite and >= 0")])
+    cli.fits_in_memory(graph_bytes(n_points, hidden), f"--n_points={n_points} --hidden={hidden}")
     random.seed(seed)
     X, y = make_moons(n_points, noise, seed)
     model = MLP(2, [hidden, hidden, 1])

@@ -13,10 +13,13 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import unicodedata
 from collections import Counter
@@ -156,11 +159,15 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
-    ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, prepare, model, "
-                           "primer, train, mfu, evals, kernels"),
-    ("repeat", 0, "--repeat must be at least 1, got 0"),
-    ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
+    ("device", "foo", "--device='foo': expected cpu, cuda, cuda:N, mps or auto"),
+    ("only", "model,nope", "unknown section 'nope'; valid sections: micrograd, bpe, data, prepare, "
+                           "model, primer, train, mfu, evals, kernels"),
+    ("repeat", 0, "--repeat=0: must be at least 1"),
+    ("variants", "0,x", "--variants='0,x': must be indices 0..9 like 0,3"),
+    ("out", "", "--out='': must be a file path (not a folder)"),
+    ("out", ".", "--out='.': must be a file path (not a folder)"),
+    ("data", "/missing.txt", "--data='/missing.txt': must be an existing file or folder (or "
+                             "empty: ../shared/data when it is there)"),
 ])
 def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
                                                                  message):
@@ -171,6 +178,193 @@ def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, opt
         bench.main()
     assert str(e.value) == message
 
+
+def test_cli_bench_writes_bench_json_only_with_results(monkeypatch, tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    out.write_text('{"old": "rows"}')
+    monkeypatch.setattr(bench, "out", str(out))
+    monkeypatch.setattr(bench, "only", "train")
+    monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
+    monkeypatch.setattr(bench, "data", str(tmp_path))  # a folder, but no tinyshakespeare.txt
+    with pytest.raises(ValueError, match="must be a tinyshakespeare.txt, or a folder holding one"):
+        bench.main()
+    monkeypatch.setattr(bench, "data", "")
+
+    def broken(args):
+        raise OSError("a section failed")
+    for section, message in ((broken, "a section failed"), (lambda args: [], None)):
+        monkeypatch.setattr(bench, "SECTIONS", {"train": section})
+        if message:
+            with pytest.raises(OSError, match=message):
+                bench.main()
+        else:
+            bench.main()  # no rows at all: nothing to write
+        assert files_of(tmp_path) == {"bench.json": b'{"old": "rows"}'}  # untouched, no temp
+    monkeypatch.setattr(bench, "SECTIONS", {"train": lambda args: [{"name": "x", "s": 1.5}]})
+    bench.main()
+    assert json.loads(out.read_text()) == {"train": [{"name": "x", "s": 1.5}]}
+    assert sorted(files_of(tmp_path)) == ["bench.json"]
+
+
+def test_cli_bench_missing_data_is_one_line_and_keeps_bench_json(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "bench.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only=train",
+                        "--data=/missing.txt"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == ("error: --data='/missing.txt': must be an existing file or folder (or "
+                        "empty: ../shared/data when it is there)\n")
+    assert files_of(tmp_path) == {"out/bench.json": b"{}"}
+
+
+# ----------------------------------------------------------------------------- files and exits
+def dead_pid():
+    """The pid of a process that has exited and been reaped: nothing runs under it now."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def cli_child(code, path):
+    """Run a small script (cli imported, no torch: fast) in a fresh interpreter through
+    cli.run, with `path` as PATH (cli.run takes the arguments as options); the
+    CompletedProcess."""
+    script = "import os\nimport cli\nPATH = os.environ['CHILD_PATH']\ndef main():\n" \
+        + textwrap.indent(code, "    ") + "\ncli.run(main, {})"
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "CHILD_PATH": str(path)})
+
+
+def test_cli_hold_dir_one_run_per_folder(tmp_path):
+    d, hold = tmp_path / "run", "with cli.hold_dir(PATH):\n    print('held')"
+    with cli.hold_dir(d) as held:
+        assert held == d and (d / cli.LOCK_NAME).read_text() == str(os.getpid())
+        r = cli_child(hold, d)  # a second run at once: one line naming our pid, exit 1
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (f"error: {d} is in use by another run (pid {os.getpid()}); wait "
+                            "for it to finish or choose another folder\n")
+        with cli.hold_dir(d):  # the holder may hold it again; the inner exit keeps the lock
+            pass
+        assert (d / cli.LOCK_NAME).read_text() == str(os.getpid())
+    assert not (d / cli.LOCK_NAME).exists()  # released
+    r = cli_child(hold, d)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "held\n", "")
+    assert sorted(p.name for p in d.iterdir()) == []  # the child released it too
+
+
+def test_cli_hold_dir_takes_over_a_dead_runs_lock_and_releases_on_error(tmp_path):
+    lock = tmp_path / cli.LOCK_NAME
+    for stale in (str(dead_pid()), "not a pid"):
+        lock.write_text(stale)
+        with pytest.raises(RuntimeError, match="boom"):
+            with cli.hold_dir(tmp_path):
+                assert lock.read_text() == str(os.getpid())
+                raise RuntimeError("boom")
+        assert not lock.exists(), stale
+
+
+def test_cli_hold_dir_waits_for_a_lock_being_written(tmp_path):
+    """An empty lock is another run between its create and its write: it must not be taken
+    over (two runs would then hold one folder)."""
+    lock = tmp_path / cli.LOCK_NAME
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text("")
+        writer = threading.Timer(0.2, lambda: lock.write_text(str(other.pid)))
+        writer.start()
+        with pytest.raises(ValueError, match=f"in use by another run \\(pid {other.pid}\\)"):
+            with cli.hold_dir(tmp_path):
+                pass
+        writer.join()
+        assert lock.read_text() == str(other.pid)  # the other run's lock is left alone
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_cli_remove_stale_temps_only_dead_writers_of_our_naming(tmp_path):
+    # a real leftover: a writer killed inside atomic_open (os._exit skips every cleanup)
+    r = cli_child("with cli.atomic_open(PATH) as f:\n    f.write(b'half')\n"
+                  "    os._exit(9)", tmp_path / "ckpt.pt")
+    assert r.returncode == 9
+    (left,) = [p.name for p in tmp_path.iterdir()]
+    assert left.startswith(".ckpt.pt.") and left.endswith(".tmp")
+    dead = dead_pid()
+    keep = [f".ckpt.pt.{os.getpid()}.abcd1234.tmp",  # a live writer (us)
+            f".notes.{dead}.draft.tmp", "ckpt.pt.tmp", "ckpt.pt"]  # not our naming
+    for name in keep:
+        (tmp_path / name).write_text("x")
+    assert cli.remove_stale_temps(tmp_path) == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert cli.remove_stale_temps(tmp_path / "missing") == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_cli_atomic_open_full_disk_is_one_line_and_keeps_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"the good checkpoint")
+    real = cli.tempfile.mkstemp
+
+    def full_disk(*a, **k):  # the temp file exists, but its writes go to /dev/full: ENOSPC
+        fd, name = real(*a, **k)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    def torch_message(f):  # how torch.save has reported a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+    monkeypatch.setattr(cli.tempfile, "mkstemp", full_disk)
+    writers = {"small write": lambda f: f.write(b"x"), "big write": lambda f: f.write(b"x" * 10**6),
+               "numpy": lambda f: np.save(f, np.zeros(1000)),
+               "torch": lambda f: torch.save({"w": torch.zeros(10**6)}, f),
+               "torch's message": torch_message}
+    for name, write in writers.items():
+        with pytest.raises(OSError) as e:
+            with cli.atomic_open(target) as f:
+                write(f)
+        assert str(e.value) == f"no space left on device writing {target}", name
+        assert target.read_bytes() == b"the good checkpoint", name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], name  # temp removed
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # other errors are not disk-full
+        with cli.atomic_open(tmp_path / "x") as f:
+            raise RuntimeError("unexpected pos 704 vs 598")
+
+
+def test_cli_one_of_and_fits_in_memory(monkeypatch):
+    assert cli.one_of("sampler", "epoch", ["epoch", "random"]) == "epoch"
+    with pytest.raises(ValueError) as e:
+        cli.one_of("sampler", "x", ["epoch", "random"])
+    assert str(e.value) == "unknown sampler 'x'; valid samplers: epoch, random"
+    avail = cli.available_memory()  # MemAvailable: at most the machine's RAM
+    assert avail is None or 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(cli, "available_memory", lambda: 3 * 2**30)
+    cli.fits_in_memory(3 * 2**30, "all of it")  # exactly what is there: fine
+    with pytest.raises(ValueError) as e:
+        cli.fits_in_memory(80 * 2**30, "--tile_n=100000")
+    assert str(e.value) == "--tile_n=100000 would need 80.0 GiB of memory; 3.0 GiB is available"
+    monkeypatch.setattr(cli, "available_memory", lambda: None)  # unknown (not Linux): no check
+    cli.fits_in_memory(2**60, "anything")
+
+
+def test_cli_run_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["demo.py"])
+
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, cli_globals())
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    # a real SIGINT to a running script
+    script = "import time\nimport cli\ndef main():\n    print('ready', flush=True)\n" \
+             "    time.sleep(60)\ncli.run(main, {})"
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err) == (130, "", "interrupted\n")
 
 # ======================================================================
 # micrograd: tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
@@ -674,6 +868,90 @@ def test_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
         mg.main()
     assert "final loss" not in capsys.readouterr().out
 
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: mg.Neuron(0), "Neuron: nin must be an integer >= 1 (its inputs), got 0"),
+    (lambda: mg.Neuron(2.5), "Neuron: nin must be an integer >= 1 (its inputs), got 2.5"),
+    (lambda: mg.Layer(2, 0), "Layer: nout must be an integer >= 1 (its neurons), got 0"),
+    (lambda: mg.MLP(2, [-1]), "MLP: nouts[0] must be an integer >= 1 (a layer's size), got -1"),
+    (lambda: mg.MLP(2, [16, "16", 1]), "MLP: nouts[1] must be an integer >= 1 (a layer's size), got '16'"),
+    (lambda: mg.MLP(0, [1]), "MLP: nin must be an integer >= 1 (its inputs), got 0"),
+    (lambda: mg.MLP(2, []), "MLP: nouts must list at least one layer size, e.g. [16, 16, 1]"),
+    (lambda: mg.MLP(2, 16), "MLP: nouts must list at least one layer size, e.g. [16, 16, 1]")])
+def test_micrograd_modules_refuse_bad_sizes(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("SGD", dict(lr=-1.0)), ("SGD", dict(lr=math.nan)), ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1.0)), ("SGD", dict(lr=0.0, momentum=0.9, weight_decay=0.0)),
+    ("AdamW", dict(lr=-1.0)), ("AdamW", dict(betas=(1.0, 0.999))), ("AdamW", dict(betas=(0.9, -0.1))),
+    ("AdamW", dict(eps=-1e-8)), ("AdamW", dict(weight_decay=-0.1)),
+    ("AdamW", dict(lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0))])
+def test_micrograd_optimizers_refuse_what_torch_refuses(name, kw):
+    try:
+        getattr(torch.optim, name)([torch.zeros(2, requires_grad=True)], **kw)
+        refused = None
+    except ValueError as e:
+        refused = e
+    if refused is None:
+        getattr(mg, name)([mg.Tensor(np.zeros(2))], **kw)  # accepted by both
+    else:
+        with pytest.raises(ValueError, match=f"^{name}: {next(iter(kw))} must be "):
+            getattr(mg, name)([mg.Tensor(np.zeros(2))], **kw)
+
+
+def test_micrograd_graph_bytes_bounds_what_a_step_allocates():
+    """The estimate the demo refuses a size with is at least what one step allocates (counted
+    by tracemalloc: model, graph, backward's walk) and at most twice it."""
+    import tracemalloc
+    for n, h in ((20, 8), (10, 32), (40, 16), (5, 64)):
+        random.seed(0)
+        X, y = mg.make_moons(n, 0.1, 0)
+        tracemalloc.start()
+        try:
+            model = mg.MLP(2, [h, h, 1])
+            loss, _ = mg.hinge_loss(model, X, y)
+            loss.backward()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= mg.graph_bytes(n, h) <= 2 * peak, (n, h)
+
+
+def test_micrograd_demo_refuses_a_graph_bigger_than_memory(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "available_memory", lambda: 2**30)
+    for name, value in (("hidden", 100000), ("n_points", 10**7)):
+        with monkeypatch.context() as m:
+            m.setattr(mg, name, value)
+            with pytest.raises(ValueError) as e:
+                mg.main()
+        assert str(e.value).startswith(f"--n_points={mg.n_points if name != 'n_points' else value}"
+                                       f" --hidden={mg.hidden if name != 'hidden' else value}"
+                                       " would need "), str(e.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_micrograd_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")  # micrograd.py writes nothing: the cwd stays so
+    table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
+             ("--steps=abc", 2, "error: --steps expects int, got 'abc'"),
+             ("--noise=nan", 2, "error: --noise expects a finite number, got 'nan'"),
+             ("--steps=0", 1, "error: --steps=0: must be >= 1"),
+             ("--lr=-1", 1, "error: --lr=-1.0: must be finite and > 0"),
+             ("--n_points=1", 1, "error: --n_points=1: must be >= 2"),
+             ("--seed=-1", 1, "error: --seed=-1: must be >= 0"),
+             ("--hidden=1000000", 1, "error: --n_points=100 --hidden=1000000 would need ")]
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "micrograd.py"), option], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for option, _, _ in table]
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(tmp_path) == {"keep.txt": b"mine"}
 
 # ======================================================================
 # bpe: tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
@@ -2464,6 +2742,212 @@ def test_cli_unknown_preset_is_one_line(script):
                                                            else "gpt2, llama")]
 
 
+# ----------------------------------------------------------------------------- the demo and sampling: bad runs
+def files_of(folder):
+    """{relative path: bytes} of every file under folder, to see that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()}
+
+
+def small_demo(monkeypatch, corpus, out_dir, **settings):
+    """gpt.main's settings for a run of seconds: a char corpus (no bpe training), 2 steps."""
+    real = dataloader.prepare
+    monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(
+        str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
+    base = dict(out_dir=str(out_dir), block_size=16, batch_size=4, max_iters=2, eval_iters=1,
+                num_samples=0, time_limit=0.0)  # char: no <|endoftext|> to sample from
+    for k, v in {**base, **settings}.items():
+        monkeypatch.setattr(gpt, k, v)
+
+
+def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkeypatch):
+    small_demo(monkeypatch, corpus, tmp_path)
+    gpt.main()
+    before = files_of(tmp_path)
+    assert sorted(before) == ["gpt_tiny.pt", "tokenizer.json"]
+    # nan at step 2; with 1 step the loss is still finite, the update is not (val loss)
+    for iters, what in ((2, "loss"), (1, "validation loss")):
+        small_demo(monkeypatch, corpus, tmp_path, max_iters=iters, lr=1e30)
+        with pytest.raises(ValueError, match=rf"^the {what} is (nan|inf) at step {iters}: "
+                                             r"training diverged \(lower --lr=1e\+30\); nothing"
+                                             rf" was saved, {tmp_path / 'gpt_tiny.pt'} is as it"):
+            gpt.main()
+        assert files_of(tmp_path) == before, iters
+
+
+def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
+    script = ("import os, time, cli\nwith cli.hold_dir(os.environ['CHILD_PATH']):\n"
+              "    print('held', flush=True)\n    time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "CHILD_PATH": str(tmp_path)})
+    try:
+        assert other.stdout.readline() == "held\n"
+        small_demo(monkeypatch, corpus, tmp_path)
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {other.pid}\)"):
+            gpt.main()
+        assert files_of(tmp_path) == {".lock": str(other.pid).encode()}  # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    gpt.main()  # the other run is gone: its lock is taken over, ours released at the end
+    assert sorted(files_of(tmp_path)) == ["gpt_tiny.pt", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("out_dir", "", "--out_dir='': must be a folder name"),
+    ("preset", "nope", "unknown preset 'nope'; valid presets: tiny, laptop, gpt2, llama"),
+    ("vocab_size", 256, "--vocab_size=256: must be between 257"),
+    ("vocab_size", 70000, "--vocab_size=70000: must be between 257"),
+    ("block_size", 0, "--block_size=0: must be at least 1"),
+    ("lr", 0.0, "--lr=0.0: must be finite and > 0"),
+    ("lr", math.inf, "--lr=inf: must be finite and > 0"),
+    ("weight_decay", -0.1, "--weight_decay=-0.1: must be finite and >= 0"),
+    ("num_samples", -1, "--num_samples=-1: must be >= 0"),
+    ("sample_tokens", -5, "--sample_tokens=-5: must be at least 1"),
+    ("sample_tokens", 0, "--sample_tokens=0: must be at least 1"),
+    ("temperature", -1.0, "--temperature=-1.0: must be finite and >= 0"),
+    ("temperature", math.nan, "--temperature=nan: must be finite and >= 0"),
+    ("top_k", -1, "--top_k=-1: must be >= 0"),
+    ("top_p", 0.0, "--top_p=0.0: must be in (0, 1]"),
+    ("top_p", 1.5, "--top_p=1.5: must be in (0, 1]"),
+    ("seed", -1, "--seed=-1: must be >= 0"),
+    ("time_limit", math.nan, "--time_limit=nan: must be >= 0"),
+    ("block_size", 100000, "preset tiny with --batch_size=16 --block_size=100000 would need "),
+    ("batch_size", 100000, "preset tiny with --batch_size=100000 --block_size=128 would need ")])
+def test_gpt_demo_every_option_has_a_range(option, value, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(gpt, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(gpt, option, value)
+    with pytest.raises(ValueError) as e:
+        gpt.main()
+    assert str(e.value).startswith(message), str(e.value)
+    assert "would need" not in message or str(e.value).endswith("8.0 GiB is available")
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def saved_bytes(cfg, B):
+    """Bytes of one training step counted directly: 4 float32 copies of every parameter
+    (weights, grads, AdamW's m and v) + every tensor autograd saves for backward (hooks)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*[torch.randint(0, cfg.vocab_size, (B, cfg.block_size))] * 2)
+    return 16 * sum(p.numel() for p in model.parameters()) + sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_gpt_train_bytes_bounds_what_autograd_saves(name, sdpa):
+    """The estimate gpt.py refuses a run with is at least what a step keeps (so a refused run
+    would not have fit) and at most twice it (temporaries on top: not a needless refusal)."""
+    for B, T in ((2, 32), (2, 128), (1, 256)):
+        cfg = replace(PRESETS[name], block_size=T, sdpa=sdpa, n_layer=2)
+        total, measured = gpt.train_bytes(cfg, B), saved_bytes(cfg, B)
+        assert measured <= total <= 2 * measured, (B, T)
+        per_batch = gpt.train_bytes(cfg, 2 * B) - total  # the activations alone
+        assert 1 <= per_batch / (saved_bytes(cfg, 2 * B) - measured) <= 2, (B, T)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
+    (dict(temperature=math.nan), "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (dict(temperature=math.inf), "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (dict(temperature=-1), "temperature must be a finite number >= 0 (0 = greedy), got -1"),
+    (dict(temperature="0.8"), "temperature must be a finite number >= 0 (0 = greedy), got '0.8'"),
+    (dict(top_k=0), "top_k must be an integer >= 1 (None = off), got 0"),
+    (dict(top_k=2.5), "top_k must be an integer >= 1 (None = off), got 2.5"),
+    (dict(top_p=math.nan), "top_p must be in (0, 1], got nan"),
+    (dict(eot_id=-1), "eot_id must be a token id in [0, 100), got -1"),
+    (dict(eot_id=100), "eot_id must be a token id in [0, 100), got 100")])
+def test_gpt_generate_bad_arguments_name_them(kw, message):
+    args = dict(max_new_tokens=2, **kw) if "max_new_tokens" not in kw else kw
+    with pytest.raises(ValueError) as e:
+        _tiny().generate([1], **args)
+    assert str(e.value) == message
+
+
+def test_gpt_sampling_refuses_nonfinite_logits():
+    model = _tiny()
+    with torch.no_grad():
+        model.ln_f.weight[0] = math.nan  # a diverged model: every logit nan
+    for temperature in (0.0, 1.0):  # greedy would pick token 0 from nan silently
+        with pytest.raises(ValueError, match="logits are not finite"):
+            model.generate([1], 3, temperature=temperature)
+    with pytest.raises(ValueError, match="logits are not finite"):
+        gpt.sample(torch.tensor([[0.0, math.inf]]))
+    assert gpt.sample(torch.tensor([[-math.inf, 0.0]])).tolist() == [1]  # -inf: masked, fine
+
+
+# ----------------------------------------------------------------------------- the demo from the command line
+GPT_SMALL = ["--vocab_size=300", "--batch_size=2", "--block_size=16", "--max_iters=2",
+             "--eval_iters=1", "--num_samples=1", "--sample_tokens=5", "--threads=1"]
+
+
+def gpt_cli(folder, *args, **kw):
+    return subprocess.Popen([sys.executable, "gpt.py", *GPT_SMALL, f"--out_dir={folder}", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def gpt_cli_run(tmp_path_factory):
+    """A real tiny `python gpt.py` run (bpe 300, 2 steps): its folder, the data cached in it."""
+    d = tmp_path_factory.mktemp("gpt_run")
+    out, err = (p := gpt_cli(d)).communicate(timeout=300)
+    assert p.returncode == 0, err
+    return d
+
+
+def copy_run(gpt_cli_run, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(gpt_cli_run, d)
+    return d, files_of(d)
+
+
+def test_gpt_cli_diverged_run_is_one_line_and_keeps_the_checkpoint(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    out, err = (p := gpt_cli(d, "--lr=1e30")).communicate(timeout=300)
+    assert p.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: the loss is nan at step 2: training diverged"), err
+    assert "sample" not in out  # stopped: no sampling from a broken model
+    assert files_of(d) == before  # gpt_tiny.pt byte-identical
+
+
+def test_gpt_cli_ctrl_c_is_one_line_and_exit_130(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    p = gpt_cli(d, "--max_iters=100000", "--time_limit=0")
+    for line in p.stdout:  # training has started once the data is ready
+        if line.startswith("data ready"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (130, "interrupted\n")
+    assert files_of(d) == before  # nothing saved, the lock released
+
+
+def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_path):
+    d, before = copy_run(gpt_cli_run, tmp_path)
+    table = [  # (option, exit code, the one line on stderr starts with)
+        ("--nope=1", 2, "error: unknown option --nope; valid names: "),
+        ("--sample_tokens=-5", 1, "error: --sample_tokens=-5: must be at least 1"),
+        ("--batch_size=10000000", 1, "error: preset tiny with --batch_size=10000000 "
+                                     "--block_size=16 would need ")]  # the rest: in-process tests
+    runs = [gpt_cli(d, option) for option, _, _ in table]  # at once: each is mostly startup
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(d) == before
+
 # ======================================================================
 # train: tests for train.py
 # ======================================================================
@@ -3846,7 +4330,7 @@ def test_primer_cli_runs_and_rejects_bad_input():
     r = subprocess.run(cmd[:2] + ["--sections=tiling,nope"], cwd=root, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; choose from "
+    assert r.stderr.strip().splitlines() == ["error: unknown section 'nope'; valid sections: "
                                              "device, roofline, tiling, flash, fusion, kernels, "
                                              "profile"]
 
@@ -3984,8 +4468,69 @@ def test_primer_flash_memory_by_hand(monkeypatch, capsys):
                                            ("repeat", 0)])
 def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     monkeypatch.setattr(cuda_primer, option, value)
-    with pytest.raises(ValueError, match=f"^--{option} must be "):
+    with pytest.raises(ValueError, match=f"^--{option}={value}: must be "):
         cuda_primer.main()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("sections", "tiling,", "unknown section ''; valid sections: device, roofline, tiling, "),
+    ("device", "gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
+    ("out", "", "--out='': must be a folder name"),
+    ("repeat", 0, "--repeat=0: must be at least 1"),
+    ("batch_size", 0, "--batch_size=0: must be at least 1"),
+    ("tile_n", 0, "--tile_n=0: must be between 1 and 128"),
+    ("tile_n", 100000, "--tile_n=100000: must be between 1 and 128"),
+    ("attn_t", 0, "--attn_t=0: must be at least 1"),
+    ("block_q", 0, "--block_q=0: must be at least 1"),
+    ("block_k", -1, "--block_k=-1: must be at least 1"),
+    ("seed", -1, "--seed=-1: must be >= 0"),
+    ("matmul_sizes", "512,x", "--matmul_sizes='512,x': must be positive integers like 512,1024"),
+    ("attn_t", 100000, "--attn_t=100000 would need "),
+    ("copy_mb", 10**7, "--copy_mb=10000000 would need "),
+    ("matmul_sizes", "512,100000", "--matmul_sizes=100000 would need "),
+    ("fusion_tokens", 10**8, "--fusion_tokens=100000000 would need "),
+    ("batch_size", 10**6, "--batch_size=1000000 would need ")])
+def test_primer_every_option_has_a_range(monkeypatch, capsys, option, value, message):
+    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(cuda_primer, "device", "cpu")
+    monkeypatch.setattr(cuda_primer, option, value)
+    with pytest.raises(ValueError) as e:
+        cuda_primer.main()
+    assert str(e.value).startswith(message), str(e.value)
+    assert "would need" not in message or str(e.value).endswith("8.0 GiB is available")
+    assert capsys.readouterr().out == ""  # refused before any section ran
+
+
+def test_primer_attention_bytes_bound_what_numpy_allocates():
+    """The estimate --attn_t is refused with vs the peak numpy allocation (tracemalloc) of the
+    flash section's naive and tiled attention: at least it, at most twice it."""
+    import tracemalloc
+    for T in (64, 256, 512):
+        q, k, v = (np.random.default_rng(0).standard_normal((4, T, 64)) for _ in range(3))
+        tracemalloc.start()
+        try:
+            cuda_primer.naive_attention(q, k, v)
+            cuda_primer.flash_attention(q, k, v, 64, 64)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= cuda_primer.attention_bytes(T) <= 2 * peak, T
+
+
+def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
+    (tmp_path / "roofline.png").write_bytes(b"an old plot")
+    table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
+             ("--tile_n=100000", 1, "error: --tile_n=100000: must be between 1 and 128"),
+             ("--attn_t=100000", 1, "error: --attn_t=100000 would need ")]  # the rest: in-process
+    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out={tmp_path}",
+                              option], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for option, _, _ in table]
+    for (option, code, start), p in zip(table, runs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
+        assert out == "", option
+    assert files_of(tmp_path) == {"roofline.png": b"an old plot"}
+
 
 @needs_cuda
 def test_primer_cuda_kernel_equals_torch():
