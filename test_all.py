@@ -4699,7 +4699,7 @@ def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
     s.run(io.StringIO("\n".join(bad + ["king", "/quit", "queen"]) + "\n"), out, err)
     lines = err.getvalue().splitlines()
     assert lines[:len(bad)] == [
-        "error: /temp -1: temperature must be >= 0, got -1.0",
+        "error: /temp -1: temperature must be a finite number >= 0 (0 = greedy), got -1.0",
         "error: /topk expects an integer, got 'abc'",
         "error: /topk -3: top_k must be >= 0 (0 = off)",
         "error: /topp 0: top_p must be in (0, 1], got 0.0",
@@ -4779,7 +4779,7 @@ def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
     assert p.returncode == 0, p.stderr
     err = p.stderr.splitlines()
     assert err[0].startswith(f"chat.py: {path} | ") and "chat model" in err[0]
-    assert err[-1] == "error: /temp -1: temperature must be >= 0, got -1.0"
+    assert err[-1] == "error: /temp -1: temperature must be a finite number >= 0 (0 = greedy), got -1.0"
     s = chat_session(chat_files / "chat", max_new_tokens=6)
     reply = expected_reply(s, s.prompt("king queen"), 0)
     assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
