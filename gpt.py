@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import bpe
 import cli
+import corpora
 import dataloader
 from block import Block, BlockConfig, make_norm, matmul_params
 
@@ -675,7 +676,7 @@ def main():
     save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
     print(f"saved {ckpt_path} and {tok_path}")
     # 5. sample
-    eot = tok.special_tokens.get(dataloader.EOT)
+    eot = tok.special_tokens.get(corpora.EOT)
     for i in range(num_samples):
         out = model.generate([eot], sample_tokens, temperature=temperature, top_k=top_k or None,
                              top_p=top_p, eot_id=eot, seed=seed + i)
