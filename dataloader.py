@@ -565,7 +565,8 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
     for name in ("train", "val"):
         (folder / name).mkdir(parents=True, exist_ok=True)
         cli.remove_stale_temps(folder / name)  # a killed run's half-written shard
-        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(corpora.EOT), state.get(name), save)
+        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(corpora.EOT), state.get(name),
+                                    save)
     start = {name: w.state["doc"] for name, w in writers.items()}
     show = Progress(writers, total_bytes, pos)
     for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
@@ -647,7 +648,8 @@ def tokenizer_files(tokenizer, data, out_dir):
         if (d / corpora.GPT2_FILES[0]).is_file() and (d / corpora.GPT2_FILES[1]).is_file():
             return [d / f for f in corpora.GPT2_FILES]
     raise FileNotFoundError(f"GPT-2's {' and '.join(corpora.GPT2_FILES)} are in none of "
-                            f"{', '.join(map(str, folders + [Path(out_dir)]))}; corpora.download_gpt2_tokenizer() fetches them")
+                            f"{', '.join(map(str, folders + [Path(out_dir)]))}; "
+                            f"corpora.download_gpt2_tokenizer() fetches them")
 
 
 def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
