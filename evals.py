@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import bpe
 import cli
+import corpora
 import gpt
 
 # hyperparameters of the demo (python evals.py --name=value)
@@ -56,7 +57,6 @@ device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 threads = 0              # torch CPU threads; 0 = torch's choice
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
-EOT = "<|endoftext|>"
 NO_LM_EVAL = "lm-evaluation-harness is not installed: pip install lm-eval==0.4.13"
 N_ENDINGS = 4
 
@@ -236,7 +236,7 @@ def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
         from lm_eval.api.model import TemplateLM
     except ImportError:
         raise ImportError(NO_LM_EVAL) from None
-    eot = tok.special_tokens.get(EOT)
+    eot = tok.special_tokens.get(corpora.EOT)
 
     class NanoLM(TemplateLM):
         def __init__(self):
@@ -247,7 +247,7 @@ def harness_lm(model, tok, batch_rows=16, max_gen_toks=256):
         @property
         def eot_token_id(self):
             if eot is None:
-                raise ValueError(f"the tokenizer has no {EOT} token to stand for an empty context")
+                raise ValueError(f"the tokenizer has no {corpora.EOT} token to stand for an empty context")
             return eot
 
         @property

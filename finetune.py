@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import bpe
 import cli
+import corpora
 import dataloader
 import gpt
 import train
@@ -125,7 +126,7 @@ def encode_chat(tok, messages):
     The model is prompted with <|assistant|>, so it learns to write the reply and <|end|>.
     """
     sp = tok.special_tokens
-    ids, mask = ([sp[dataloader.EOT]], [0]) if dataloader.EOT in sp else ([], [])
+    ids, mask = ([sp[corpora.EOT]], [0]) if corpora.EOT in sp else ([], [])
     for m in messages:
         body = tok.encode_ordinary(m["content"]) + [sp["<|end|>"]]
         ids += [sp[f"<|{m['role']}|>"]] + body
@@ -162,7 +163,7 @@ NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve 
 
 def quote_lines():
     """Verse lines of the built-in plays with at least five words (not speaker tags)."""
-    return [line for play in dataloader.load_plays() for line in play.splitlines()
+    return [line for play in corpora.load_plays() for line in play.splitlines()
             if len(line.split()) >= 5 and not line.endswith(":")]
 
 

@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import block
-import bpe
 import cli
+import corpora
 import dataloader
 from block import Block, BlockConfig, make_norm, matmul_params
 
@@ -695,7 +695,7 @@ def run_demo(config, dev, t_start):
     save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
     print(f"saved {ckpt_path} and {tok_path}")
     # 5. sample
-    eot = tok.special_tokens.get(dataloader.EOT)
+    eot = tok.special_tokens.get(corpora.EOT)
     for i in range(num_samples):
         out = model.generate([eot], sample_tokens, temperature=temperature, top_k=top_k or None,
                              top_p=top_p, eot_id=eot, seed=seed + i)

