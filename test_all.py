@@ -2982,9 +2982,10 @@ def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_pa
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small text file (about 20 KB) and a shared folder for its prepared shards."""
+    """A small text file (about 20 KB) and a shared folder for its prepared shards. Every
+    printable ASCII character is in it, whatever cli.py's text holds today."""
     d = tmp_path_factory.mktemp("train_data")
-    text = (ROOT / "cli.py").read_text() * 6
+    text = ((ROOT / "cli.py").read_text() + "".join(map(chr, range(32, 127))) + "\n") * 6
     (d / "corpus.txt").write_text(text)
     return d
 
@@ -3594,7 +3595,7 @@ def test_train_one_run_per_out_dir(corpus, tmp_path, capsys, monkeypatch):
     # kill -9 left a lock and half a checkpoint behind: the next run takes over, cleans up
     dead = dead_pid()
     (out / ".lock").write_text(str(dead))
-    stale = out / f".ckpt_0000009.pt.{dead}.x1y2.tmp"
+    stale = out / f".ckpt_0000009.pt.{dead}.x1y2z3w4.tmp"
     stale.write_bytes(b"half a checkpoint")
     train.train(tiny(corpus, out, max_iters=4))
     assert not stale.exists() and not (out / ".lock").exists()
