@@ -65,6 +65,12 @@ n_embd = 128
 block_size = 128         # context length
 dropout = 0.0
 pad_vocab = 1            # round the vocabulary up to a multiple of this (64 makes GPUs happy)
+# speedrun options (docs/speedrun.md), each off by default
+mlp = ""                 # "" = the arch's MLP; "gelu", "swiglu" or "relu2" (ReLU squared)
+qk_norm = False          # RMS-normalise queries and keys per head
+zero_init_proj = False   # output projections start at zero: each block starts as the identity
+tie_embeddings = True    # False: an LM head of its own instead of the embedding matrix
+logit_softcap = 0.0      # C > 0: logits = C * tanh(logits / C)
 # optimization
 batch_size = 16          # sequences per micro-batch, per process
 grad_accum = 1           # micro-batches per optimizer step, over all processes together
@@ -272,7 +278,7 @@ class Muon(torch.optim.Optimizer):
                 O = newton_schulz(u, group["ns_steps"], group["ns_coefficients"], group["eps"],
                                   getattr(torch, group["ns_dtype"]))
                 p.mul_(1 - lr * wd)
-                p.add_(O, alpha=-muon_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(O, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
 
     def load_state_dict(self, state_dict):
         """torch's, plus one clear line for a state saved by another optimizer (AdamW)."""
@@ -283,7 +289,7 @@ class Muon(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-def muon_lr(lr, adjust_lr_fn, shape):
+def adjusted_lr(lr, adjust_lr_fn, shape):
     """torch.optim.Muon's lr adjustment for a weight of shape (A, B): "original" (the default,
     Keller Jordan's) sqrt(max(1, A/B)); "match_rms_adamw" (Moonshot's) 0.2 sqrt(max(A, B)),
     which makes the update's RMS match AdamW's, so AdamW's lr can be reused."""
@@ -402,7 +408,10 @@ def clean_state_dict(sd):
 
 
 def config_diff(saved, current, ignore=("dropout",)):
-    """'name saved -> current' for each model-config field that differs (dropout may change)."""
+    """'name saved -> current' for each model-config field that differs (dropout may change).
+    A field the checkpoint predates counts as its default (a newer option, off)."""
+    default = dataclasses.asdict(gpt.GPTConfig())
+    saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
     return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
             for k in sorted(set(saved) | set(current))
             if k not in ignore and saved.get(k) != current.get(k)]
@@ -450,6 +459,9 @@ def make_config(**overrides):
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
         ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
         ("arch", c.arch in gpt.PRESETS, f"one of {', '.join(gpt.PRESETS)}"),
+        ("mlp", c.mlp in ("",) + gpt.GPTConfig.CHOICES["mlp"],
+         "'' (the arch's) or one of " + ", ".join(gpt.GPTConfig.CHOICES["mlp"])),
+        ("logit_softcap", c.logit_softcap >= 0, ">= 0 (0 = off)"),
         ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
         ("optimizer", c.optimizer in ("ours", "torch", "fused", "muon"),
          "ours, torch, fused or muon"),
@@ -648,7 +660,9 @@ def run(c, rank, world, dev):
     mcfg = dataclasses.replace(  # the family from gpt.PRESETS, the size from here
         gpt.PRESETS[c.arch], n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         block_size=c.block_size, dropout=c.dropout, vocab_size=tok.vocab_size,
-        pad_vocab=c.pad_vocab)
+        pad_vocab=c.pad_vocab, mlp=c.mlp or gpt.PRESETS[c.arch].mlp, qk_norm=c.qk_norm,
+        zero_init_proj=c.zero_init_proj, tie_embeddings=c.tie_embeddings,
+        logit_softcap=c.logit_softcap)
     model = raw = gpt.GPT(mcfg).to(dev)  # raw, the plain module, is saved and evaluated
     opt = make_optimizer(raw, c, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16)  # fp16 only
