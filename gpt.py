@@ -5,6 +5,8 @@ What you will learn
     blocks), n_layer blocks from block.py, a final norm, and an LM head that reuses the
     embedding matrix (weight tying);
   * GPT-2's initialisation (std 0.02, residual projections scaled by 1/sqrt(2 * n_layer));
+  * speedrun options (docs/speedrun.md): an untied head, logit soft-capping, and block.py's
+    relu2 / qk_norm / zero_init_proj;
   * counting parameters and FLOPs per token (6N + the attention term);
   * sampling: temperature, top-k, top-p, a KV cache, stopping at end-of-text;
   * reading and writing Hugging Face checkpoints: GPT-2 (Conv1D weights are transposed) and

@@ -3,6 +3,8 @@
 What you will learn
   * AdamW written out (two moments, bias correction, decoupled weight decay, no decay on norms,
     biases, embeddings: gpt.param_groups), checked step for step against torch's fused AdamW;
+  * Muon beside it: momentum, then Newton-Schulz orthogonalization of each hidden matrix's
+    update (--optimizer=muon; AdamW keeps embeddings, head, norms), equal to torch.optim.Muon;
   * learning-rate schedules (gpt.lr_at): linear warmup, then cosine or warmup-stable-decay (WSD);
   * gradient accumulation, clipping (the norm is logged), mixed precision (bf16 autocast, fp16
     with a GradScaler), TF32 matmuls, torch.compile, activation checkpointing, and
