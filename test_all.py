@@ -1749,8 +1749,6 @@ def test_block_config_validates_each_field(kw, message):
     ("--batch_size=-1", "--batch_size=-1: must be at least 1"),
     ("--repeat=0", "--repeat=0: must be at least 1"),
     ("--n_kv_head=-2", "--n_kv_head=-2: must be >= 0"),
-    ("--n_embd=0", "--n_embd=0: must be at least 1"),
-    ("--n_head=3", "n_embd=64 is not divisible by n_head=3"),
     ("--seq_len=1000000", "--batch_size=2 --seq_len=1000000 --n_embd=64 --n_head=4 would need"),
     ("--preset=bert", "unknown preset 'bert'; valid presets: gpt2, llama"),
     ("--seq_len=ten", "--seq_len expects int, got 'ten'")])
