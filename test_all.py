@@ -152,7 +152,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo' is not a torch device; try cpu or cuda"),
     ("only", "model,nope", "unknown section 'nope'; sections: micrograd, bpe, data, model, "
-                           "primer, train, mfu"),
+                           "primer, train, ablation, mfu"),
     ("repeat", 0, "--repeat must be at least 1, got 0"),
     ("variants", "0,x", "--variants wants indices 0..9 like 0,3, got '0,x'"),
 ])
