@@ -308,7 +308,8 @@ def adjusted_lr(lr, adjust_lr_fn, shape):
         return lr * math.sqrt(max(1, A / B))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(A, B))
-    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}; expected None, 'original' or 'match_rms_adamw'")
+    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}; expected None, 'original' or "
+                     "'match_rms_adamw'")
 
 
 def hidden_matrices(model):
