@@ -9,13 +9,15 @@ the ratios.
     python bench.py --only=micrograd,bpe --repeat=5
     python bench.py --only=model --device=cuda        # on a GPU
     python bench.py --only=train --data=../shared/data
+    python bench.py --only=ablation --data=../shared/data --repeat=1   # docs/speedrun.md
     python bench.py --only=mfu --device=cuda --variants=0,3   # rows of MFU_VARIANTS
     python bench.py --only=prepare --corpus_mb=1024   # corpus -> shards vs build-nanogpt's method
     python bench.py --only=kernels --device=cuda      # Triton kernels vs SDPA, eager, compile
 
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
 training), prepare (corpus to shards vs build-nanogpt's tiktoken pool), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
-(shakespeare-char: nanoGPT's baseline config vs our preset; the 16 GB fit), mfu (the 124M
+(shakespeare-char: nanoGPT's baseline config vs our presets; the 16 GB fit), ablation (each
+speedrun idea alone on top of shakespeare-char), mfu (the 124M
 training micro-step on a GPU, variant by variant, vs transformers'), evals (HellaSwag
 scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms and loss vs SDPA
 / eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
@@ -743,37 +745,55 @@ def run_preset(name, text, data_dir, out_root, **overrides):
             "val_loss": r["val_loss"], "threads": torch.get_num_threads()}
 
 
-def bench_shakespeare(text, repeat, threads=1):
-    rows = {name: [] for name in train.SHAKESPEARE}
+# the side-by-side: nanoGPT's configuration, our AdamW preset, the speedrun preset (train.py)
+SIDE_BY_SIDE = [("shakespeare-char-baseline", "shakespeare-char-baseline", {}),
+                ("shakespeare-char", "shakespeare-char", {}),
+                ("shakespeare-char-speedrun", "shakespeare-char-speedrun", {})]
+# the ablation: each idea alone on top of shakespeare-char, same steps (docs/speedrun.md)
+ABLATION = [("shakespeare-char (none)", "shakespeare-char", {}),
+            ("+ Muon", "shakespeare-char", dict(optimizer="muon")),
+            ("+ ReLU^2 MLP", "shakespeare-char", dict(mlp="relu2")),
+            ("+ QK-norm", "shakespeare-char", dict(qk_norm=True)),
+            ("+ zero-init projections", "shakespeare-char", dict(zero_init_proj=True)),
+            ("+ untied head", "shakespeare-char", dict(tie_embeddings=False)),
+            ("+ logit softcap 15", "shakespeare-char", dict(logit_softcap=15.0))]
+
+
+def bench_shakespeare(text, repeat, threads=1, contenders=SIDE_BY_SIDE, target=0.30):
+    """Each contender (label, preset, overrides) `repeat` times, taking turns, medians; the
+    wall-time ratio of each against the first."""
+    rows = {label: [] for label, _, _ in contenders}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         train.prepare(str(text), "char", out_dir=str(data_dir), val_fraction=0.1)  # untimed
-        for i in range(repeat):  # alternate, so both see the same machine load
-            for name in train.SHAKESPEARE:
-                # the same thread count for both: on a shared 2-core machine a second
+        for i in range(repeat):  # alternate, so all see the same machine load
+            for label, name, kw in contenders:
+                # the same thread count for all: on a shared 2-core machine a second
                 # thread waits on the other processes and can cost 10x
-                r = run_preset(name, text, data_dir, tmp, threads=threads)
-                rows[name].append(r)
-                print(f"  run {i + 1}/{repeat} {name:26s} {r['steps']:5d} steps "
+                r = run_preset(name, text, data_dir, tmp, threads=threads, **kw)
+                rows[label].append(r)
+                print(f"  run {i + 1}/{repeat} {label:27s} {r['steps']:5d} steps "
                       f"{r['wall_s']:6.1f} s  val {r['val_loss']:.4f}  ({r['threads']} threads)",
                       flush=True)
     out = []
-    for name, runs in rows.items():
+    for (label, name, kw), runs in zip(contenders, rows.values()):
         med = {k: statistics.median(r[k] for r in runs)
                for k in ("wall_s", "tokens_per_s", "val_loss")}
-        out.append({"bench": "train", "name": name, "steps": runs[0]["steps"],
-                    "tokens": runs[0]["tokens"], "runs": len(runs), **med,
-                    "val_losses": [round(r["val_loss"], 4) for r in runs],
+        out.append({"bench": "train", "name": label, "preset": name, "overrides": kw,
+                    "steps": runs[0]["steps"], "tokens": runs[0]["tokens"], "runs": len(runs),
+                    **med, "val_losses": [round(r["val_loss"], 4) for r in runs],
                     "wall_times": [round(r["wall_s"], 1) for r in runs]})
-    base, ours = out
-    ours["wall_ratio"] = ours["wall_s"] / base["wall_s"]
-    print(f"\n{'preset':27s} {'steps':>6s} {'tokens':>10s} {'tok/s':>8s} {'wall s':>7s} "
-          f"{'val loss':>9s}  runs")
+    for r in out:
+        r["wall_ratio"] = r["wall_s"] / out[0]["wall_s"]
+    print(f"\n{'run':27s} {'steps':>6s} {'tokens':>10s} {'tok/s':>8s} {'wall s':>7s} "
+          f"{'val loss':>9s} {'x wall':>7s}  runs")
     for r in out:
         print(f"{r['name']:27s} {r['steps']:6d} {r['tokens']:10,d} {r['tokens_per_s']:8.0f} "
-              f"{r['wall_s']:7.1f} {r['val_loss']:9.4f}  {r['val_losses']}")
-    print(f"wall time ratio (ours / baseline): {ours['wall_ratio']:.2f}  "
-          f"(target: <= 0.60 with val loss <= 1.88)")
+              f"{r['wall_s']:7.1f} {r['val_loss']:9.4f} {r['wall_ratio']:7.2f}  {r['val_losses']}")
+    if target:
+        print(f"wall time ratio against {out[0]['name']}: " + ", ".join(
+            f"{r['name']} {r['wall_ratio']:.2f}" for r in out[1:])
+            + f"  (target for {out[-1]['name']}: <= {target:.2f} with val loss <= 1.88)")
     return out
 
 
@@ -838,6 +858,17 @@ def bench_train(args):
         rows += bench_shakespeare(text, args.repeat, getattr(args, "threads", 1))
     rows += bench_fit_16gb()
     return rows
+
+
+def bench_ablation(args):
+    """Each speedrun idea alone on top of shakespeare-char: val loss at the same steps, and
+    what the idea costs in wall time (x wall against shakespeare-char itself)."""
+    text = find_shakespeare(getattr(args, "data", None))
+    if text is None:
+        raise ValueError(f"the ablation needs tinyshakespeare.txt: pass --data=FOLDER "
+                         f"(got {getattr(args, 'data', '')!r})")
+    print(f"speedrun ablation on {text}, {args.repeat} run(s) each")
+    return bench_shakespeare(text, args.repeat, getattr(args, "threads", 1), ABLATION, target=0)
 
 
 # ======================================================================
@@ -1182,7 +1213,8 @@ def bench_kernels(args):
 
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data, "prepare": bench_prepare,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
-            "mfu": bench_mfu, "evals": bench_evals, "kernels": bench_kernels}
+            "ablation": bench_ablation, "mfu": bench_mfu, "evals": bench_evals,
+            "kernels": bench_kernels}
 
 
 def check_options():

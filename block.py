@@ -7,6 +7,9 @@ What you will learn
   * the two blocks every modern LLM descends from: "gpt2" (LayerNorm, GELU MLP, learned
     positions added by the model) and "llama" (RMSNorm, SwiGLU MLP, rotary positions, GQA);
   * pre-norm residual connections, dropout;
+  * three options from the modded-nanogpt speedrun (off by default; docs/speedrun.md):
+    mlp="relu2" (ReLU squared), qk_norm (RMS-normalised queries and keys), zero_init_proj
+    (every block starts as the identity);
   * a KV cache: decoding one token at a time with the cache gives the same output as
     recomputing the whole prefix, at a fraction of the work;
   * the bridge from micrograd.py: the same block on our numpy Tensor engine, with the same
@@ -30,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import micrograd as mg
 
 # demo hyperparameters (python block.py --name=value)
@@ -59,11 +63,24 @@ class BlockConfig:
     rope_theta: float = 10000.0
     sdpa: bool = True             # fused attention kernel; False = the readable math
     kernels: str = "torch"        # "triton": attention, norms (and gpt.py's loss) from kernels.py
+    # speedrun options (docs/speedrun.md); off = the plain GPT-2 / Llama block
+    qk_norm: bool = False         # RMS-normalise q and k per head: bounded attention logits
+    zero_init_proj: bool = False  # output projections start at 0: each block starts as identity
+
+    CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
+               "pos": ("learned", "rope"), "kernels": ("torch", "triton")}
 
     def __post_init__(self):
-        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-                   "pos": ("learned", "rope"), "kernels": ("torch", "triton")}
-        for name, allowed in choices.items():
+        """Every field checked here, so a bad value is one ValueError naming it (not a
+        ZeroDivisionError or a shape error deep inside torch)."""
+        check_fields(self, ints={"n_embd": 1, "n_head": 1, "block_size": 1},
+                     optional_ints={"n_kv_head": 1, "n_hidden": 1},
+                     floats={"norm_eps": (0, False), "rope_theta": (0, False)},
+                     bools=("bias", "sdpa", "qk_norm", "zero_init_proj"))
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout={self.dropout!r}; must be a number in [0, 1)")
+        for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.n_embd % self.n_head:
@@ -88,11 +105,34 @@ class BlockConfig:
     def hidden(self):
         if self.n_hidden:
             return self.n_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: a width of 2/3 * 4C gives them as many
         # weights as GELU's two (rounded up to a multiple of 32: exact at C = 384 or 768)
         return 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+
+def check_fields(cfg, ints=(), optional_ints=(), floats=(), bools=()):
+    """Type and range of a config's fields: ints {name: minimum}, optional_ints the same or
+    None, floats {name: (bound, inclusive)} (a finite number above the bound), bools True or
+    False. bool is not accepted as an int (True would be a 1-wide model)."""
+    def bad(name, need):
+        raise ValueError(f"{name}={getattr(cfg, name)!r}; must be {need}")
+
+    for name, low in {**dict(ints), **dict(optional_ints)}.items():
+        v = getattr(cfg, name)
+        if v is None and name in optional_ints:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            bad(name, f"an int >= {low}" + (" or None" if name in optional_ints else ""))
+    for name, (low, inclusive) in dict(floats).items():
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or v < low or (v == low and not inclusive):
+            bad(name, f"a finite number {'>=' if inclusive else '>'} {low}")
+    for name in bools:
+        if not isinstance(getattr(cfg, name), bool):
+            bad(name, "True or False")
 
 
 # the two named blocks (sizes are small defaults; gpt.py sets the real ones)
@@ -207,6 +247,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.rope, self.rope_theta = cfg.pos == "rope", cfg.rope_theta
         self.triton = cfg.kernels == "triton" and bool(triton_kernels())
+        self.qk_norm, self.norm_eps = cfg.qk_norm, cfg.norm_eps
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -215,6 +256,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hd).transpose(1, 2)    # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)   # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)   # (B, nkv, T, hd)
+        if self.qk_norm:  # each head's q and k at RMS 1: q.k / sqrt(hd) is at most sqrt(hd)
+            q = F.rms_norm(q, (hd,), eps=self.norm_eps)
+            k = F.rms_norm(k, (hd,), eps=self.norm_eps)
         if self.rope:  # positions continue after what the cache already holds
             start = cache.n if cache is not None else 0
             pos = torch.arange(start, start + T, device=x.device)
@@ -263,7 +307,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         self.c_fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
         if self.swiglu:  # a second widening matrix gates the first
             self.c_gate = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
@@ -273,6 +317,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             h = F.silu(self.c_gate(x)) * self.c_fc(x)     # (B, T, hidden)
+        elif self.relu2:  # max(0, x)^2: as cheap as ReLU, smooth at 0, sparse like it
+            h = F.relu(self.c_fc(x)).square()             # (B, T, hidden)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, hidden)
         return self.dropout(self.c_proj(h))
@@ -288,6 +334,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        if cfg.zero_init_proj:
+            zero_projections(self)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)  # tokens talk to each other
@@ -296,6 +344,17 @@ class Block(nn.Module):
 
     def new_cache(self, batch_size, max_len=None):
         return self.attn.new_cache(batch_size, max_len)
+
+
+def zero_projections(blk):
+    """Zero the two matrices (and biases) that write into the residual stream: each branch
+    then adds 0, so a fresh block is the identity and a deep stack starts as a shallow one
+    (the gradient still reaches the projections: their inputs are not zero)."""
+    with torch.no_grad():
+        for lin in (blk.attn.c_proj, blk.mlp.c_proj):
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
 
 
 def matmul_params(module):
@@ -345,6 +404,8 @@ def block_numpy(blk, x):
     q = q.reshape(B, T, nh, hd).transpose(1, 2)                         # (B, nh, T, hd)
     k = k.reshape(B, T, nkv, hd).transpose(1, 2)                        # (B, nkv, T, hd)
     v = v.reshape(B, T, nkv, hd).transpose(1, 2)
+    if a.qk_norm:
+        q, k = mg.rms_norm(q, eps=a.norm_eps), mg.rms_norm(k, eps=a.norm_eps)
     if a.rope:
         q, k = rope(q), rope(k)
     heads = np.repeat(np.arange(nkv), nh // nkv)                        # GQA: share kv heads
@@ -358,6 +419,9 @@ def block_numpy(blk, x):
     if blk.mlp.swiglu:
         g = linear(h, "mlp.c_gate")
         h = g * g.sigmoid() * linear(h, "mlp.c_fc")                     # silu(gate) * up
+    elif blk.mlp.relu2:
+        h = linear(h, "mlp.c_fc").relu()
+        h = h * h
     else:
         h = mg.gelu(linear(h, "mlp.c_fc"), approximate="tanh")
     return x + drop(linear(h, "mlp.c_proj")), W
@@ -375,10 +439,29 @@ def fwd_bwd_time(fn, repeat):
     return sorted(times)[len(times) // 2]
 
 
+def demo_bytes(B, T, C, n_head):
+    """A generous estimate of the demo's peak memory, float64: the weights (~12 C^2, about 5
+    copies: values, gradients, numpy's copies) and, per token, the activations autograd and
+    the numpy engine keep (~40 C), plus the readable attention's (B, nh, T, T) scores (~8
+    copies: scores, mask, softmax, dropout, their gradients, both engines)."""
+    return 8 * (5 * 12 * C * C + 40 * B * T * C + 8 * B * n_head * T * T)
+
+
+def check_demo_options():
+    cli.check(globals(), [
+        ("n_embd", n_embd >= 1, "at least 1"), ("n_head", n_head >= 1, "at least 1"),
+        ("n_kv_head", n_kv_head >= 0, ">= 0 (0 = the preset's choice)"),
+        ("batch_size", batch_size >= 1, "at least 1"), ("seq_len", seq_len >= 1, "at least 1"),
+        ("repeat", repeat >= 1, "at least 1")])
+    cli.one_of("preset", preset, list(PRESETS))
+    cli.fits_in_memory(demo_bytes(batch_size, seq_len, n_embd, n_head),
+                       f"--batch_size={batch_size} --seq_len={seq_len} --n_embd={n_embd} "
+                       f"--n_head={n_head}")
+
+
 def main():
+    check_demo_options()  # before any work: ranges, the preset, the memory it needs
     torch.manual_seed(seed)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     cfg = replace(PRESETS[preset], n_embd=n_embd, n_head=n_head, block_size=seq_len,
                   **({"n_kv_head": n_kv_head} if n_kv_head else {}))
     blk = Block(cfg).double()  # float64: differences show the math, not rounding
@@ -427,5 +510,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, globals())

@@ -5,6 +5,8 @@ What you will learn
     blocks), n_layer blocks from block.py, a final norm, and an LM head that reuses the
     embedding matrix (weight tying);
   * GPT-2's initialisation (std 0.02, residual projections scaled by 1/sqrt(2 * n_layer));
+  * speedrun options (docs/speedrun.md): an untied head, logit soft-capping, and block.py's
+    relu2 / qk_norm / zero_init_proj;
   * counting parameters and FLOPs per token (6N + the attention term);
   * sampling: temperature, top-k, top-p, a KV cache, stopping at end-of-text;
   * reading and writing Hugging Face checkpoints: GPT-2 (Conv1D weights are transposed) and
@@ -42,7 +44,8 @@ import block
 import cli
 import corpora
 import dataloader
-from block import Block, BlockConfig, make_norm, matmul_params
+from block import (Block, BlockConfig, check_fields, make_norm, matmul_params,
+                   zero_projections)
 
 # demo hyperparameters (python gpt.py --name=value)
 out_dir = "out"          # everything the demo writes goes under here
@@ -71,7 +74,13 @@ class GPTConfig(BlockConfig):
     n_layer: int = 4
     vocab_size: int = 512
     pad_vocab: int = 64        # embedding rows rounded up to a multiple (fast matmuls)
-    tie_embeddings: bool = True   # LM head = token embedding matrix
+    tie_embeddings: bool = True   # LM head = token embedding matrix; False: a head of its own
+    logit_softcap: float = 0.0    # C > 0: logits = C * tanh(logits / C), |logit| < C; 0 = off
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_fields(self, ints={"n_layer": 0, "vocab_size": 1, "pad_vocab": 1},
+                     floats={"logit_softcap": (0, True)}, bools=("tie_embeddings",))
 
     @property
     def padded_vocab(self):
@@ -111,10 +120,13 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens
         self.apply(self._init_weights)
         # GPT-2: each block adds two projections to the residual stream; scale them so the
-        # stream's variance does not grow with depth
+        # stream's variance does not grow with depth (zero_init_proj: start them at 0)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+        if c.zero_init_proj:
+            for block in self.h:
+                zero_projections(block)
 
     @staticmethod
     def _init_weights(m):
@@ -127,6 +139,11 @@ class GPT(nn.Module):
     def hidden(self, idx, cache=None):
         """Token ids (B, T) -> final normalised hidden states (B, T, C)."""
         B, T = idx.shape
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = idx.min().item(), idx.max().item()  # cheap next to the model; on a GPU it
+            if lo < 0 or hi >= self.config.vocab_size:  # would stall the pipeline: not there
+                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1})")
         start = cache[0].n if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than "
@@ -140,8 +157,12 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def head(self, x):
-        """Hidden states (..., C) -> logits (..., vocab_size); the padding rows are cut off."""
-        return self.lm_head(x)[..., :self.config.vocab_size]
+        """Hidden states (..., C) -> logits (..., vocab_size); the padding rows are cut off.
+        logit_softcap C squashes them smoothly into (-C, C): no logit can run away, and the
+        gradient fades (tanh' -> 0) instead of being clipped."""
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        C = self.config.logit_softcap
+        return C * torch.tanh(logits / C) if C else logits
 
     def forward(self, idx, targets=None, cache=None):
         """idx, targets: (B, T) int64 -> logits (B, T, vocab_size), mean cross-entropy or None.
@@ -508,6 +529,11 @@ def load_model(path, tok_path="", device="cpu"):
 
 def hf_arch(config):
     """Which transformers architecture has the same math as config: "gpt2" or "llama"."""
+    extras = [f"{k}={getattr(config, k)}" for k in ("qk_norm", "logit_softcap")
+              if getattr(config, k)]  # zero_init_proj is only an init: exportable
+    if extras:
+        raise ValueError(f"transformers' GPT-2 and Llama cannot express {', '.join(extras)}; "
+                         "this model has no Hugging Face equivalent")
     if (config.norm, config.mlp, config.pos) == ("layernorm", "gelu", "learned") and config.bias \
             and config.kv_heads == config.n_head:
         return "gpt2"

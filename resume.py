@@ -130,7 +130,10 @@ def clean_state_dict(sd):
 
 def config_diff(saved, current, ignore=("dropout", "kernels")):
     """'name saved -> current' for each model-config field that differs (dropout and the
-    kernels may change: they change how the same weights are computed, not the weights)."""
+    kernels may change: they change how the same weights are computed, not the weights).
+    A field the checkpoint predates counts as its default (a newer option, off)."""
+    default = dataclasses.asdict(gpt.GPTConfig())
+    saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
     return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
             for k in sorted(set(saved) | set(current))
             if k not in ignore and saved.get(k) != current.get(k)]

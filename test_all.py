@@ -162,7 +162,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo': expected cpu, cuda, cuda:N, mps or auto"),
     ("only", "model,nope", "unknown section 'nope'; valid sections: micrograd, bpe, data, prepare, "
-                           "model, primer, train, mfu, evals, kernels"),
+                           "model, primer, train, ablation, mfu, evals, kernels"),
     ("repeat", 0, "--repeat=0: must be at least 1"),
     ("variants", "0,x", "--variants='0,x': must be indices 0..9 like 0,3"),
     ("out", "", "--out='': must be a file path (not a folder)"),
@@ -2464,6 +2464,131 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
 
+# ----------------------------------------------------------------------------- block: speedrun options
+def test_block_relu2_is_relu_squared():
+    blk = _block("gpt2", mlp="relu2")
+    m = blk.mlp
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    h = x @ m.c_fc.weight.T + m.c_fc.bias
+    ref = torch.where(h > 0, h * h, torch.zeros_like(h)) @ m.c_proj.weight.T + m.c_proj.bias
+    torch.testing.assert_close(m(x), ref, rtol=1e-12, atol=1e-12)
+    assert m.c_fc.weight.shape == (4 * 32, 32)  # as wide as GELU's MLP
+
+
+def test_block_qk_norm_makes_attention_scale_free():
+    """With qk_norm, q and k are divided by their RMS per head: scaling the q and k rows of
+    c_attn by 1000 leaves the block's output as it was (without it, the softmax saturates)."""
+    outs = {}
+    for qk in (False, True):
+        blk = _block("llama", n_kv_head=2, qk_norm=qk, norm_eps=1e-12)  # eps aside
+        x = torch.randn(2, 9, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y = blk(x)
+        nq = (4 + 2) * 8  # q rows (4 heads) and k rows (2 heads) of c_attn, head size 8
+        with torch.no_grad():
+            blk.attn.c_attn.weight[:nq] *= 1000
+        outs[qk] = (y, blk(x))
+        blk.attn.sdpa = False  # the readable path agrees
+        torch.testing.assert_close(blk(x), outs[qk][1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outs[True][1], outs[True][0], rtol=1e-9, atol=1e-9)
+    assert (outs[False][1] - outs[False][0]).abs().max() > 1e-2
+    # and the normalised q of every head has RMS 1 (eps aside)
+    blk = _block("gpt2", qk_norm=True)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    q = blk.attn.c_attn(x)[..., :32].view(2, 9, 4, 8)
+    qn = F.rms_norm(q, (8,), eps=blk.attn.norm_eps)
+    torch.testing.assert_close(qn.pow(2).mean(-1), torch.ones(2, 9, 4, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_block_zero_init_proj_starts_as_identity(name):
+    blk = _block(name, zero_init_proj=True)
+    x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
+    y = blk(x)
+    assert torch.equal(y, x)
+    y.pow(2).sum().backward()  # and the projections still get a gradient to learn from
+    assert blk.attn.c_proj.weight.grad.abs().max() > 0 and blk.mlp.c_proj.weight.grad.abs().max() > 0
+    model = _tiny(zero_init_proj=True)  # GPT's own init does not undo it
+    idx = _idx()
+    with torch.no_grad():
+        x0 = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
+        torch.testing.assert_close(model.hidden(idx), model.ln_f(x0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,option", [("gpt2", "relu2"), ("llama", "qk_norm"),
+                                         ("gpt2", "qk_norm")])
+def test_block_numpy_engine_equals_torch_with_speedrun_options(name, option):
+    kw = dict(mlp="relu2") if option == "relu2" else dict(qk_norm=True)
+    blk = _block(name, **kw)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 32, dtype=torch.float64)
+    y = blk(x)
+    y.backward(g)
+    xn = mg.Tensor(x.detach().numpy())
+    yn, params = block_numpy(blk, xn)
+    yn.backward(g.numpy())
+    np.testing.assert_allclose(yn.data, y.detach().numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(xn.grad, x.grad.numpy(), rtol=0, atol=1e-8)
+    for n, p in blk.named_parameters():
+        np.testing.assert_allclose(params[n].grad, p.grad.numpy(), rtol=0, atol=1e-8, err_msg=n)
+
+
+def test_block_options_off_are_the_default_model():
+    """Each option, written out as off, builds the same weights (same RNG use) and logits."""
+    ref = _tiny(seed=3)
+    off = _tiny(seed=3, mlp="gelu", qk_norm=False, zero_init_proj=False, tie_embeddings=True,
+                logit_softcap=0.0)
+    sd, so = ref.state_dict(), off.state_dict()
+    assert sd.keys() == so.keys() and all(torch.equal(sd[k], so[k]) for k in sd)
+    idx = _idx()
+    with torch.no_grad():
+        assert torch.equal(ref(idx)[0], off(idx)[0])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(n_head=0), "n_head=0; must be an int >= 1"),
+    (dict(n_embd="128"), "n_embd='128'; must be an int >= 1"),
+    (dict(n_embd=True), "n_embd=True; must be an int >= 1"),
+    (dict(block_size=0), "block_size=0; must be an int >= 1"),
+    (dict(n_kv_head=-2), "n_kv_head=-2; must be an int >= 1 or None"),
+    (dict(n_hidden=0), "n_hidden=0; must be an int >= 1 or None"),
+    (dict(dropout=1.5), "dropout=1.5; must be a number in [0, 1)"),
+    (dict(norm_eps=0.0), "norm_eps=0.0; must be a finite number > 0"),
+    (dict(rope_theta=float("nan")), "rope_theta=nan; must be a finite number > 0"),
+    (dict(bias="yes"), "bias='yes'; must be True or False"),
+    (dict(qk_norm=1), "qk_norm=1; must be True or False"),
+    (dict(mlp="relu"), "mlp='relu'; expected one of ('gelu', 'swiglu', 'relu2')"),
+    (dict(pos="alibi"), "pos='alibi'; expected one of"),
+    (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4")])
+def test_block_config_validates_each_field(kw, message):
+    with pytest.raises(ValueError) as e:
+        block.BlockConfig(**kw)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--n_head=0", "--n_head=0: must be at least 1"),
+    ("--seq_len=0", "--seq_len=0: must be at least 1"),
+    ("--batch_size=-1", "--batch_size=-1: must be at least 1"),
+    ("--repeat=0", "--repeat=0: must be at least 1"),
+    ("--n_kv_head=-2", "--n_kv_head=-2: must be >= 0"),
+    ("--seq_len=1000000", "--batch_size=2 --seq_len=1000000 --n_embd=64 --n_head=4 would need"),
+    ("--preset=bert", "unknown preset 'bert'; valid presets: gpt2, llama")])
+def test_block_cli_bad_options_are_one_line(option, message, tmp_path):
+    """python block.py with a bad option: one stderr line, exit 1, and the folder it runs in
+    is byte-identical afterwards (a bad type, exit 2, is cli.py's: test_cli_*)."""
+    (tmp_path / "keep.txt").write_bytes(b"untouched")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = subprocess.run([sys.executable, str(ROOT / "block.py"), option], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: " + message), r.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and r.stdout == ""
+
 
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("pos", ["learned", "rope"])
@@ -2768,6 +2893,85 @@ def test_cli_unknown_preset_is_one_line(script):
         "error: unknown preset 'nope'; valid presets: " + ("tiny, laptop, gpt2, llama" if script == "gpt.py"
                                                            else "gpt2, llama")]
 
+# ----------------------------------------------------------------------------- gpt: speedrun options, validation
+def test_gpt_logit_softcap_bounds_logits_and_gradients_match_autograd():
+    C = 5.0
+    model = _tiny(logit_softcap=C).double()
+    idx = _idx()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)  # raw logits in the hundreds
+        raw = model.lm_head(model.hidden(idx))[..., :V]
+        logits = model(idx)[0]
+    assert raw.abs().max() > 20 * C and logits.abs().max() <= C
+    torch.testing.assert_close(logits, C * torch.tanh(raw / C), rtol=1e-12, atol=1e-12)
+    assert (logits.abs() < C).float().mean() > 0.5  # only saturated float64 tanh reaches C
+    # gradient of the head through tanh: float64 gradcheck on a model with moderate logits
+    model = _tiny(logit_softcap=0.5).double()
+    h = torch.randn(1, 3, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model.head, (h,))
+    with pytest.raises(ValueError, match=r"logit_softcap=-1.0; must be a finite number >= 0"):
+        _tiny(logit_softcap=-1.0)
+
+
+def test_gpt_untied_gpt2_head_exports_to_transformers():
+    model = _jitter(_tiny(tie_embeddings=False), 4)
+    assert model.lm_head.weight is not model.wte.weight
+    hf = GPT2LMHeadModel(GPT2Config(**gpt.hf_config_kwargs(model.config))).eval()
+    hf.load_state_dict(model.to_hf(), strict=True)
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    idx = _idx(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert model.num_params() == hf.num_parameters()
+    back = gpt.GPT.from_hf(hf).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(qk_norm=True), "transformers' GPT-2 and Llama cannot express qk_norm=True"),
+    (dict(logit_softcap=30.0), "transformers' GPT-2 and Llama cannot express logit_softcap=30.0"),
+    (dict(mlp="relu2"), "no transformers architecture matches norm=layernorm, mlp=relu2")])
+def test_gpt_to_hf_refuses_what_transformers_cannot_express(kw, message):
+    with pytest.raises(ValueError) as e:
+        _tiny(**kw).to_hf()
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    _tiny(zero_init_proj=True).to_hf()  # only an init: exportable
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(n_head=0), "n_head=0; must be an int >= 1"),
+    (dict(n_embd="128"), "n_embd='128'; must be an int >= 1"),
+    (dict(vocab_size=0), "vocab_size=0; must be an int >= 1"),
+    (dict(block_size=0), "block_size=0; must be an int >= 1"),
+    (dict(n_layer=-1), "n_layer=-1; must be an int >= 0"),
+    (dict(n_layer=2.5), "n_layer=2.5; must be an int >= 0"),
+    (dict(pad_vocab=0), "pad_vocab=0; must be an int >= 1"),
+    (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4"),
+    (dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+    (dict(norm="batchnorm"), "norm='batchnorm'; expected one of"),
+    (dict(tie_embeddings="no"), "tie_embeddings='no'; must be True or False")])
+def test_gpt_config_validates_each_field(kw, message):
+    """GPT(GPTConfig(...)) with a bad field: one ValueError naming it (was ZeroDivisionError,
+    a formatting TypeError, or a model with no rows)."""
+    with pytest.raises(ValueError) as e:
+        gpt.GPT(gpt.GPTConfig(**kw))
+    assert str(e.value).startswith(message)
+
+
+def test_gpt_token_id_outside_vocabulary_is_one_error(tmp_path):
+    model = _tiny()
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary \(0..{V - 1}\)"):
+            model(torch.tensor([[1, bad, 2]]))
+    # a checkpoint whose config a field check refuses is one error naming the file
+    gpt.save_checkpoint(tmp_path / "m.pt", model)
+    ck = torch.load(tmp_path / "m.pt", weights_only=True)
+    ck["config"]["n_head"] = 0
+    torch.save(ck, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m.pt: bad config: n_head=0; must be an int >= 1"):
+        gpt.load_checkpoint(tmp_path / "m.pt")
+
 
 # ----------------------------------------------------------------------------- the demo and sampling: bad runs
 def files_of(folder):
@@ -3055,6 +3259,116 @@ def test_param_groups_skip_norms_biases_embeddings():
                for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight"}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+def _muon_nets(dtype, n=3):
+    """Identical small nets: an embedding, a tall and a wide matrix, a norm, a head."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.Linear(16, 48),
+                                torch.nn.LayerNorm(48), torch.nn.Linear(48, 16, bias=False),
+                                torch.nn.Linear(16, 3)).to(dtype) for _ in range(n)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    return nets
+
+
+def _muon_groups(net):
+    """Two Muon groups with different settings, two AdamW groups (decay, no decay)."""
+    emb, tall, norm, wide, head = net
+    return ([dict(params=[tall.weight], lr=0.02, weight_decay=0.1, momentum=0.95),
+             dict(params=[wide.weight], lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False,
+                  adjust_lr_fn="match_rms_adamw")],
+            [dict(params=[emb.weight, head.weight], weight_decay=0.1),
+             dict(params=[tall.bias, norm.weight, norm.bias, head.bias], weight_decay=0.0)])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_train_muon_matches_torch_muon_and_adamw_step_for_step(dtype, tol):
+    """Our one Muon (Muon groups + adamw=True groups) == torch.optim.Muon on the matrices +
+    torch.optim.AdamW on the rest, over 10 steps with a changing lr, and through a state_dict."""
+    ours_net, ref_net, resumed_net = _muon_nets(dtype)
+    m, a = _muon_groups(ours_net)
+    scale = [0.5, 2.0]  # our groups follow a schedule lr times lr_scale; torch's get the product
+    ours = train.Muon([dict(g, lr=1e-2, lr_scale=s) for g, s in zip(m, scale)]
+                      + [dict(g, adamw=True, lr=1e-2, betas=(0.9, 0.95), eps=1e-8) for g in a])
+    rm, ra = _muon_groups(ref_net)
+    ref_muon = torch.optim.Muon(rm)
+    ref_adam = torch.optim.AdamW(ra, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g, dtype=dtype) for p in ours_net.parameters()]
+             for _ in range(11)]
+    for step in range(10):
+        lr = 1e-2 * (1 - step / 20)
+        for net in (ours_net, ref_net):
+            for p, gr in zip(net.parameters(), grads[step]):
+                p.grad = gr.clone()
+        for group in ours.param_groups:
+            group["lr"] = lr
+        for group, s in zip(ref_muon.param_groups, scale):
+            group["lr"] = lr * s
+        for group in ref_adam.param_groups:
+            group["lr"] = lr
+        ours.step()
+        ref_muon.step()
+        ref_adam.step()
+        for (n, p), q in zip(ours_net.named_parameters(), ref_net.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=tol, msg=f"step {step}: {n}")
+    # the state survives a checkpoint: a fresh Muon loaded from bytes takes the same 11th step
+    resumed_net.load_state_dict(ours_net.state_dict())
+    rm2, ra2 = _muon_groups(resumed_net)
+    resumed = train.Muon([dict(g, lr_scale=s) for g, s in zip(rm2, scale)]
+                         + [dict(g, adamw=True, betas=(0.9, 0.95), eps=1e-8) for g in ra2])
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for net, opt in ((ours_net, ours), (resumed_net, resumed)):
+        for p, gr in zip(net.parameters(), grads[10]):
+            p.grad = gr.clone()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours_net.parameters(), resumed_net.parameters()))
+
+
+def test_train_newton_schulz_is_the_quintic_on_singular_values():
+    """float64: newton_schulz(G) == U p5(S / ||G||_F) V^T (the SVD, p5 = the quintic 5 times);
+    its singular values lie in the band [0.68, 1.21] for random matrices (tall, wide, square
+    when no singular value is below 0.0015 of ||G||_F); bf16 (the default) stays close."""
+    a, b, c = train.NS_COEFFICIENTS
+    g = torch.Generator().manual_seed(0)
+    for shape in [(64, 256), (256, 64), (128, 128), (48, 16)]:
+        G = torch.randn(shape, generator=g, dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        s = S / G.norm()
+        for _ in range(5):
+            s = a * s + b * s ** 3 + c * s ** 5
+        O = train.newton_schulz(G, dtype=torch.float64)
+        torch.testing.assert_close(O, U @ torch.diag(s) @ Vh, rtol=0, atol=1e-10)
+        sv = torch.linalg.svdvals(O)
+        in_band = (S / G.norm() > 0.0015)
+        assert sv.max() <= 1.21 and sv[in_band[:len(sv)]].min() >= 0.68, (shape, sv.min(), sv.max())
+        assert in_band.float().mean() > 0.9
+        sv16 = torch.linalg.svdvals(train.newton_schulz(G).double())  # bf16, as torch runs it
+        assert sv16.max() < 1.3 and torch.quantile(sv16, 0.1) > 0.6
+
+
+def test_train_muon_groups_hidden_matrices_only():
+    c = train.make_config(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    for kw in (dict(), dict(tie_embeddings=False)):
+        model = _tiny(**kw)
+        opt = train.make_optimizer(model, c, "cpu")
+        names = {id(p): n for n, p in model.named_parameters()}
+        muon = [names[id(p)] for g in opt.param_groups if not g["adamw"] for p in g["params"]]
+        adam = [names[id(p)] for g in opt.param_groups if g["adamw"] for p in g["params"]]
+        assert sorted(muon + adam) == sorted(names.values())  # each parameter once
+        assert muon and all(n.startswith("h.") and n.endswith("weight") and "ln_" not in n
+                            for n in muon)
+        assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= set(adam)
+        assert ("lm_head.weight" in adam) == (not model.config.tie_embeddings)
+        assert [g["lr_scale"] for g in opt.param_groups if not g["adamw"]] == [20.0]
+    # a model with no hidden matrices: one clear line
+    with pytest.raises(ValueError, match="--optimizer=muon: this model has no 2-D hidden weights"):
+        train.make_optimizer(gpt.GPT(replace(_tiny().config, n_layer=0)), c, "cpu")
+    with pytest.raises(ValueError, match="Muon updates 2-D weights only"):
+        train.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -3531,6 +3845,48 @@ def test_cli_runs_as_a_script(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
+
+def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
+    """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
+    kw = dict(max_iters=20, save_interval=10, optimizer="muon", muon_lr=0.02, dropout=0.1,
+              sampler="random", mlp="relu2", qk_norm=True, zero_init_proj=True,
+              tie_embeddings=False, logit_softcap=15.0)
+    straight = train.train(tiny(corpus, tmp_path / "a", **kw))
+    assert straight["val_loss"] < 4.0  # it learns: ln(83) = 4.42 at the start
+    (tmp_path / "b").mkdir()
+    ck10 = train.checkpoints(tmp_path / "a")[0]
+    assert Path(ck10).name == "ckpt_0000010.pt"
+    (tmp_path / "b" / "ckpt_0000010.pt").write_bytes(Path(ck10).read_bytes())
+    second = train.train(tiny(corpus, tmp_path / "b", **kw))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in straight["log"][10:]] == [r["loss"] for r in second["log"]]
+    opt = train.load_checkpoint(train.checkpoints(tmp_path / "b")[-1])["optimizer"]
+    assert any("momentum_buffer" in s for s in opt["state"].values())
+
+
+def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
+    # an untied head against a checkpoint saved tied: on resume and with --init
+    train.train(tiny(corpus, tmp_path / "tied", max_iters=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tied").iterdir()}
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "tied", max_iters=4, tie_embeddings=False))
+    assert code == 1 and "different model (tie_embeddings True -> False)" in msg
+    ck = train.checkpoints(tmp_path / "tied")[-1]
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "new", tie_embeddings=False, init=ck))
+    assert code == 1 and "different model (tie_embeddings True -> False)" in msg
+    # an AdamW checkpoint resumed with Muon
+    code, msg = cli_error(capsys, args(corpus, tmp_path / "tied", max_iters=4, optimizer="muon"))
+    assert code == 1 and "optimizer state is not this Muon's" in msg
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tied").iterdir()} == before
+    assert not (tmp_path / "new").exists() or not train.checkpoints(tmp_path / "new")
+    # values out of range, before any work
+    for option, value, need in [("logit_softcap", -1.0, ">= 0"), ("muon_lr", 0.0, "> 0"),
+                                ("muon_momentum", 1.0, "in [0, 1)"), ("mlp", "relu", "''"),
+                                ("muon_weight_decay", -0.1, ">= 0")]:
+        code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
+                                       f"--data_dir={tmp_path / 'd'}"])
+        assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be {need}")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
