@@ -2969,7 +2969,7 @@ def test_gpt_token_id_outside_vocabulary_is_one_error(tmp_path):
     ck = torch.load(tmp_path / "m.pt", weights_only=True)
     ck["config"]["n_head"] = 0
     torch.save(ck, tmp_path / "m.pt")
-    with pytest.raises(ValueError, match=r"m.pt: bad config: n_head=0; must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"m.pt: config field n_head=0 is out of range"):
         gpt.load_checkpoint(tmp_path / "m.pt")
 
 
@@ -3186,10 +3186,10 @@ def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_pa
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small text file (about 20 KB) and a shared folder for its prepared shards. Every
-    printable ASCII character is in it, whatever cli.py's text holds today."""
+    """A small text file (about 20 KB) and a shared folder for its prepared shards. The ten
+    digits are in it, whatever cli.py's text holds today."""
     d = tmp_path_factory.mktemp("train_data")
-    text = ((ROOT / "cli.py").read_text() + "".join(map(chr, range(32, 127))) + "\n") * 6
+    text = ((ROOT / "cli.py").read_text() + "0123456789\n") * 6
     (d / "corpus.txt").write_text(text)
     return d
 
@@ -3507,9 +3507,10 @@ def test_compiled_and_ddp_prefixes_are_stripped():
 def test_loss_falls(corpus, tmp_path):
     r = train.train(tiny(corpus, tmp_path, max_iters=60, lr=1e-2, min_lr=1e-3))
     losses = [row["loss"] for row in r["log"]]
-    assert losses[0] > math.log(40)          # about uniform over the ~70 symbols at first
+    assert losses[0] > math.log(40)          # about uniform over the ~85 symbols at first
     assert min(losses[-5:]) < losses[0] - 1.0
-    assert r["val_loss"] < math.log(65) - 1.0  # 65 symbols: uniform is 4.17 nats
+    n_symbols = len(set((corpus / "corpus.txt").read_text()))
+    assert r["val_loss"] < math.log(n_symbols) - 1.0  # a nat below a uniform guess
     assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)  # 1 byte a char
 
 
@@ -3854,14 +3855,14 @@ def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     straight = train.train(tiny(corpus, tmp_path / "a", **kw))
     assert straight["val_loss"] < 4.0  # it learns: ln(83) = 4.42 at the start
     (tmp_path / "b").mkdir()
-    ck10 = train.checkpoints(tmp_path / "a")[0]
+    ck10 = resume.checkpoints(tmp_path / "a")[0]
     assert Path(ck10).name == "ckpt_0000010.pt"
     (tmp_path / "b" / "ckpt_0000010.pt").write_bytes(Path(ck10).read_bytes())
     second = train.train(tiny(corpus, tmp_path / "b", **kw))
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in straight["log"][10:]] == [r["loss"] for r in second["log"]]
-    opt = train.load_checkpoint(train.checkpoints(tmp_path / "b")[-1])["optimizer"]
+    opt = resume.load_run(resume.checkpoints(tmp_path / "b")[-1])["optimizer"]
     assert any("momentum_buffer" in s for s in opt["state"].values())
 
 
@@ -3871,14 +3872,14 @@ def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_pat
     before = {p.name: p.read_bytes() for p in (tmp_path / "tied").iterdir()}
     code, msg = cli_error(capsys, args(corpus, tmp_path / "tied", max_iters=4, tie_embeddings=False))
     assert code == 1 and "different model (tie_embeddings True -> False)" in msg
-    ck = train.checkpoints(tmp_path / "tied")[-1]
+    ck = resume.checkpoints(tmp_path / "tied")[-1]
     code, msg = cli_error(capsys, args(corpus, tmp_path / "new", tie_embeddings=False, init=ck))
     assert code == 1 and "different model (tie_embeddings True -> False)" in msg
     # an AdamW checkpoint resumed with Muon
     code, msg = cli_error(capsys, args(corpus, tmp_path / "tied", max_iters=4, optimizer="muon"))
     assert code == 1 and "optimizer state is not this Muon's" in msg
     assert {p.name: p.read_bytes() for p in (tmp_path / "tied").iterdir()} == before
-    assert not (tmp_path / "new").exists() or not train.checkpoints(tmp_path / "new")
+    assert not (tmp_path / "new").exists() or not resume.checkpoints(tmp_path / "new")
     # values out of range, before any work
     for option, value, need in [("logit_softcap", -1.0, ">= 0"), ("muon_lr", 0.0, "> 0"),
                                 ("muon_momentum", 1.0, "in [0, 1)"), ("mlp", "relu", "''"),
