@@ -49,7 +49,6 @@ import cli  # noqa: E402
 import corpora  # noqa: E402
 import cuda_primer  # noqa: E402
 import evals  # noqa: E402
-import dataloader  # noqa: E402
 import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
 import gpt  # noqa: E402
@@ -425,12 +424,12 @@ VALUE_OPS = {
 
 
 @pytest.mark.parametrize("name", VALUE_OPS)
-def test_value_ops_match_torch(name):
+def test_micrograd_value_ops_match_torch(name):
     f, *xs = VALUE_OPS[name]
     scalar_case(f, *xs)
 
 
-def test_value_sum_and_dot_match_torch():
+def test_micrograd_value_sum_and_dot_match_torch():
     xs, ws = [0.3, -1.2, 2.0], [0.5, 0.25, -1.5]
     vx, vw, vb = [mg.Value(x) for x in xs], [mg.Value(w) for w in ws], mg.Value(0.1)
     out = mg.Value.dot(vw, vx, vb) * mg.Value.sum(vx + [4.0])
@@ -445,7 +444,7 @@ def test_value_sum_and_dot_match_torch():
     close(vb.grad, tb.grad.item())
 
 
-def test_value_chain_of_100k_ops():
+def test_micrograd_value_chain_of_100k_ops():
     # reference: forward-mode derivative carried along in plain floats
     x = mg.Value(0.5)
     y, ref, dref = x, 0.5, 1.0
@@ -462,7 +461,7 @@ def test_value_chain_of_100k_ops():
     close(x.grad, dref)
 
 
-def test_value_repeated_backward():
+def test_micrograd_value_repeated_backward():
     a, b = mg.Value(0.6), mg.Value(-1.1)
     c = a * b
     out = (c + c * a).tanh() + c
@@ -482,14 +481,14 @@ BROADCAST = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((5,), ()), 
 
 @pytest.mark.parametrize("sa,sb", BROADCAST)
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
-def test_tensor_binary_broadcast(op, sa, sb):
+def test_micrograd_tensor_binary_broadcast(op, sa, sb):
     f = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b,
          "mul": lambda a, b: a * b, "div": lambda a, b: a / b}[op]
     check(f, f, randn(*sa), pos(*sb) * np.sign(randn(*sb)))
 
 
 @pytest.mark.parametrize("trial", range(12))
-def test_tensor_random_shapes(trial):
+def test_micrograd_tensor_random_shapes(trial):
     """Random shapes with random broadcasting (dropped leading axes, size-1 axes) and random axes."""
     r = np.random.default_rng(100 + trial)
     shape = tuple(r.integers(1, 5, r.integers(1, 5)))
@@ -504,11 +503,11 @@ def test_tensor_random_shapes(trial):
 @pytest.mark.parametrize("f", [lambda a: 2.5 + a, lambda a: 2.5 - a, lambda a: a * -3, lambda a: 2.0 / a,
                                lambda a: a - 1, lambda a: -a, lambda a: a ** 3, lambda a: a ** -1.5,
                                lambda a: a ** 0.5, lambda a: a / 4])
-def test_tensor_scalar_ops(f):
+def test_micrograd_tensor_scalar_ops(f):
     check(f, f, pos(3, 4))
 
 
-def test_tensor_numpy_operand():
+def test_micrograd_tensor_numpy_operand():
     c = randn(4)
     check(lambda a: c * a + a / (c * c + 1) - c, lambda a: torch.tensor(c) * a + a / torch.tensor(c * c + 1) - torch.tensor(c), randn(3, 4))
 
@@ -518,21 +517,21 @@ MATMUL = [((5, 3), (3, 4)), ((2, 5, 3), (3, 4)), ((2, 3, 5, 4), (2, 3, 4, 5)), (
 
 
 @pytest.mark.parametrize("sa,sb", MATMUL)
-def test_tensor_matmul(sa, sb):
+def test_micrograd_tensor_matmul(sa, sb):
     check(lambda a, b: a @ b, lambda a, b: a @ b, randn(*sa), randn(*sb))
 
 
 @pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0, 1)])
 @pytest.mark.parametrize("keepdims", [False, True])
 @pytest.mark.parametrize("op", ["sum", "mean", "max"])
-def test_tensor_reductions(op, axis, keepdims):
+def test_micrograd_tensor_reductions(op, axis, keepdims):
     dims = tuple(range(3)) if axis is None else axis
     ref = {"sum": lambda t: t.sum(dim=dims, keepdim=keepdims), "mean": lambda t: t.mean(dim=dims, keepdim=keepdims),
            "max": lambda t: torch.amax(t, dim=dims, keepdim=keepdims)}[op]
     check(lambda t: getattr(t, op)(axis=axis, keepdims=keepdims), ref, randn(3, 4, 5))
 
 
-def test_tensor_max_ties_share_gradient():
+def test_micrograd_tensor_max_ties_share_gradient():
     check(lambda t: t.max(axis=1), lambda t: torch.amax(t, dim=1), np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]))
 
 
@@ -552,23 +551,23 @@ SHAPE_OPS = {
 
 
 @pytest.mark.parametrize("name", SHAPE_OPS)
-def test_tensor_shape_ops(name):
+def test_micrograd_tensor_shape_ops(name):
     check(*SHAPE_OPS[name], randn(3, 4, 5))
 
 
-def test_tensor_embedding_repeated_ids():
+def test_micrograd_tensor_embedding_repeated_ids():
     ids = np.array([[1, 3, 3, 0, 9], [9, 9, 2, 1, 1]])
     check(lambda w: mg.embedding(w, ids), lambda w: F.embedding(torch.tensor(ids), w), randn(10, 4))
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1])
-def test_tensor_concat(axis):
+def test_micrograd_tensor_concat(axis):
     shapes = {0: [(2, 3), (1, 3), (4, 3)], 1: [(2, 3), (2, 1), (2, 4)], -1: [(2, 3), (2, 1), (2, 4)]}[axis]
     check(lambda *ts: mg.concat(ts, axis), lambda *ts: torch.cat(ts, axis), *[randn(*s) for s in shapes])
 
 
 @pytest.mark.parametrize("sizes,axis", [(3, -1), ([2, 5], 1), (1, 0), ([0, 7], -1)])
-def test_tensor_split(sizes, axis):
+def test_micrograd_tensor_split(sizes, axis):
     x = randn(2, 7)
     t, tt = mg.Tensor(x), torch.tensor(x, requires_grad=True)
     parts, tparts = t.split(sizes, axis), torch.split(tt, sizes, axis)
@@ -597,13 +596,13 @@ UNARY = {
 
 
 @pytest.mark.parametrize("name", UNARY)
-def test_tensor_unary(name):
+def test_micrograd_tensor_unary(name):
     ours, ref, make = UNARY[name]
     check(ours, ref, make(2, 3, 6))
 
 
 @pytest.mark.parametrize("shape,ignore", [((6, 5), -100), ((2, 3, 5), -100), ((6, 5), 2)])
-def test_tensor_cross_entropy(shape, ignore):
+def test_micrograd_tensor_cross_entropy(shape, ignore):
     C = shape[-1]
     t = rng.integers(0, C, shape[:-1])
     t.reshape(-1)[[1, 4]] = ignore if ignore < 0 else t.reshape(-1)[[1, 4]]
@@ -613,18 +612,18 @@ def test_tensor_cross_entropy(shape, ignore):
 
 
 @pytest.mark.parametrize("affine", [False, True])
-def test_tensor_layer_norm(affine):
+def test_micrograd_tensor_layer_norm(affine):
     arrays = [randn(2, 3, 8)] + ([randn(8), randn(8)] if affine else [])
     check(lambda x, *wb: mg.layer_norm(x, *wb, eps=1e-5), lambda x, *wb: F.layer_norm(x, (8,), *wb, eps=1e-5), *arrays)
 
 
 @pytest.mark.parametrize("affine", [False, True])
-def test_tensor_rms_norm(affine):
+def test_micrograd_tensor_rms_norm(affine):
     arrays = [randn(2, 3, 8)] + ([randn(8)] if affine else [])
     check(lambda x, *w: x.rms_norm(*w, eps=1e-6), lambda x, *w: F.rms_norm(x, (8,), *w, eps=1e-6), *arrays)
 
 
-def test_tensor_causal_attention_pattern():
+def test_micrograd_tensor_causal_attention_pattern():
     """masked_fill + softmax + batched matmul, the way block.py uses them: (B, H, T, d)."""
     future = np.triu(np.ones((4, 4), dtype=bool), k=1)
     def ours(q, k, v):
@@ -637,7 +636,7 @@ def test_tensor_causal_attention_pattern():
     check(lambda x: mg.masked_fill(x, future[0], 0.5), lambda x: x.masked_fill(torch.tensor(future[0]), 0.5), randn(4, 4))
 
 
-def test_tensor_dropout_seeded():
+def test_micrograd_tensor_dropout_seeded():
     x = randn(50, 40)
     a, b = mg.dropout(mg.Tensor(x), 0.3, rng=7), mg.dropout(mg.Tensor(x), 0.3, rng=7)
     np.testing.assert_array_equal(a.data, b.data)  # same seed, same mask
@@ -650,7 +649,7 @@ def test_tensor_dropout_seeded():
 
 
 @pytest.mark.parametrize("name", ["add", "matmul", "softmax", "layer_norm", "cross_entropy", "gelu", "mean", "dropout"])
-def test_tensor_float32_stays_float32(name):
+def test_micrograd_tensor_float32_stays_float32(name):
     f = {"add": lambda x, w: (x + w * 2.0 - 1).sum(), "matmul": lambda x, w: (x @ w.reshape(6, 1)).sum(),
          "softmax": lambda x, w: (x.softmax(-1) * w).sum(), "layer_norm": lambda x, w: (mg.layer_norm(x, w) ** 2).sum(),
          "cross_entropy": lambda x, w: mg.cross_entropy(x * w, np.array([1, 5, 0, 2])),
@@ -667,7 +666,7 @@ def test_tensor_float32_stays_float32(name):
     close(x32.grad, x64.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_tensor_leaf_grads_are_separate_writable_arrays():
+def test_micrograd_tensor_leaf_grads_are_separate_writable_arrays():
     a, b = mg.Tensor(randn(3)), mg.Tensor(randn(2, 3))
     (a + b).sum().backward()  # both leaves get the same gradient values...
     a.grad *= 0.5  # ...in their own arrays: editing one in place (clipping) leaves the other alone
@@ -676,7 +675,7 @@ def test_tensor_leaf_grads_are_separate_writable_arrays():
     close(b.grad, [[2.0] * 3, [1.0] * 3])
 
 
-def test_tensor_constants_get_no_gradient():
+def test_micrograd_tensor_constants_get_no_gradient():
     x, c = mg.Tensor(randn(2, 3)), mg.Tensor(randn(3, 4), requires_grad=False)
     k = (c * 2).exp()  # computed from constants only: also a constant
     loss = (x @ k).sum()
@@ -685,14 +684,14 @@ def test_tensor_constants_get_no_gradient():
     close(x.grad, np.broadcast_to(k.data.sum(axis=1), (2, 3)))
 
 
-def test_value_mixes_with_numpy_scalars():
+def test_micrograd_value_mixes_with_numpy_scalars():
     v = mg.Value(3.0)
     out = np.float64(2.0) * v + np.float32(0.5) - np.int64(1)
     out.backward()
     assert isinstance(out, mg.Value) and out.data == 5.5 and v.grad == 2.0
 
 
-def test_tensor_chain_and_repeated_backward():
+def test_micrograd_tensor_chain_and_repeated_backward():
     x = mg.Tensor(randn(3))
     y = x
     for _ in range(20_000):
@@ -721,7 +720,7 @@ def _quadratic_grads(params, tparams, k):
 
 
 @pytest.mark.parametrize("name", ["sgd", "sgd-momentum", "adamw"])
-def test_optimizers_match_torch(name):
+def test_micrograd_optimizers_match_torch(name):
     arrays = [randn(3, 4), randn(4)]
     params = [mg.Tensor(a) for a in arrays]
     tparams = [torch.tensor(a, requires_grad=True) for a in arrays]
@@ -740,7 +739,7 @@ def test_optimizers_match_torch(name):
             close(p.data, t.detach().numpy())
 
 
-def test_optimizers_work_on_values():
+def test_micrograd_optimizers_work_on_values():
     vs = [mg.Value(0.5), mg.Value(-1.5)]
     ts = torch.tensor([0.5, -1.5], dtype=torch.float64, requires_grad=True)
     opt, topt = mg.AdamW(vs, lr=0.1), torch.optim.AdamW([ts], lr=0.1)
@@ -755,7 +754,7 @@ def test_optimizers_work_on_values():
     assert all(type(v.data) is float for v in vs)
 
 
-def test_mlp_same_losses_value_tensor_torch():
+def test_micrograd_mlp_same_losses_value_tensor_torch():
     random.seed(0)
     X, y = mg.make_moons(20, 0.1, seed=3)
     model = mg.MLP(2, [8, 8, 1])
@@ -834,14 +833,14 @@ BAD = [
 
 
 @pytest.mark.parametrize("i", range(len(BAD)))
-def test_bad_input_raises_at_the_op(i):
+def test_micrograd_bad_input_raises_at_the_op(i):
     f, kind, words = BAD[i]
     with pytest.raises(kind) as e:
         f()
     assert words in str(e.value)
 
 
-def test_demo_reaches_100_percent_and_bad_flag_exits_2():
+def test_micrograd_demo_reaches_100_percent_and_bad_flag_exits_2():
     run = lambda *a: subprocess.run([sys.executable, "micrograd.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=120)
     r = run()
     assert r.returncode == 0, r.stderr
@@ -856,14 +855,14 @@ def test_demo_reaches_100_percent_and_bad_flag_exits_2():
 @pytest.mark.parametrize("name, value", [("lr", 0.0), ("lr", -1.0), ("lr", math.nan), ("lr", math.inf),
                                          ("alpha", -1.0), ("noise", -1.0), ("noise", math.inf), ("seed", -5),
                                          ("n_points", 1), ("hidden", 0), ("steps", 0)])
-def test_demo_options_out_of_range_name_the_option(name, value, monkeypatch, capsys):
+def test_micrograd_demo_options_out_of_range_name_the_option(name, value, monkeypatch, capsys):
     monkeypatch.setattr(mg, name, value)
     with pytest.raises(ValueError, match=f"^--{name}="):
         mg.main()
     assert capsys.readouterr().out == ""  # refused before any work
 
 
-def test_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
+def test_micrograd_demo_stops_when_the_loss_is_not_finite(monkeypatch, capsys):
     monkeypatch.setattr(mg, "lr", 1e200)  # finite, but the first step throws the weights to inf
     with pytest.raises(ValueError, match=r"the loss is (inf|nan) at step \d+: training diverged; lower --lr=1e\+200"):
         mg.main()
@@ -1025,7 +1024,7 @@ def trained(plays):
 
 
 @needs_data
-def test_gpt2_ids_equal_tiktoken_and_hf(gpt2, tmp_path):
+def test_bpe_gpt2_ids_equal_tiktoken_and_hf(gpt2, tmp_path):
     ranks, hf = gpt2_references(tmp_path)
     assert gpt2.to_tiktoken_ranks() == ranks  # our byte-to-unicode reading matches tiktoken's
     assert gpt2.vocab_size == 50257 and gpt2.special_tokens == {"<|endoftext|>": 50256}
@@ -1047,7 +1046,7 @@ def test_gpt2_ids_equal_tiktoken_and_hf(gpt2, tmp_path):
 
 
 @needs_data
-def test_gpt4_pattern_equals_cl100k_in_tiktoken(gpt2):
+def test_bpe_gpt4_pattern_equals_cl100k_in_tiktoken(gpt2):
     import inspect
 
     import tiktoken_ext.openai_public
@@ -1061,7 +1060,7 @@ def test_gpt4_pattern_equals_cl100k_in_tiktoken(gpt2):
         assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), repr(s)
 
 
-def test_trained_vocab_encodes_identically_in_tiktoken(plays):
+def test_bpe_trained_vocab_encodes_identically_in_tiktoken(plays):
     docs = [plays[k] for k in sorted(plays)[6:9]]
     held = plays["hamlet"][:100_000]
     rng = random.Random(2)
@@ -1075,7 +1074,7 @@ def test_trained_vocab_encodes_identically_in_tiktoken(plays):
         assert back.merges == tok.merges and back.vocab == tok.vocab
 
 
-def test_decode_encode_roundtrip_random_unicode(trained):
+def test_bpe_decode_encode_roundtrip_random_unicode(trained):
     rng = random.Random(3)
     for _ in range(300):
         s = "".join(chr(c) if not 0xD800 <= c < 0xE000 else " " for c in
@@ -1089,7 +1088,7 @@ def test_decode_encode_roundtrip_random_unicode(trained):
         trained.decode([1, 99999])
 
 
-def test_save_load_roundtrip(trained, tmp_path):
+def test_bpe_save_load_roundtrip(trained, tmp_path):
     path = tmp_path / "sub" / "tok.json"
     trained.save(path)
     back = Tokenizer.load(path)
@@ -1105,14 +1104,14 @@ def test_save_load_roundtrip(trained, tmp_path):
 
 
 @needs_data
-def test_gpt2_save_load_and_ranks_roundtrip(gpt2, tmp_path):
+def test_bpe_gpt2_save_load_and_ranks_roundtrip(gpt2, tmp_path):
     gpt2.save(tmp_path / "gpt2.json")
     back = Tokenizer.load(tmp_path / "gpt2.json")
     assert back.vocab == gpt2.vocab and back.byte_ids == gpt2.byte_ids and back.byte_ids != list(range(256))
     assert Tokenizer.from_tiktoken_ranks(gpt2.to_tiktoken_ranks(), gpt2.special_tokens).merges == gpt2.merges
 
 
-def test_incremental_trainer_equals_naive(plays):
+def test_bpe_incremental_trainer_equals_naive(plays):
     rng = random.Random(4)
     corpora = [(plays["hamlet"][:20_000], GPT2_PATTERN), (plays["macbeth"][:20_000], GPT4_PATTERN),
                (" ".join(random_text(rng, 12) for _ in range(400)), GPT4_PATTERN),
@@ -1124,7 +1123,7 @@ def test_incremental_trainer_equals_naive(plays):
     assert Tokenizer.train(corpora[0][0], 400).merges == a.merges
 
 
-def test_tie_break_hand_computed():
+def test_bpe_tie_break_hand_computed():
     # The CS336 handout example (words split on whitespace): s t, e st, o w, l ow, w est, n e.
     counts = {"low": 5, "lower": 2, "widest": 3, "newest": 6}
     want = [(ord("s"), ord("t")), (ord("e"), 256), (ord("o"), ord("w")), (ord("l"), 258), (ord("w"), 257), (ord("n"), ord("e"))]
@@ -1138,7 +1137,7 @@ def test_tie_break_hand_computed():
     assert list(tok.merges) == [(99, 100), (97, 98)] and tok.special_tokens == {"<|endoftext|>": 258}
 
 
-def test_special_tokens_are_hard_boundaries():
+def test_bpe_special_tokens_are_hard_boundaries():
     tok = Tokenizer.train("x<|endoftext|>" * 50 + "y", 300)
     assert tok.merges == {}  # no merge crosses or includes the special token; nothing else to merge
     tok = Tokenizer.train("ab<|endoftext|>ab<|endoftext|>ab", 300)
@@ -1164,7 +1163,7 @@ def test_special_tokens_are_hard_boundaries():
     assert tok.decode([300, 97, 302]) == "<|a|>a<|b|>"
 
 
-def test_pieces_pretokenize_like_the_whole_text():
+def test_bpe_pieces_pretokenize_like_the_whole_text():
     rng = random.Random(5)
     for pattern in (GPT2_PATTERN, GPT4_PATTERN):
         for _ in range(200):
@@ -1174,7 +1173,7 @@ def test_pieces_pretokenize_like_the_whole_text():
             assert [w for p in parts for w in regex.findall(pattern, p)] == regex.findall(pattern, text), repr(text)
 
 
-def test_parallel_counts_do_not_depend_on_workers(plays, monkeypatch):
+def test_bpe_parallel_counts_do_not_depend_on_workers(plays, monkeypatch):
     text = plays["hamlet"][:200_000] + "<|endoftext|>" + plays["macbeth"][:100_000]
     whole = Counter(regex.findall(GPT2_PATTERN, plays["hamlet"][:200_000]) + regex.findall(GPT2_PATTERN, plays["macbeth"][:100_000]))
     monkeypatch.setattr(bpe, "PIECE", 20_000)
@@ -1183,7 +1182,7 @@ def test_parallel_counts_do_not_depend_on_workers(plays, monkeypatch):
         assert bpe.count_pretokens([text], GPT2_PATTERN, ["<|endoftext|>"], workers) == whole
 
 
-def test_encode_iterable_equals_encode(trained, plays, tmp_path):
+def test_bpe_encode_iterable_equals_encode(trained, plays, tmp_path):
     text = plays["hamlet"][:50_000] + "<|endoftext|> end"
     want = trained.encode(text, allowed_special="all")
     lines = text.splitlines(keepends=True)
@@ -1207,7 +1206,7 @@ def test_encode_iterable_equals_encode(trained, plays, tmp_path):
             list(tok.encode_iterable(pieces, chunk=8))
 
 
-def test_encode_cache_overflow_keeps_ids(trained, plays, monkeypatch):
+def test_bpe_encode_cache_overflow_keeps_ids(trained, plays, monkeypatch):
     monkeypatch.setattr(bpe, "CACHE_SIZE", 64)
     tok = Tokenizer(trained.merges, trained.special_tokens)  # a fresh, empty cache
     enc = tiktoken.Encoding("trained", pat_str=GPT2_PATTERN, mergeable_ranks=trained.to_tiktoken_ranks(),
@@ -1221,7 +1220,7 @@ def test_encode_cache_overflow_keeps_ids(trained, plays, monkeypatch):
     assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
-def test_bad_input(trained, tmp_path, monkeypatch):
+def test_bpe_bad_input(trained, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="too small"):
         Tokenizer.train("hello", 256)  # 256 bytes + 1 special do not fit
     with pytest.raises(ValueError, match="empty"):
@@ -1288,7 +1287,7 @@ def test_bad_input(trained, tmp_path, monkeypatch):
         Tokenizer([(1, 2), (3, 999)])
 
 
-def test_atomic_open_is_the_one_writer(tmp_path):
+def test_bpe_atomic_open_is_the_one_writer(tmp_path):
     assert dl.atomic_open is cli.atomic_open  # gpt.py and train.py write checkpoints through it
     path = tmp_path / "sub" / "f.bin"
     with cli.atomic_open(path) as a, cli.atomic_open(path) as b:  # two writers of one file
@@ -1305,13 +1304,13 @@ def test_atomic_open_is_the_one_writer(tmp_path):
 
 
 @needs_data
-def test_bad_gpt2_merges_line(tmp_path):
+def test_bpe_bad_gpt2_merges_line(tmp_path):
     (tmp_path / "m.txt").write_text("#version: 0.2\nĠ t\nh e x\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"m.txt:3: 'h e x'"):
         Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", tmp_path / "m.txt")
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_bpe_cli_errors_are_one_line(tmp_path):
     for args, msg in ((["--vocab_size=10"], "error: --vocab_size=10: must be 257 to"),
                       (["--heldout=nope"], "error: unknown play 'nope'"),
                       (["--vocab_size=abc"], "error: --vocab_size expects int"),
@@ -1554,7 +1553,7 @@ def stream(loaders, steps):
     return out
 
 
-def test_shard_header_round_trip(tmp_path):
+def test_data_shard_header_round_trip(tmp_path):
     for dtype in (np.uint16, np.uint32):
         tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 1000, dtype=dtype)
         path = tmp_path / f"{np.dtype(dtype).name}.bin"
@@ -1568,7 +1567,7 @@ def test_shard_header_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_bad_shards_name_the_file(tmp_path):
+def test_data_bad_shards_name_the_file(tmp_path):
     good = tmp_path / "good.bin"
     dl.write_shard(good, np.arange(10, dtype=np.uint16))
     raw = good.read_bytes()
@@ -1588,7 +1587,7 @@ def test_bad_shards_name_the_file(tmp_path):
         dl.write_shard(tmp_path / "f.bin", np.arange(3, dtype=np.int64))
 
 
-def test_epoch_sees_every_window_once(tmp_path):
+def test_data_epoch_sees_every_window_once(tmp_path):
     lengths, T, B = [100, 57, 237, 8], 7, 5
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1605,7 +1604,7 @@ def test_epoch_sees_every_window_once(tmp_path):
     assert again == got[:len(again)] and other != again  # the order is fixed by the seed
 
 
-def test_empty_shards_hold_no_windows(tmp_path):
+def test_data_empty_shards_hold_no_windows(tmp_path):
     lengths, T, B = [0, 100, 0, 57], 7, 4  # an empty shard first and in the middle
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1620,7 +1619,7 @@ def test_empty_shards_hold_no_windows(tmp_path):
         dl.DataLoader(make_shards(tmp_path / "empty", [0]), B, T)
 
 
-def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
+def test_data_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
     lengths, T, B, W = [300, 111, 200], 5, 4, 3
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1640,7 +1639,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["epoch", "random"])
-def test_resume_mid_epoch_is_exact(tmp_path, sampler):
+def test_data_resume_mid_epoch_is_exact(tmp_path, sampler):
     folder = make_shards(tmp_path / "s", [400, 150])
     run = dl.DataLoader(folder, 6, 8, rank=1, world_size=2, sampler=sampler, seed=7)
     stream([run], 5)  # mid-epoch (66 windows; 5 steps use 60)
@@ -1659,7 +1658,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, sampler):
         dl.DataLoader(other, 6, 8, sampler=sampler, seed=7).load_state_dict(state)
 
 
-def test_random_sampler_is_nanogpts(tmp_path):
+def test_data_random_sampler_is_nanogpts(tmp_path):
     folder = make_shards(tmp_path / "s", [50])
     loader = dl.DataLoader(folder, 64, 10, sampler="random", seed=0)
     firsts = sum((loader.next_batch()[0][:, 0].tolist() for _ in range(20)), [])
@@ -1672,7 +1671,7 @@ def test_random_sampler_is_nanogpts(tmp_path):
         assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), single.next_batch()[0])
 
 
-def test_split_documents():
+def test_data_split_documents():
     docs = [f"doc {i} " * (i + 1) for i in range(20)]
     train, val = dl.split_documents(docs, 0.1, "docs", seed=5)
     assert len(val) == 2 and sorted(train + val) == sorted(docs)
@@ -1686,7 +1685,7 @@ def test_split_documents():
         dl.split_documents(["one"], 0.1, "docs")
 
 
-def test_char_split_equals_nanogpt(tmp_path):
+def test_data_char_split_equals_nanogpt(tmp_path):
     path = DATA / "tinyshakespeare.txt"
     if not path.exists():
         pytest.skip("shared data absent")
@@ -1707,7 +1706,7 @@ def test_char_split_equals_nanogpt(tmp_path):
     assert (Path(train).parent / "meta.json").stat().st_mtime_ns == stamp
 
 
-def test_uint32_path(tmp_path):
+def test_data_uint32_path(tmp_path):
     alphabet = "".join(chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000)
     docs = [alphabet, alphabet[::-1], alphabet[::2]]
     tok = dl.CharTokenizer.train(docs)
@@ -1725,7 +1724,7 @@ def test_uint32_path(tmp_path):
     assert dl.token_dtype(65535) == np.uint16 and dl.token_dtype(65536) == np.uint32  # the boundary
 
 
-def test_char_tokenizer_interface(tmp_path):
+def test_data_char_tokenizer_interface(tmp_path):
     tok = dl.CharTokenizer.train(["hello world", "bye"])
     eot = tok.special_tokens[corpora.EOT]
     assert eot == tok.vocab_size - 1 == len(set("hello worldbye"))
@@ -1756,7 +1755,7 @@ def test_char_tokenizer_interface(tmp_path):
         dl.load_tokenizer(tmp_path / "bad.json")
 
 
-def test_parallel_tokenization_matches_serial():
+def test_data_parallel_tokenization_matches_serial():
     tok = dl.CharTokenizer.train(["abcdefgh "])
     docs = ["abc " * (i + 1) + "h" * i for i in range(200)]
     serial = list(dl.encode_documents(docs, tok, workers=1, chunk_chars=500))
@@ -1765,7 +1764,7 @@ def test_parallel_tokenization_matches_serial():
     assert all(np.array_equal(a, b) and a.tolist() == tok.encode(d) for a, b, d in zip(serial, parallel, docs))
 
 
-def test_plays():
+def test_data_plays():
     docs = corpora.load_plays()
     assert len(docs) == 38
     train, val = dl.split_documents(docs, dl.val_fraction, "docs", dl.seed)
@@ -1781,7 +1780,7 @@ def test_plays():
             "Go get him surgeons.\nWho comes here?\n\nMALCOLM:\nThe worthy thane of Ross.\n") in macbeth
 
 
-def test_download_formats_parse(tmp_path):
+def test_data_download_formats_parse(tmp_path):
     stories = tmp_path / "TinyStoriesV2-GPT4-valid.txt"  # TinyStories' layout
     stories.write_text("Once upon a time, a cat.\nThe end.\n<|endoftext|>\nTom had a ball.\n<|endoftext|>\n")
     assert corpora.read_documents(stories) == ["Once upon a time, a cat.\nThe end.", "Tom had a ball."]
@@ -1802,7 +1801,7 @@ def test_download_formats_parse(tmp_path):
     assert corpora.read_documents(tmp_path / "folder") == ["second", "first"]  # sorted by path
 
 
-def test_bad_inputs(tmp_path):
+def test_data_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         corpora.read_documents(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text(" \n")
@@ -1847,7 +1846,7 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
+def test_data_cli_bad_input_is_one_line(tmp_path):
     for arg, msg in ((f"--data={tmp_path / 'missing.txt'}", "missing.txt"), ("--batch_size=0", "batch_size"),
                      ("--sampler=nope", "sampler")):
         r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"],
@@ -1857,7 +1856,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before prepare() built anything
 
 
-def test_prepare_with_bpe(tmp_path):
+def test_data_prepare_with_bpe(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     texts = [f"The {w} sat on the mat, number {i}." for i, w in enumerate(["cat", "dog", "cow", "hen"] * 5)]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -1876,7 +1875,7 @@ def test_prepare_with_bpe(tmp_path):
     assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
 
 
-def test_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
+def test_data_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("café — naïve 中文 😀 résumé\n" * 40, encoding="utf-8")
     text, out = path.read_text(encoding="utf-8"), tmp_path / "out"
@@ -2231,7 +2230,7 @@ def test_data_cli_bad_options_table(option, code, message, tmp_path, monkeypatch
 
 
 def test_data_cli_bad_option_as_a_real_process(tmp_path):
-    for arg, code in (("--workers=x", 2),):  # exit 1 as a real process: test_cli_bad_input_is_one_line
+    for arg, code in (("--workers=x", 2),):  # exit 1 as a real process: test_data_cli_bad_input_is_one_line
         r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == code and r.stdout == "" and r.stderr.count("\n") == 1 and "error: " in r.stderr
@@ -2239,7 +2238,7 @@ def test_data_cli_bad_option_as_a_real_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_match_cpu(tmp_path):
+def test_data_cuda_batches_match_cpu(tmp_path):
     folder = make_shards(tmp_path / "s", [500])
     cpu = dl.DataLoader(folder, 4, 16, seed=2)
     gpu = dl.DataLoader(folder, 4, 16, seed=2, device="cuda")
@@ -2293,7 +2292,7 @@ def _tiny(seed=0, **kw):
 
 
 # ----------------------------------------------------------------------------- vs transformers
-def test_gpt2_logits_match_transformers(hf_gpt2):
+def test_gpt_gpt2_logits_match_transformers(hf_gpt2):
     ours = gpt.GPT.from_hf(hf_gpt2).eval()
     idx = _idx()
     with torch.no_grad():
@@ -2303,7 +2302,7 @@ def test_gpt2_logits_match_transformers(hf_gpt2):
     assert ours.config.padded_vocab == 128 and ours.wte.weight.shape == (128, 32)
 
 
-def test_llama_logits_match_transformers(hf_llama):
+def test_gpt_llama_logits_match_transformers(hf_llama):
     ours = gpt.GPT.from_hf(hf_llama).eval()
     assert ours.config.kv_heads == hf_llama.config.num_key_value_heads
     idx = _idx(T=30)
@@ -2313,7 +2312,7 @@ def test_llama_logits_match_transformers(hf_llama):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_export_round_trip_loads_in_transformers(arch, hf_gpt2, hf_llama):
+def test_gpt_export_round_trip_loads_in_transformers(arch, hf_gpt2, hf_llama):
     src = hf_gpt2 if arch == "gpt2" else hf_llama
     ours = gpt.GPT.from_hf(src).eval()
     kw = gpt.hf_config_kwargs(ours.config)
@@ -2326,14 +2325,14 @@ def test_export_round_trip_loads_in_transformers(arch, hf_gpt2, hf_llama):
         torch.testing.assert_close(hf(idx).logits, src(idx).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_block_matches_transformers_block(hf_gpt2):
+def test_block_gpt2_block_matches_transformers_block(hf_gpt2):
     ours = gpt.GPT.from_hf(hf_gpt2).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.h[1](x), hf_gpt2.transformer.h[1](x), rtol=1e-5, atol=1e-5)
 
 
-def test_llama_block_matches_decoder_layer(hf_llama):
+def test_block_llama_block_matches_decoder_layer(hf_llama):
     ours = gpt.GPT.from_hf(hf_llama).eval()
     x = torch.randn(2, 9, 32)
     pos = torch.arange(9)[None]
@@ -2342,7 +2341,7 @@ def test_llama_block_matches_decoder_layer(hf_llama):
         torch.testing.assert_close(ours.h[1](x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_preset_param_count_matches_transformers():
+def test_gpt_gpt2_preset_param_count_matches_transformers():
     with torch.device("meta"):
         hf = GPT2LMHeadModel(GPT2Config())
         ours = gpt.GPT(gpt.get_config("gpt2"))
@@ -2350,7 +2349,7 @@ def test_gpt2_preset_param_count_matches_transformers():
     assert ours.num_params() == hf.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
-def test_state_dict_key_errors_name_the_keys(hf_gpt2):
+def test_gpt_state_dict_key_errors_name_the_keys(hf_gpt2):
     cfg = gpt.config_from_hf(hf_gpt2.config)
     sd = dict(hf_gpt2.state_dict())
     del sd["transformer.h.1.mlp.c_fc.weight"]
@@ -2377,7 +2376,7 @@ def _block(name, seed=0, **kw):
 
 
 @pytest.mark.parametrize("name,n_kv", [("gpt2", None), ("llama", 4), ("llama", 2), ("llama", 1)])
-def test_readable_attention_equals_sdpa(name, n_kv):
+def test_block_readable_attention_equals_sdpa(name, n_kv):
     blk = _block(name, n_kv_head=n_kv)
     x = torch.randn(3, 20, 32, dtype=torch.float64)
     fast = blk(x)
@@ -2385,7 +2384,7 @@ def test_readable_attention_equals_sdpa(name, n_kv):
     torch.testing.assert_close(blk(x), fast, rtol=1e-10, atol=1e-10)
 
 
-def test_gqa_equals_mha_with_repeated_kv_heads():
+def test_block_gqa_equals_mha_with_repeated_kv_heads():
     """GQA with n_kv heads == MHA whose k/v weights repeat each kv head n_head/n_kv times."""
     gqa = _block("llama", n_kv_head=2)
     mha = _block("llama", n_kv_head=4)
@@ -2402,7 +2401,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("sdpa", [True, False])
-def test_kv_cache_equals_recompute(name, sdpa):
+def test_block_kv_cache_equals_recompute(name, sdpa):
     blk = _block(name, n_kv_head=2 if name == "llama" else None, sdpa=sdpa)
     x = torch.randn(2, 15, 32, dtype=torch.float64)
     full = blk(x)
@@ -2417,7 +2416,7 @@ def test_kv_cache_equals_recompute(name, sdpa):
 
 
 @pytest.mark.parametrize("name,n_kv", [("gpt2", None), ("llama", 2), ("llama", 1)])
-def test_numpy_engine_block_equals_torch_block(name, n_kv):
+def test_block_numpy_engine_block_equals_torch_block(name, n_kv):
     """Output, input gradient and every parameter gradient, float64, to 1e-8."""
     blk = _block(name, n_kv_head=n_kv)
     with torch.no_grad():  # move norms off 1 and biases off 0
@@ -2446,7 +2445,7 @@ def test_block_flops_match_flop_counter():
     assert block.block_flops_per_token(blk, 16) * 32 == fc.get_total_flops()
 
 
-def test_model_flops_match_flop_counter():
+def test_gpt_model_flops_match_flop_counter():
     model = _tiny(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, sdpa=False).train()
     idx = _idx(B=2, T=32)
     with FlopCounterMode(display=False) as fc:
@@ -2454,7 +2453,7 @@ def test_model_flops_match_flop_counter():
     assert model.flops_per_token(32) * idx.numel() == fc.get_total_flops()
 
 
-def test_dropout_only_in_training():
+def test_block_dropout_only_in_training():
     model = _tiny(dropout=0.5)
     idx = _idx()
     with torch.no_grad():
@@ -2592,7 +2591,7 @@ def test_block_cli_bad_options_are_one_line(option, message, tmp_path):
 
 # ----------------------------------------------------------------------------- model
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_causality(pos):
+def test_gpt_causality(pos):
     model = _tiny(pos=pos)
     a, b = _idx(T=20, seed=0), _idx(T=20, seed=1)
     b[:, :12] = a[:, :12]
@@ -2602,7 +2601,7 @@ def test_causality(pos):
     assert (la[:, 12:] - lb[:, 12:]).abs().max() > 1e-3  # the future did change
 
 
-def test_initial_loss_near_ln_vocab():
+def test_gpt_initial_loss_near_ln_vocab():
     torch.manual_seed(0)
     model = gpt.GPT(replace(gpt.PRESETS["tiny"], vocab_size=512)).eval()
     idx = torch.randint(0, 512, (4, 64))
@@ -2611,7 +2610,7 @@ def test_initial_loss_near_ln_vocab():
     assert abs(loss - math.log(512)) < 0.05
 
 
-def test_tiny_batch_overfits():
+def test_gpt_tiny_batch_overfits():
     model = _tiny().train()
     idx = _idx(B=2, T=32)
     x, y = idx[:, :-1], idx[:, 1:]
@@ -2624,7 +2623,7 @@ def test_tiny_batch_overfits():
     assert loss.item() < 0.05
 
 
-def test_loss_ignores_minus_one_targets():
+def test_gpt_loss_ignores_minus_one_targets():
     model = _tiny()
     idx = _idx()
     y = idx.clone()
@@ -2635,7 +2634,7 @@ def test_loss_ignores_minus_one_targets():
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_cached_generation_equals_uncached(pos):
+def test_gpt_cached_generation_equals_uncached(pos):
     model = _tiny(pos=pos).double()
     prompt = _idx(B=3, T=5)
     for kw in ({"temperature": 0}, {"top_k": 10, "seed": 1}, {"top_p": 0.9, "seed": 2}):
@@ -2647,7 +2646,7 @@ def test_cached_generation_equals_uncached(pos):
         assert torch.equal(a[:, :5], prompt)
 
 
-def test_generate_is_seedable_and_stops_at_eot():
+def test_gpt_generate_is_seedable_and_stops_at_eot():
     model = _tiny()
     a = model.generate([1, 2, 3], 20, seed=7)
     assert torch.equal(a, model.generate([1, 2, 3], 20, seed=7))
@@ -2658,7 +2657,7 @@ def test_generate_is_seedable_and_stops_at_eot():
 
 
 @pytest.mark.parametrize("top_k,top_p", [(7, None), (None, 0.8), (None, 0.3), (20, 0.9), (1, None)])
-def test_top_k_top_p_match_transformers_warpers(top_k, top_p):
+def test_gpt_top_k_top_p_match_transformers_warpers(top_k, top_p):
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     ref = logits.clone()
     if top_k:
@@ -2674,13 +2673,13 @@ def test_top_k_top_p_match_transformers_warpers(top_k, top_p):
     assert kept.gather(1, draws).all()  # sampling never picks a dropped token
 
 
-def test_sample_temperature_zero_is_argmax():
+def test_gpt_sample_temperature_zero_is_argmax():
     logits = torch.randn(5, 30)
     assert torch.equal(gpt.sample(logits, temperature=0), logits.argmax(-1))
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_long_prompt_is_cropped_with_a_warning():
+def test_gpt_long_prompt_is_cropped_with_a_warning():
     model = _tiny()
     prompt = _idx(B=1, T=40)
     with pytest.warns(UserWarning, match="prompt has 40 tokens, more than block_size=32"):
@@ -2691,12 +2690,12 @@ def test_long_prompt_is_cropped_with_a_warning():
 
 
 @pytest.mark.parametrize("top_p", [0, -0.1, 1.5])
-def test_top_p_outside_range_is_one_error(top_p):
+def test_gpt_top_p_outside_range_is_one_error(top_p):
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         _tiny().generate([1], 2, top_p=top_p)
 
 
-def test_unknown_preset_and_bad_config():
+def test_gpt_unknown_preset_and_bad_config():
     with pytest.raises(ValueError, match="unknown preset 'gpt5'; valid presets: tiny"):
         gpt.get_config("gpt5")
     with pytest.raises(ValueError, match="norm='batchnorm'"):
@@ -2705,12 +2704,12 @@ def test_unknown_preset_and_bad_config():
         gpt.GPTConfig(n_embd=32, n_head=4, n_kv_head=3)
 
 
-def test_sequence_longer_than_context_is_an_error():
+def test_gpt_sequence_longer_than_context_is_an_error():
     with pytest.raises(ValueError, match="sequence of 33 tokens is longer than block_size=32"):
         _tiny()(_idx(T=33))
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_gpt_checkpoint_round_trip(tmp_path):
     model = _tiny(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2)
     path = tmp_path / "ck.pt"
     gpt.save_checkpoint(path, model, iter=5)
@@ -2724,7 +2723,7 @@ def test_checkpoint_round_trip(tmp_path):
         gpt.load_checkpoint(tmp_path / "nope.pt")
 
 
-def test_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkeypatch):
+def test_gpt_checkpoint_write_is_atomic_and_bad_files_are_one_error(tmp_path, monkeypatch):
     model = _tiny()
     path = tmp_path / "ck.pt"
     gpt.save_checkpoint(path, model, iter=1)
@@ -2781,7 +2780,7 @@ def test_gpt_checkpoint_config_fields_are_checked(tmp_path):
         assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value)
 
 
-def test_gpt2_init_has_transformers_statistics():
+def test_gpt_gpt2_init_has_transformers_statistics():
     """Per tensor, our random init has the statistics of GPT2LMHeadModel's: std 0.02, residual
     projections (c_proj) 0.02 / sqrt(2 * n_layer), biases 0, LayerNorm weights 1."""
     torch.manual_seed(0)
@@ -2797,7 +2796,7 @@ def test_gpt2_init_has_transformers_statistics():
     assert hf["transformer.h.0.mlp.c_proj.weight"].std().item() == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def test_dropout_sites_match_transformers(monkeypatch):
+def test_gpt_dropout_sites_match_transformers(monkeypatch):
     """Dropout where GPT-2 has it: the embeddings, the attention weights, each residual branch."""
     calls = []
     real = F.dropout
@@ -2813,7 +2812,7 @@ def test_dropout_sites_match_transformers(monkeypatch):
     assert calls == want == [0.2] * (1 + 3 * 2)
 
 
-def test_temperature_matches_transformers_warper():
+def test_gpt_temperature_matches_transformers_warper():
     from transformers import TemperatureLogitsWarper
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     for t in (0.5, 2.0):
@@ -2823,7 +2822,7 @@ def test_temperature_matches_transformers_warper():
             assert torch.equal(gpt.sample(logits, t, generator=torch.Generator().manual_seed(s)), want)
 
 
-def test_eot_stops_one_row_while_the_other_goes_on():
+def test_gpt_eot_stops_one_row_while_the_other_goes_on():
     model = _tiny()
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
     free = model.generate(prompts, 12, seed=3)
@@ -2834,11 +2833,11 @@ def test_eot_stops_one_row_while_the_other_goes_on():
     assert torch.equal(out[1], free[1])  # the other row never saw eot: unchanged
 
 
-def test_num_params_matches_transformers_tied_and_untied(hf_llama):
+def test_gpt_num_params_matches_transformers_tied_and_untied(hf_llama):
     assert gpt.GPT.from_hf(hf_llama).num_params() == hf_llama.num_parameters()
 
 
-def test_swiglu_width_keeps_the_mlp_parameter_count():
+def test_block_swiglu_width_keeps_the_mlp_parameter_count():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     for C in (384, 768):  # 8C/3 is a multiple of 32: exactly GELU's 2 * C * 4C
         cfg = block.BlockConfig(n_embd=C, bias=False)
@@ -2856,7 +2855,7 @@ def test_swiglu_width_keeps_the_mlp_parameter_count():
     ("time_limit", -1.0, "--time_limit=-1.0: must be >= 0"),
     ("device", "gpu", "--device='gpu': expected cpu, cuda"),
     ("device", "cuda:99", "--device=cuda:99: CUDA is not available here")])
-def test_demo_bad_options_fail_before_any_work(option, value, message, monkeypatch, tmp_path):
+def test_gpt_demo_bad_options_fail_before_any_work(option, value, message, monkeypatch, tmp_path):
     monkeypatch.setattr(gpt, "out_dir", str(tmp_path / "out"))
     monkeypatch.setattr(gpt, option, value)
     with pytest.raises(ValueError) as e:
@@ -2865,9 +2864,9 @@ def test_demo_bad_options_fail_before_any_work(option, value, message, monkeypat
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_time_limit_stops_early_and_says_so(corpus, monkeypatch, tmp_path, capsys):
+def test_gpt_demo_time_limit_stops_early_and_says_so(corpus, monkeypatch, tmp_path, capsys):
     """The limit counts from the start (data preparation included); 0 = no limit."""
-    real = dataloader.prepare
+    real = dl.prepare
     monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(  # a small char corpus
         str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
     for k, v in dict(out_dir=str(tmp_path), block_size=16, batch_size=4, max_iters=3,
@@ -2882,7 +2881,7 @@ def test_demo_time_limit_stops_early_and_says_so(corpus, monkeypatch, tmp_path, 
 
 
 @pytest.mark.parametrize("script", ["gpt.py", "block.py"])
-def test_cli_unknown_preset_is_one_line(script):
+def test_gpt_cli_unknown_preset_is_one_line(script):
     root = Path(__file__).resolve().parent
     root = root if (root / script).exists() else root.parent  # test_all.py at the root, or _scratch/
     r = subprocess.run([sys.executable, script, "--preset=nope", "--out_dir=/nonexistent/x"]
@@ -2982,7 +2981,7 @@ def files_of(folder):
 
 def small_demo(monkeypatch, corpus, out_dir, **settings):
     """gpt.main's settings for a run of seconds: a char corpus (no bpe training), 2 steps."""
-    real = dataloader.prepare
+    real = dl.prepare
     monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(
         str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
     base = dict(out_dir=str(out_dir), block_size=16, batch_size=4, max_iters=2, eval_iters=1,
@@ -3210,7 +3209,7 @@ def weights(out_dir):
 
 
 # ----------------------------------------------------------------------------- optimizer
-def test_adamw_matches_torch_step_for_step():
+def test_train_adamw_matches_torch_step_for_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8),
                                 torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
@@ -3249,7 +3248,7 @@ def test_adamw_matches_torch_step_for_step():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clones[2].parameters()))
 
 
-def test_param_groups_skip_norms_biases_embeddings():
+def test_train_param_groups_skip_norms_biases_embeddings():
     cfg = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
     model = gpt.GPT(cfg)
     decay, no_decay = gpt.param_groups(model, 0.1)  # train.py's optimizer and gpt.py's demo
@@ -3372,7 +3371,7 @@ def test_train_muon_groups_hidden_matrices_only():
 
 
 # ----------------------------------------------------------------------------- schedule
-def test_lr_schedules_match_formulas():
+def test_train_lr_schedules_match_formulas():
     assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
     lr, lo, warm, n = 1e-3, 1e-4, 100, 2000
     for s in (0, 50, 99):  # linear warmup, as nanoGPT: lr * (s+1) / (warm+1)
@@ -3392,7 +3391,7 @@ def test_lr_schedules_match_formulas():
 
 
 # ----------------------------------------------------------------------------- MFU table
-def test_peak_flops_lookup_and_mfu():
+def test_train_peak_flops_lookup_and_mfu():
     name, peak = train.device_peak("NVIDIA H100 80GB HBM3")
     assert peak is train.PEAK_FLOPS["H100"] and peak["bf16"] == 989.4e12
     assert train.device_peak("NVIDIA H100 PCIe")[1] is train.PEAK_FLOPS["H100 PCIe"]
@@ -3416,7 +3415,7 @@ def test_peak_flops_lookup_and_mfu():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
+def test_train_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     model = tiny_model(50)
     for step in (1, 2, 3, 4):
         resume.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
@@ -3436,7 +3435,7 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     assert torch.equal(gpt.read_checkpoint(tmp_path / "ckpt_0000004.pt")["w"], torch.ones(3) * 4)
 
 
-def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
+def test_train_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         resume.load_run(str(tmp_path / "garbage.pt"))
@@ -3453,7 +3452,7 @@ def test_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
         resume.load_run(str(tmp_path / "missing.pt"))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_train_activation_checkpointing_gives_the_same_gradients():
     """The same gradients from far fewer bytes kept for backward (the blocks' activations are
     recomputed: only each block's input is saved)."""
     torch.manual_seed(0)
@@ -3476,7 +3475,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(plain(x)[0], ckpt(x)[0])
 
 
-def test_gpt2_tokenizer_files(tmp_path):
+def test_train_gpt2_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="--gpt2_dir"):
         train.gpt2_tokenizer_file(str(tmp_path), str(tmp_path / "tok.json"))
     data = ROOT.parent / "shared" / "data"
@@ -3488,7 +3487,7 @@ def test_gpt2_tokenizer_files(tmp_path):
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids (as tiktoken gives them)
 
 
-def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
+def test_train_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as when not installed
     note = train.write_plot(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
@@ -3496,7 +3495,7 @@ def test_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
     assert not (tmp_path / "loss.png").exists()
 
 
-def test_compiled_and_ddp_prefixes_are_stripped():
+def test_train_compiled_and_ddp_prefixes_are_stripped():
     sd = {"_orig_mod.wte.weight": 1, "module._orig_mod.h.0.attn.c_attn.weight": 2,
           "module.module.ln_f.weight": 3, "h.1._orig_mod.mlp.c_fc.weight": 4}
     assert resume.clean_state_dict(sd) == {"wte.weight": 1, "h.0.attn.c_attn.weight": 2,
@@ -3504,7 +3503,7 @@ def test_compiled_and_ddp_prefixes_are_stripped():
 
 
 # ----------------------------------------------------------------------------- training runs
-def test_loss_falls(corpus, tmp_path):
+def test_train_loss_falls(corpus, tmp_path):
     r = train.train(tiny(corpus, tmp_path, max_iters=60, lr=1e-2, min_lr=1e-3))
     losses = [row["loss"] for row in r["log"]]
     assert losses[0] > math.log(40)          # about uniform over the ~85 symbols at first
@@ -3514,7 +3513,7 @@ def test_loss_falls(corpus, tmp_path):
     assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)  # 1 byte a char
 
 
-def test_samples_at_each_evaluation_leave_training_unchanged(corpus, tmp_path, capsys):
+def test_train_samples_at_each_evaluation_leave_training_unchanged(corpus, tmp_path, capsys):
     """Sampling uses its own seeded generator: the weights equal a run without samples."""
     kw = dict(max_iters=10, dropout=0.1, sampler="random", eval_interval=5, save_interval=10)
     plain = train.train(tiny(corpus, tmp_path / "a", **kw))
@@ -3526,7 +3525,7 @@ def test_samples_at_each_evaluation_leave_training_unchanged(corpus, tmp_path, c
     assert "sample" not in plain and len(sampled["sample"]) > 0
 
 
-def test_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
+def test_train_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
     """20 steps straight == 10 steps, Ctrl-C (checkpoint), resume, 10 more: identical weights.
     Dropout and random windows make every RNG and the data position matter."""
     kw = dict(max_iters=20, dropout=0.1, sampler="random", save_interval=20)
@@ -3582,7 +3581,7 @@ train.main()
 """
 
 
-def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
+def test_train_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     """torchrun, gloo: 2 processes x 4 sequences == 1 process x 8 (same global batch):
     grad_accum=2 counts micro-batches over both processes, one each. evaluate() too: the
     whole val split (eval_iters=0), each rank its share, gives one process's val loss and
@@ -3620,7 +3619,7 @@ def test_two_processes_equal_one(corpus, tmp_path, monkeypatch):
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # seeded per rank (dropout differs)
 
 
-def test_grad_accum_equals_one_big_batch(corpus, tmp_path):
+def test_train_grad_accum_equals_one_big_batch(corpus, tmp_path):
     """2 micro-batches of 4 == 1 batch of 8: the epoch sampler serves the same windows in the
     same order, so the mean loss, the gradient norm and the weights agree."""
     kw = dict(max_iters=4, save_interval=4)
@@ -3634,7 +3633,7 @@ def test_grad_accum_equals_one_big_batch(corpus, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
+def test_train_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
     """3 steps with a small grad_clip == the same steps written with torch.nn.utils.clip_grad_norm_
     and torch.optim.AdamW (seeds, then data, then the model, as train.run does)."""
     c = tiny(corpus, tmp_path, max_iters=3, warmup_iters=1, save_interval=3, grad_clip=0.05,
@@ -3659,7 +3658,7 @@ def test_clipping_equals_torch_clip_grad_norm_and_adamw(corpus, tmp_path):
         torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_bits_per_byte_counts_utf8_bytes_of_the_targets(corpus, tmp_path):
+def test_train_bits_per_byte_counts_utf8_bytes_of_the_targets(corpus, tmp_path):
     """Characters of 1 to 3 UTF-8 bytes: bits per byte = val loss / ln 2 * tokens / bytes, the
     bytes counted here by decoding each row of val targets whole."""
     text = tmp_path / "mixed.txt"
@@ -3707,7 +3706,7 @@ def test_train_evaluate_whole_val_split_equals_a_plain_mean(corpus, tmp_path):
     assert run["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
-def test_resume_rewrites_the_log(corpus, tmp_path):
+def test_train_resume_rewrites_the_log(corpus, tmp_path):
     """The log holds each step once: running a finished run again adds nothing, and a resume
     from an older checkpoint drops the later rows (and a half-written last line)."""
     kw = dict(max_iters=8, save_interval=4, eval_interval=4)
@@ -3765,7 +3764,7 @@ def args(corpus, out_dir, **kw):
     return [f"--{k}={v}" for k, v in c.items()]
 
 
-def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
+def test_train_bad_input_one_line_errors(corpus, tmp_path, capsys):
     code, msg = cli_error(capsys, ["--preset=nope"])
     assert code == 2 and "unknown preset 'nope'" in msg
     code, msg = cli_error(capsys, ["--learning_rate=1"])
@@ -3803,7 +3802,7 @@ def test_bad_input_one_line_errors(corpus, tmp_path, capsys):
     ("grad_clip", -1.0), ("max_iters", -1), ("keep_checkpoints", 0), ("batch_size", 0),
     ("grad_accum", 0), ("eval_iters", -1), ("val_frac", 0.0), ("dropout", 1.0),
     ("dtype", "fp8"), ("optimizer", "sgd"), ("schedule", "linear"), ("arch", "bert")])
-def test_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsys):
+def test_train_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsys):
     code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
                                    f"--data_dir={tmp_path / 'd'}"])
     names = {"dtype": "dtype", "optimizer": "optimizer", "schedule": "schedule", "arch": "arch"}
@@ -3812,7 +3811,7 @@ def test_bad_options_are_one_line_before_any_work(option, value, tmp_path, capsy
     assert not os.listdir(tmp_path)
 
 
-def test_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monkeypatch):
+def test_train_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monkeypatch):
     cuda = "cuda" if not torch.cuda.is_available() else "cuda:99"  # a GPU that is not here
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x", device=cuda))
     assert code == 1 and msg.startswith(f"error: --device={cuda}: CUDA is not available here")
@@ -3830,7 +3829,7 @@ def test_bad_device_world_and_ctrl_c_are_one_line(corpus, tmp_path, capsys, monk
     assert not (tmp_path / "x").exists()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
     out = tmp_path / "nan"
     code, msg = cli_error(capsys, args(corpus, out, lr=1e30, warmup_iters=0, max_iters=50,
                                        save_interval=1, keep_checkpoints=2, grad_clip=0.0))
@@ -3841,7 +3840,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     assert resume.load_run(last)["step"] == step  # saved after the last finite step
 
 
-def test_cli_runs_as_a_script(tmp_path):
+def test_train_cli_runs_as_a_script(tmp_path):
     """The real command line: an unknown preset is one line on stderr, exit 2."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
@@ -3891,7 +3890,7 @@ def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_bf16_compile_matches_eager(corpus, tmp_path):
+def test_train_gpu_bf16_compile_matches_eager(corpus, tmp_path):
     """On a GPU: bf16 + torch.compile trains like eager fp32 (same data, same init)."""
     kw = dict(device="cuda", max_iters=20, lr=1e-2, min_lr=1e-3, optimizer="fused")
     eager = train.train(tiny(corpus, tmp_path / "eager", dtype="float32", **kw))
@@ -4110,7 +4109,7 @@ def unreversed(examples):
     return [(m, m[0]["content"].split(": ")[1], t) for m, _, t in examples]
 
 
-def test_chat_tokens_extend_vocab_without_changing_encoding():
+def test_finetune_chat_tokens_extend_vocab_without_changing_encoding():
     base = word_tokenizer()
     tok = ft.add_chat_tokens(base)
     V = base.vocab_size
@@ -4120,7 +4119,7 @@ def test_chat_tokens_extend_vocab_without_changing_encoding():
     assert tok.encode_ordinary(text) == base.encode_ordinary(text)
     assert ft.add_chat_tokens(tok).special_tokens == tok.special_tokens  # idempotent
     # the same for the character-level tokenizer
-    char = dataloader.CharTokenizer.train(["abc :"])
+    char = dl.CharTokenizer.train(["abc :"])
     ctok = ft.add_chat_tokens(char)
     assert ctok.encode("ab<|end|>", allowed_special="all") == [char.stoi["a"], char.stoi["b"],
                                                                char.vocab_size + 2]
@@ -4133,7 +4132,7 @@ def test_chat_tokens_extend_vocab_without_changing_encoding():
     assert mask == [0] * (len(ids) - len(reply) - 1) + [1] * (len(reply) + 1)
 
 
-def test_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
+def test_finetune_grow_vocab_keeps_old_logits_and_inits_new_rows_near_mean():
     tok = word_tokenizer()
     for tied in (True, False):
         model = tiny_model(tok.vocab_size, tie_embeddings=tied)
@@ -4191,7 +4190,7 @@ def test_finetune_lora_starts_with_b_zero_and_a_random():
         assert a.B.grad.abs().max() > 0 and torch.count_nonzero(a.A.grad) == 0
 
 
-def test_sft_mask_user_tokens_get_no_gradient():
+def test_finetune_sft_mask_user_tokens_get_no_gradient():
     tok = ft.add_chat_tokens(word_tokenizer())
     model = tiny_model(tok.vocab_size).double()
     examples = [ft.encode_chat(tok, chat("reverse: king queen lord", "lord queen king")),
@@ -4222,7 +4221,7 @@ def test_sft_mask_user_tokens_get_no_gradient():
     assert torch.allclose(loss.detach(), torch.stack(terms).mean(), rtol=1e-12)
 
 
-def test_lora_zero_init_is_a_no_op_and_counts_adapters():
+def test_finetune_lora_zero_init_is_a_no_op_and_counts_adapters():
     tok = ft.add_chat_tokens(word_tokenizer())
     model = tiny_model(tok.vocab_size)
     x = torch.randint(0, tok.vocab_size, (3, 12))
@@ -4242,7 +4241,7 @@ def test_lora_zero_init_is_a_no_op_and_counts_adapters():
         ft.add_lora(copy.deepcopy(model), ["nonexistent"], 4, 8)
 
 
-def test_lora_merge_gives_same_logits():
+def test_finetune_lora_merge_gives_same_logits():
     tok = ft.add_chat_tokens(word_tokenizer())
     model = tiny_model(tok.vocab_size).double()
     ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8, dropout=0.1)
@@ -4263,7 +4262,7 @@ def test_lora_merge_gives_same_logits():
     fresh.load_weights(model.state_dict())
 
 
-def test_lora_training_leaves_base_weights_unchanged(one_thread):
+def test_finetune_lora_training_leaves_base_weights_unchanged(one_thread):
     tok0 = word_tokenizer()
     tok = ft.add_chat_tokens(tok0)
     model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
@@ -4288,7 +4287,7 @@ def test_lora_training_leaves_base_weights_unchanged(one_thread):
     assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
 
 
-def test_dpo_loss_matches_direct_formula(one_thread):
+def test_finetune_dpo_loss_matches_direct_formula(one_thread):
     tok = ft.add_chat_tokens(word_tokenizer())
     policy = tiny_model(tok.vocab_size, seed=1).double()
     reference = tiny_model(tok.vocab_size, seed=2).double()
@@ -4316,7 +4315,7 @@ def test_dpo_loss_matches_direct_formula(one_thread):
     assert abs(ft.dpo_step(policy, policy, beta)(pairs).item() - math.log(2)) < 1e-12
 
 
-def test_accuracy_rises_after_sft(one_thread):
+def test_finetune_accuracy_rises_after_sft(one_thread):
     tok = ft.add_chat_tokens(word_tokenizer())
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32,
@@ -4339,7 +4338,7 @@ def test_accuracy_rises_after_sft(one_thread):
     assert all(r != m[-1]["content"] for m, r, _ in wrong)
 
 
-def test_synthetic_tasks_are_deterministic_and_checkable():
+def test_finetune_synthetic_tasks_are_deterministic_and_checkable():
     a = ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
     assert a == ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=5)
     assert a != ft.synthetic_tasks(["add", "reverse", "count"], 30, 10, seed=6)
@@ -4358,7 +4357,7 @@ def test_synthetic_tasks_are_deterministic_and_checkable():
         ft.synthetic_tasks(["nope"], 1, 1, 0)
 
 
-def test_read_conversations_bad_input(tmp_path):
+def test_finetune_read_conversations_bad_input(tmp_path):
     good = {"messages": chat("hi", "hello"), "rejected": "go"}
     p = tmp_path / "ok.jsonl"
     p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
@@ -4381,7 +4380,7 @@ def test_read_conversations_bad_input(tmp_path):
             ft.read_conversations(bad)
 
 
-def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
+def test_finetune_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
     tok = word_tokenizer()
     model = tiny_model(tok.vocab_size + 7)
     gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), model, tokenizer="tokenizer.json")
@@ -4410,7 +4409,7 @@ def test_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
         "at column 2)")
     assert sorted(os.listdir(out)) == ["ckpt.pt"]
 
-def test_lora_forward_equals_formula():
+def test_finetune_lora_forward_equals_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5).double()
     lora = ft.LoRALinear(base, rank=3, alpha=12.0)
@@ -4423,7 +4422,7 @@ def test_lora_forward_equals_formula():
         torch.testing.assert_close(lora.merged()(x), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_sft_loss_adds_the_weighted_replay_loss():
+def test_finetune_sft_loss_adds_the_weighted_replay_loss():
     tok = ft.add_chat_tokens(word_tokenizer())
     model = tiny_model(tok.vocab_size).double()
     examples = [ft.encode_chat(tok, chat("reverse: sun moon", "moon sun"))]
@@ -4443,7 +4442,7 @@ def test_sft_loss_adds_the_weighted_replay_loss():
     assert abs(loss.item() - (sft.item() + 0.3 * replay.item())) < 1e-12
 
 
-def test_dpo_reference_stays_frozen_while_the_policy_trains(one_thread):
+def test_finetune_dpo_reference_stays_frozen_while_the_policy_trains(one_thread):
     tok = ft.add_chat_tokens(word_tokenizer())
     train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
     pairs = ft.preference_pairs(tok, unreversed(train_set))
@@ -4472,7 +4471,7 @@ class Scripted:
         return torch.tensor([list(ids) + self.reply[:max_new_tokens]])
 
 
-def test_exact_match_needs_the_answer_then_end():
+def test_finetune_exact_match_needs_the_answer_then_end():
     tok = ft.add_chat_tokens(word_tokenizer())
     end, right = tok.special_tokens["<|end|>"], tok.encode_ordinary("moon sun")
     example = (chat("reverse: sun moon", "moon sun"), None, "reverse")
@@ -4509,7 +4508,7 @@ def finetune_base(tmp_path, monkeypatch):
     return run
 
 
-def test_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, capsys):
+def test_finetune_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, capsys):
     finetune_base()
     out = capsys.readouterr().out
     assert "== after SFT (lora)" in out and "saved" in out
@@ -4529,7 +4528,7 @@ def test_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_path, caps
     assert "---- user:" not in out                                   # no samples asked for
 
 
-def test_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path):
+def test_finetune_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path):
     torch.manual_seed(0)
     short = gpt.GPT(gpt.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8,
                                   vocab_size=word_tokenizer().vocab_size))
@@ -4538,7 +4537,7 @@ def test_main_with_a_context_too_short_for_any_question(finetune_base, tmp_path)
         finetune_base()
 
 
-def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
+def test_finetune_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "ckpt.pt").write_bytes(b"earlier result")
     with pytest.raises(ValueError, match=r"^loss nan at iteration 2: lower the learning rate"):
@@ -4562,7 +4561,7 @@ def test_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_path):
     ("eval_frac", -1.0, "--eval_frac=-1.0: must be between 0 and 1"),
     ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
 ])
-def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
+def test_finetune_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
     monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
     monkeypatch.setattr(ft, option, value)
     with pytest.raises(ValueError) as e:
@@ -4570,7 +4569,7 @@ def test_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, m
     assert str(e.value) == message
 
 
-def test_missing_tokenizer_names_where_the_path_came_from(tmp_path):
+def test_finetune_missing_tokenizer_names_where_the_path_came_from(tmp_path):
     tok = word_tokenizer()
     gpt.save_checkpoint(str(tmp_path / "gpt_tiny.pt"), tiny_model(tok.vocab_size),
                         tokenizer="tokenizer.json")
@@ -5340,7 +5339,7 @@ def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
     docs = [dict(ind=10 + k, ctx=f"context {k}", endings=["abcdefghij"[:b] for b in bs], label=label)
             for k, (bs, _, label) in enumerate(chosen)]
     path = write_jsonl(tmp_path / "hs.jsonl", docs)
-    tok = dataloader.CharTokenizer.train(path.read_text())
+    tok = dl.CharTokenizer.train(path.read_text())
     table = {}
     for k, (bs, lls, _) in enumerate(chosen):
         ctx = tok.encode(f"context {k}")
