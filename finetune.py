@@ -43,6 +43,7 @@ import cli
 import corpora
 import dataloader
 import gpt
+import optim
 import train
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -417,7 +418,7 @@ def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weigh
     step_loss(batch of examples) -> loss. Only parameters with requires_grad train."""
     groups = gpt.param_groups(model, weight_decay)  # decay LoRA's A and B, or the matrices
     params = [p for g in groups for p in g["params"]]
-    opt = train.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+    opt = optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
     rng = random.Random(seed)
     model.train()
     t0 = time.time()

@@ -52,6 +52,7 @@ import evals  # noqa: E402
 import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
 import gpt  # noqa: E402
+import optim  # noqa: E402
 import micrograd as mg  # noqa: E402
 import resume  # noqa: E402
 import train  # noqa: E402
@@ -3209,7 +3210,7 @@ def weights(out_dir):
 
 
 # ----------------------------------------------------------------------------- optimizer
-def test_train_adamw_matches_torch_step_for_step():
+def test_optim_adamw_matches_torch_step_for_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8),
                                 torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
@@ -3218,7 +3219,7 @@ def test_train_adamw_matches_torch_step_for_step():
               for _ in range(3)]
     for c in clones:
         c.load_state_dict(model.state_dict())
-    ours = train.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = optim.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     ref = torch.optim.AdamW(groups(clones[0]), lr=1e-2, betas=(0.9, 0.95), foreach=False)
     fused = torch.optim.AdamW(groups(clones[1]), lr=1e-2, betas=(0.9, 0.95), fused=True)
     for step in range(10):
@@ -3281,13 +3282,13 @@ def _muon_groups(net):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_train_muon_matches_torch_muon_and_adamw_step_for_step(dtype, tol):
+def test_optim_muon_matches_torch_muon_and_adamw_step_for_step(dtype, tol):
     """Our one Muon (Muon groups + adamw=True groups) == torch.optim.Muon on the matrices +
     torch.optim.AdamW on the rest, over 10 steps with a changing lr, and through a state_dict."""
     ours_net, ref_net, resumed_net = _muon_nets(dtype)
     m, a = _muon_groups(ours_net)
     scale = [0.5, 2.0]  # our groups follow a schedule lr times lr_scale; torch's get the product
-    ours = train.Muon([dict(g, lr=1e-2, lr_scale=s) for g, s in zip(m, scale)]
+    ours = optim.Muon([dict(g, lr=1e-2, lr_scale=s) for g, s in zip(m, scale)]
                       + [dict(g, adamw=True, lr=1e-2, betas=(0.9, 0.95), eps=1e-8) for g in a])
     rm, ra = _muon_groups(ref_net)
     ref_muon = torch.optim.Muon(rm)
@@ -3314,7 +3315,7 @@ def test_train_muon_matches_torch_muon_and_adamw_step_for_step(dtype, tol):
     # the state survives a checkpoint: a fresh Muon loaded from bytes takes the same 11th step
     resumed_net.load_state_dict(ours_net.state_dict())
     rm2, ra2 = _muon_groups(resumed_net)
-    resumed = train.Muon([dict(g, lr_scale=s) for g, s in zip(rm2, scale)]
+    resumed = optim.Muon([dict(g, lr_scale=s) for g, s in zip(rm2, scale)]
                          + [dict(g, adamw=True, betas=(0.9, 0.95), eps=1e-8) for g in ra2])
     buf = io.BytesIO()
     torch.save(ours.state_dict(), buf)
@@ -3327,11 +3328,11 @@ def test_train_muon_matches_torch_muon_and_adamw_step_for_step(dtype, tol):
     assert all(torch.equal(p, q) for p, q in zip(ours_net.parameters(), resumed_net.parameters()))
 
 
-def test_train_newton_schulz_is_the_quintic_on_singular_values():
+def test_optim_newton_schulz_is_the_quintic_on_singular_values():
     """float64: newton_schulz(G) == U p5(S / ||G||_F) V^T (the SVD, p5 = the quintic 5 times);
     its singular values lie in the band [0.68, 1.21] for random matrices (tall, wide, square
     when no singular value is below 0.0015 of ||G||_F); bf16 (the default) stays close."""
-    a, b, c = train.NS_COEFFICIENTS
+    a, b, c = optim.NS_COEFFICIENTS
     g = torch.Generator().manual_seed(0)
     for shape in [(64, 256), (256, 64), (128, 128), (48, 16)]:
         G = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -3339,21 +3340,21 @@ def test_train_newton_schulz_is_the_quintic_on_singular_values():
         s = S / G.norm()
         for _ in range(5):
             s = a * s + b * s ** 3 + c * s ** 5
-        O = train.newton_schulz(G, dtype=torch.float64)
+        O = optim.newton_schulz(G, dtype=torch.float64)
         torch.testing.assert_close(O, U @ torch.diag(s) @ Vh, rtol=0, atol=1e-10)
         sv = torch.linalg.svdvals(O)
         in_band = (S / G.norm() > 0.0015)
         assert sv.max() <= 1.21 and sv[in_band[:len(sv)]].min() >= 0.68, (shape, sv.min(), sv.max())
         assert in_band.float().mean() > 0.9
-        sv16 = torch.linalg.svdvals(train.newton_schulz(G).double())  # bf16, as torch runs it
+        sv16 = torch.linalg.svdvals(optim.newton_schulz(G).double())  # bf16, as torch runs it
         assert sv16.max() < 1.3 and torch.quantile(sv16, 0.1) > 0.6
 
 
-def test_train_muon_groups_hidden_matrices_only():
+def test_optim_muon_groups_hidden_matrices_only():
     c = train.make_config(optimizer="muon", lr=1e-3, muon_lr=0.02)
     for kw in (dict(), dict(tie_embeddings=False)):
         model = _tiny(**kw)
-        opt = train.make_optimizer(model, c, "cpu")
+        opt = optim.make_optimizer(model, c, "cpu")
         names = {id(p): n for n, p in model.named_parameters()}
         muon = [names[id(p)] for g in opt.param_groups if not g["adamw"] for p in g["params"]]
         adam = [names[id(p)] for g in opt.param_groups if g["adamw"] for p in g["params"]]
@@ -3365,9 +3366,9 @@ def test_train_muon_groups_hidden_matrices_only():
         assert [g["lr_scale"] for g in opt.param_groups if not g["adamw"]] == [20.0]
     # a model with no hidden matrices: one clear line
     with pytest.raises(ValueError, match="--optimizer=muon: this model has no 2-D hidden weights"):
-        train.make_optimizer(gpt.GPT(replace(_tiny().config, n_layer=0)), c, "cpu")
+        optim.make_optimizer(gpt.GPT(replace(_tiny().config, n_layer=0)), c, "cpu")
     with pytest.raises(ValueError, match="Muon updates 2-D weights only"):
-        train.Muon([torch.nn.Parameter(torch.zeros(3))])
+        optim.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -3984,7 +3985,7 @@ def test_train_ctrl_c_after_data_preparation_exits_130(corpus, tmp_path, capsys,
     for SIGINT), nothing written."""
     def ctrl_c(*a):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "make_optimizer", ctrl_c)
+    monkeypatch.setattr(optim, "make_optimizer", ctrl_c)
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x"))
     assert (code, msg) == (130, "interrupted") and not (tmp_path / "x").exists()
 
