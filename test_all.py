@@ -2868,7 +2868,7 @@ def test_gpt_demo_bad_options_fail_before_any_work(option, value, message, monke
 def test_gpt_demo_time_limit_stops_early_and_says_so(corpus, monkeypatch, tmp_path, capsys):
     """The limit counts from the start (data preparation included); 0 = no limit."""
     real = dl.prepare
-    monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(  # a small char corpus
+    monkeypatch.setattr(dl, "prepare", lambda *a, **k: real(  # a small char corpus
         str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
     for k, v in dict(out_dir=str(tmp_path), block_size=16, batch_size=4, max_iters=3,
                      eval_iters=1, num_samples=0).items():  # char: no <|endoftext|> to start from
@@ -2983,7 +2983,7 @@ def files_of(folder):
 def small_demo(monkeypatch, corpus, out_dir, **settings):
     """gpt.main's settings for a run of seconds: a char corpus (no bpe training), 2 steps."""
     real = dl.prepare
-    monkeypatch.setattr(dataloader, "prepare", lambda *a, **k: real(
+    monkeypatch.setattr(dl, "prepare", lambda *a, **k: real(
         str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards")))
     base = dict(out_dir=str(out_dir), block_size=16, batch_size=4, max_iters=2, eval_iters=1,
                 num_samples=0, time_limit=0.0)  # char: no <|endoftext|> to sample from
