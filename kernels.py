@@ -39,8 +39,11 @@ try:
     import triton
     import triton.language as tl
 except ImportError as e:  # CPU-only torch wheels do not bring triton
-    raise ImportError("kernels='triton' needs the triton package: pip install triton "
-                      "(CUDA builds of torch already ship it)") from e
+    _missing = ("kernels='triton' needs the triton package: pip install triton "
+                "(CUDA builds of torch already ship it)")
+    if __name__ == "__main__":  # python kernels.py: one line, as every demo's errors
+        raise SystemExit(f"error: {_missing}") from None
+    raise ImportError(_missing) from e
 
 # demo options (python kernels.py --name=value)
 device = "auto"          # "auto" (cuda when available, else the interpreter on cpu), "cpu", "cuda"

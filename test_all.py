@@ -5798,6 +5798,17 @@ def test_kernels_every_file_imports_without_triton():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_kernels_script_without_triton_is_one_line():
+    """python kernels.py on an install without triton: one line naming the package, exit 1."""
+    code = ("import sys, runpy; sys.modules['triton'] = None; sys.argv = ['kernels.py']\n"
+            "runpy.run_path('kernels.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == ("error: kernels='triton' needs the triton package: pip install triton "
+                        "(CUDA builds of torch already ship it)\n")
+
+
 @needs_triton
 def test_kernels_checkpoint_loads_on_the_torch_path(tmp_path):
     # kernels is a run-time choice: a checkpoint trained with triton loads anywhere
