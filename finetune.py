@@ -611,7 +611,7 @@ def base_stage():
     first_new = tok.vocab_size
     tok = add_chat_tokens(tok)
     model = grow_vocab(model, tok.vocab_size)
-    cli.fits_in_memory(train.run_bytes(model.config, batch_size) * 2,  # DPO: chosen + rejected
+    cli.fits_in_memory(gpt.train_bytes(model.config, batch_size) * 2,  # DPO: chosen + rejected
                        f"--batch_size={batch_size} with {path}")
     print(f"base model {path}: {model.num_params():,} parameters | chat tokens "
           + ", ".join(f"{s}={tok.special_tokens[s]}" for s in CHAT_TOKENS)

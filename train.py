@@ -422,7 +422,7 @@ def build(c, rank, world, dev):
         qk_norm=c.qk_norm, zero_init_proj=c.zero_init_proj, tie_embeddings=c.tie_embeddings,
         logit_softcap=c.logit_softcap)
     if dev.type != "cuda":  # CUDA says "out of memory" itself; RAM runs out in silence
-        cli.fits_in_memory(run_bytes(mcfg, c.batch_size), f"a model of {c.n_layer} x {c.n_embd} with "
+        cli.fits_in_memory(gpt.train_bytes(mcfg, c.batch_size), f"a model of {c.n_layer} x {c.n_embd} with "
                            f"--batch_size={c.batch_size} --block_size={c.block_size}")
     raw = gpt.GPT(mcfg).to(dev)
     opt = optim.make_optimizer(raw, c, dev.type)
@@ -491,16 +491,6 @@ def trim_log(log_path, step):
         f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
 
-def run_bytes(mcfg, batch_size):
-    """A lower bound on the memory a CPU run needs: fp32 weights, gradients and AdamW's two
-    moments (16 bytes a parameter), and the activations one micro-batch keeps for backward
-    (counted low: 8 numbers per layer and width, the logits twice)."""
-    V, C, L = mcfg.padded_vocab, mcfg.n_embd, mcfg.n_layer
-    params = V * C + mcfg.block_size * C + L * 12 * C * C
-    activations = batch_size * mcfg.block_size * (8 * L * C + 2 * V)
-    return 16 * params + 4 * activations
-
-
 @contextlib.contextmanager
 def hold_out_dir(folder):
     """cli.hold_dir(folder) for a run (train.py's, finetune.py's); a folder it had to create
@@ -513,6 +503,8 @@ def hold_out_dir(folder):
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only if empty
+
+
 # ----------------------------------------------------------------------------- peak FLOPs, MFU
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets. bf16/fp16 accumulate in
 # fp32; tf32 is what fp32 matmuls run at with TF32 on; None: the chip has no such unit. A key
