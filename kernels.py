@@ -534,17 +534,22 @@ def rms_norm(x, weight, eps=1e-6):
 # logits (M, V), targets (M,). Eager F.cross_entropy in a bf16 autocast run: the logits are
 # cast to fp32 (a new M x V fp32 tensor), log_softmax writes another and keeps it for backward,
 # and backward writes an fp32 gradient before casting it to bf16: at GPT-2 scale (M = 8192,
-# V = 50,304) each fp32 copy is 1.5 GiB. Here one program owns one row and streams it in
-# chunks of BLOCK_V: pass 1 keeps a running max m and sum l (online softmax, as in attention),
-# giving lse = m + log l and loss = lse - logit[target]; pass 2 re-reads the row and writes
-# d loss / d logit = (softmax - onehot) / n_valid straight into the logits buffer, in the
-# logits' own dtype. Nothing of size M x V is allocated. Rows whose target is ignore_index get
-# a loss of 0 and a zero gradient; n_valid is read from device memory (no host sync).
+# V = 50,304) each fp32 copy is 1.5 GiB. Here one program owns a block of rows and streams
+# them in chunks of BLOCK_V. Forward: a running max m and sum l (online softmax, as in
+# attention) give lse = m + log l and loss = lse - logit[target]; only the loss and lse (one
+# fp32 each per row) are written. Backward: re-read the row and write
+#     d loss / d logit = (softmax - onehot) * dloss / n_valid
+# computed in fp32, straight into the logits buffer when inplace, in the logits' own dtype.
+# Why the backward and not the forward: the upstream gradient dloss carries GradScaler's
+# scale (65,536 at the start of an fp16 run). Written in the forward, softmax / n_valid
+# (~1e-9 at GPT-2 scale) would round to 0 in fp16 before the scale could lift it into range,
+# and the scale itself (65,536 > fp16's max 65,504) would overflow. Nothing of size M x V is
+# allocated. Rows whose target is ignore_index get a loss of 0 and a zero gradient; n_valid
+# and dloss are read from device memory (no host sync).
 
 @triton.jit
-def _xent(LOGITS, TARGETS, LOSS, GRAD, NVALID, sl, sg, M, V, ignore_index,
-          WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+def _xent_fwd(LOGITS, TARGETS, LOSS, LSE, sl, M, V, ignore_index, ACC: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rok = rows < M
     target = tl.load(TARGETS + rows, mask=rok, other=ignore_index)
@@ -566,47 +571,68 @@ def _xent(LOGITS, TARGETS, LOSS, GRAD, NVALID, sl, sg, M, V, ignore_index,
     safe_t = tl.where(skip, 0, target)
     x_t = tl.load(LOGITS + rows.to(tl.int64) * sl + safe_t, mask=rok, other=0.0).to(ACC)
     tl.store(LOSS + rows, tl.where(skip, 0.0, lse - x_t), mask=rok)
-    if WRITE_GRAD:
-        inv_n = 1.0 / tl.load(NVALID).to(ACC)
-        gbase = GRAD + rows[:, None].to(tl.int64) * sg
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            ok = rok[:, None] & (c < V)[None, :]
-            x = tl.load(base + c[None, :], mask=ok, other=0.0).to(ACC)
-            hot = tl.where(c[None, :] == target[:, None], 1.0, 0.0)
-            g = (tl.exp(x - lse[:, None]) - hot) * inv_n
-            g = tl.where(skip[:, None], 0.0, g)
-            tl.store(gbase + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
+    tl.store(LSE + rows, lse, mask=rok)
+
+
+@triton.jit
+def _xent_bwd(LOGITS, TARGETS, LSE, GRAD, NVALID, DLOSS, sl, sg, M, V, ignore_index,
+              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rok = rows < M
+    target = tl.load(TARGETS + rows, mask=rok, other=ignore_index)
+    skip = (target == ignore_index) | (rows >= M)
+    lse = tl.load(LSE + rows, mask=rok, other=0.0)
+    # the whole chain rule in fp32 before the one rounding to the logits' dtype
+    k = tl.load(DLOSS).to(ACC) / tl.load(NVALID).to(ACC)
+    base = LOGITS + rows[:, None].to(tl.int64) * sl
+    gbase = GRAD + rows[:, None].to(tl.int64) * sg
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        ok = rok[:, None] & (c < V)[None, :]
+        x = tl.load(base + c[None, :], mask=ok, other=0.0).to(ACC)
+        hot = tl.where(c[None, :] == target[:, None], 1.0, 0.0)
+        g = tl.where(skip[:, None], 0.0, (tl.exp(x - lse[:, None]) - hot) * k)
+        tl.store(gbase + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
+
+
+def _xent_launch(M, V):
+    """Grid and tile options: 16 rows a program under the interpreter (it pays per operation),
+    one row of up to 4096-column chunks a program on a GPU."""
+    br = 16 if INTERPRET else 1
+    return (triton.cdiv(M, br),), dict(BLOCK_R=br, num_warps=4 if INTERPRET else 8,
+                                       BLOCK_V=min(triton.next_power_of_2(V),
+                                                   64 if INTERPRET else 4096))
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows whose target != ignore_index; the gradient is computed in
-    the forward (one extra read of the logits, no extra memory when inplace)."""
+    """Mean cross-entropy over rows whose target != ignore_index. The forward keeps only the
+    (M,) log-sum-exp; the backward writes the gradient (over the logits when inplace)."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, inplace):
         M, V = logits.shape
-        want_grad = ctx.needs_input_grad[0]
         n_valid = (targets != ignore_index).sum()
         losses = torch.empty(M, device=logits.device, dtype=_stat(logits.dtype))
-        grad = logits if inplace or not want_grad else torch.empty_like(logits)
+        lse = torch.empty_like(losses)
         if M:
-            br = 16 if INTERPRET else 1
-            _xent[(triton.cdiv(M, br),)](
-                logits, targets, losses, grad, n_valid, logits.stride(0), grad.stride(0), M, V,
-                ignore_index, WRITE_GRAD=want_grad, ACC=_acc(logits.dtype), BLOCK_R=br,
-                BLOCK_V=min(triton.next_power_of_2(V), 64 if INTERPRET else 4096),
-                num_warps=4 if INTERPRET else 8)
-        if want_grad:
-            ctx.save_for_backward(grad)
+            grid, kw = _xent_launch(M, V)
+            _xent_fwd[grid](logits, targets, losses, lse, logits.stride(0), M, V, ignore_index,
+                            ACC=_acc(logits.dtype), **kw)
+        ctx.save_for_backward(logits, targets, lse, n_valid)
+        ctx.ignore_index, ctx.inplace = ignore_index, inplace
         return losses.sum() / n_valid  # 0 / 0 = nan when every target is ignored, as torch
 
     @staticmethod
     def backward(ctx, dloss):
-        (grad,) = ctx.saved_tensors
-        # loss.backward() passes exactly 1.0: skip a pass over the (M, V) buffer then
-        if not torch.equal(dloss, torch.ones_like(dloss)):
-            grad = grad * dloss.to(grad.dtype)
+        logits, targets, lse, n_valid = ctx.saved_tensors
+        M, V = logits.shape
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        if M:
+            grid, kw = _xent_launch(M, V)
+            _xent_bwd[grid](logits, targets, lse, grad, n_valid, dloss.contiguous(),
+                            logits.stride(0), grad.stride(0), M, V, ctx.ignore_index,
+                            ACC=_acc(logits.dtype), **kw)
         return grad, None, None, None
 
 
@@ -618,9 +644,9 @@ def cross_entropy(logits, targets, ignore_index=-100, inplace=False):
     """F.cross_entropy(logits, targets, ignore_index=...) (mean), fused, differentiable.
 
     logits (M, V) float, rows with unit column stride (a slice logits[:, :V] of a wider
-    buffer is fine); targets (M,) integers in [0, V) or ignore_index. inplace=True writes the
-    gradient over the logits themselves: use it only when nothing reads them afterwards
-    (the training loss), and never on a leaf tensor.
+    buffer is fine); targets (M,) integers in [0, V) or ignore_index. inplace=True: the
+    backward writes the gradient over the logits themselves; use it only when nothing reads
+    them after loss.backward() (the training loss), and never on a leaf tensor.
     """
     _check_device("cross_entropy", logits, targets, floats=1)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
@@ -647,8 +673,9 @@ def loss_bytes(M, V, nbytes=2):
     cross-entropy of (M, V) logits of `nbytes` each, as a bf16 autocast run computes it.
     Eager, forward: cast to fp32 (read 2, write 4 per logit), log_softmax (read 4, write 4,
     kept for backward); backward: the nll gradient (write 4), log_softmax's backward (read 4 + 4,
-    write 4), the cast back (read 4, write 2). Fused: read the row twice, write the gradient
-    once over the logits, all in the forward; the backward of loss.backward() moves nothing.
+    write 4), the cast back (read 4, write 2). Fused: read the row in the forward, read it
+    again in the backward and write the gradient over it; held: nothing beyond the logits'
+    own buffer (which becomes the gradient) and one fp32 per row (neglected).
         >>> loss_bytes(1, 1, 2)
         {'eager': (36, 4), 'fused': (6, 0)}
     """
