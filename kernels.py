@@ -96,16 +96,70 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+# Masks cost instructions on every element of a tile, so the key loop is split in two: tiles
+# entirely left of the causal diagonal and inside the sequence run without any mask, and only
+# the tiles the diagonal crosses (causal) or the ragged last tile (length not a tile multiple)
+# build one. The tile body is one @triton.jit function called twice, MASK a compile-time flag.
+# Under a causal mask no separate bounds mask is needed: a real query row t sees keys up to
+# S - T + t <= S - 1. Constants are made in the accumulator's dtype (tl.full) and the scale
+# arrives as float64, so the fp64 path is fp64 throughout (a Python float literal is fp32).
+LOG2E: tl.constexpr = 1.4426950408889634    # exp(x) = exp2(x * log2 e): exp2 is the GPU's own
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_tiles(q, acc, m, l, kbase, vbase, skt, svt, rows, lo, hi, S, offset, qk_scale,
+                    dim_ok, MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tiles [lo, hi) into the running (acc, m, l) of one query tile."""
+    cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + cols
+        kv_mask = dim_ok[None, :]
+        if MASK:
+            kv_mask = kv_mask & (keys < S)[:, None]
+        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE).to(ACC) * qk_scale                 # (BLOCK_M, BLOCK_N)
+        if MASK:
+            if CAUSAL:
+                s = tl.where(keys[None, :] <= rows[:, None] + offset, s, float("-inf"))
+            else:
+                s = tl.where((keys < S)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, _max(s, 1))
+        if MASK:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)                    # shrink what was summed before
+        l = l * alpha + _sum(p, 1)
+        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(ACC)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _key_tiles(pid_m, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, end): query tile pid_m reads key tiles [0, full) without a mask, [full, end)
+    with one. Causal: keys right of the tile's last query are skipped (end), and a tile is
+    full when its last key is visible to the tile's first query."""
+    offset = S - T                 # query t sits at key position S - T + t (after a cache)
+    full = S // BLOCK_N * BLOCK_N  # tiles with no key past S
+    end = S
+    if CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
+        full = tl.minimum(full, (pid_m * BLOCK_M + offset + 1) // BLOCK_N * BLOCK_N)
+    return full, end
+
+
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-              H, GROUP, T, S, D, scale,
+              H, GROUP, T, S, D, scale: tl.float64,
               CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP                                   # GQA: the K/V head of this query head
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # query positions of this tile
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)                      # d rounded up to a power of two
     row_ok, dim_ok = rows < T, dims < D
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :],
@@ -113,34 +167,18 @@ def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob,
     m = tl.full([BLOCK_M], float("-inf"), ACC)        # running max (base-2 units)
     l = tl.full([BLOCK_M], 0.0, ACC)                      # running sum of exp2(s - m)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)           # running unnormalized output
-    qk_scale = scale * 1.4426950408889634             # fold 1/sqrt(d) and log2(e) together
-    offset = S - T                 # query t sits at key position S - T + t (after a cache)
-    end = S
-    if CAUSAL:                     # key tiles right of this tile's last query are all masked
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
+    qk_scale = (scale * tl.full([], LOG2E, ACC)).to(ACC)  # fold the scale and log2(e) together
+    full, end = _key_tiles(pid_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-    for start in range(0, end, BLOCK_N):
-        keys = start + cols
-        kv_mask = (keys < S)[:, None] & dim_ok[None, :]
-        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE).to(ACC) * qk_scale                 # (BLOCK_M, BLOCK_N)
-        ok = (keys < S)[None, :]
-        if CAUSAL:
-            ok = ok & (keys[None, :] <= rows[:, None] + offset)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, _max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)                    # shrink what was summed before
-        l = l * alpha + _sum(p, 1)
-        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(ACC)
-        m = m_new
+    acc, m, l = _attn_fwd_tiles(q, acc, m, l, kbase, vbase, skt, svt, rows, 0, full, S, S - T,
+                                qk_scale, dim_ok, False, CAUSAL, IEEE, ACC, BLOCK_N, BLOCK_D)
+    acc, m, l = _attn_fwd_tiles(q, acc, m, l, kbase, vbase, skt, svt, rows, full, end, S, S - T,
+                                qk_scale, dim_ok, True, CAUSAL, IEEE, ACC, BLOCK_N, BLOCK_D)
     acc = acc / l[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + dims[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     # natural-log LSE = (m + log2 l) * ln 2; one float per row is all the backward keeps
-    tl.store(LSE + bh * T + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + bh * T + rows, (m + tl.log2(l)) * tl.full([], LN2, ACC), mask=row_ok)
 
 
 @triton.jit
@@ -159,61 +197,125 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T, D, ACC: tl
 
 
 @triton.jit
+def _attn_dkdv_tiles(dk, dv, k, v, qbase, dobase, lbase, dbase, sqt, sdt, keys, lo, hi, T,
+                     offset, qk_scale, dim_ok, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                     IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Query tiles [lo, hi) of one head into (dk, dv) of one key tile. Masked tiles: rows past
+    T (loaded as q = dO = lse = D = 0) and, causal, queries left of a key. Keys past S need
+    no mask: their rows of dk and dv are never stored."""
+    dims = tl.arange(0, BLOCK_D)
+    log2e = tl.full([], LOG2E, ACC)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_mask = dim_ok[None, :]
+        if MASK:
+            q_mask = q_mask & (rows < T)[:, None]
+            lse = tl.load(lbase + rows, mask=rows < T, other=0.0)
+            delta = tl.load(dbase + rows, mask=rows < T, other=0.0)
+        else:
+            lse, delta = tl.load(lbase + rows), tl.load(dbase + rows)
+        q = tl.load(qbase + rows[:, None] * sqt + dims[None, :], mask=q_mask, other=0.0)
+        do = tl.load(dobase + rows[:, None] * sdt + dims[None, :], mask=q_mask, other=0.0)
+        # the transposed scores s^T (BLOCK_N, BLOCK_M), so no transpose of P is needed
+        st = _dot(k, tl.trans(q), IEEE).to(ACC) * qk_scale
+        pt = tl.exp2(st - lse[None, :] * log2e)
+        if MASK:
+            ok = (rows < T)[None, :]
+            if CAUSAL:
+                ok = ok & (keys[:, None] <= rows[None, :] + offset)
+            pt = tl.where(ok, pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE).to(ACC)
+        dpt = _dot(v, tl.trans(do), IEEE).to(ACC)                         # (dO v^T)^T
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE).to(ACC)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                   H, HKV, GROUP, T, S, D, scale,
+                   H, HKV, GROUP, T, S, D, scale: tl.float64,
                    CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (key tile, K/V head): k, v, dk, dv stay on chip while every query tile
     of every query head in the GQA group streams past. P is rebuilt from q, k and the LSE:
         P = exp(q k^T * scale - lse)   dV += P^T dO   dP = dO v^T
-        dS = P * (dP - D)              dK += dS^T q * scale"""
+        dS = P * (dP - D)              dK += dS^T q * scale
+    Query tiles [lo, a) cross the diagonal (masked), [a, b) see every key of the tile
+    (no mask), [b, T) is the ragged last tile (masked; empty when T is a tile multiple)."""
     pid_n, bhk = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_mask = (keys < S)[:, None] & (dims < D)[None, :]
+    dim_ok = dims < D
+    kv_mask = (keys < S)[:, None] & dim_ok[None, :]
     k = tl.load(K + b * skb + hk * skh + keys[:, None] * skt + dims[None, :], mask=kv_mask,
                 other=0.0)
     v = tl.load(V + b * svb + hk * svh + keys[:, None] * svt + dims[None, :], mask=kv_mask,
                 other=0.0)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
+    qk_scale = (scale * tl.full([], LOG2E, ACC)).to(ACC)
     offset = S - T
-    lo = 0
+    t_end = tl.cdiv(T, BLOCK_M) * BLOCK_M
+    lo, a = 0, 0
     if CAUSAL:  # queries before this tile's first key see none of it: start below them
         lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+        a = tl.minimum(tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M)
+                       * BLOCK_M, t_end)
+    b_ = tl.maximum(a, T // BLOCK_M * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         qbase, dobase = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
-        for start in range(lo, T, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q_mask = (rows < T)[:, None] & (dims < D)[None, :]
-            q = tl.load(qbase + rows[:, None] * sqt + dims[None, :], mask=q_mask, other=0.0)
-            do = tl.load(dobase + rows[:, None] * sdt + dims[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + (b * H + h) * T + rows, mask=rows < T, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * T + rows, mask=rows < T, other=0.0)
-            # the transposed scores s^T (BLOCK_N, BLOCK_M), so no transpose of P is needed
-            st = _dot(k, tl.trans(q), IEEE).to(ACC) * (scale * 1.4426950408889634)
-            ok = (keys < S)[:, None] & (rows < T)[None, :]
-            if CAUSAL:
-                ok = ok & (keys[:, None] <= rows[None, :] + offset)
-            pt = tl.where(ok, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE).to(ACC)
-            dpt = _dot(v, tl.trans(do), IEEE).to(ACC)                     # (dO v^T)^T
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE).to(ACC)
+        lbase, dbase = LSE + (b * H + h) * T, DELTA + (b * H + h) * T
+        dk, dv = _attn_dkdv_tiles(dk, dv, k, v, qbase, dobase, lbase, dbase, sqt, sdt, keys,
+                                  lo, a, T, offset, qk_scale, dim_ok, True, CAUSAL, IEEE, ACC,
+                                  BLOCK_M, BLOCK_D)
+        dk, dv = _attn_dkdv_tiles(dk, dv, k, v, qbase, dobase, lbase, dbase, sqt, sdt, keys,
+                                  a, b_, T, offset, qk_scale, dim_ok, False, CAUSAL, IEEE, ACC,
+                                  BLOCK_M, BLOCK_D)
+        dk, dv = _attn_dkdv_tiles(dk, dv, k, v, qbase, dobase, lbase, dbase, sqt, sdt, keys,
+                                  b_, t_end, T, offset, qk_scale, dim_ok, True, CAUSAL, IEEE,
+                                  ACC, BLOCK_M, BLOCK_D)
     base = (b * HKV + hk) * S * D  # dk, dv: fresh contiguous (B, Hkv, S, d) tensors
-    tl.store(DK + base + keys[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+    sc = (tl.full([], 1.0, ACC) * scale).to(ACC)
+    tl.store(DK + base + keys[:, None] * D + dims[None, :], (dk * sc).to(DK.dtype.element_ty),
              mask=kv_mask)
     tl.store(DV + base + keys[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_mask)
 
 
 @triton.jit
+def _attn_dq_tiles(dq, q, do, lse2, delta, kbase, vbase, skt, svt, rows, lo, hi, S, offset,
+                   qk_scale, dim_ok, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                   IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Key tiles [lo, hi) into dq of one query tile (lse2: the LSE in base-2 units)."""
+    cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + cols
+        kv_mask = dim_ok[None, :]
+        if MASK:
+            kv_mask = kv_mask & (keys < S)[:, None]
+        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE).to(ACC) * qk_scale - lse2[:, None])
+        if MASK:
+            if CAUSAL:
+                p = tl.where(keys[None, :] <= rows[:, None] + offset, p, 0.0)
+            else:
+                p = tl.where((keys < S)[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE).to(ACC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE).to(ACC)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                 H, GROUP, T, S, D, scale,
+                 H, GROUP, T, S, D, scale: tl.float64,
                  CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per query tile: q, dO, lse, D and dq on chip, the key tiles stream past:
@@ -222,36 +324,26 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     b, h = bh // H, bh % H
     hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    q_mask = (rows < T)[:, None] & (dims < D)[None, :]
+    dim_ok = dims < D
+    q_mask = (rows < T)[:, None] & dim_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :], mask=q_mask,
                 other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + dims[None, :], mask=q_mask,
                  other=0.0)
-    lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
+    lse2 = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0) * tl.full([], LOG2E, ACC)
     delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
-    offset = S - T
-    end = S
-    if CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
+    qk_scale = (scale * tl.full([], LOG2E, ACC)).to(ACC)
+    full, end = _key_tiles(pid_m, T, S, CAUSAL, BLOCK_M, BLOCK_N)
     kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-    for start in range(0, end, BLOCK_N):
-        keys = start + cols
-        kv_mask = (keys < S)[:, None] & (dims < D)[None, :]
-        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE).to(ACC) * (scale * 1.4426950408889634)
-        ok = (keys < S)[None, :] & (rows < T)[:, None]
-        if CAUSAL:
-            ok = ok & (keys[None, :] <= rows[:, None] + offset)
-        p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE).to(ACC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE).to(ACC)
+    dq = _attn_dq_tiles(dq, q, do, lse2, delta, kbase, vbase, skt, svt, rows, 0, full, S, S - T,
+                        qk_scale, dim_ok, False, CAUSAL, IEEE, ACC, BLOCK_N, BLOCK_D)
+    dq = _attn_dq_tiles(dq, q, do, lse2, delta, kbase, vbase, skt, svt, rows, full, end, S,
+                        S - T, qk_scale, dim_ok, True, CAUSAL, IEEE, ACC, BLOCK_N, BLOCK_D)
+    sc = (tl.full([], 1.0, ACC) * scale).to(ACC)
     tl.store(DQ + (bh * T + rows[:, None]) * D + dims[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+             (dq * sc).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def _check_attention(q, k, v, causal):
