@@ -258,12 +258,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
     qk_scale = (scale * tl.full([], LOG2E, ACC)).to(ACC)
     offset = S - T
-    t_end = tl.cdiv(T, BLOCK_M) * BLOCK_M
+    t_end = (T + BLOCK_M - 1) // BLOCK_M * BLOCK_M   # (tl.cdiv is a library @jit: see _sum)
     lo, a = 0, 0
     if CAUSAL:  # queries before this tile's first key see none of it: start below them
         lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
-        a = tl.minimum(tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M)
-                       * BLOCK_M, t_end)
+        a = tl.minimum((tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1)
+                       // BLOCK_M * BLOCK_M, t_end)
     b_ = tl.maximum(a, T // BLOCK_M * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
