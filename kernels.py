@@ -103,8 +103,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 # Under a causal mask no separate bounds mask is needed: a real query row t sees keys up to
 # S - T + t <= S - 1. Constants are made in the accumulator's dtype (tl.full) and the scale
 # arrives as float64, so the fp64 path is fp64 throughout (a Python float literal is fp32).
-LOG2E: tl.constexpr = 1.4426950408889634    # exp(x) = exp2(x * log2 e): exp2 is the GPU's own
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e): exp2 is the GPU's own
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

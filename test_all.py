@@ -5575,12 +5575,13 @@ needs_triton = pytest.mark.skipif(kernels is None, reason="needs triton (require
 KDEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def readable_attention(q, k, v, causal):
-    """softmax(q k^T / sqrt(d)) v written out, GQA by repeating k, v; also the masked scores'
-    logsumexp. Causal: query t sees keys up to S - T + t, as block.attend_readable."""
+def readable_attention(q, k, v, causal, scale=None):
+    """softmax(q k^T * scale) v written out (scale 1/sqrt(d) by default), GQA by repeating
+    k, v; also the masked scores' logsumexp. Causal: query t sees keys up to S - T + t, as
+    block.attend_readable."""
     H, Hkv, T, S = q.size(1), k.size(1), q.size(2), k.size(2)
     k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    s = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.size(-1)) if scale is None else scale)
     if causal:
         keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         s = s.masked_fill(~keep, float("-inf"))
@@ -5625,6 +5626,36 @@ def test_kernels_flash_backward_equals_autograd(shape, causal):
     for name, a, b in zip("qkv", ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
+
+
+# (tiles, shape, causal, scale): the kernels' parameters every other test leaves at one value.
+# Tiles: BLOCK_M != BLOCK_N both ways (a GPU uses 64 x 32 at d = 128; the interpreter 16 x 16);
+# lengths that are tile multiples (no ragged tile); head_dim below its power-of-two tile
+# (d = 8 and 24); more queries than keys without a mask; a softmax scale other than 1/sqrt(d)
+FLASH_CASES = [((16, 16), (1, 4, 2, 37, 37, 16), True, 0.3),
+               ((16, 8), (1, 2, 1, 32, 48, 8), True, 0.3),
+               ((8, 16), (1, 2, 2, 21, 21, 24), True, None),
+               ((16, 16), (1, 2, 1, 40, 24, 16), False, 0.3)]
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles, shape, causal, scale", FLASH_CASES)
+def test_kernels_flash_float64_equals_readable_attention(monkeypatch, tiles, shape, causal,
+                                                          scale):
+    # float64 end to end (the scale travels as float64, constants in the accumulator's dtype):
+    # output, LSE and dq, dk, dv equal the readable attention with the same scale to 1e-12
+    monkeypatch.setattr(kernels, "_tiles", lambda d: tiles)
+    q, k, v = qkv(*shape, dtype=torch.float64)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, ref_lse = readable_attention(q, k, v, causal, scale)
+    o = kernels.flash_attention(q, k, v, causal=causal, scale=scale)
+    lse = kernels.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True)[1]
+    tight = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o, ref, **tight)
+    torch.testing.assert_close(lse, ref_lse, **tight)
+    ours = torch.autograd.grad(o, (q, k, v), do.to(KDEV))
+    for name, a, b in zip("qkv", ours, torch.autograd.grad(ref, (q, k, v), do.to(KDEV))):
+        torch.testing.assert_close(a, b, **tight, msg=f"d{name}")
 
 @needs_triton
 def test_kernels_gradcheck_float64():
