@@ -11,11 +11,14 @@ What you will learn
     D = rowsum(dO * O) first, then one kernel for dK, dV (a program per key tile) and one for
     dQ (a program per query tile): no atomics, no (T, T) matrix;
   * GQA for free: query heads of a group read the same K/V head, dK/dV sum over the group;
+  * masks only where needed: full tiles run an unmasked copy of the loop body, only the tiles
+    the causal diagonal crosses (and a ragged last tile) pay for the mask (~27% fewer
+    instructions in the loops, counted in docs/kernels.md);
   * LayerNorm / RMSNorm in one read and one write per row, mean and 1/std saved for backward,
     weight and bias gradients reduced per program, then across programs;
   * cross-entropy that never materializes (tokens x vocab) probabilities in fp32: a program
-    streams its row in chunks (online max and sum), then writes the gradient into the logits
-    buffer itself.
+    streams its row in chunks (online max and sum); the backward writes the gradient, scaled
+    by the upstream gradient in fp32 (fp16's GradScaler), into the logits buffer itself.
 
 Run it
   python kernels.py                            # each kernel vs torch (CPU: the interpreter, s)

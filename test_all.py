@@ -5675,7 +5675,7 @@ def test_kernels_gradcheck_float64():
 
 
 @needs_triton
-@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 100)])
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 100), (100, 24)])  # 100 rows: 4 programs
 def test_kernels_norms_equal_torch(shape):
     g = torch.Generator().manual_seed(0)
     N = shape[-1]
@@ -5691,6 +5691,10 @@ def test_kernels_norms_equal_torch(shape):
                                 lambda x, w: F.layer_norm(x, (N,), w, None, 1e-5), (x, w)),
         "rms_norm": (lambda x, w: kernels.rms_norm(x, w, 1e-6),
                      lambda x, w: F.rms_norm(x, (N,), w, 1e-6), (x, w)),
+        "layer_norm, eps=0.1": (lambda x, w: kernels.layer_norm(x, w, None, 0.1),
+                                lambda x, w: F.layer_norm(x, (N,), w, None, 0.1), (x, w)),
+        "rms_norm, eps=0.1": (lambda x, w: kernels.rms_norm(x, w, 0.1),
+                              lambda x, w: F.rms_norm(x, (N,), w, 0.1), (x, w)),
     }
     for name, (ours, ref, inputs) in cases.items():
         a = [t.clone().requires_grad_() for t in inputs]
