@@ -111,17 +111,23 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _load_keys(base, stride, keys, S, dim_ok, MASK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of K or V at positions `keys`; bounds-masked in MASK tiles only."""
+    mask = dim_ok[None, :]
+    if MASK:
+        mask = mask & (keys < S)[:, None]
+    return tl.load(base + keys[:, None] * stride + tl.arange(0, BLOCK_D)[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
 def _attn_fwd_tiles(q, acc, m, l, kbase, vbase, skt, svt, rows, lo, hi, S, offset, qk_scale,
                     dim_ok, MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key tiles [lo, hi) into the running (acc, m, l) of one query tile."""
-    cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
-        keys = start + cols
-        kv_mask = dim_ok[None, :]
-        if MASK:
-            kv_mask = kv_mask & (keys < S)[:, None]
-        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load_keys(kbase, skt, keys, S, dim_ok, MASK, BLOCK_D)
         s = _dot(q, tl.trans(k), IEEE).to(ACC) * qk_scale                 # (BLOCK_M, BLOCK_N)
         if MASK:
             if CAUSAL:
@@ -134,7 +140,7 @@ def _attn_fwd_tiles(q, acc, m, l, kbase, vbase, skt, svt, rows, lo, hi, S, offse
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)                    # shrink what was summed before
         l = l * alpha + _sum(p, 1)
-        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        v = _load_keys(vbase, svt, keys, S, dim_ok, MASK, BLOCK_D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(ACC)
         m = m_new
     return acc, m, l
@@ -295,14 +301,10 @@ def _attn_dq_tiles(dq, q, do, lse2, delta, kbase, vbase, skt, svt, rows, lo, hi,
                    IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """Key tiles [lo, hi) into dq of one query tile (lse2: the LSE in base-2 units)."""
-    cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
-        keys = start + cols
-        kv_mask = dim_ok[None, :]
-        if MASK:
-            kv_mask = kv_mask & (keys < S)[:, None]
-        k = tl.load(kbase + keys[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vbase + keys[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        keys = start + tl.arange(0, BLOCK_N)
+        k = _load_keys(kbase, skt, keys, S, dim_ok, MASK, BLOCK_D)
+        v = _load_keys(vbase, svt, keys, S, dim_ok, MASK, BLOCK_D)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE).to(ACC) * qk_scale - lse2[:, None])
         if MASK:
             if CAUSAL:
