@@ -717,13 +717,17 @@ class CrossEntropy(torch.autograd.Function):
             _xent_fwd[grid](logits, targets, losses, lse, logits.stride(0), M, V, ignore_index,
                             ACC=_acc(logits.dtype), **kw)
         ctx.save_for_backward(logits, targets, lse, n_valid)
-        ctx.ignore_index, ctx.inplace = ignore_index, inplace
+        ctx.ignore_index, ctx.inplace, ctx.spent = ignore_index, inplace, False
         return losses.sum() / n_valid  # 0 / 0 = nan when every target is ignored, as torch
 
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse, n_valid = ctx.saved_tensors
+        if ctx.inplace and ctx.spent:  # backward(retain_graph=True) twice: the logits are gone
+            raise RuntimeError("cross_entropy(inplace=True) can be differentiated once: its "
+                               "backward overwrote the logits; use inplace=False")
         M, V = logits.shape
+        ctx.spent = True
         grad = logits if ctx.inplace else torch.empty_like(logits)
         if M:
             grid, kw = _xent_launch(M, V)

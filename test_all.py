@@ -5730,7 +5730,9 @@ def test_kernels_cross_entropy_equals_torch(ignore_index):
     leaf = wide.clone().requires_grad_()
     buf = leaf * 1.0
     loss = kernels.cross_entropy(buf[:, :V], t, ignore_index, inplace=True)
-    loss.backward()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace=True\\) can be differentiated once"):
+        loss.backward()   # a second pass would read the gradient as logits: refused
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(leaf.grad[:, :V], ref_in.grad / 2.5, rtol=1e-5, atol=1e-7)
     assert not leaf.grad[:, V:].any()
