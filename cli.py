@@ -9,8 +9,8 @@ type of the constant already there:
     compile = False          # --compile=true
     data = ""                # --data=../shared/data/tinyshakespeare.txt
 
-A file with presets passes them in; `--preset=NAME` is applied first and the
-explicit overrides win. A bad name or value (an int written "3.0", a float that
+A file with presets passes them in; the preset named by `--preset=NAME` (or, without
+it, by the file's own `preset` constant) is applied first and the explicit overrides win. A bad name or value (an int written "3.0", a float that
 is nan or inf) prints one line and exits 2.
 `check(globals(), rules)` refuses values out of range before any work;
 `one_of(what, value, names)` refuses a name that is not in a list (presets,
@@ -105,6 +105,11 @@ def fail(message):
     raise SystemExit(2)
 
 
+# Options renamed so that one idea has one name in every file (the starting checkpoint is
+# --init, an output folder --out_dir): the old spelling is refused with a line naming the new
+RENAMED = {"model": "init", "init_from": "init", "out": "out_dir"}
+
+
 def override(g, argv=None, presets=None):
     """Apply --name=value arguments (and --preset=NAME) to the module globals g.
 
@@ -125,11 +130,15 @@ def override(g, argv=None, presets=None):
         if not arg.startswith("--") or "=" not in arg:
             fail(f"arguments look like --name=value, got {arg!r}; valid names: {valid}")
         name, text = arg[2:].split("=", 1)
+        if name not in params and RENAMED.get(name) in params:
+            fail(f"--{name} is now --{RENAMED[name]} (one name in every file)")
         if name not in params:
             fail(f"unknown option --{name}; valid names: {valid}")
         pairs.append((name, text))
     changed = {}
-    preset = dict(pairs).get("preset")
+    # the preset named on the command line, else the file's own `preset` constant: with no
+    # options a file runs exactly what its Python entry point (make_config()) gives
+    preset = dict(pairs).get("preset", g.get("preset"))
     if presets is not None and preset is not None:
         try:
             changed.update(presets[one_of("preset", preset, list(presets))])

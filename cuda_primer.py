@@ -18,7 +18,7 @@ message; on a GPU the same file measures the real thing.
 Run it
   python cuda_primer.py                              # everything, ~10-20 s on a 2-core CPU
   python cuda_primer.py --sections=tiling,flash      # only some sections
-  python cuda_primer.py --out=out                    # plot: out/roofline.png (needs matplotlib)
+  python cuda_primer.py --out_dir=out                # plot: out/roofline.png (needs matplotlib)
 """
 import gc
 import math
@@ -45,7 +45,7 @@ except ImportError:
 # demo hyperparameters (python cuda_primer.py --name=value)
 device = "auto"          # "auto" (cuda when available), "cpu" or "cuda"
 sections = "all"         # comma list of: device,roofline,tiling,flash,fusion,kernels,profile
-out = "out"              # folder for roofline.png
+out_dir = "out"          # folder for roofline.png
 repeat = 5               # timed runs per measurement; the median is printed
 copy_mb = 0              # buffer of the bandwidth test; 0 = 256 MB on CPU, 1024 MB on GPU
 matmul_sizes = ""        # square matmul sizes; "" = 256,512,1024,2048 (CPU), 1024..8192 (GPU)
@@ -292,7 +292,7 @@ def roofline(dev):
           f"{batch_size} x {cfg.block_size} tokens, {nbytes}-byte elements, against the "
           "measured roofline:")
     roofline_table(costs, flops, bw)
-    plot_roofline(Path(out) / "roofline.png", costs, flops, bw,
+    plot_roofline(Path(out_dir) / "roofline.png", costs, flops, bw,
                   f"GPT-2 124M ops on {device_name(dev)}")
 
 
@@ -642,7 +642,7 @@ def check_options():
     sizes = matmul_sizes.split(",") if matmul_sizes else []
     cli.check(globals(), [
         ("device", device != "cuda" or torch.cuda.is_available(), "auto or cpu: torch sees no GPU"),
-        ("out", out != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
+        ("out_dir", out_dir != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
         ("copy_mb", copy_mb >= 0, ">= 0 (0 = the default)"),
         ("matmul_sizes", all(s.strip().isdigit() and int(s) > 0 for s in sizes),
          "positive integers like 512,1024"),

@@ -143,6 +143,25 @@ def test_cli_preset_first_then_explicit_overrides_win(capsys):
         "error: preset sets unknown option 'nope'")
 
 
+def test_cli_old_option_names_are_refused_naming_the_new_one(capsys):
+    """One name per idea in every file: the starting checkpoint is --init (evals.py said
+    --model, finetune.py --init_from), an output folder --out_dir (cuda_primer.py said --out).
+    The old spelling is one line naming the new, exit 2; a file where the old name is still
+    the option (bench.py's --out, a file) keeps it."""
+    for module, old, new in ((evals, "model", "init"), (ft, "init_from", "init"),
+                             (cuda_primer, "out", "out_dir")):
+        g = cli.hyperparameters(vars(module))
+        assert new in g and old not in g, module.__name__
+        with pytest.raises(SystemExit) as e:
+            cli.override(g, [f"--{old}=x"])
+        assert (e.value.code, capsys.readouterr().err) == (
+            2, f"error: --{old} is now --{new} (one name in every file)\n")
+    for module in (train, ch, evals, ft):  # the starting checkpoint: one name
+        assert "init" in cli.hyperparameters(vars(module)), module.__name__
+    import bench
+    assert cli.override(cli.hyperparameters(vars(bench)), ["--out=x.json"]) == {"out": "x.json"}
+
+
 def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["demo.py", "--n=4"])
     g = cli_globals()
@@ -4065,6 +4084,22 @@ def test_train_cli_bad_options_table(corpus, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_train_command_line_resolves_the_config_make_config_gives(monkeypatch):
+    """One configuration path: `python train.py [options]` trains exactly make_config(same
+    options), the default preset included (a command line without --preset once applied no
+    preset: fused AdamW for 1,500 steps instead of the cpu preset's Muon for 1,180)."""
+    seen = []
+    monkeypatch.setattr(train, "command", lambda options: seen.append(train.config(options)))
+    for argv, kw in (([], {}), (["--lr=1e-3"], {"lr": 1e-3}),
+                     (["--preset=laptop-8gb", "--max_iters=7"], dict(preset="laptop-8gb", max_iters=7)),
+                     (["--max_iters=7", "--preset=cpu"], dict(preset="cpu", max_iters=7)),
+                     (["--optimizer=fused"], dict(optimizer="fused"))):
+        train.main(argv)
+        assert vars(seen.pop()) == vars(train.make_config(**kw)), argv
+    c = train.make_config()
+    assert (c.preset, c.optimizer, c.max_iters) == ("cpu", "muon", 1180)  # the README's promise
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
@@ -4504,7 +4539,7 @@ def test_finetune_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_p
     chats.write_text("".join(json.dumps({"messages": chat(q, a), "rejected": q}) + "\n"
                              for q, a in [("sun moon", "moon sun"), ("king lord", "lord king"),
                                           ("war peace", "peace war")]))
-    finetune_base(data=str(chats), method="full", init_from=str(tmp_path / "gpt_tiny.pt"),
+    finetune_base(data=str(chats), method="full", init=str(tmp_path / "gpt_tiny.pt"),
                   batch_size=1, num_samples=0)
     out = capsys.readouterr().out
     assert "2 training conversations, 1 held out" in out and "== DPO:" in out, out
@@ -4545,7 +4580,7 @@ def test_finetune_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_pat
     ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
 ])
 def test_finetune_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
-    monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
+    monkeypatch.setattr(ft, "init", str(tmp_path / "missing.pt"))  # loading would fail
     monkeypatch.setattr(ft, option, value)
     with pytest.raises(ValueError) as e:
         ft.main()
@@ -4864,7 +4899,7 @@ def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
 @pytest.mark.parametrize("option, value, message", [
     ("sections", "tiling,", "unknown section ''; valid sections: device, roofline, tiling, "),
     ("device", "gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
-    ("out", "", "--out='': must be a folder name"),
+    ("out_dir", "", "--out_dir='': must be a folder name"),
     ("repeat", 0, "--repeat=0: must be at least 1"),
     ("batch_size", 0, "--batch_size=0: must be at least 1"),
     ("tile_n", 0, "--tile_n=0: must be between 1 and 128"),
@@ -4911,7 +4946,7 @@ def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
     table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
              ("--tile_n=100000", 1, "error: --tile_n=100000: must be between 1 and 128"),
              ("--attn_t=100000", 1, "error: --attn_t=100000 would need ")]  # the rest: in-process
-    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out={tmp_path}",
+    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out_dir={tmp_path}",
                               option], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for option, _, _ in table]
     for (option, code, start), p in zip(table, runs):
@@ -5530,14 +5565,14 @@ def test_evals_harness_rolling_and_generate(hf_tiny):
 
 
 def test_evals_script_line_and_errors(corpus, tmp_path):
-    """python evals.py --model=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
+    """python evals.py --init=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
     one line on stderr, exit 1, nothing written."""
     r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
     good = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs(3))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(hs_text_docs(1)[0]) + "\n[]\n")
     for path, out in ((good, tmp_path / "a"), (bad, tmp_path / "b")):
-        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={r['checkpoint']}",
+        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--init={r['checkpoint']}",
                             f"--hellaswag={path}", f"--out_dir={out}", "--device=cpu", "--threads=1"],
                            capture_output=True, text=True, timeout=120)
         if path == good:
