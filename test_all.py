@@ -162,6 +162,54 @@ def test_cli_old_option_names_are_refused_naming_the_new_one(capsys):
     assert cli.override(cli.hyperparameters(vars(bench)), ["--out=x.json"]) == {"out": "x.json"}
 
 
+DOC_COMMAND = re.compile(r"(?:python3?|torchrun(?: --\S+)*) +(\S+\.py)((?:[ \t]+(?:\\\n\s*)?\S+)*)")
+PLACEHOLDER = re.compile(r"\.\.\.|<\w+>|\b[A-Z]{3,}\b")  # --data=... --init=CKPT out/<key>/
+
+
+def documented_commands():
+    """Every `python FILE.py --name=value ...` (and torchrun's) in README.md, docs/*.md and
+    the lesson files' docstrings: (where, file, [(name, value or None), ...])."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = [(p.name, p.read_text()) for p in sources]
+    texts += [(p.name, inspect.getdoc(__import__(p.stem)) or "") for p in sorted(ROOT.glob("*.py"))
+              if p.stem not in ("test_all", "conftest")]
+    for where, text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            for m in DOC_COMMAND.finditer(line):
+                args = re.split(r"[`|#)]", m[2], maxsplit=1)[0].split()
+                yield where, m[1], [tuple(a[2:].split("=", 1)) if "=" in a else (a[2:], None)
+                                    for a in args if a.startswith("--")]
+
+
+def test_cli_every_documented_command_uses_real_options():
+    """Docs cannot drift: each command in the README, docs/ and the docstrings names a file
+    that exists, options that file has, values of the option's type, and a valid preset or
+    section. FILE.py is the README's placeholder for any file."""
+    import bench
+    choices = {("train", "preset"): train.PRESETS_TRAIN, ("gpt", "preset"): gpt.PRESETS,
+               ("block", "preset"): block.PRESETS, ("bench", "only"): bench.SECTIONS,
+               ("cuda_primer", "sections"): cuda_primer.SECTIONS}
+    seen = 0
+    for where, file, options in documented_commands():
+        if file == "FILE.py":
+            continue
+        assert (ROOT / file).is_file(), f"{where}: python {file}: no such file"
+        stem = Path(file).stem
+        params = cli.hyperparameters(vars(__import__(stem)))
+        for name, value in options:
+            seen += 1
+            if name == "help":
+                continue
+            assert name in params, f"{where}: python {file} --{name}: no such option"
+            if value is None or PLACEHOLDER.search(value):
+                continue
+            cli.parse_value(name, value, params[name])  # a ValueError names the option
+            names = choices.get((stem, name))
+            for v in (value.split(",") if names is not None and value != "all" else []):
+                assert v in names, f"{where}: python {file} --{name}={value}: no {v!r}"
+    assert seen > 50  # the pattern still finds the commands
+
+
 def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["demo.py", "--n=4"])
     g = cli_globals()
