@@ -25,6 +25,9 @@ Ctrl-C during an answer stops that answer; at the prompt it ends the program.
 The answers go to stdout, everything else (the banner, a line of tokens and tokens/s after
 each answer, errors) to stderr, so a script can pipe prompts in and read answers out.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import codecs
 import glob
 import os
@@ -33,7 +36,6 @@ import time
 
 import torch
 
-import cli
 import corpora
 import dataloader
 import finetune

@@ -24,14 +24,17 @@ Two file helpers live here because every writer needs them and this is the one
 module they all import: `atomic_open` (write a file whole or not at all) and
 `hold_dir` (one run per output folder, via a lock file naming its pid).
 """
+import ast
 import contextlib
 import errno
+import io
 import math
 import os
 import re
 import sys
 import tempfile
 import time
+import tokenize
 from pathlib import Path
 
 TYPES = (bool, int, float, str)
@@ -110,22 +113,91 @@ def fail(message):
 RENAMED = {"model": "init", "init_from": "init", "out": "out_dir"}
 
 
-def override(g, argv=None, presets=None):
+# ----------------------------------------------------------------------------- --help
+HELP_FLAGS = ("-h", "--help")
+
+
+def read_constants(path):
+    """What --help shows, read from a lesson's source text alone (nothing is imported, so help
+    does not wait for torch): (groups, presets). groups is [(heading, [(name, value, comment),
+    ...]), ...] in file order: a top-level `name = literal  # comment` is an option, a comment
+    line at column 0 starts a new heading, an indented comment-only line continues the
+    option above; presets are the string keys of a top-level PRESETS* dict."""
+    text = Path(path).read_text(encoding="utf-8")
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip(), t.line.lstrip()[0] == "#")
+                for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type == tokenize.COMMENT}  # line: (column, words, nothing but a comment)
+    options, presets = {}, []
+    for node in ast.parse(text).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name.startswith("PRESETS") and isinstance(node.value, ast.Dict):
+            presets = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+        with contextlib.suppress(ValueError, TypeError, SyntaxError):
+            value = ast.literal_eval(node.value)
+            if name.islower() and not name.startswith("_") and type(value) in TYPES:
+                options[node.lineno] = (name, value, node.end_lineno)
+    groups, heading, last, last_line = [], "options", None, 0
+    for line in sorted(set(comments) | set(options)):
+        if line in options:
+            name, value, last_line = options[line]
+            if not groups or groups[-1][0] != heading:
+                groups.append((heading, []))
+            last = [name, value, comments.get(last_line, (0, "", False))[1]]
+            groups[-1][1].append(last)
+            continue
+        col, words, alone = comments[line]
+        if col == 0:
+            heading, last = words.strip("- ") or heading, None
+        elif alone and last is not None and line == last_line + 1:  # it goes on below
+            last[2], last_line = f"{last[2]} {words}".strip(), line
+    return [(h, [tuple(o) for o in opts]) for h, opts in groups], presets
+
+
+def print_help(params, presets=None, source=None):
+    """Each option with its default and the comment beside its constant, under the file's own
+    headings (from source, the file's path); without a source, one alphabetical list."""
+    groups, _ = read_constants(source) if source else ([], [])
+    known = {name for _, opts in groups for name, _, _ in opts}
+    rest = [(k, params[k], "") for k in sorted(params) if k not in known]
+    groups = [(h, [(n, params.get(n, v), c) for n, v, c in opts if n in params])
+              for h, opts in groups] + ([("options", rest)] if rest else [])
+    print("options (--name=default, then what it means); a wrong name or type exits 2")
+    for heading, opts in groups:
+        print(f"{heading}:")
+        for name, value, comment in opts:
+            print(f"  {f'--{name}={value!r}':<28} {comment}".rstrip())
+    if presets:
+        print("presets (--preset=NAME is applied first, explicit options win): "
+              + ", ".join(presets))
+
+
+def help_if_asked(name, source, argv=None):
+    """Answer --help from the file's text, before the file's heavy imports: a lesson calls
+    this first (`cli.help_if_asked(__name__, __file__)`), so help takes a fraction of a
+    second. Only the script that was run answers (name "__main__"), never a module it imports."""
+    argv = sys.argv[1:] if argv is None else argv
+    if name == "__main__" and any(a in HELP_FLAGS for a in argv):
+        groups, presets = read_constants(source)
+        print_help({n: v for _, opts in groups for n, v, _ in opts}, presets, source)
+        raise SystemExit(0)
+
+
+def override(g, argv=None, presets=None, source=None):
     """Apply --name=value arguments (and --preset=NAME) to the module globals g.
 
-    Returns the dict of names that changed, so a demo can print them.
+    Returns the dict of names that changed, so a demo can print them. --help prints the
+    options with the comments of source (default: g's __file__) and exits 0.
     """
     argv = sys.argv[1:] if argv is None else argv
     params = hyperparameters(g)
     valid = ", ".join(sorted(params))
     pairs = []
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print("options (name = default):")
-            for k in sorted(params):
-                print(f"  --{k}={params[k]!r}")
-            if presets:
-                print("presets: " + ", ".join(presets))
+        if arg in HELP_FLAGS:
+            print_help(params, presets and list(presets), source or g.get("__file__"))
             raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             fail(f"arguments look like --name=value, got {arg!r}; valid names: {valid}")
@@ -156,7 +228,8 @@ def override(g, argv=None, presets=None):
     return changed
 
 
-def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None):
+def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None,
+        source=None):
     """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors
     become one line, exit 1.
 
@@ -164,7 +237,7 @@ def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=N
     setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
     shell's convention for SIGINT), not a traceback.
     """
-    override(g, argv, presets=presets)
+    override(g, argv, presets=presets, source=source)
     try:
         main()
     except KeyboardInterrupt:

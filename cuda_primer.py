@@ -20,6 +20,9 @@ Run it
   python cuda_primer.py --sections=tiling,flash      # only some sections
   python cuda_primer.py --out_dir=out                # plot: out/roofline.png (needs matplotlib)
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import gc
 import math
 import os
@@ -32,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 from gpt import GPT, PRESETS, train_bytes
 from train import PEAK_FLOPS, device_peak
 

@@ -26,6 +26,9 @@ From another file (gpt.py, train.py do this):
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
 More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import contextlib
 import hashlib
 import importlib.metadata
@@ -46,7 +49,6 @@ import numpy as np
 import torch
 
 import bpe
-import cli
 import corpora  # where text comes from: the plays, file readers, downloads
 from cli import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 

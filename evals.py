@@ -30,6 +30,9 @@ It prints `hellaswag N examples | acc X | acc_norm Y | acc_tokmean Z` and writes
 per example to out_dir/hellaswag.jsonl (ids, log-likelihoods, lengths, predictions), so any
 score can be re-checked by hand.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import json
 import math
 import os
@@ -40,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import gpt
 

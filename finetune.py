@@ -24,6 +24,9 @@ Run it
 
 It writes out_dir/finetune/ckpt.pt (gpt.py's checkpoint format) and tokenizer.json beside it.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import copy
 import filecmp
 import glob
@@ -39,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import dataloader
 import gpt

@@ -27,6 +27,9 @@ What it writes (under --out_dir, default ./out)
   .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
 A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import math
 import numbers
 import os
@@ -41,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import block
-import cli
 import corpora
 import dataloader
 from block import (Block, BlockConfig, check_fields, make_norm, matmul_params,

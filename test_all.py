@@ -121,14 +121,59 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
     assert cli_exit(capsys, ["--items=2"])[0] == 2
 
 
-def test_cli_help_lists_every_option_and_exits_0(capsys):
+def test_cli_help_lists_every_option_and_exits_0(capsys, tmp_path):
     for flag in ("--help", "-h"):
         with pytest.raises(SystemExit) as e:
             cli.override(cli_globals(), ["--n=5", flag], presets={"big": {}})
         assert e.value.code == 0
-        assert capsys.readouterr().out.splitlines() == [
-            "options (name = default):", "  --flag=False", "  --lr=0.001", "  --n=3",
-            "  --name='x'", "  --preset=''", "presets: big"]
+        assert capsys.readouterr().out.splitlines()[1:] == [
+            "options:", "  --flag=False", "  --lr=0.001", "  --n=3", "  --name='x'",
+            "  --preset=''", "presets (--preset=NAME is applied first, explicit options win): big"]
+    # with the source: its headings and comments, in file order (a continued comment joined)
+    src = tmp_path / "lesson.py"
+    src.write_text('"""doc"""\nimport os\n\n# ---- data\nn = 3   # how many\n'
+                   'name = "x"  # a name,\n            # said on two lines\n\n'
+                   '# optimization\nlr = 1e-3\nflag = False  # on or off\n\n   # not about flag\n'
+                   'LIMIT = 4  # not an option\nPRESETS = {"big": dict(n=100)}\n')
+    with pytest.raises(SystemExit):
+        cli.help_if_asked("__main__", src, ["-h"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines == ["data:", f"  {'--n=3':<28} how many",
+                     f"  {chr(45) * 2 + 'name=' + repr('x'):<28} a name, said on two lines",
+                     "optimization:", "  --lr=0.001", f"  {'--flag=False':<28} on or off",
+                     "presets (--preset=NAME is applied first, explicit options win): big"]
+    cli.help_if_asked("lesson", src, ["-h"])  # imported, not run: nothing printed, no exit
+    assert capsys.readouterr().out == ""
+
+
+HELP_FILES = ("micrograd", "bpe", "dataloader", "block", "gpt", "train", "evals", "finetune",
+              "chat", "cuda_primer", "bench")
+
+
+def test_cli_help_of_every_file_explains_each_option_without_importing_torch():
+    """`python FILE.py --help` answers from the file's text: every option with its default
+    and its comment, exit 0, and torch never imported (-X importtime lists every import), so
+    help is quick however heavy the lesson's imports are."""
+    procs = {f: subprocess.Popen([sys.executable, "-X", "importtime", f"{f}.py", "--help"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for f in HELP_FILES}
+    for f, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (f, err[-500:])
+        assert not re.search(r"\| +torch$", err, re.M), f"{f}.py --help imported torch"
+        module = __import__(f)
+        for name, value in cli.hyperparameters(vars(module)).items():
+            assert f"--{name}={value!r}" in out, (f, name)
+    c = train.make_config()
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert re.search(r"--optimizer='muon' +\"muon\" \(Muon for the hidden matrices, our AdamW "
+                     r"for the rest\), \"ours\" \(AdamW", out), out
+    assert f"--max_iters={c.max_iters} " in out  # the defaults shown are what a run uses
+    headings = [line for line in out.splitlines() if line.endswith(":") and " --" not in line]
+    assert headings[1:3] == ["data:", "model: the architecture family comes from gpt.PRESETS, "
+                                      "the size from here:"]
+    assert out.rstrip().endswith(", ".join(train.PRESETS_TRAIN))
 
 
 def test_cli_preset_first_then_explicit_overrides_win(capsys):
@@ -4146,6 +4191,8 @@ def test_train_command_line_resolves_the_config_make_config_gives(monkeypatch):
         assert vars(seen.pop()) == vars(train.make_config(**kw)), argv
     c = train.make_config()
     assert (c.preset, c.optimizer, c.max_iters) == ("cpu", "muon", 1180)  # the README's promise
+    for name, value in train.PRESETS_TRAIN[train.preset].items():  # --help shows the constants:
+        assert getattr(train, name) == value, name                  # they are the default's
 
 
 # ======================================================================
