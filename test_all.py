@@ -3465,6 +3465,28 @@ def test_optim_muon_groups_hidden_matrices_only():
         optim.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_optim_demo_runs_equal_torch_optim_and_muon_wins_at_the_defaults(monkeypatch):
+    """python optim.py: its AdamW and Muon fits equal torch.optim's on the same problem, Muon
+    ends far below AdamW at the defaults (the demo's point), Newton-Schulz lifts the gradient's
+    singular values into the band; a short run prints its table, a wrong option exits 2."""
+    X, Y = optim.teacher_problem(torch.Generator().manual_seed(optim.seed))
+    T = torch.linalg.lstsq(X, Y).solution
+    assert torch.allclose(T.T @ T, torch.eye(optim.dim, dtype=torch.float64), atol=1e-8)
+    def losses(*args, **kw):
+        return [loss for _, loss in optim.fit(*args, X, Y, **kw)]
+    ours = losses(optim.AdamW, optim.adamw_lr, betas=(0.9, 0.95))
+    assert ours == pytest.approx(losses(torch.optim.AdamW, optim.adamw_lr, betas=(0.9, 0.95)),
+                                 rel=1e-9)
+    muon = losses(optim.Muon, optim.muon_lr)
+    assert muon == pytest.approx(losses(torch.optim.Muon, optim.muon_lr), rel=1e-6)
+    assert muon[-1] < ours[-1] / 10 and len(muon) == 5
+    runs = [subprocess.run([sys.executable, "optim.py", *a], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300) for a in (["--steps=4", "--dim=8"], ["--nope=1"])]
+    assert runs[0].returncode == 0 and "after Newton-Schulz" in runs[0].stdout, runs[0].stderr
+    assert runs[0].stdout.splitlines()[-1].startswith("   4  ")  # the table's last row
+    assert (runs[1].returncode, runs[1].stderr.count("\n")) == (2, 1)
+
+
 # ----------------------------------------------------------------------------- schedule
 def test_train_lr_schedules_match_formulas():
     assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
@@ -4193,6 +4215,24 @@ def test_train_command_line_resolves_the_config_make_config_gives(monkeypatch):
     assert (c.preset, c.optimizer, c.max_iters) == ("cpu", "muon", 1180)  # the README's promise
     for name, value in train.PRESETS_TRAIN[train.preset].items():  # --help shows the constants:
         assert getattr(train, name) == value, name                  # they are the default's
+
+
+def test_resume_demo_resumes_bit_for_bit_and_shows_each_missing_piece(monkeypatch, tmp_path,
+                                                                      capsys):
+    """python resume.py: the run killed at stop_at and resumed with weights, optimizer and RNG
+    ends with the straight run's weights exactly; a fresh optimizer or a fresh RNG does not
+    (dropout and the batches draw from the RNG); a wrong option exits 2."""
+    for name, value in (("out_dir", str(tmp_path / "r")), ("steps", 6), ("stop_at", 3)):
+        monkeypatch.setattr(resume, name, value)
+    resume.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].endswith("ckpt_0000003.pt at step 3"), lines
+    assert lines[1].endswith("bit for bit the straight run"), lines[1]
+    assert all(re.search(r"max \|weight diff\| [1-9]", line) for line in lines[2:]), lines
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["ckpt_0000003.pt"]
+    p = subprocess.run([sys.executable, "resume.py", "--stop_at=1.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert (p.returncode, p.stderr) == (2, "error: --stop_at expects int, got '1.5'\n")
 
 
 # ======================================================================
