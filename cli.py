@@ -22,12 +22,15 @@ line, exit 1; Ctrl-C is one line and exit 130.
 
 Two file helpers live here because every writer needs them and this is the one
 module they all import: `atomic_open` (write a file whole or not at all) and
-`hold_dir` (one run per output folder, via a lock file naming its pid).
+`hold_dir` (one run per output folder, via a lock file naming its pid). So do the plots
+(`pyplot`, `save_figure`, `plot_log`: gpt.py's and train.py's loss curves from their
+log.jsonl, cuda_primer.py's roofline), with matplotlib imported only when one is drawn.
 """
 import ast
 import contextlib
 import errno
 import io
+import json
 import math
 import os
 import re
@@ -371,3 +374,62 @@ def hold_dir(folder):
         with contextlib.suppress(FileNotFoundError):
             if lock.read_text().strip() == mine:
                 lock.unlink()
+
+
+# ----------------------------------------------------------------------------- plots
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (files only, no display needed), imported on
+    first use so that a run that never plots never pays for it; None when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path, **kw):
+    """fig as a PNG at path, atomically (never a torn image), then closed."""
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", **kw)
+    finally:
+        plt.close(fig)
+
+
+def log_rows(path):
+    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
+    leaves half a line) and any that are not objects."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                rows.append(row) if isinstance(row, dict) else None
+    return rows
+
+
+LOSS_CURVES = (("loss", "train"), ("val_loss", "val"))  # (log key, label)
+
+
+def plot_log(log_path, png_path, curves=LOSS_CURVES):
+    """A loss curve drawn from the log file on disk (rows with "step" and a finite number
+    under a key of curves): (one line to print, {label: [(step, value), ...]} as read back
+    from the lines drawn). Without matplotlib the line says so and nothing is written."""
+    plt = pyplot()
+    if plt is None:
+        return "plot skipped: matplotlib is not installed (pip install -r requirements.txt)", {}
+    rows = log_rows(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = {}
+    for key, label in curves:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get("step"), (int, float))
+                  and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            line, = ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None)
+            drawn[label] = [tuple(xy) for xy in line.get_xydata().tolist()]
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(log_path))
+    ax.legend()
+    save_figure(plt, fig, png_path, dpi=100)
+    return f"loss curve -> {png_path}", drawn

@@ -240,12 +240,9 @@ def roofline_table(costs, flops, bw):
 
 def plot_roofline(path, costs, flops, bw, title):
     """Save the roofline with each op on it as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no roofline plot)")
+    plt = cli.pyplot()
+    if plt is None:
+        print("(matplotlib is not installed: no roofline plot; pip install -r requirements.txt)")
         return
     x = np.logspace(-2, 4, 200)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -256,11 +253,7 @@ def plot_roofline(path, costs, flops, bw, title):
         ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
     ax.set(xlabel="arithmetic intensity (FLOP/byte)", ylabel="attainable TFLOP/s", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    try:
-        with cli.atomic_open(path) as f:  # whole or not at all: never a torn PNG
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    cli.save_figure(plt, fig, path, dpi=120, bbox_inches="tight")
     print(f"roofline plot -> {path}")
 
 

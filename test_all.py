@@ -3089,7 +3089,7 @@ def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkey
     small_demo(monkeypatch, corpus, tmp_path)
     gpt.main()
     before = files_of(tmp_path)
-    assert sorted(before) == ["gpt_tiny.pt", "tokenizer.json"]
+    assert sorted(before) == ["gpt_tiny.log.jsonl", "gpt_tiny.png", "gpt_tiny.pt", "tokenizer.json"]
     # nan at step 2; with 1 step the loss is still finite, the update is not (val loss)
     for iters, what in ((2, "loss"), (1, "validation loss")):
         small_demo(monkeypatch, corpus, tmp_path, max_iters=iters, lr=1e30)
@@ -3098,6 +3098,25 @@ def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkey
                                              rf" was saved, {tmp_path / 'gpt_tiny.pt'} is as it"):
             gpt.main()
         assert files_of(tmp_path) == before, iters
+
+
+def test_gpt_demo_writes_its_log_and_draws_the_loss_curve_from_it(corpus, tmp_path, monkeypatch,
+                                                                   capsys):
+    """python gpt.py: the log next to the checkpoint starts at step 1 with the loss of a
+    uniform guess (ln vocab: the README's "from ~6.2" for 512 ids), val every eval_interval and
+    at the end; gpt_tiny.png is a PNG whose curves hold exactly the log's rows."""
+    small_demo(monkeypatch, corpus, tmp_path, max_iters=6, eval_interval=3)
+    gpt.main()
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "gpt_tiny.log.jsonl").read_text().splitlines()]
+    vocab = gpt.load_checkpoint(tmp_path / "gpt_tiny.pt")[0].config.vocab_size
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(vocab), rel=0.05)
+    assert "iter    1 | loss " in out and f"loss curve -> {tmp_path / 'gpt_tiny.png'}" in out
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert (tmp_path / "gpt_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, drawn = cli.plot_log(tmp_path / "gpt_tiny.log.jsonl", tmp_path / "again.png")
+    assert drawn == {label: [(r["step"], r[key]) for r in rows if key in r]
+                     for key, label in (("loss", "train"), ("val_loss", "val"))}
 
 
 def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
@@ -3115,7 +3134,7 @@ def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
         other.kill()
         other.wait()
     gpt.main()  # the other run is gone: its lock is taken over, ours released at the end
-    assert sorted(files_of(tmp_path)) == ["gpt_tiny.pt", "tokenizer.json"]
+    assert sorted(files_of(tmp_path)) == ["gpt_tiny.log.jsonl", "gpt_tiny.png", "gpt_tiny.pt", "tokenizer.json"]
 
 
 @pytest.mark.parametrize("option,value,message", [
@@ -3294,7 +3313,8 @@ def tiny(corpus, out_dir, **kw):
              out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8,
              max_iters=20, warmup_iters=3, lr=3e-3, min_lr=3e-4, eval_iters=2,
              eval_interval=1000, save_interval=1000, log_interval=1, sample_tokens=0,
-             device="cpu", optimizer="ours", threads=1)  # 1 thread: tiny matmuls, shared CPUs
+             device="cpu", optimizer="ours", threads=1,  # 1 thread: tiny matmuls, shared CPUs
+             plot=False)  # the plot has its own test
     c.update(kw)
     return train.make_config(**c)
 
@@ -3607,9 +3627,26 @@ def test_train_gpt2_tokenizer_files(tmp_path):
 def test_train_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as when not installed
-    note = train.write_plot(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
-    assert note.startswith("plot skipped: matplotlib is not installed")
+    note, drawn = cli.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    assert note.startswith("plot skipped: matplotlib is not installed") and drawn == {}
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_train_run_draws_its_loss_curve_from_log_jsonl(corpus, tmp_path, capsys):
+    """train.py's default: loss.png next to the checkpoints, a PNG whose train and val curves
+    hold exactly the log's rows (read back from the lines drawn); a damaged last row (a run
+    killed mid-write) is skipped, not a crash."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=6, eval_interval=3, log_interval=2, plot=True))
+    assert capsys.readouterr().out.count(f"loss curve -> {out / 'loss.png'}") == 1
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.')  # half a row
+    _, drawn = cli.plot_log(out / "log.jsonl", out / "again.png")
+    assert drawn == {label: [(r["step"], r[key]) for r in rows if key in r]
+                     for key, label in (("loss", "train"), ("val_loss", "val"))}
+    assert [s for s, _ in drawn["val"]] == [3, 6] and len(drawn["train"]) >= 3
 
 
 def test_train_compiled_and_ddp_prefixes_are_stripped():

@@ -114,7 +114,7 @@ out_dir = "out/cpu"
 save_interval = 500      # steps between checkpoints (and at the end)
 keep_checkpoints = 3     # the newest K are kept
 init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
-plot = False             # write out_dir/loss.png at the end (needs matplotlib)
+plot = True              # write out_dir/loss.png from log.jsonl at the end (matplotlib)
 hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); "" = off
 hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
 hellaswag_limit = 0      # score only the first N examples; 0 = all
@@ -368,7 +368,7 @@ def summarize(c, s, meter, step, val, sample, last_ckpt, signals, logged):
     if sample is not None:
         summary["sample"] = sample
     if s.rank == 0 and c.plot:
-        s.say(write_plot(s.log_path, os.path.join(c.out_dir, "loss.png")))
+        s.say(cli.plot_log(s.log_path, os.path.join(c.out_dir, "loss.png"))[0])
     return summary
 
 
@@ -488,7 +488,7 @@ def write_log(s, row):
 
 def trim_log(log_path, step):
     """Keep the rows of log.jsonl up to step (all of them go for a fresh run), atomically."""
-    rows = log_rows(log_path) if step and os.path.exists(log_path) else []
+    rows = cli.log_rows(log_path) if step and os.path.exists(log_path) else []
     with cli.atomic_open(log_path) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
@@ -725,38 +725,6 @@ def peak_memory(dev):
     import resource
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-
-
-def log_rows(path):
-    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
-    leaves half a line)."""
-    rows = []
-    for line in open(path):
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def write_plot(log_path, png_path):
-    """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    rows = log_rows(log_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "val")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set(xlabel="step", ylabel="loss (nats per token)")
-    ax.legend()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-    return f"wrote {png_path}"
 
 
 # ----------------------------------------------------------------------------- command line
