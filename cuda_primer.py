@@ -239,22 +239,26 @@ def roofline_table(costs, flops, bw):
 
 
 def plot_roofline(path, costs, flops, bw, title):
-    """Save the roofline with each op on it as a PNG, when matplotlib is installed."""
+    """Save the roofline with each op on it as a PNG, when matplotlib is installed: returns
+    {op name: (intensity, TFLOP/s)} as read back from the points drawn ({} without it)."""
     plt = cli.pyplot()
     if plt is None:
         print("(matplotlib is not installed: no roofline plot; pip install -r requirements.txt)")
-        return
+        return {}
     x = np.logspace(-2, 4, 200)
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.loglog(x, np.minimum(flops, x * bw) / 1e12, "k-", label="min(peak, intensity x bandwidth)")
     ax.axvline(flops / bw, color="gray", ls=":", label=f"ridge {flops / bw:.0f} FLOP/byte")
     markers = "osD^v<>ph*XP"
+    drawn = {}
     for i, (name, _, f, b) in enumerate(costs):  # each op at the best its intensity allows
-        ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
+        point, = ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
+        drawn[name] = tuple(point.get_xydata()[0].tolist())
     ax.set(xlabel="arithmetic intensity (FLOP/byte)", ylabel="attainable TFLOP/s", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     cli.save_figure(plt, fig, path, dpi=120, bbox_inches="tight")
     print(f"roofline plot -> {path}")
+    return drawn
 
 
 def measure_ceilings(dev):

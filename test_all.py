@@ -4956,6 +4956,18 @@ def test_primer_op_table_rows_by_hand():
     }
 
 
+def test_primer_roofline_plot_is_a_png_with_each_op_where_the_table_puts_it(tmp_path):
+    """out_dir/roofline.png: a PNG, one point per op of the table at (intensity, the roofline
+    there), read back from the points drawn."""
+    costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
+    flops, bw = 989.4e12, 3.35e12
+    drawn = cuda_primer.plot_roofline(tmp_path / "roofline.png", costs, flops, bw, "test")
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(drawn) == [name for name, *_ in costs]
+    for name, _, f, b in costs:
+        assert drawn[name] == pytest.approx((f / b, min(flops, f / b * bw) / 1e12), rel=1e-12)
+
+
 def test_primer_roofline_table_gives_the_readme_figures(capsys):
     # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
     flops, bw = 765e12, 2981e9
