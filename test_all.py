@@ -2,8 +2,9 @@
 
 Each section checks one lesson file against a real reference: gradients against torch autograd
 (float64), the tokenizer against tiktoken and HF tokenizers, the model against HF transformers
-(random init, no download), the optimizer against torch.optim. Tests that need ../shared/data
-skip when it is absent; GPU tests skip without CUDA.
+(random init, no download), the optimizer against torch.optim. Tests that need GPT-2's files
+or tinyshakespeare look in ../shared/data, then data/ (`python corpora.py --fetch=true`), and
+skip naming that command when neither has them; GPU tests skip without CUDA.
 """
 import copy
 import inspect
@@ -28,7 +29,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
-DATA = ROOT.parent / "shared" / "data"
+FETCH = "python corpora.py --fetch=true"  # the command that gets the reference files
+
+
+def data_dir():
+    """The folder with the reference files (GPT-2's vocab and merges, tinyshakespeare):
+    $NANOLLM_DATA when set (NANOLLM_DATA=/nonexistent shows what a fresh clone skips), else
+    ../shared/data when it has them, else data/ (where `python corpora.py --fetch=true` puts
+    them)."""
+    if os.environ.get("NANOLLM_DATA"):
+        return Path(os.environ["NANOLLM_DATA"])
+    shared = ROOT.parent / "shared" / "data"
+    return shared if (shared / "gpt2_vocab.json").exists() else ROOT / "data"
+
+
+DATA = data_dir()
+NO_DATA = f"needs GPT-2's files and tinyshakespeare: run `{FETCH}` (internet) to get them"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -1070,7 +1086,7 @@ def test_micrograd_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
 # bpe: tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
 # ======================================================================
 
-needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data")
+needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason=NO_DATA)
 
 HARD = [
     "", "Hello world", "  leading spaces", "trailing   ", "\n", "\n\n\n", "a\n\n  b", "a \n b",
@@ -1801,7 +1817,7 @@ def test_data_split_documents():
 def test_data_char_split_equals_nanogpt(tmp_path):
     path = DATA / "tinyshakespeare.txt"
     if not path.exists():
-        pytest.skip("shared data absent")
+        pytest.skip(NO_DATA)
     # nanoGPT's data/shakespeare_char/prepare.py, written out as the reference
     data = path.read_text()
     chars = sorted(list(set(data)))
@@ -2303,6 +2319,48 @@ def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match="needs huggingface_hub"):
         corpora.download_fineweb("fineweb-edu-sample", tmp_path)
+
+
+def test_data_reference_fetch_checks_each_file_offline(tmp_path, monkeypatch, capsys):
+    """python corpora.py --fetch=true, with urlopen answered by the test (no network): a file
+    already right is not fetched, the merges lose their #version line, a wrong sha256 saves
+    nothing and is one ValueError naming the file; `python corpora.py` reports each file."""
+    import hashlib
+    import urllib.request
+    saved = {"gpt2_vocab.json": b'{"a": 0}', "gpt2_merges.txt": b"a b\n", "tinyshakespeare.txt": b"To be"}
+    served = dict(saved, **{"gpt2_merges.txt": b"#version: 0.2\na b\n"})
+    monkeypatch.setattr(corpora, "REFERENCE", {n: (f"http://test/{n}", hashlib.sha256(b).hexdigest())
+                                               for n, b in saved.items()})
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url.rsplit("/", 1)[1])
+        return io.BytesIO(served[fetched[-1]])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "gpt2_vocab.json").write_bytes(saved["gpt2_vocab.json"])
+    (folder / "tinyshakespeare.txt").write_bytes(b"To be?")  # damaged: fetched again
+    assert corpora.reference_status(folder) == {
+        "gpt2_vocab.json": "ok", "gpt2_merges.txt": "missing",
+        "tinyshakespeare.txt": f"tinyshakespeare.txt: sha256 {hashlib.sha256(b'To be?').hexdigest()} "
+                               f"is not the expected {corpora.REFERENCE['tinyshakespeare.txt'][1]}"}
+    corpora.fetch_reference(folder)
+    assert fetched == ["gpt2_merges.txt", "tinyshakespeare.txt"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved
+    served["gpt2_vocab.json"] = b"{}"  # the server sends something else: nothing is saved
+    with pytest.raises(ValueError, match=r"^gpt2_vocab.json: sha256 \w+ is not the expected"):
+        corpora.fetch_reference(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setattr(corpora, "data_dir", str(folder))
+    corpora.main()
+    assert capsys.readouterr().out.startswith(f"{folder}/gpt2_vocab.json: ok\n")
+
+
+@needs_data
+def test_data_reference_hashes_are_the_reference_files():
+    """The sha256 the fetch checks are those of the files the tests compare against."""
+    assert set(corpora.reference_status(DATA).values()) == {"ok"}
 
 
 def run_dataloader(monkeypatch, capsys, argv):
@@ -3615,10 +3673,9 @@ def test_train_activation_checkpointing_gives_the_same_gradients():
 def test_train_gpt2_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="--gpt2_dir"):
         train.gpt2_tokenizer_file(str(tmp_path), str(tmp_path / "tok.json"))
-    data = ROOT.parent / "shared" / "data"
-    if not (data / "gpt2_vocab.json").exists():
-        pytest.skip("needs ../shared/data")
-    path = train.gpt2_tokenizer_file(str(data), str(tmp_path / "tok.json"))
+    if not (DATA / "gpt2_vocab.json").exists():
+        pytest.skip(NO_DATA)
+    path = train.gpt2_tokenizer_file(str(DATA), str(tmp_path / "tok.json"))
     tok = train.bpe.Tokenizer.load(path)
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids (as tiktoken gives them)
@@ -5441,15 +5498,14 @@ HS_DOCS = [  # WikiHow-style tags, ctx_b to capitalize, a context longer than bl
 
 
 @pytest.fixture(scope="module")
-def hf_tiny():
-    """A random 2-layer GPT-2 with the real 50,257-token vocabulary and a 64-token context, the
-    same weights in transformers and in our GPT (from_hf), and GPT-2's tokenizer."""
-    if not (DATA / "gpt2_vocab.json").exists():
-        pytest.skip("needs ../shared/data")
+def hf_tiny(trained):
+    """A random 2-layer GPT-2 with a 64-token context, the same weights in transformers and in
+    our GPT (from_hf), and a 1,200-token BPE trained by the test itself (bpe's `trained`):
+    log-likelihoods need a tokenizer, not GPT-2's, so these checks never skip."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()
-    tok = Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", DATA / "gpt2_merges.txt")
-    return hf, GPT.from_hf(hf).eval(), tok
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                    vocab_size=trained.vocab_size)).eval()
+    return hf, GPT.from_hf(hf).eval(), trained
 
 
 def hf_loglikelihood(hf, ctx_ids, cont_ids, block):
