@@ -5436,6 +5436,8 @@ def test_chat_main_finds_the_newest_checkpoint_and_names_missing_files(chat_file
 
 
 def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
+    """Piped prompts: each echoed after the prompt sign on stdout, then its answer, so answers
+    do not run together; errors and stats on stderr."""
     path = chat_files / "chat" / "gpt_tiny.pt"
     p = subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--init={path}", "--device=cpu",
                         "--threads=1", "--max_new_tokens=6", "--temperature=0", "--seed=1"],
@@ -5447,7 +5449,8 @@ def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
     assert err[-1] == "error: /temp -1: temperature must be a finite number >= 0 (0 = greedy), got -1.0"
     s = chat_session(chat_files / "chat", max_new_tokens=6)
     reply = expected_reply(s, s.prompt("king queen"), 0)
-    assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+    assert p.stdout == ("you> king queen\n" + s.tok.decode([t for t in reply if t not in s.stop])
+                        + "\nyou> /temp -1\n")
 
 
 @needs_cuda
