@@ -3177,6 +3177,15 @@ def test_gpt_demo_writes_its_log_and_draws_the_loss_curve_from_it(corpus, tmp_pa
                      for key, label in (("loss", "train"), ("val_loss", "val"))}
 
 
+def test_gpt_demo_defaults_are_the_tiny_preset_exactly():
+    """One configuration path: `python gpt.py` builds get_config(preset, block_size=...,
+    vocab_size=...) from its constants; with no options that is the "tiny" preset itself."""
+    assert gpt.preset == "tiny"
+    assert gpt.get_config(gpt.preset, block_size=gpt.block_size,
+                          vocab_size=gpt.vocab_size) == gpt.PRESETS["tiny"]
+    assert cli.override(cli.hyperparameters(vars(gpt)), []) == {}  # nothing applied on top
+
+
 def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
     script = ("import os, time, cli\nwith cli.hold_dir(os.environ['CHILD_PATH']):\n"
               "    print('held', flush=True)\n    time.sleep(60)")
@@ -3695,7 +3704,9 @@ def test_train_run_draws_its_loss_curve_from_log_jsonl(corpus, tmp_path, capsys)
     killed mid-write) is skipped, not a crash."""
     out = tmp_path / "run"
     train.train(tiny(corpus, out, max_iters=6, eval_interval=3, log_interval=2, plot=True))
-    assert capsys.readouterr().out.count(f"loss curve -> {out / 'loss.png'}") == 1
+    printed = capsys.readouterr().out
+    assert printed.count(f"loss curve -> {out / 'loss.png'}") == 1
+    assert "6 steps | preset cpu, optimizer ours" in printed  # what runs, said at the start
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     with open(out / "log.jsonl", "a") as f:

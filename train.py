@@ -455,7 +455,8 @@ def build(c, rank, world, dev):
     say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} MFLOPs "
         f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
     say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
-        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps")
+        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps"
+        f" | preset {c.preset}, optimizer {c.optimizer}")
     return s
 
 
