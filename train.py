@@ -21,7 +21,8 @@ Run it
   torchrun --nproc_per_node=8 train.py --preset=gpu-80gb --data=my_corpus/
   python train.py --help               # every constant below is an --name=value option
 
-A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the same command
+A run writes out_dir/ckpt_*.pt (the last few), out_dir/log.jsonl and out_dir/loss.png (the
+curve drawn from that log, cli.plot_log; --plot=false skips it); run the same command
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
 One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
