@@ -41,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
+import cli  # noqa: E402 (first: --help is answered from this file's text, before torch loads)
+cli.help_if_asked(__name__, __file__)
 
 import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
@@ -49,7 +51,6 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import bpe  # noqa: E402
-import cli  # noqa: E402
 import corpora  # noqa: E402
 import cuda_primer as cp  # noqa: E402
 import dataloader as dl  # noqa: E402

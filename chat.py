@@ -14,7 +14,7 @@ Run it
   python chat.py                         # the newest checkpoint under out/ (gpt.py's, train.py's
                                          # or finetune.py's), named in the first line
   python chat.py --init=out/finetune/ckpt.pt --temperature=0
-  printf 'add two and three\\n/temp 0\\nreverse: sun moon\\n' | python chat.py 2>/dev/null
+  printf 'add two and three\n/temp 0\nreverse: sun moon\n' | python chat.py 2>/dev/null
   python chat.py --help                  # every constant below is an --name=value option
 
 Commands (a line starting with "/")
@@ -23,8 +23,13 @@ Commands (a line starting with "/")
   /seed N   restart the sampler    /quit       (or Ctrl-D)
 Ctrl-C during an answer stops that answer; at the prompt it ends the program.
 The answers go to stdout, everything else (the banner, a line of tokens and tokens/s after
-each answer, errors) to stderr, so a script can pipe prompts in and read answers out.
+each answer, errors) to stderr, so a script can pipe prompts in and read answers out. Piped
+prompts are echoed to stdout after the prompt sign ("> " or "you> "), as a terminal shows
+them, so that one answer does not run into the next.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import codecs
 import glob
 import os
@@ -33,7 +38,6 @@ import time
 
 import torch
 
-import cli
 import corpora
 import dataloader
 import finetune
@@ -240,6 +244,8 @@ class Session:
                     print()
                 return
             text = line.rstrip("\r\n")
+            if lines is sys.stdin and not lines.isatty() and text.strip():  # piped: echo it
+                out.write(f"{'you> ' if self.chat else '> '}{text}\n")
             try:
                 if text.strip().startswith("/"):
                     if not self.command(text.strip(), err):

@@ -9,8 +9,8 @@ type of the constant already there:
     compile = False          # --compile=true
     data = ""                # --data=../shared/data/tinyshakespeare.txt
 
-A file with presets passes them in; `--preset=NAME` is applied first and the
-explicit overrides win. A bad name or value (an int written "3.0", a float that
+A file with presets passes them in; the preset named by `--preset=NAME` (or, without
+it, by the file's own `preset` constant) is applied first and the explicit overrides win. A bad name or value (an int written "3.0", a float that
 is nan or inf) prints one line and exits 2.
 `check(globals(), rules)` refuses values out of range before any work;
 `one_of(what, value, names)` refuses a name that is not in a list (presets,
@@ -22,16 +22,22 @@ line, exit 1; Ctrl-C is one line and exit 130.
 
 Two file helpers live here because every writer needs them and this is the one
 module they all import: `atomic_open` (write a file whole or not at all) and
-`hold_dir` (one run per output folder, via a lock file naming its pid).
+`hold_dir` (one run per output folder, via a lock file naming its pid). So do the plots
+(`pyplot`, `save_figure`, `plot_log`: gpt.py's and train.py's loss curves from their
+log.jsonl, cuda_primer.py's roofline), with matplotlib imported only when one is drawn.
 """
+import ast
 import contextlib
 import errno
+import io
+import json
 import math
 import os
 import re
 import sys
 import tempfile
 import time
+import tokenize
 from pathlib import Path
 
 TYPES = (bool, int, float, str)
@@ -105,31 +111,109 @@ def fail(message):
     raise SystemExit(2)
 
 
-def override(g, argv=None, presets=None):
+# Options renamed so that one idea has one name in every file (the starting checkpoint is
+# --init, an output folder --out_dir): the old spelling is refused with a line naming the new
+RENAMED = {"model": "init", "init_from": "init", "out": "out_dir"}
+
+
+# ----------------------------------------------------------------------------- --help
+HELP_FLAGS = ("-h", "--help")
+
+
+def read_constants(path):
+    """What --help shows, read from a lesson's source text alone (nothing is imported, so help
+    does not wait for torch): (groups, presets). groups is [(heading, [(name, value, comment),
+    ...]), ...] in file order: a top-level `name = literal  # comment` is an option, a comment
+    line at column 0 starts a new heading, an indented comment-only line continues the
+    option above; presets are the string keys of a top-level PRESETS* dict."""
+    text = Path(path).read_text(encoding="utf-8")
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip(), t.line.lstrip()[0] == "#")
+                for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type == tokenize.COMMENT}  # line: (column, words, nothing but a comment)
+    options, presets = {}, []
+    for node in ast.parse(text).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name.startswith("PRESETS") and isinstance(node.value, ast.Dict):
+            presets = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+        with contextlib.suppress(ValueError, TypeError, SyntaxError):
+            value = ast.literal_eval(node.value)
+            if name.islower() and not name.startswith("_") and type(value) in TYPES:
+                options[node.lineno] = (name, value, node.end_lineno)
+    groups, heading, last, last_line = [], "options", None, 0
+    for line in sorted(set(comments) | set(options)):
+        if line in options:
+            name, value, last_line = options[line]
+            if not groups or groups[-1][0] != heading:
+                groups.append((heading, []))
+            last = [name, value, comments.get(last_line, (0, "", False))[1]]
+            groups[-1][1].append(last)
+            continue
+        col, words, alone = comments[line]
+        if col == 0:
+            heading, last = words.strip("- ") or heading, None
+        elif alone and last is not None and line == last_line + 1:  # it goes on below
+            last[2], last_line = f"{last[2]} {words}".strip(), line
+    return [(h, [tuple(o) for o in opts]) for h, opts in groups], presets
+
+
+def print_help(params, presets=None, source=None):
+    """Each option with its default and the comment beside its constant, under the file's own
+    headings (from source, the file's path); without a source, one alphabetical list."""
+    groups, _ = read_constants(source) if source else ([], [])
+    known = {name for _, opts in groups for name, _, _ in opts}
+    rest = [(k, params[k], "") for k in sorted(params) if k not in known]
+    groups = [(h, [(n, params.get(n, v), c) for n, v, c in opts if n in params])
+              for h, opts in groups] + ([("options", rest)] if rest else [])
+    print("options (--name=default, then what it means); a wrong name or type exits 2")
+    for heading, opts in groups:
+        print(f"{heading}:")
+        for name, value, comment in opts:
+            print(f"  {f'--{name}={value!r}':<28} {comment}".rstrip())
+    if presets:
+        print("presets (--preset=NAME is applied first, explicit options win): "
+              + ", ".join(presets))
+
+
+def help_if_asked(name, source, argv=None):
+    """Answer --help from the file's text, before the file's heavy imports: a lesson calls
+    this first (`cli.help_if_asked(__name__, __file__)`), so help takes a fraction of a
+    second. Only the script that was run answers (name "__main__"), never a module it imports."""
+    argv = sys.argv[1:] if argv is None else argv
+    if name == "__main__" and any(a in HELP_FLAGS for a in argv):
+        groups, presets = read_constants(source)
+        print_help({n: v for _, opts in groups for n, v, _ in opts}, presets, source)
+        raise SystemExit(0)
+
+
+def override(g, argv=None, presets=None, source=None):
     """Apply --name=value arguments (and --preset=NAME) to the module globals g.
 
-    Returns the dict of names that changed, so a demo can print them.
+    Returns the dict of names that changed, so a demo can print them. --help prints the
+    options with the comments of source (default: g's __file__) and exits 0.
     """
     argv = sys.argv[1:] if argv is None else argv
     params = hyperparameters(g)
     valid = ", ".join(sorted(params))
     pairs = []
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print("options (name = default):")
-            for k in sorted(params):
-                print(f"  --{k}={params[k]!r}")
-            if presets:
-                print("presets: " + ", ".join(presets))
+        if arg in HELP_FLAGS:
+            print_help(params, presets and list(presets), source or g.get("__file__"))
             raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             fail(f"arguments look like --name=value, got {arg!r}; valid names: {valid}")
         name, text = arg[2:].split("=", 1)
+        if name not in params and RENAMED.get(name) in params:
+            fail(f"--{name} is now --{RENAMED[name]} (one name in every file)")
         if name not in params:
             fail(f"unknown option --{name}; valid names: {valid}")
         pairs.append((name, text))
     changed = {}
-    preset = dict(pairs).get("preset")
+    # the preset named on the command line, else the file's own `preset` constant: with no
+    # options a file runs exactly what its Python entry point (make_config()) gives
+    preset = dict(pairs).get("preset", g.get("preset"))
     if presets is not None and preset is not None:
         try:
             changed.update(presets[one_of("preset", preset, list(presets))])
@@ -147,7 +231,8 @@ def override(g, argv=None, presets=None):
     return changed
 
 
-def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None):
+def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None,
+        source=None):
     """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors
     become one line, exit 1.
 
@@ -155,7 +240,7 @@ def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=N
     setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
     shell's convention for SIGINT), not a traceback.
     """
-    override(g, argv, presets=presets)
+    override(g, argv, presets=presets, source=source)
     try:
         main()
     except KeyboardInterrupt:
@@ -289,3 +374,62 @@ def hold_dir(folder):
         with contextlib.suppress(FileNotFoundError):
             if lock.read_text().strip() == mine:
                 lock.unlink()
+
+
+# ----------------------------------------------------------------------------- plots
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (files only, no display needed), imported on
+    first use so that a run that never plots never pays for it; None when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path, **kw):
+    """fig as a PNG at path, atomically (never a torn image), then closed."""
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", **kw)
+    finally:
+        plt.close(fig)
+
+
+def log_rows(path):
+    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
+    leaves half a line) and any that are not objects."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                rows.append(row) if isinstance(row, dict) else None
+    return rows
+
+
+LOSS_CURVES = (("loss", "train"), ("val_loss", "val"))  # (log key, label)
+
+
+def plot_log(log_path, png_path, curves=LOSS_CURVES):
+    """A loss curve drawn from the log file on disk (rows with "step" and a finite number
+    under a key of curves): (one line to print, {label: [(step, value), ...]} as read back
+    from the lines drawn). Without matplotlib the line says so and nothing is written."""
+    plt = pyplot()
+    if plt is None:
+        return "plot skipped: matplotlib is not installed (pip install -r requirements.txt)", {}
+    rows = log_rows(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = {}
+    for key, label in curves:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get("step"), (int, float))
+                  and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if points:
+            line, = ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None)
+            drawn[label] = [tuple(xy) for xy in line.get_xydata().tolist()]
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(log_path))
+    ax.legend()
+    save_figure(plt, fig, png_path, dpi=100)
+    return f"loss curve -> {png_path}", drawn

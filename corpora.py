@@ -9,7 +9,9 @@ page or play) that bpe.py trains on and dataloader.py tokenizes into shards:
      .jsonl / .jsonl.gz (a "text" field per line), .parquet (FineWeb's format, needs
      pyarrow), or a folder of them; damage is one line naming the file (and line or row);
   3. downloads, for users with internet: TinyStories, FineWeb-Edu (huggingface_hub, or the
-     dataset viewer's rows API), GPT-2's tokenizer files.
+     dataset viewer's rows API), GPT-2's tokenizer files; and the reference files the tests
+     compare against (GPT-2's vocab and merges, tinyshakespeare), each checked by its sha256:
+     `python corpora.py --fetch=true` puts them in data/ (`python corpora.py` says what is there).
 
 A worked example:
   (folder / "a.txt").write_text("Once upon a time.<|endoftext|>The end.")
@@ -29,6 +31,7 @@ network. Imports only cli and the standard library (pyarrow, huggingface_hub whe
 import codecs
 import contextlib
 import gzip
+import hashlib
 import importlib.resources
 import json
 import re
@@ -43,6 +46,10 @@ from cli import atomic_open  # the one atomic writer (downloads land whole, or n
 EOT = "<|endoftext|>"  # the separator between documents (TinyStories' files; the shards' token stream)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")  # the files a corpus folder may hold
 GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")  # GPT-2's tokenizer, where prepare(tokenizer="gpt2") looks
+
+# python corpora.py --name=value: the reference files (section 4)
+fetch = False            # download the reference files into data_dir (internet)
+data_dir = "data"        # where they go (gitignored); ../shared/data is read the same way
 
 
 # -----------------------------------------------------------------------------
@@ -342,3 +349,70 @@ def download_fineweb(name="fineweb-edu-sample", out="out/data"):
     for path, _ in todo:
         huggingface_hub.hf_hub_download(repo, path, repo_type="dataset", local_dir=local)
     return local
+
+
+# -----------------------------------------------------------------------------
+# 4. The reference files the tests and benchmarks compare against
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
+REFERENCE = {  # file: (source, sha256 of the file as saved; ../shared/data/SHA256SUMS agrees)
+    "gpt2_vocab.json": (GPT2_URL.format("encoder.json"),
+                        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "gpt2_merges.txt": (GPT2_URL.format("vocab.bpe"),  # saved without its "#version" line
+                        "ac33235097fe06d4a8fff0feac994644809e6eb6ab70669e1e9fd40ae032428e"),
+    "tinyshakespeare.txt": (TINYSHAKESPEARE_URL,
+                            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
+
+
+def reference_bytes(name, raw):
+    """The bytes to save for a downloaded reference file, checked: GPT-2's merges lose their
+    "#version" header line; a sha256 other than REFERENCE's is a ValueError naming the file."""
+    if name == "gpt2_merges.txt" and raw.startswith(b"#version"):
+        raw = raw.split(b"\n", 1)[1]
+    got, want = hashlib.sha256(raw).hexdigest(), REFERENCE[name][1]
+    if got != want:
+        raise ValueError(f"{name}: sha256 {got} is not the expected {want}")
+    return raw
+
+
+def reference_status(folder):
+    """{file: "ok", "missing" or the reason it is wrong} for the reference files in folder."""
+    status = {}
+    for name in REFERENCE:
+        path = Path(folder) / name
+        try:
+            reference_bytes(name, path.read_bytes())
+            status[name] = "ok"
+        except FileNotFoundError:
+            status[name] = "missing"
+        except (OSError, ValueError) as e:
+            status[name] = str(e)
+    return status
+
+
+def fetch_reference(folder):
+    """Download each reference file folder lacks (or holds damaged), check its sha256, save it
+    atomically: a failed check leaves nothing behind. Internet; never run in the tests."""
+    for name, state in reference_status(folder).items():
+        if state != "ok":
+            print(f"downloading {REFERENCE[name][0]}")
+            with urllib.request.urlopen(REFERENCE[name][0], timeout=60) as r:
+                data = reference_bytes(name, r.read())
+            with atomic_open(Path(folder) / name) as f:
+                f.write(data)
+        print(f"{Path(folder) / name}: ok")
+
+
+def main():
+    cli.check(globals(), [("data_dir", data_dir != "", "a folder")])
+    if fetch:
+        return fetch_reference(data_dir)
+    for folder in (data_dir, "../shared/data"):
+        for name, state in reference_status(folder).items():
+            print(f"{Path(folder) / name}: {state}")
+    print("python corpora.py --fetch=true downloads what is missing into --data_dir")
+
+
+if __name__ == "__main__":
+    cli.run(main, globals())

@@ -18,8 +18,11 @@ message; on a GPU the same file measures the real thing.
 Run it
   python cuda_primer.py                              # everything, ~10-20 s on a 2-core CPU
   python cuda_primer.py --sections=tiling,flash      # only some sections
-  python cuda_primer.py --out=out                    # plot: out/roofline.png (needs matplotlib)
+  python cuda_primer.py --out_dir=out                # plot: out/roofline.png (needs matplotlib)
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import gc
 import math
 import os
@@ -32,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 from gpt import GPT, PRESETS, train_bytes
 from train import PEAK_FLOPS, device_peak
 
@@ -45,7 +47,7 @@ except ImportError:
 # demo hyperparameters (python cuda_primer.py --name=value)
 device = "auto"          # "auto" (cuda when available), "cpu" or "cuda"
 sections = "all"         # comma list of: device,roofline,tiling,flash,fusion,kernels,profile
-out = "out"              # folder for roofline.png
+out_dir = "out"          # folder for roofline.png
 repeat = 5               # timed runs per measurement; the median is printed
 copy_mb = 0              # buffer of the bandwidth test; 0 = 256 MB on CPU, 1024 MB on GPU
 matmul_sizes = ""        # square matmul sizes; "" = 256,512,1024,2048 (CPU), 1024..8192 (GPU)
@@ -237,29 +239,26 @@ def roofline_table(costs, flops, bw):
 
 
 def plot_roofline(path, costs, flops, bw, title):
-    """Save the roofline with each op on it as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no roofline plot)")
-        return
+    """Save the roofline with each op on it as a PNG, when matplotlib is installed: returns
+    {op name: (intensity, TFLOP/s)} as read back from the points drawn ({} without it)."""
+    plt = cli.pyplot()
+    if plt is None:
+        print("(matplotlib is not installed: no roofline plot; pip install -r requirements.txt)")
+        return {}
     x = np.logspace(-2, 4, 200)
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.loglog(x, np.minimum(flops, x * bw) / 1e12, "k-", label="min(peak, intensity x bandwidth)")
     ax.axvline(flops / bw, color="gray", ls=":", label=f"ridge {flops / bw:.0f} FLOP/byte")
     markers = "osD^v<>ph*XP"
+    drawn = {}
     for i, (name, _, f, b) in enumerate(costs):  # each op at the best its intensity allows
-        ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
+        point, = ax.plot(f / b, min(flops, f / b * bw) / 1e12, markers[i % len(markers)], label=name)
+        drawn[name] = tuple(point.get_xydata()[0].tolist())
     ax.set(xlabel="arithmetic intensity (FLOP/byte)", ylabel="attainable TFLOP/s", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    try:
-        with cli.atomic_open(path) as f:  # whole or not at all: never a torn PNG
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    cli.save_figure(plt, fig, path, dpi=120, bbox_inches="tight")
     print(f"roofline plot -> {path}")
+    return drawn
 
 
 def measure_ceilings(dev):
@@ -292,7 +291,7 @@ def roofline(dev):
           f"{batch_size} x {cfg.block_size} tokens, {nbytes}-byte elements, against the "
           "measured roofline:")
     roofline_table(costs, flops, bw)
-    plot_roofline(Path(out) / "roofline.png", costs, flops, bw,
+    plot_roofline(Path(out_dir) / "roofline.png", costs, flops, bw,
                   f"GPT-2 124M ops on {device_name(dev)}")
 
 
@@ -642,7 +641,7 @@ def check_options():
     sizes = matmul_sizes.split(",") if matmul_sizes else []
     cli.check(globals(), [
         ("device", device != "cuda" or torch.cuda.is_available(), "auto or cpu: torch sees no GPU"),
-        ("out", out != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
+        ("out_dir", out_dir != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
         ("copy_mb", copy_mb >= 0, ">= 0 (0 = the default)"),
         ("matmul_sizes", all(s.strip().isdigit() and int(s) > 0 for s in sizes),
          "positive integers like 512,1024"),

@@ -26,6 +26,9 @@ From another file (gpt.py, train.py do this):
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
 More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import contextlib
 import hashlib
 import importlib.metadata
@@ -46,7 +49,6 @@ import numpy as np
 import torch
 
 import bpe
-import cli
 import corpora  # where text comes from: the plays, file readers, downloads
 from cli import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 
@@ -800,9 +802,10 @@ def main():
           f"{-(-n // batch_size):,} steps of batch {batch_size}")
     loader = DataLoader(train_dir, batch_size, block_size, sampler=sampler, seed=seed)
     x, y = loader.next_batch()
-    print(f"{sampler} sampler, batch x {tuple(x.shape)} {x.dtype}, row 0 decoded (128 tokens at most):\n"
-          + "-" * 60)
-    print(tok.decode(x[0, :128].tolist()))
+    shown = min(128, x.shape[1])  # a long row is cut for the screen
+    print(f"{sampler} sampler, batch x {tuple(x.shape)} {x.dtype}, row 0 decoded ({shown} of its "
+          f"{x.shape[1]} tokens):\n" + "-" * 60)
+    print(tok.decode(x[0, :shown].tolist()))
     print("-" * 60)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 1.0:

@@ -20,16 +20,19 @@ Worked example (one HellaSwag row, 2 endings shown):
 
 Run it
   python evals.py --download=true                       # HellaSwag's val file (internet)
-  python evals.py --model=out/cpu/ckpt_0001500.pt --hellaswag=out/evals/hellaswag_val.jsonl
-  python evals.py --model=gpt2 --hellaswag=out/evals/hellaswag_val.jsonl   # GPT-2 124M from HF
-  python evals.py --model=gpt2 --hellaswag=... --raw=true    # build-nanogpt's text: 29.55%
-  python evals.py --model=gpt2 --tasks=lambada_openai        # any harness task (lm-eval, internet)
+  python evals.py --init=out/cpu/ckpt_0001180.pt --hellaswag=out/evals/hellaswag_val.jsonl
+  python evals.py --init=gpt2 --hellaswag=out/evals/hellaswag_val.jsonl   # GPT-2 124M from HF
+  python evals.py --init=gpt2 --hellaswag=... --raw=true    # build-nanogpt's text: 29.55%
+  python evals.py --init=gpt2 --tasks=lambada_openai        # any harness task (lm-eval, internet)
   python train.py --init=CKPT --eval_only=true --hellaswag=PATH   # the same, from train.py
 
 It prints `hellaswag N examples | acc X | acc_norm Y | acc_tokmean Z` and writes one JSON line
 per example to out_dir/hellaswag.jsonl (ids, log-likelihoods, lengths, predictions), so any
 score can be re-checked by hand.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import json
 import math
 import os
@@ -40,18 +43,17 @@ import torch
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import gpt
 
 # hyperparameters of the demo (python evals.py --name=value)
-model = ""               # a checkpoint (.pt from train.py or gpt.py) or a Hugging Face GPT-2 name
+init = ""                # the model: a checkpoint (.pt from train.py or gpt.py) or a Hugging Face GPT-2 name
 hellaswag = ""           # HellaSwag jsonl (hellaswag_val.jsonl: 10,042 examples)
 limit = 0                # score the first N examples; 0 = all
 raw = False              # build-nanogpt's text: the `ctx` field and endings as they are
 tasks = ""               # lm-evaluation-harness tasks, comma separated (needs lm-eval)
 download = False         # fetch HellaSwag's validation file into out_dir (internet)
-gpt2_dir = "../shared/data"  # GPT-2's vocab and merges files, for --model=gpt2...
+gpt2_dir = "../shared/data"  # GPT-2's vocab and merges files, for --init=gpt2...
 out_dir = "out/evals"
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 threads = 0              # torch CPU threads; 0 = torch's choice
@@ -426,7 +428,7 @@ def load_model(name, gpt2_dir="../shared/data", device="cpu"):
         raise FileNotFoundError(f"no checkpoint at {name} (nor a Hugging Face GPT-2 name)")
     files = [os.path.join(gpt2_dir, f) for f in ("gpt2_vocab.json", "gpt2_merges.txt")]
     if not all(os.path.isfile(f) for f in files):
-        raise FileNotFoundError(f"--model={name} needs GPT-2's gpt2_vocab.json and "
+        raise FileNotFoundError(f"--init={name} needs GPT-2's gpt2_vocab.json and "
                                 f"gpt2_merges.txt in --gpt2_dir={gpt2_dir}")
     m = gpt.GPT.from_pretrained(name)
     return m.to(device).eval(), bpe.Tokenizer.from_gpt2_files(*files)
@@ -452,14 +454,14 @@ def main():
     if download:
         saved = download_hellaswag(out_dir)
         print(f"saved {saved}")
-        if not model:
+        if not init:
             return
         path = path or saved
     if not path and not tasks:
         raise ValueError("nothing to do: pass --hellaswag=PATH and/or --tasks=NAMES "
                          "(or --download=true)")
     examples = read_hellaswag(path, raw, limit) if path else None  # checked first
-    net, tok = load_model(model, gpt2_dir, gpt.pick_device(device))
+    net, tok = load_model(init, gpt2_dir, gpt.pick_device(device))
     if examples is not None:
         run_hellaswag(net, tok, examples, out_dir)
     if tasks:

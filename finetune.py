@@ -24,6 +24,9 @@ Run it
 
 It writes out_dir/finetune/ckpt.pt (gpt.py's checkpoint format) and tokenizer.json beside it.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import copy
 import filecmp
 import glob
@@ -39,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import dataloader
 import gpt
@@ -48,7 +50,7 @@ import train
 
 # ----------------------------------------------------------------------------- hyperparameters
 out_dir = "out"          # where gpt.py / train.py saved; results go to out_dir/finetune
-init_from = ""           # a checkpoint .pt; "" = the newest under out_dir (none: train a tiny one)
+init = ""                # a checkpoint .pt; "" = the newest under out_dir (none: train a tiny one)
 tokenizer = ""           # "" = the tokenizer the checkpoint names
 pretrain_iters = 400     # steps of train.py for a fresh tiny model, when there is no checkpoint
 data = ""                # JSONL conversations; "" = the built-in synthetic tasks
@@ -602,7 +604,7 @@ def read_examples():
 def base_stage():
     """The base model and its tokenizer, grown by the chat tokens: (model, tokenizer, the
     checkpoint's path, its pretraining data folder, the first new token id)."""
-    path = init_from or newest_checkpoint(out_dir)
+    path = init or newest_checkpoint(out_dir)
     if path is None:
         print(f"no checkpoint under {out_dir}/: pretraining a tiny model first "
               f"({pretrain_iters} steps of train.py's cpu preset)")

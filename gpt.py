@@ -24,9 +24,16 @@ What it writes (under --out_dir, default ./out)
                      "format": FORMAT, written atomically; load_checkpoint(path) reads it
                      with weights_only=True
   tokenizer.json     the bpe vocabulary (dataloader.load_tokenizer reads it)
+  gpt_tiny.log.jsonl the loss log, one JSON row a line: {"step", "loss"} (step 1, then every
+                     25) and {"step", "val_loss"} (every eval_interval, and at the end)
+  gpt_tiny.png       the loss curve, train and val, drawn from that log (cli.plot_log)
   .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
 A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
+import json
 import math
 import numbers
 import os
@@ -41,7 +48,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import block
-import cli
 import corpora
 import dataloader
 from block import (Block, BlockConfig, check_fields, make_norm, matmul_params,
@@ -57,7 +63,8 @@ max_iters = 1500
 time_limit = 200.0       # seconds for data preparation + training at most; 0 = no limit
 lr = 3e-3
 weight_decay = 0.1
-eval_iters = 20
+eval_iters = 20          # val batches per val loss
+eval_interval = 250      # steps between val losses (the loss curve's val points; and at the end)
 num_samples = 2
 sample_tokens = 200
 temperature = 0.8
@@ -707,7 +714,7 @@ def run_demo(config, dev, t_start):
     # 3. train, then check the model before anything is written: a diverged run keeps the
     #    old checkpoint (nan weights give a nan validation loss, even when the last loss was not)
     ckpt_path = os.path.join(out_dir, f"gpt_{preset}.pt")
-    t0, it = train_loop(model, train_data, t_start, ckpt_path)
+    t0, it, rows = train_loop(model, train_data, val_data, t_start, ckpt_path)
     val = estimate_loss(model, val_data, eval_iters)
     if not math.isfinite(val) or not all(p.isfinite().all() for p in model.parameters()):
         raise ValueError(diverged("validation loss", val, it, ckpt_path))
@@ -720,6 +727,13 @@ def run_demo(config, dev, t_start):
     tok.save(tok_path)
     save_checkpoint(ckpt_path, model, tokenizer="tokenizer.json", iter=it)
     print(f"saved {ckpt_path} and {tok_path}")
+    # the log, next to the checkpoint (written only now: a diverged run writes nothing), and
+    # the loss curve drawn from it
+    log_path = os.path.join(out_dir, f"gpt_{preset}.log.jsonl")
+    with cli.atomic_open(log_path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows + [{"step": it, "val_loss": val}])
+                .encode())
+    print(cli.plot_log(log_path, os.path.join(out_dir, f"gpt_{preset}.png"))[0])
     # 5. sample
     eot = tok.special_tokens.get(corpora.EOT)
     for i in range(num_samples):
@@ -729,13 +743,14 @@ def run_demo(config, dev, t_start):
         print(tok.decode([t for t in out[0].tolist() if t != eot]).strip())
 
 
-def train_loop(model, train_data, t_start, ckpt_path):
+def train_loop(model, train_data, val_data, t_start, ckpt_path):
     """AdamW, warmup + cosine; the schedule ends at max_iters or at the time limit (data
-    preparation included), whichever comes first. Returns (start time, steps done); a
-    non-finite loss stops it at once."""
+    preparation included), whichever comes first. Returns (start time, steps done, log rows:
+    the train loss at step 1 and every 25, the val loss every eval_interval); a non-finite
+    loss stops it at once."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     deadline = t_start + time_limit if time_limit else math.inf
-    t0, it = time.time(), 0
+    t0, it, rows = time.time(), 0, []
     while it < max_iters and time.time() < deadline:
         # the steps that fit before the deadline at the pace so far (at first: all of them)
         steps = min(max_iters, it / (time.time() - t0) * (deadline - t0)) if it else max_iters
@@ -750,14 +765,17 @@ def train_loop(model, train_data, t_start, ckpt_path):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         it += 1
-        if it % 25 == 0:
+        if it % 25 == 0 or it == 1:  # step 1: the loss of a uniform guess, ln(vocab_size)
             dt = time.time() - t0
+            rows.append({"step": it, "loss": loss.item()})
             print(f"iter {it:4d} | loss {loss.item():.3f} | {it * x.numel() / dt:,.0f} tok/s"
                   f" | {fmt_time(dt / it * max(0, steps - it))} left")
+        if it % eval_interval == 0 and it < max_iters:  # the last one is run_demo's
+            rows.append({"step": it, "val_loss": estimate_loss(model, val_data, eval_iters)})
     if it < max_iters:  # say so: fewer steps end at a higher loss
         print(f"time limit: stopped at step {it} of {max_iters} ({time_limit:g} s, data "
               f"preparation included); --time_limit=0 runs all {max_iters} steps")
-    return t0, it
+    return t0, it, rows
 
 
 def diverged(what, value, step, ckpt_path):
@@ -778,6 +796,7 @@ def check_options():
         ("lr", 0 < lr < math.inf, "finite and > 0"),
         ("weight_decay", 0 <= weight_decay < math.inf, "finite and >= 0"),
         ("eval_iters", eval_iters >= 1, "at least 1"),
+        ("eval_interval", eval_interval >= 1, "at least 1"),
         ("num_samples", num_samples >= 0, ">= 0 (0 = no samples)"),
         ("sample_tokens", sample_tokens >= 1, "at least 1"),
         ("temperature", 0 <= temperature < math.inf, "finite and >= 0 (0 = greedy)"),

@@ -13,6 +13,9 @@ Run it
 
 Every value and gradient here is checked against torch autograd in test_all.py.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import math
 import numbers
 import random
@@ -20,7 +23,6 @@ import time
 
 import numpy as np
 
-import cli
 
 # demo hyperparameters (python micrograd.py --name=value)
 seed = 1337

@@ -9,14 +9,29 @@ What you will learn
   * make_optimizer: which parameters go to which rule, from train.py's options
     (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay).
 
-Run it: train.py uses it (`python train.py --optimizer=muon`); the checks are
+Run it
+  python optim.py            # AdamW and Muon fit the same matrix; the update's singular values
+  python optim.py --steps=50 # before and after Newton-Schulz; a few seconds
+train.py uses it (`python train.py --optimizer=muon`); the checks are
 `python -m pytest test_all.py -k test_optim_`.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import math
 
 import torch
 
 import gpt
+
+# demo hyperparameters (python optim.py --name=value)
+dim = 64                 # the demo fits a dim x dim matrix W to a teacher's
+n_samples = 256          # training inputs (rows of X)
+condition = 100.0        # the inputs' largest scale over their smallest (ill-conditioning)
+steps = 200              # optimizer steps for each of AdamW and Muon
+adamw_lr = 0.1           # the best of 1e-2, 3e-2, 0.1 on this problem
+muon_lr = 0.05           # the best of 0.02, 0.05, 0.1 on this problem
+seed = 0
 
 
 # ----------------------------------------------------------------------------- AdamW
@@ -205,3 +220,60 @@ def make_optimizer(model, c, device_type):
         kw["fused"] = device_type in ("cpu", "cuda")
     return (AdamW if c.optimizer == "ours" else torch.optim.AdamW)(
         gpt.param_groups(model, c.weight_decay), **kw)
+
+
+# ----------------------------------------------------------------------------- demo
+def teacher_problem(gen):
+    """X (n_samples, dim) and Y = X @ T for a random orthogonal T. X's features are correlated:
+    its scales spread log-evenly over [1/condition, 1] along random (not per-coordinate)
+    directions, so the gradient is dominated by a few directions and AdamW's per-weight
+    scaling cannot even them out; Muon's orthogonalization does."""
+    U, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    T, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    S = torch.logspace(0, -math.log10(condition), dim, dtype=torch.float64)
+    X = torch.randn(n_samples, dim, generator=gen, dtype=torch.float64) * S @ U.T
+    return X, X @ T
+
+
+def fit(opt_class, lr, X, Y, **kw):
+    """Least squares from W = 0 with one optimizer, lr decayed linearly to 0 (a constant-size
+    Muon step would circle the minimum at a distance of about lr): the loss at 5 points."""
+    W = torch.nn.Parameter(torch.zeros(dim, dim, dtype=torch.float64))
+    opt = opt_class([dict(params=[W], **kw)], lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps + 1):
+        loss = ((X @ W - Y) ** 2).mean()
+        if step % max(1, steps // 4) == 0 or step == steps:
+            losses.append((step, loss.item()))
+        opt.zero_grad()
+        loss.backward()
+        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+        opt.step()
+    return losses
+
+
+def main():
+    cli.check(globals(), [("dim", dim >= 2, "at least 2"), ("n_samples", n_samples >= 1, "at least 1"),
+                          ("condition", condition >= 1, ">= 1"), ("steps", steps >= 1, "at least 1"),
+                          ("adamw_lr", adamw_lr > 0, "> 0"), ("muon_lr", muon_lr > 0, "> 0")])
+    cli.fits_in_memory(8 * (n_samples * dim * 4 + dim * dim * 12), f"--dim={dim} --n_samples={n_samples}")
+    X, Y = teacher_problem(torch.Generator().manual_seed(seed))
+    W = torch.zeros(dim, dim, dtype=torch.float64, requires_grad=True)
+    ((X @ W - Y) ** 2).mean().backward()
+    before = torch.linalg.svdvals(W.grad)
+    after = torch.linalg.svdvals(newton_schulz(W.grad).double())
+    show = lambda s: ", ".join(f"{v:.3g}" for v in (s[0], s[dim // 4], s[dim // 2], s[-1]))
+    print(f"the first gradient of a {dim} x {dim} least-squares fit (inputs' condition "
+          f"{condition:g}); singular values, largest, 1/4, 1/2, smallest:")
+    print(f"  gradient            {show(before)}   (largest / smallest {before[0] / before[-1]:.3g})")
+    print(f"  after Newton-Schulz {show(after)}   (all in [{after[-1]:.2f}, {after[0]:.2f}])")
+    print("AdamW moves each weight by about lr; Muon moves every singular direction by about lr.")
+    runs = {"AdamW": fit(AdamW, adamw_lr, X, Y, betas=(0.9, 0.95)),
+            "Muon": fit(Muon, muon_lr, X, Y)}
+    print("step  " + "  ".join(f"{name:>10}" for name in runs) + "   (mean squared error)")
+    for i, (step, _) in enumerate(runs["AdamW"]):
+        print(f"{step:4d}  " + "  ".join(f"{r[i][1]:10.3g}" for r in runs.values()))
+
+
+if __name__ == "__main__":
+    cli.run(main, globals())

@@ -10,9 +10,16 @@ What you will learn
     against what this run builds itself (types, keys, lengths, shapes), one line naming the
     file and the field when something does not fit.
 
+Run it
+  python resume.py           # a tiny run straight, then saved at step stop_at, "killed" and
+                             # resumed: the same weights bit for bit; then what each missing
+                             # piece (optimizer moments, RNG) costs. A few seconds.
 train.py uses it (save_run after a step, resume before the loop); test_all.py checks an
-interrupted and resumed run against one that never stopped.
+interrupted and resumed train.py run against one that never stopped.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import contextlib
 import dataclasses
 import glob
@@ -23,7 +30,16 @@ import re
 import numpy as np
 import torch
 
+import corpora
 import gpt
+import optim
+
+# demo hyperparameters (python resume.py --name=value)
+steps = 20               # steps of the tiny run
+stop_at = 10             # the step where the run is saved and "killed"
+dropout = 0.1            # > 0: the forward pass draws random numbers, so the RNG state matters
+seed = 1337
+out_dir = "out/resume"   # the demo's checkpoints
 
 
 # ----------------------------------------------------------------------------- save and read
@@ -186,3 +202,61 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- demo
+def demo_run(data, first, last, path=None, keep=("weights", "optimizer", "rng")):
+    """Train a tiny GPT on the plays' bytes from step `first` to `last`: from scratch, or from
+    the checkpoint at path restoring only the pieces named in keep. data: the text's bytes as
+    a tensor. Batches are drawn with torch's RNG (so is dropout): the position in the data is
+    the RNG's (train.py's loader saves its own, data.pos). Returns (model, last loss)."""
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256,
+                                  pad_vocab=1, dropout=dropout))
+    opt = optim.AdamW(model.parameters(), lr=3e-3)
+    if path:
+        ck = load_run(path)
+        gpt.load_weights_from(model, path, ck) if "weights" in keep else None
+        load_optimizer(path, opt, ck["optimizer"]) if "optimizer" in keep else None
+        set_rng_state(ck["rng"][0]) if "rng" in keep else None
+    for step in range(first, last):
+        i = torch.randint(len(data) - 33, (8,))
+        x, y = (torch.stack([data[j + k:j + k + 32] for j in i]) for k in (0, 1))
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step + 1 == stop_at and not path:
+            save_run(out_dir, step + 1, model, optimizer=opt.state_dict(), scaler={},
+                     rng=[rng_state()], data={"pos": 0})
+    return model, loss.item()
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(),
+                                                          b.state_dict().values()))
+
+
+def main():
+    cli.check(globals(), [("steps", steps >= 2, "at least 2"),
+                          ("stop_at", 1 <= stop_at < steps, f"in [1, --steps={steps})"),
+                          ("dropout", 0 <= dropout < 1, "in [0, 1)"), ("seed", seed >= 0, ">= 0"),
+                          ("out_dir", out_dir != "", "a folder")])
+    with cli.hold_dir(out_dir):
+        for old in checkpoints(out_dir):
+            os.remove(old)  # this demo's own files from an earlier run
+        data = torch.tensor(list(corpora.load_plays()[0].encode()))  # the first play's bytes
+        straight, loss = demo_run(data, 0, steps)
+        path = checkpoints(out_dir)[-1]
+        print(f"straight run: {steps} steps, last loss {loss:.4f}; saved {path} at step {stop_at}")
+        for keep, what in ((("weights", "optimizer", "rng"), "weights + optimizer + RNG"),
+                           (("weights", "rng"), "weights + RNG, fresh optimizer"),
+                           (("weights", "optimizer"), "weights + optimizer, fresh RNG")):
+            resumed, loss = demo_run(data, stop_at, steps, path, keep)
+            d = max_diff(straight, resumed)
+            verdict = "bit for bit the straight run" if d == 0 else f"max |weight diff| {d:.2e}"
+            print(f"killed at {stop_at}, resumed with {what:<32}: last loss {loss:.4f}, {verdict}")
+
+
+if __name__ == "__main__":
+    cli.run(main, globals())

@@ -2,8 +2,9 @@
 
 Each section checks one lesson file against a real reference: gradients against torch autograd
 (float64), the tokenizer against tiktoken and HF tokenizers, the model against HF transformers
-(random init, no download), the optimizer against torch.optim. Tests that need ../shared/data
-skip when it is absent; GPU tests skip without CUDA.
+(random init, no download), the optimizer against torch.optim. Tests that need GPT-2's files
+or tinyshakespeare look in ../shared/data, then data/ (`python corpora.py --fetch=true`), and
+skip naming that command when neither has them; GPU tests skip without CUDA.
 """
 import copy
 import inspect
@@ -28,7 +29,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
-DATA = ROOT.parent / "shared" / "data"
+FETCH = "python corpora.py --fetch=true"  # the command that gets the reference files
+
+
+def data_dir():
+    """The folder with the reference files (GPT-2's vocab and merges, tinyshakespeare):
+    $NANOLLM_DATA when set (NANOLLM_DATA=/nonexistent shows what a fresh clone skips), else
+    ../shared/data when it has them, else data/ (where `python corpora.py --fetch=true` puts
+    them)."""
+    if os.environ.get("NANOLLM_DATA"):
+        return Path(os.environ["NANOLLM_DATA"])
+    shared = ROOT.parent / "shared" / "data"
+    return shared if (shared / "gpt2_vocab.json").exists() else ROOT / "data"
+
+
+DATA = data_dir()
+NO_DATA = f"needs GPT-2's files and tinyshakespeare: run `{FETCH}` (internet) to get them"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -121,14 +137,59 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys):
     assert cli_exit(capsys, ["--items=2"])[0] == 2
 
 
-def test_cli_help_lists_every_option_and_exits_0(capsys):
+def test_cli_help_lists_every_option_and_exits_0(capsys, tmp_path):
     for flag in ("--help", "-h"):
         with pytest.raises(SystemExit) as e:
             cli.override(cli_globals(), ["--n=5", flag], presets={"big": {}})
         assert e.value.code == 0
-        assert capsys.readouterr().out.splitlines() == [
-            "options (name = default):", "  --flag=False", "  --lr=0.001", "  --n=3",
-            "  --name='x'", "  --preset=''", "presets: big"]
+        assert capsys.readouterr().out.splitlines()[1:] == [
+            "options:", "  --flag=False", "  --lr=0.001", "  --n=3", "  --name='x'",
+            "  --preset=''", "presets (--preset=NAME is applied first, explicit options win): big"]
+    # with the source: its headings and comments, in file order (a continued comment joined)
+    src = tmp_path / "lesson.py"
+    src.write_text('"""doc"""\nimport os\n\n# ---- data\nn = 3   # how many\n'
+                   'name = "x"  # a name,\n            # said on two lines\n\n'
+                   '# optimization\nlr = 1e-3\nflag = False  # on or off\n\n   # not about flag\n'
+                   'LIMIT = 4  # not an option\nPRESETS = {"big": dict(n=100)}\n')
+    with pytest.raises(SystemExit):
+        cli.help_if_asked("__main__", src, ["-h"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines == ["data:", f"  {'--n=3':<28} how many",
+                     f"  {chr(45) * 2 + 'name=' + repr('x'):<28} a name, said on two lines",
+                     "optimization:", "  --lr=0.001", f"  {'--flag=False':<28} on or off",
+                     "presets (--preset=NAME is applied first, explicit options win): big"]
+    cli.help_if_asked("lesson", src, ["-h"])  # imported, not run: nothing printed, no exit
+    assert capsys.readouterr().out == ""
+
+
+HELP_FILES = ("micrograd", "bpe", "dataloader", "block", "gpt", "train", "evals", "finetune",
+              "chat", "cuda_primer", "bench")
+
+
+def test_cli_help_of_every_file_explains_each_option_without_importing_torch():
+    """`python FILE.py --help` answers from the file's text: every option with its default
+    and its comment, exit 0, and torch never imported (-X importtime lists every import), so
+    help is quick however heavy the lesson's imports are."""
+    procs = {f: subprocess.Popen([sys.executable, "-X", "importtime", f"{f}.py", "--help"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for f in HELP_FILES}
+    for f, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (f, err[-500:])
+        assert not re.search(r"\| +torch$", err, re.M), f"{f}.py --help imported torch"
+        module = __import__(f)
+        for name, value in cli.hyperparameters(vars(module)).items():
+            assert f"--{name}={value!r}" in out, (f, name)
+    c = train.make_config()
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert re.search(r"--optimizer='muon' +\"muon\" \(Muon for the hidden matrices, our AdamW "
+                     r"for the rest\), \"ours\" \(AdamW", out), out
+    assert f"--max_iters={c.max_iters} " in out  # the defaults shown are what a run uses
+    headings = [line for line in out.splitlines() if line.endswith(":") and " --" not in line]
+    assert headings[1:3] == ["data:", "model: the architecture family comes from gpt.PRESETS, "
+                                      "the size from here:"]
+    assert out.rstrip().endswith(", ".join(train.PRESETS_TRAIN))
 
 
 def test_cli_preset_first_then_explicit_overrides_win(capsys):
@@ -141,6 +202,73 @@ def test_cli_preset_first_then_explicit_overrides_win(capsys):
         2, "error: unknown preset 'huge'; valid presets: big, odd")
     assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
         "error: preset sets unknown option 'nope'")
+
+
+def test_cli_old_option_names_are_refused_naming_the_new_one(capsys):
+    """One name per idea in every file: the starting checkpoint is --init (evals.py said
+    --model, finetune.py --init_from), an output folder --out_dir (cuda_primer.py said --out).
+    The old spelling is one line naming the new, exit 2; a file where the old name is still
+    the option (bench.py's --out, a file) keeps it."""
+    for module, old, new in ((evals, "model", "init"), (ft, "init_from", "init"),
+                             (cuda_primer, "out", "out_dir")):
+        g = cli.hyperparameters(vars(module))
+        assert new in g and old not in g, module.__name__
+        with pytest.raises(SystemExit) as e:
+            cli.override(g, [f"--{old}=x"])
+        assert (e.value.code, capsys.readouterr().err) == (
+            2, f"error: --{old} is now --{new} (one name in every file)\n")
+    for module in (train, ch, evals, ft):  # the starting checkpoint: one name
+        assert "init" in cli.hyperparameters(vars(module)), module.__name__
+    import bench
+    assert cli.override(cli.hyperparameters(vars(bench)), ["--out=x.json"]) == {"out": "x.json"}
+
+
+DOC_COMMAND = re.compile(r"(?:python3?|torchrun(?: --\S+)*) +(\S+\.py)((?:[ \t]+(?:\\\n\s*)?\S+)*)")
+PLACEHOLDER = re.compile(r"\.\.\.|<\w+>|\b[A-Z]{3,}\b")  # --data=... --init=CKPT out/<key>/
+
+
+def documented_commands():
+    """Every `python FILE.py --name=value ...` (and torchrun's) in README.md, docs/*.md and
+    the lesson files' docstrings: (where, file, [(name, value or None), ...])."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = [(p.name, p.read_text()) for p in sources]
+    texts += [(p.name, inspect.getdoc(__import__(p.stem)) or "") for p in sorted(ROOT.glob("*.py"))
+              if p.stem not in ("test_all", "conftest")]
+    for where, text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            for m in DOC_COMMAND.finditer(line):
+                args = re.split(r"[`|#)]", m[2], maxsplit=1)[0].split()
+                yield where, m[1], [tuple(a[2:].split("=", 1)) if "=" in a else (a[2:], None)
+                                    for a in args if a.startswith("--")]
+
+
+def test_cli_every_documented_command_uses_real_options():
+    """Docs cannot drift: each command in the README, docs/ and the docstrings names a file
+    that exists, options that file has, values of the option's type, and a valid preset or
+    section. FILE.py is the README's placeholder for any file."""
+    import bench
+    choices = {("train", "preset"): train.PRESETS_TRAIN, ("gpt", "preset"): gpt.PRESETS,
+               ("block", "preset"): block.PRESETS, ("bench", "only"): bench.SECTIONS,
+               ("cuda_primer", "sections"): cuda_primer.SECTIONS}
+    seen = 0
+    for where, file, options in documented_commands():
+        if file == "FILE.py":
+            continue
+        assert (ROOT / file).is_file(), f"{where}: python {file}: no such file"
+        stem = Path(file).stem
+        params = cli.hyperparameters(vars(__import__(stem)))
+        for name, value in options:
+            seen += 1
+            if name == "help":
+                continue
+            assert name in params, f"{where}: python {file} --{name}: no such option"
+            if value is None or PLACEHOLDER.search(value):
+                continue
+            cli.parse_value(name, value, params[name])  # a ValueError names the option
+            names = choices.get((stem, name))
+            for v in (value.split(",") if names is not None and value != "all" else []):
+                assert v in names, f"{where}: python {file} --{name}={value}: no {v!r}"
+    assert seen > 50  # the pattern still finds the commands
 
 
 def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
@@ -958,7 +1086,7 @@ def test_micrograd_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
 # bpe: tests for bpe.py: ids against tiktoken and HF tokenizers, trainers, files, bad input.
 # ======================================================================
 
-needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data")
+needs_data = pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason=NO_DATA)
 
 HARD = [
     "", "Hello world", "  leading spaces", "trailing   ", "\n", "\n\n\n", "a\n\n  b", "a \n b",
@@ -1689,7 +1817,7 @@ def test_data_split_documents():
 def test_data_char_split_equals_nanogpt(tmp_path):
     path = DATA / "tinyshakespeare.txt"
     if not path.exists():
-        pytest.skip("shared data absent")
+        pytest.skip(NO_DATA)
     # nanoGPT's data/shakespeare_char/prepare.py, written out as the reference
     data = path.read_text()
     chars = sorted(list(set(data)))
@@ -2191,6 +2319,48 @@ def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match="needs huggingface_hub"):
         corpora.download_fineweb("fineweb-edu-sample", tmp_path)
+
+
+def test_data_reference_fetch_checks_each_file_offline(tmp_path, monkeypatch, capsys):
+    """python corpora.py --fetch=true, with urlopen answered by the test (no network): a file
+    already right is not fetched, the merges lose their #version line, a wrong sha256 saves
+    nothing and is one ValueError naming the file; `python corpora.py` reports each file."""
+    import hashlib
+    import urllib.request
+    saved = {"gpt2_vocab.json": b'{"a": 0}', "gpt2_merges.txt": b"a b\n", "tinyshakespeare.txt": b"To be"}
+    served = dict(saved, **{"gpt2_merges.txt": b"#version: 0.2\na b\n"})
+    monkeypatch.setattr(corpora, "REFERENCE", {n: (f"http://test/{n}", hashlib.sha256(b).hexdigest())
+                                               for n, b in saved.items()})
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url.rsplit("/", 1)[1])
+        return io.BytesIO(served[fetched[-1]])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "gpt2_vocab.json").write_bytes(saved["gpt2_vocab.json"])
+    (folder / "tinyshakespeare.txt").write_bytes(b"To be?")  # damaged: fetched again
+    assert corpora.reference_status(folder) == {
+        "gpt2_vocab.json": "ok", "gpt2_merges.txt": "missing",
+        "tinyshakespeare.txt": f"tinyshakespeare.txt: sha256 {hashlib.sha256(b'To be?').hexdigest()} "
+                               f"is not the expected {corpora.REFERENCE['tinyshakespeare.txt'][1]}"}
+    corpora.fetch_reference(folder)
+    assert fetched == ["gpt2_merges.txt", "tinyshakespeare.txt"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == saved
+    served["gpt2_vocab.json"] = b"{}"  # the server sends something else: nothing is saved
+    with pytest.raises(ValueError, match=r"^gpt2_vocab.json: sha256 \w+ is not the expected"):
+        corpora.fetch_reference(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setattr(corpora, "data_dir", str(folder))
+    corpora.main()
+    assert capsys.readouterr().out.startswith(f"{folder}/gpt2_vocab.json: ok\n")
+
+
+@needs_data
+def test_data_reference_hashes_are_the_reference_files():
+    """The sha256 the fetch checks are those of the files the tests compare against."""
+    assert set(corpora.reference_status(DATA).values()) == {"ok"}
 
 
 def run_dataloader(monkeypatch, capsys, argv):
@@ -2977,7 +3147,7 @@ def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkey
     small_demo(monkeypatch, corpus, tmp_path)
     gpt.main()
     before = files_of(tmp_path)
-    assert sorted(before) == ["gpt_tiny.pt", "tokenizer.json"]
+    assert sorted(before) == ["gpt_tiny.log.jsonl", "gpt_tiny.png", "gpt_tiny.pt", "tokenizer.json"]
     # nan at step 2; with 1 step the loss is still finite, the update is not (val loss)
     for iters, what in ((2, "loss"), (1, "validation loss")):
         small_demo(monkeypatch, corpus, tmp_path, max_iters=iters, lr=1e30)
@@ -2986,6 +3156,34 @@ def test_gpt_demo_diverged_run_keeps_the_old_checkpoint(corpus, tmp_path, monkey
                                              rf" was saved, {tmp_path / 'gpt_tiny.pt'} is as it"):
             gpt.main()
         assert files_of(tmp_path) == before, iters
+
+
+def test_gpt_demo_writes_its_log_and_draws_the_loss_curve_from_it(corpus, tmp_path, monkeypatch,
+                                                                   capsys):
+    """python gpt.py: the log next to the checkpoint starts at step 1 with the loss of a
+    uniform guess (ln vocab: the README's "from ~6.2" for 512 ids), val every eval_interval and
+    at the end; gpt_tiny.png is a PNG whose curves hold exactly the log's rows."""
+    small_demo(monkeypatch, corpus, tmp_path, max_iters=6, eval_interval=3)
+    gpt.main()
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "gpt_tiny.log.jsonl").read_text().splitlines()]
+    vocab = gpt.load_checkpoint(tmp_path / "gpt_tiny.pt")[0].config.vocab_size
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(vocab), rel=0.05)
+    assert "iter    1 | loss " in out and f"loss curve -> {tmp_path / 'gpt_tiny.png'}" in out
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert (tmp_path / "gpt_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, drawn = cli.plot_log(tmp_path / "gpt_tiny.log.jsonl", tmp_path / "again.png")
+    assert drawn == {label: [(r["step"], r[key]) for r in rows if key in r]
+                     for key, label in (("loss", "train"), ("val_loss", "val"))}
+
+
+def test_gpt_demo_defaults_are_the_tiny_preset_exactly():
+    """One configuration path: `python gpt.py` builds get_config(preset, block_size=...,
+    vocab_size=...) from its constants; with no options that is the "tiny" preset itself."""
+    assert gpt.preset == "tiny"
+    assert gpt.get_config(gpt.preset, block_size=gpt.block_size,
+                          vocab_size=gpt.vocab_size) == gpt.PRESETS["tiny"]
+    assert cli.override(cli.hyperparameters(vars(gpt)), []) == {}  # nothing applied on top
 
 
 def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
@@ -3003,7 +3201,7 @@ def test_gpt_demo_holds_its_output_folder(corpus, tmp_path, monkeypatch):
         other.kill()
         other.wait()
     gpt.main()  # the other run is gone: its lock is taken over, ours released at the end
-    assert sorted(files_of(tmp_path)) == ["gpt_tiny.pt", "tokenizer.json"]
+    assert sorted(files_of(tmp_path)) == ["gpt_tiny.log.jsonl", "gpt_tiny.png", "gpt_tiny.pt", "tokenizer.json"]
 
 
 @pytest.mark.parametrize("option,value,message", [
@@ -3182,7 +3380,8 @@ def tiny(corpus, out_dir, **kw):
              out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8,
              max_iters=20, warmup_iters=3, lr=3e-3, min_lr=3e-4, eval_iters=2,
              eval_interval=1000, save_interval=1000, log_interval=1, sample_tokens=0,
-             device="cpu", optimizer="ours", threads=1)  # 1 thread: tiny matmuls, shared CPUs
+             device="cpu", optimizer="ours", threads=1,  # 1 thread: tiny matmuls, shared CPUs
+             plot=False)  # the plot has its own test
     c.update(kw)
     return train.make_config(**c)
 
@@ -3353,6 +3552,28 @@ def test_optim_muon_groups_hidden_matrices_only():
         optim.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_optim_demo_runs_equal_torch_optim_and_muon_wins_at_the_defaults(monkeypatch):
+    """python optim.py: its AdamW and Muon fits equal torch.optim's on the same problem, Muon
+    ends far below AdamW at the defaults (the demo's point), Newton-Schulz lifts the gradient's
+    singular values into the band; a short run prints its table, a wrong option exits 2."""
+    X, Y = optim.teacher_problem(torch.Generator().manual_seed(optim.seed))
+    T = torch.linalg.lstsq(X, Y).solution
+    assert torch.allclose(T.T @ T, torch.eye(optim.dim, dtype=torch.float64), atol=1e-8)
+    def losses(*args, **kw):
+        return [loss for _, loss in optim.fit(*args, X, Y, **kw)]
+    ours = losses(optim.AdamW, optim.adamw_lr, betas=(0.9, 0.95))
+    assert ours == pytest.approx(losses(torch.optim.AdamW, optim.adamw_lr, betas=(0.9, 0.95)),
+                                 rel=1e-9)
+    muon = losses(optim.Muon, optim.muon_lr)
+    assert muon == pytest.approx(losses(torch.optim.Muon, optim.muon_lr), rel=1e-6)
+    assert muon[-1] < ours[-1] / 10 and len(muon) == 5
+    runs = [subprocess.run([sys.executable, "optim.py", *a], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300) for a in (["--steps=4", "--dim=8"], ["--nope=1"])]
+    assert runs[0].returncode == 0 and "after Newton-Schulz" in runs[0].stdout, runs[0].stderr
+    assert runs[0].stdout.splitlines()[-1].startswith("   4  ")  # the table's last row
+    assert (runs[1].returncode, runs[1].stderr.count("\n")) == (2, 1)
+
+
 # ----------------------------------------------------------------------------- schedule
 def test_train_lr_schedules_match_formulas():
     assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
@@ -3461,10 +3682,9 @@ def test_train_activation_checkpointing_gives_the_same_gradients():
 def test_train_gpt2_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="--gpt2_dir"):
         train.gpt2_tokenizer_file(str(tmp_path), str(tmp_path / "tok.json"))
-    data = ROOT.parent / "shared" / "data"
-    if not (data / "gpt2_vocab.json").exists():
-        pytest.skip("needs ../shared/data")
-    path = train.gpt2_tokenizer_file(str(data), str(tmp_path / "tok.json"))
+    if not (DATA / "gpt2_vocab.json").exists():
+        pytest.skip(NO_DATA)
+    path = train.gpt2_tokenizer_file(str(DATA), str(tmp_path / "tok.json"))
     tok = train.bpe.Tokenizer.load(path)
     assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids (as tiktoken gives them)
@@ -3473,9 +3693,28 @@ def test_train_gpt2_tokenizer_files(tmp_path):
 def test_train_plot_without_matplotlib_is_one_note(tmp_path, monkeypatch):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as when not installed
-    note = train.write_plot(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
-    assert note.startswith("plot skipped: matplotlib is not installed")
+    note, drawn = cli.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    assert note.startswith("plot skipped: matplotlib is not installed") and drawn == {}
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_train_run_draws_its_loss_curve_from_log_jsonl(corpus, tmp_path, capsys):
+    """train.py's default: loss.png next to the checkpoints, a PNG whose train and val curves
+    hold exactly the log's rows (read back from the lines drawn); a damaged last row (a run
+    killed mid-write) is skipped, not a crash."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_iters=6, eval_interval=3, log_interval=2, plot=True))
+    printed = capsys.readouterr().out
+    assert printed.count(f"loss curve -> {out / 'loss.png'}") == 1
+    assert "6 steps | preset cpu, optimizer ours" in printed  # what runs, said at the start
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.')  # half a row
+    _, drawn = cli.plot_log(out / "log.jsonl", out / "again.png")
+    assert drawn == {label: [(r["step"], r[key]) for r in rows if key in r]
+                     for key, label in (("loss", "train"), ("val_loss", "val"))}
+    assert [s for s, _ in drawn["val"]] == [3, 6] and len(drawn["train"]) >= 3
 
 
 def test_train_compiled_and_ddp_prefixes_are_stripped():
@@ -4065,6 +4304,42 @@ def test_train_cli_bad_options_table(corpus, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_train_command_line_resolves_the_config_make_config_gives(monkeypatch):
+    """One configuration path: `python train.py [options]` trains exactly make_config(same
+    options), the default preset included (a command line without --preset once applied no
+    preset: fused AdamW for 1,500 steps instead of the cpu preset's Muon for 1,180)."""
+    seen = []
+    monkeypatch.setattr(train, "command", lambda options: seen.append(train.config(options)))
+    for argv, kw in (([], {}), (["--lr=1e-3"], {"lr": 1e-3}),
+                     (["--preset=laptop-8gb", "--max_iters=7"], dict(preset="laptop-8gb", max_iters=7)),
+                     (["--max_iters=7", "--preset=cpu"], dict(preset="cpu", max_iters=7)),
+                     (["--optimizer=fused"], dict(optimizer="fused"))):
+        train.main(argv)
+        assert vars(seen.pop()) == vars(train.make_config(**kw)), argv
+    c = train.make_config()
+    assert (c.preset, c.optimizer, c.max_iters) == ("cpu", "muon", 1180)  # the README's promise
+    for name, value in train.PRESETS_TRAIN[train.preset].items():  # --help shows the constants:
+        assert getattr(train, name) == value, name                  # they are the default's
+
+
+def test_resume_demo_resumes_bit_for_bit_and_shows_each_missing_piece(monkeypatch, tmp_path,
+                                                                      capsys):
+    """python resume.py: the run killed at stop_at and resumed with weights, optimizer and RNG
+    ends with the straight run's weights exactly; a fresh optimizer or a fresh RNG does not
+    (dropout and the batches draw from the RNG); a wrong option exits 2."""
+    for name, value in (("out_dir", str(tmp_path / "r")), ("steps", 6), ("stop_at", 3)):
+        monkeypatch.setattr(resume, name, value)
+    resume.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].endswith("ckpt_0000003.pt at step 3"), lines
+    assert lines[1].endswith("bit for bit the straight run"), lines[1]
+    assert all(re.search(r"max \|weight diff\| [1-9]", line) for line in lines[2:]), lines
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["ckpt_0000003.pt"]
+    p = subprocess.run([sys.executable, "resume.py", "--stop_at=1.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert (p.returncode, p.stderr) == (2, "error: --stop_at expects int, got '1.5'\n")
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
@@ -4504,7 +4779,7 @@ def test_finetune_main_runs_and_saves_a_loadable_checkpoint(finetune_base, tmp_p
     chats.write_text("".join(json.dumps({"messages": chat(q, a), "rejected": q}) + "\n"
                              for q, a in [("sun moon", "moon sun"), ("king lord", "lord king"),
                                           ("war peace", "peace war")]))
-    finetune_base(data=str(chats), method="full", init_from=str(tmp_path / "gpt_tiny.pt"),
+    finetune_base(data=str(chats), method="full", init=str(tmp_path / "gpt_tiny.pt"),
                   batch_size=1, num_samples=0)
     out = capsys.readouterr().out
     assert "2 training conversations, 1 held out" in out and "== DPO:" in out, out
@@ -4545,7 +4820,7 @@ def test_finetune_nan_loss_stops_before_anything_is_saved(finetune_base, tmp_pat
     ("tasks", ",", "no task named; valid tasks: add, reverse, count, quote"),
 ])
 def test_finetune_bad_options_fail_before_loading(monkeypatch, tmp_path, option, value, message):
-    monkeypatch.setattr(ft, "init_from", str(tmp_path / "missing.pt"))  # loading would fail
+    monkeypatch.setattr(ft, "init", str(tmp_path / "missing.pt"))  # loading would fail
     monkeypatch.setattr(ft, option, value)
     with pytest.raises(ValueError) as e:
         ft.main()
@@ -4749,6 +5024,18 @@ def test_primer_op_table_rows_by_hand():
     }
 
 
+def test_primer_roofline_plot_is_a_png_with_each_op_where_the_table_puts_it(tmp_path):
+    """out_dir/roofline.png: a PNG, one point per op of the table at (intensity, the roofline
+    there), read back from the points drawn."""
+    costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
+    flops, bw = 989.4e12, 3.35e12
+    drawn = cuda_primer.plot_roofline(tmp_path / "roofline.png", costs, flops, bw, "test")
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(drawn) == [name for name, *_ in costs]
+    for name, _, f, b in costs:
+        assert drawn[name] == pytest.approx((f / b, min(flops, f / b * bw) / 1e12), rel=1e-12)
+
+
 def test_primer_roofline_table_gives_the_readme_figures(capsys):
     # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
     flops, bw = 765e12, 2981e9
@@ -4864,7 +5151,7 @@ def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
 @pytest.mark.parametrize("option, value, message", [
     ("sections", "tiling,", "unknown section ''; valid sections: device, roofline, tiling, "),
     ("device", "gpu", "unknown device 'gpu'; valid devices: auto, cpu, cuda"),
-    ("out", "", "--out='': must be a folder name"),
+    ("out_dir", "", "--out_dir='': must be a folder name"),
     ("repeat", 0, "--repeat=0: must be at least 1"),
     ("batch_size", 0, "--batch_size=0: must be at least 1"),
     ("tile_n", 0, "--tile_n=0: must be between 1 and 128"),
@@ -4911,7 +5198,7 @@ def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
     table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
              ("--tile_n=100000", 1, "error: --tile_n=100000: must be between 1 and 128"),
              ("--attn_t=100000", 1, "error: --attn_t=100000 would need ")]  # the rest: in-process
-    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out={tmp_path}",
+    runs = [subprocess.Popen([sys.executable, "cuda_primer.py", "--device=cpu", f"--out_dir={tmp_path}",
                               option], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for option, _, _ in table]
     for (option, code, start), p in zip(table, runs):
@@ -5160,6 +5447,8 @@ def test_chat_main_finds_the_newest_checkpoint_and_names_missing_files(chat_file
 
 
 def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
+    """Piped prompts: each echoed after the prompt sign on stdout, then its answer, so answers
+    do not run together; errors and stats on stderr."""
     path = chat_files / "chat" / "gpt_tiny.pt"
     p = subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--init={path}", "--device=cpu",
                         "--threads=1", "--max_new_tokens=6", "--temperature=0", "--seed=1"],
@@ -5171,7 +5460,8 @@ def test_chat_cli_piped_stdin_answers_and_exits_0_at_eof(chat_files):
     assert err[-1] == "error: /temp -1: temperature must be a finite number >= 0 (0 = greedy), got -1.0"
     s = chat_session(chat_files / "chat", max_new_tokens=6)
     reply = expected_reply(s, s.prompt("king queen"), 0)
-    assert p.stdout == s.tok.decode([t for t in reply if t not in s.stop]) + "\n"
+    assert p.stdout == ("you> king queen\n" + s.tok.decode([t for t in reply if t not in s.stop])
+                        + "\nyou> /temp -1\n")
 
 
 @needs_cuda
@@ -5222,15 +5512,14 @@ HS_DOCS = [  # WikiHow-style tags, ctx_b to capitalize, a context longer than bl
 
 
 @pytest.fixture(scope="module")
-def hf_tiny():
-    """A random 2-layer GPT-2 with the real 50,257-token vocabulary and a 64-token context, the
-    same weights in transformers and in our GPT (from_hf), and GPT-2's tokenizer."""
-    if not (DATA / "gpt2_vocab.json").exists():
-        pytest.skip("needs ../shared/data")
+def hf_tiny(trained):
+    """A random 2-layer GPT-2 with a 64-token context, the same weights in transformers and in
+    our GPT (from_hf), and a 1,200-token BPE trained by the test itself (bpe's `trained`):
+    log-likelihoods need a tokenizer, not GPT-2's, so these checks never skip."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()
-    tok = Tokenizer.from_gpt2_files(DATA / "gpt2_vocab.json", DATA / "gpt2_merges.txt")
-    return hf, GPT.from_hf(hf).eval(), tok
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                    vocab_size=trained.vocab_size)).eval()
+    return hf, GPT.from_hf(hf).eval(), trained
 
 
 def hf_loglikelihood(hf, ctx_ids, cont_ids, block):
@@ -5530,14 +5819,14 @@ def test_evals_harness_rolling_and_generate(hf_tiny):
 
 
 def test_evals_script_line_and_errors(corpus, tmp_path):
-    """python evals.py --model=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
+    """python evals.py --init=CKPT --hellaswag=PATH: the line on stdout, exit 0; a bad file:
     one line on stderr, exit 1, nothing written."""
     r = train.train(tiny(corpus, tmp_path / "run", max_iters=2, save_interval=2))
     good = write_jsonl(tmp_path / "hs.jsonl", hs_text_docs(3))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(hs_text_docs(1)[0]) + "\n[]\n")
     for path, out in ((good, tmp_path / "a"), (bad, tmp_path / "b")):
-        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={r['checkpoint']}",
+        p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--init={r['checkpoint']}",
                             f"--hellaswag={path}", f"--out_dir={out}", "--device=cpu", "--threads=1"],
                            capture_output=True, text=True, timeout=120)
         if path == good:

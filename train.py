@@ -21,10 +21,14 @@ Run it
   torchrun --nproc_per_node=8 train.py --preset=gpu-80gb --data=my_corpus/
   python train.py --help               # every constant below is an --name=value option
 
-A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the same command
+A run writes out_dir/ckpt_*.pt (the last few), out_dir/log.jsonl and out_dir/loss.png (the
+curve drawn from that log, cli.plot_log; --plot=false skips it); run the same command
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
 One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
+import cli  # first: --help is answered from this file's text, before torch loads
+cli.help_if_asked(__name__, __file__)
+
 import contextlib
 import dataclasses
 import functools
@@ -45,7 +49,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
-import cli
 import evals
 import gpt
 import optim
@@ -80,7 +83,7 @@ logit_softcap = 0.0      # C > 0: logits = C * tanh(logits / C)
 # optimization
 batch_size = 16          # sequences per micro-batch, per process
 grad_accum = 1           # micro-batches per optimizer step, over all processes together
-max_iters = 1500
+max_iters = 1180         # the cpu preset's (see PRESETS_TRAIN): Muon's steps in AdamW's 1,500's time
 lr = 2e-3
 min_lr = 2e-4
 schedule = "cosine"      # "cosine" or "wsd" (warmup, stable, then a linear decay)
@@ -90,8 +93,8 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0          # max gradient norm; 0 = no clipping (the norm is still logged)
-optimizer = "fused"      # "ours" (written out below), "torch", "fused" (torch, one kernel) or
-                         # "muon" (Muon for the hidden matrices, our AdamW for the rest)
+optimizer = "muon"       # "muon" (Muon for the hidden matrices, our AdamW for the rest), "ours"
+                         # (AdamW written out in optim.py), "torch", "fused" (torch, one kernel)
 muon_lr = 0.02           # optimizer="muon": peak lr of the Muon matrices (follows the schedule)
 muon_momentum = 0.95
 muon_weight_decay = 0.0
@@ -112,7 +115,7 @@ out_dir = "out/cpu"
 save_interval = 500      # steps between checkpoints (and at the end)
 keep_checkpoints = 3     # the newest K are kept
 init = "auto"            # "auto" (resume if out_dir has a checkpoint), "scratch", or a .pt path
-plot = False             # write out_dir/loss.png at the end (needs matplotlib)
+plot = True              # write out_dir/loss.png from log.jsonl at the end (matplotlib)
 hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); "" = off
 hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
 hellaswag_limit = 0      # score only the first N examples; 0 = all
@@ -124,7 +127,7 @@ GPU_16GB = dict(
     n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
     batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
     beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
-    log_interval=10, save_interval=1000, out_dir="out/gpu-16gb")
+    log_interval=10, save_interval=1000, optimizer="fused", out_dir="out/gpu-16gb")
 
 # nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
 SHAKESPEARE_BASELINE = dict(
@@ -134,7 +137,7 @@ SHAKESPEARE_BASELINE = dict(
     dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
     save_interval=2000, out_dir="out/shakespeare-char-baseline")
 
-# Named presets; the defaults above are "cpu". The GPU ones need --gpt2_dir (GPT-2's vocab
+# Named presets; the defaults above are "cpu" (a test holds them equal, so --help is true). The GPU ones need --gpt2_dir (GPT-2's vocab
 # and merges files) and, for a real run, --data with a few GB of text.
 PRESETS_TRAIN = {
     # the plays, char-level, 4 x 128: Muon for the hidden matrices (optim.py). In the wall
@@ -144,7 +147,7 @@ PRESETS_TRAIN = {
     "laptop-8gb": dict(  # 11.5M parameters; peak RSS 1.5 GiB measured, BPE training included
         n_layer=6, n_head=6, n_embd=384, block_size=256, tokenizer="bpe", vocab_size=2048,
         batch_size=8, grad_accum=2, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-        dropout=0.1, eval_interval=250, save_interval=250, log_interval=10,
+        dropout=0.1, eval_interval=250, save_interval=250, log_interval=10, optimizer="fused",
         out_dir="out/laptop-8gb"),
     "gpu-16gb": GPU_16GB,
     "gpu-80gb": dict(GPU_16GB, batch_size=32, grad_accum=16, out_dir="out/gpu-80gb"),  # 24.7 GiB
@@ -366,7 +369,7 @@ def summarize(c, s, meter, step, val, sample, last_ckpt, signals, logged):
     if sample is not None:
         summary["sample"] = sample
     if s.rank == 0 and c.plot:
-        s.say(write_plot(s.log_path, os.path.join(c.out_dir, "loss.png")))
+        s.say(cli.plot_log(s.log_path, os.path.join(c.out_dir, "loss.png"))[0])
     return summary
 
 
@@ -453,7 +456,8 @@ def build(c, rank, world, dev):
     say(f"model: {raw.num_params() / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} MFLOPs "
         f"per token | data: {loader.windows:,} train windows, vocab {tok.vocab_size}")
     say(f"device: {peak_name} x{world}, {str(ptdtype)[6:]}, {tokens_per_step:,} tokens per step "
-        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps")
+        f"({c.batch_size} x {c.block_size} x {accum * world} micro-batches), {c.max_iters} steps"
+        f" | preset {c.preset}, optimizer {c.optimizer}")
     return s
 
 
@@ -486,7 +490,7 @@ def write_log(s, row):
 
 def trim_log(log_path, step):
     """Keep the rows of log.jsonl up to step (all of them go for a fresh run), atomically."""
-    rows = log_rows(log_path) if step and os.path.exists(log_path) else []
+    rows = cli.log_rows(log_path) if step and os.path.exists(log_path) else []
     with cli.atomic_open(log_path) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
@@ -725,38 +729,6 @@ def peak_memory(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
-def log_rows(path):
-    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
-    leaves half a line)."""
-    rows = []
-    for line in open(path):
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def write_plot(log_path, png_path):
-    """A loss curve from the JSONL log (needs matplotlib); returns a one-line note."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    rows = log_rows(log_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "val")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set(xlabel="step", ylabel="loss (nats per token)")
-    ax.legend()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-    return f"wrote {png_path}"
-
-
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     """The command line, python train.py --name=value ...; main(["--max_iters=10"]) from Python.
@@ -765,7 +737,7 @@ def main(argv=None):
     loop saves a checkpoint first, then exits 128 + its number."""
     options = cli.hyperparameters(globals())  # a copy: the module's constants stay as they are
     cli.run(functools.partial(command, options), options, presets=PRESETS_TRAIN, argv=argv,
-            errors=(ValueError, OSError, ImportError, FloatingPointError))
+            errors=(ValueError, OSError, ImportError, FloatingPointError), source=__file__)
 
 
 def command(options):
