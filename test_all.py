@@ -3353,6 +3353,36 @@ def test_optim_muon_groups_hidden_matrices_only():
         optim.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_optim_muon_options_reach_their_own_groups():
+    """train.py's --muon_momentum and --muon_weight_decay set the Muon group, --weight_decay
+    and --beta1/--beta2 only the AdamW groups: 3 steps of make_optimizer's Muon (options all
+    off their defaults) == torch.optim.Muon(momentum, weight_decay) on the hidden matrices +
+    torch.optim.AdamW(betas, weight_decay) on the rest (float32, bf16 Newton-Schulz in both)."""
+    c = train.make_config(optimizer="muon", lr=1e-2, muon_lr=0.03, muon_momentum=0.8,
+                          muon_weight_decay=0.3, weight_decay=0.05, beta1=0.8, beta2=0.9)
+    ours_net, ref_net = _tiny(tie_embeddings=False), _tiny(tie_embeddings=False)  # a decayed head
+    opt = optim.make_optimizer(ours_net, c, "cpu")
+    (muon,) = [g for g in opt.param_groups if not g["adamw"]]
+    assert (muon["momentum"], muon["weight_decay"]) == (0.8, 0.3)
+    assert sorted(g["weight_decay"] for g in opt.param_groups if g["adamw"]) == [0.0, 0.05]
+    hidden = {id(p) for p in optim.hidden_matrices(ref_net)}
+    ref_muon = torch.optim.Muon([p for p in ref_net.parameters() if id(p) in hidden], lr=0.03,
+                                momentum=0.8, weight_decay=0.3)
+    ref_adam = torch.optim.AdamW(
+        [dict(g, params=[p for p in g["params"] if id(p) not in hidden])
+         for g in gpt.param_groups(ref_net, 0.05)], lr=1e-2, betas=(0.8, 0.9), foreach=False)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for p, q in zip(ours_net.parameters(), ref_net.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_muon.step()
+        ref_adam.step()
+        for (n, p), q in zip(ours_net.named_parameters(), ref_net.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=f"step {step}: {n}")
+
+
 # ----------------------------------------------------------------------------- schedule
 def test_train_lr_schedules_match_formulas():
     assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
