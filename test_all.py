@@ -5340,6 +5340,65 @@ def test_evals_loglikelihoods_equal_transformers(hf_tiny, tmp_path):
     assert evals.score(model, [(c, [nxt])])[0][1] is True
 
 
+def test_evals_is_greedy_needs_every_continuation_token(hf_tiny):
+    """is_greedy (the harness's exact-match flag) is True only when every continuation token is
+    the argmax: two-token continuations greedy-greedy, greedy-not and not-greedy, alone and
+    padded into one batch with rows of other lengths, each flag equal to transformers'."""
+    hf, model, tok = hf_tiny
+    ctx = tok.encode("The kettle sings when")
+
+    def top2(ids):  # transformers' two likeliest next tokens after ids
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0, -1].topk(2).indices.tolist()
+    a, not_a = top2(ctx)
+    conts = [[a, top2(ctx + [a])[0]], [a, top2(ctx + [a])[1]], [not_a, top2(ctx + [not_a])[0]]]
+    want = [hf_loglikelihood(hf, ctx, c, 64) for c in conts]
+    assert [g for _, g in want] == [True, False, False]  # the three cases really are these
+    rows = [(ctx, c) for c in conts] + [(ctx[:2], [a]), (ctx + [a] * 20, conts[0])]
+    for batch_rows in (1, len(rows)):
+        got = evals.score(model, rows, batch_rows=batch_rows)
+        for (ll, greedy), (c, e) in zip(got, rows, strict=True):
+            want_ll, want_greedy = hf_loglikelihood(hf, c, e, 64)
+            assert greedy is want_greedy and ll == pytest.approx(want_ll, abs=1e-4), (c, e)
+
+
+def test_evals_acc_norm_divides_by_utf8_bytes(tmp_path, monkeypatch):
+    """acc_norm is the harness's acc_bytes: log-likelihood per UTF-8 byte of the ending, not per
+    character. Endings of 2-, 3- and 4-byte characters, log-likelihoods chosen so the two
+    divisions pick different endings; the reference is lm-eval's own process_results."""
+    chosen = [  # (endings, log-likelihoods, label): per byte picks 0, per character picks 1
+        (["ééééé", "abcdefg", "xyz", "日本"], [-10, -8, -9, -20], 0),
+        (["日本語", "abc", "🙂🙂", "hello"], [-6, -5, -7, -12], 0),
+        (["naïve café", "ok", "中文字", "🙂"], [-9, -3, -4, -9], 2),  # per byte 2, per char 0
+    ]
+    docs = [dict(ind=k, ctx=f"context {k}", endings=e, label=label)
+            for k, (e, _, label) in enumerate(chosen)]
+    path = write_jsonl(tmp_path / "hs.jsonl", docs)
+    tok = dl.CharTokenizer.train("".join(f"context {k} " + "".join(e) for k, (e, _, _) in enumerate(chosen)))
+    table = {(tuple(tok.encode(f"context {k}")), tuple(tok.encode(" " + e))): ll
+             for k, (ends, lls, _) in enumerate(chosen) for e, ll in zip(ends, lls)}
+    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
+                        [(table[tuple(c), tuple(e)], False) for c, e in rows])
+    metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
+    assert [r["ending_bytes"] for r in rows] == [[len(e.encode()) for e in c[0]] for c in chosen]
+    assert [r["pred_norm"] for r in rows] == [0, 0, 2]
+    per_char = [int(np.argmax(np.divide(lls, [len(e) for e in ends]))) for ends, lls, _ in chosen]
+    assert per_char == [1, 1, 0]  # dividing by characters would score acc_norm 0, not 1
+    assert metrics == {"n": 3, "acc": 0.0, "acc_norm": 1.0, "acc_tokmean": 0.0}
+    if HAVE_LM_EVAL:  # the harness's own arithmetic, on the same endings and log-likelihoods
+        from types import SimpleNamespace
+        from lm_eval.api.task import ConfigurableTask
+        for (ends, lls, label), r in zip(chosen, rows):
+            task = SimpleNamespace(
+                config=SimpleNamespace(process_results=None), OUTPUT_TYPE="multiple_choice",
+                _metric_fn_list={"acc": None, "acc_norm": None, "acc_bytes": None},
+                doc_to_choice=lambda doc: doc["endings"], doc_to_target=lambda doc: doc["label"],
+                multiple_input=False, multiple_target=False)
+            got = ConfigurableTask.process_results(task, {"endings": ends, "label": label},
+                                                   [(ll, False) for ll in lls])
+            assert got["acc_bytes"] == (r["pred_norm"] == label) and got["acc"] == (r["pred"] == label)
+
+
 def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
     """acc, acc_norm, acc_tokmean on 3 examples whose log-likelihoods are chosen by hand so
     the three metrics disagree: 1/3, 2/3, 3/3. A char tokenizer makes the counts plain: an
