@@ -5564,17 +5564,24 @@ def test_evals_harness_equals_our_scorer(hf_tiny, tmp_path, monkeypatch):
     hf, model, tok = hf_tiny
     docs = HS_DOCS + [hellaswag_doc(3 + k, f"Someone pours water {k} times.", "she", [
         "smiles.", "drinks it all slowly.", "leaves.", "drops [title] the cup."], k % 4) for k in range(3)]
+    docs += [hellaswag_doc(6 + k, f"Le café est prêt {k}.", "elle", [  # per byte picks 1, per
+        "boit le thé glacé.", "sourit 🙂.", "écrit 日本語 sur la tasse.", "🙂🙂🙂"],  # character 0
+        1 - k, "Café crème") for k in range(2)]
     path = write_jsonl(tmp_path / "hs.jsonl", docs)
     evals.harness_hellaswag_yaml(path, tmp_path / "tasks")
     res = evals.harness_evaluate(evals.harness_lm(model, tok), ["hellaswag_local"],
                                  include_path=str(tmp_path / "tasks"), log_samples=True)
     metrics, rows = evals.score_hellaswag(model, tok, evals.read_hellaswag(path))
     samples = sorted(res["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
-    assert len(samples) == len(rows) == 6
+    assert len(samples) == len(rows) == 8
     for s, row in zip(samples, rows):
         lls = [r[0][0] for r in s["resps"]]
         assert lls == pytest.approx(row["loglikelihoods"], abs=1e-6)
         assert s["arguments"][0][0] == evals.example_text(docs[s["doc_id"]])[0]
+        assert (s["acc"], s["acc_bytes"]) == (row["pred"] == row["label"], row["pred_norm"] == row["label"])
+    per_char = [int(np.argmax(np.divide(r["loglikelihoods"], [len(e) for e in evals.example_text(d)[1]])))
+                for r, d in zip(rows, docs)]
+    assert [r["pred_norm"] for r in rows[6:]] == [1, 1] and per_char[6:] == [0, 0]  # they differ
     got = res["results"]["hellaswag_local"]
     assert got["acc,none"] == pytest.approx(metrics["acc"])
     assert got["acc_bytes,none"] == pytest.approx(metrics["acc_norm"])
