@@ -1876,6 +1876,31 @@ def test_data_prepare_with_bpe(tmp_path):
     assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
 
 
+@pytest.mark.parametrize("split", ["docs", "hash"])
+def test_data_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path):
+    """prepare() trains its bpe vocabulary on the train split: the merges equal training on the
+    documents the train shards hold, and differ from training on every document (each document
+    repeats its own word, so a val document in training would leave merges of its word)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiouyéø") for _ in range(4))
+             for _ in range(20)]
+    texts = [" ".join([w] * 30) + f" end {i}" for i, w in enumerate(words)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok, train_dir, val_dir, meta = dl.prepare(str(corpus), "bpe", vocab_size=300, split=split,
+                                               out_dir=tmp_path / "out", seed=3, val_fraction=0.2)
+    assert meta["split"] == split
+    val = tok.decode(np.concatenate([dl.read_shard(p) for p in dl.shard_paths(val_dir)]).tolist())
+    val_docs = val.split(corpora.EOT)
+    train_docs = [t for t in texts if t not in val_docs]
+    assert 0 < len(val_docs) < len(texts) and len(train_docs) + len(val_docs) == len(texts)
+    if split == "hash":  # the documented hash, recomputed
+        assert val_docs == [t for i, t in enumerate(texts) if held_out_by_hand(i, 3, 0.2)]
+    want = Tokenizer.train(train_docs, 300, special_tokens=(corpora.EOT,))
+    assert tok.merges == want.merges
+    assert Tokenizer.train(texts, 300, special_tokens=(corpora.EOT,)).merges != want.merges
+
+
 def test_data_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("café — naïve 中文 😀 résumé\n" * 40, encoding="utf-8")
