@@ -2011,6 +2011,18 @@ def test_data_text_separators_across_block_edges(tmp_path):
     assert corpora.read_documents(tmp_path / "one.txt") == [one]
 
 
+def test_data_last_separator_cut_by_a_block_edge(tmp_path):
+    """The file's last separator split by the 1 MiB block edge, at every cut (1 to 12 of its 13
+    bytes before the edge; 0 and 13: whole in one block): 3 documents, as str.split finds."""
+    edge, sep = 1 << 20, corpora.EOT
+    for cut in range(14):
+        text = "first" + sep + "a" * (edge - len("first" + sep) - cut) + sep + "tail"
+        assert text.encode().index(sep.encode(), 20) == edge - cut  # the separator starts there
+        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+        docs = corpora.read_documents(tmp_path / "t.txt")
+        assert [(d[:5], len(d)) for d in docs] == [("first", 5), ("aaaaa", edge - 18 - cut), ("tail", 4)], cut
+
+
 def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
     import tracemalloc
     tok = dl.CharTokenizer.train(["abcdefghij \n"])
