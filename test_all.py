@@ -5251,6 +5251,32 @@ def test_chat_streamed_tokens_equal_generate_on_cuda(chat_files):
     assert s.reply("king queen", io.StringIO(), io.StringIO()) == want
 
 
+def test_chat_default_max_new_tokens_keeps_a_short_history(chat_files):
+    """max_new_tokens=256 (the default) in a 64-token context: the room kept for the answer is
+    capped at half the context (32), so the latest turns stay; without the cap no history fits."""
+    s = chat_session(chat_files / "chat", max_new_tokens=256)
+    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
+              {"role": "assistant", "content": f"{b} {a}"}]
+             for a, b in zip(ft.WORDS[:4], ft.WORDS[4:8])]
+    s.history = [m for t in turns for m in t]
+    new = [{"role": "user", "content": "reverse: fire sea"}]
+    fits = [k for k in range(5) if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + 32 <= 64]
+    assert 0 < fits[0] < 4                       # some turns go, the latest ones stay
+    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
+    assert s.history == [m for t in turns[fits[0]:] for m in t]
+
+
+def test_chat_answer_longer_than_the_context_equals_generate(chat_files):
+    """An answer of 200 tokens in a 64-token context: past the context the stream recomputes
+    its window each step, and still equals GPT.generate token for token."""
+    s = chat_session(chat_files / "base", max_new_tokens=200, temperature=1.0, seed=5)
+    s.stop = set()  # no early stop: every one of the 200 tokens is compared
+    ids = s.prompt("the king")
+    want = s.model.generate(ids, 200, temperature=1.0, seed=5)[0, len(ids):].tolist()
+    assert len(ids) + len(want) > 3 * s.model.config.block_size
+    assert s.reply("the king", io.StringIO(), io.StringIO()) == want
+
+
 # ======================================================================
 # evals: tests for evals.py: HellaSwag scoring vs transformers, metrics by hand, the CLI, lm-eval
 # ======================================================================
