@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -366,6 +367,61 @@ def test_cli_run_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out, err) == (130, "", "interrupted\n")
+
+
+def test_cli_another_users_live_process_counts_as_alive(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on a live process of another user raises PermissionError: that run is
+    alive, so its lock is refused and its temp files are kept. In process (os.kill raising
+    it), and for real: as root, a forked child turned user nobody looks at this process."""
+    d = tmp_path / "run"
+    d.mkdir()
+    other = 4_000_000  # no such pid: only the patched os.kill makes it someone else's process
+    real_kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "EPERM"))
+                        if pid == other else real_kill(pid, sig))
+    temp = d / f".ckpt.pt.{other}.abcd1234.tmp"
+    temp.write_text("half")
+    (d / cli.LOCK_NAME).write_text(str(other))
+    assert cli._pid_alive(other)
+    with pytest.raises(ValueError, match=f"in use by another run \\(pid {other}\\)"):
+        with cli.hold_dir(d):
+            pass
+    assert cli.remove_stale_temps(d) == [] and temp.read_text() == "half"
+    monkeypatch.undo()
+    assert not cli._pid_alive(other)  # the same pid, really absent: dead
+    if os.geteuid() != 0:  # only root can become another user
+        return
+    shared, me = Path(tempfile.mkdtemp(prefix="nanollm-other-user-")), os.getpid()
+    try:
+        os.chmod(shared, 0o777)  # user nobody may write here
+        (shared / cli.LOCK_NAME).write_text(str(me))  # this (root) process holds the folder
+        (shared / f".ckpt.pt.{me}.abcd1234.tmp").write_text("half")
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # only os and cli calls here, then _exit: safe after a fork
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                seen = [cli._pid_alive(me), cli.remove_stale_temps(shared)]
+                try:
+                    with cli.hold_dir(shared):
+                        seen.append("held")
+                except ValueError as e:
+                    seen.append(str(e))
+                os.write(write, repr(seen).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            seen = f.read()
+        os.waitpid(child, 0)
+        assert seen == repr([True, [], f"{shared} is in use by another run (pid {me}); wait for "
+                             "it to finish or choose another folder"])
+        assert sorted(p.name for p in shared.iterdir()) == sorted(
+            [cli.LOCK_NAME, f".ckpt.pt.{me}.abcd1234.tmp"])
+    finally:
+        shutil.rmtree(shared)
+
 
 # ======================================================================
 # micrograd: tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
