@@ -4188,6 +4188,23 @@ def test_train_cli_bad_options_table(corpus, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_train_float16_logs_the_gradient_norms_of_float32(corpus, tmp_path):
+    """--dtype=float16 on the CPU (float16 autocast + torch.amp.GradScaler("cpu"), the CUDA
+    recipe): the logged loss and gradient norm equal a float32 run's to 1e-2, so the norm is
+    taken after unscale_ (unscaled it would be the loss scale, 65,536x, too large) and the
+    clipping sees the true gradient. The runs are not identical: float16 really ran."""
+    kw = dict(max_iters=4, save_interval=4, grad_clip=1.0)
+    fp32 = train.train(tiny(corpus, tmp_path / "fp32", dtype="float32", **kw))
+    fp16 = train.train(tiny(corpus, tmp_path / "fp16", dtype="float16", **kw))
+    for a, b in zip(fp32["log"], fp16["log"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+    assert fp32["log"][0]["grad_norm"] > 1.0  # the first step is clipped
+    assert [r["grad_norm"] for r in fp32["log"]] != [r["grad_norm"] for r in fp16["log"]]
+    scaler = resume.load_run(fp16["checkpoint"])["scaler"]
+    assert scaler["scale"] == 2.0 ** 16  # enabled, and no step was skipped for an overflow
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
