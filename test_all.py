@@ -2511,7 +2511,8 @@ def test_block_kv_cache_equals_recompute(name, sdpa):
 
 @pytest.mark.parametrize("name,kw", [("gpt2", {}), ("llama", dict(n_kv_head=2)),
                                      ("llama", dict(n_kv_head=1)), ("gpt2", dict(mlp="relu2")),
-                                     ("llama", dict(qk_norm=True)), ("gpt2", dict(qk_norm=True))])
+                                     ("llama", dict(qk_norm=True)), ("gpt2", dict(qk_norm=True)),
+                                     ("llama", dict(rope_theta=500000.0, norm_eps=1e-5))])
 def test_block_numpy_engine_block_equals_torch_block(name, kw):
     """Output, input gradient and every parameter gradient, float64, to 1e-8: the plain
     blocks (MHA, GQA, MQA) and the speedrun options the numpy engine has (ReLU^2, QK-norm)."""
@@ -3253,6 +3254,35 @@ def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_pa
         assert p.returncode == code and err.count("\n") == 1 and err.startswith(start), (option, err)
         assert out == "", option
     assert files_of(d) == before
+
+
+def test_gpt_llama_rope_theta_and_norm_eps_match_transformers():
+    """A Llama config off transformers' defaults where every test elsewhere sits on them
+    (rope_theta=500000, Llama 3's; rms_norm_eps=1e-5): our logits equal transformers', over
+    the whole sequence and token by token through the KV cache; export keeps both values.
+    With theta=10000 the logits differ, so the comparison can see an ignored theta."""
+    torch.manual_seed(0)
+    hf = _jitter(LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V, max_position_embeddings=32, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False)), 3)
+    ours = gpt.GPT.from_hf(hf).eval()
+    assert (ours.config.rope_theta, ours.config.norm_eps) == (500000.0, 1e-5)
+    idx = _idx(T=30)
+    with torch.no_grad():
+        ref = hf(idx).logits
+        torch.testing.assert_close(ours(idx)[0], ref, rtol=1e-5, atol=1e-5)
+        cache = ours.new_cache(2)
+        steps = [ours.head(ours.hidden(idx[:, :10], cache))]
+        steps += [ours.head(ours.hidden(idx[:, t:t + 1], cache)) for t in range(10, 30)]
+        torch.testing.assert_close(torch.cat(steps, 1)[..., :V], ref, rtol=1e-5, atol=1e-5)
+        wrong = gpt.GPT(replace(ours.config, rope_theta=10000.0)).eval()
+        wrong.load_state_dict(ours.state_dict())
+        assert (wrong(idx)[0] - ref).abs().max() > 1e-3
+    kw = gpt.hf_config_kwargs(ours.config)
+    back = LlamaConfig(**kw)
+    assert (back.rope_parameters["rope_theta"], back.rms_norm_eps) == (500000.0, 1e-5)
+
 
 # ======================================================================
 # train: tests for train.py
