@@ -1935,31 +1935,6 @@ def test_data_prepare_with_bpe(tmp_path):
     assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
 
 
-@pytest.mark.parametrize("split", ["docs", "hash"])
-def test_data_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path):
-    """prepare() trains its bpe vocabulary on the train split: the merges equal training on the
-    documents the train shards hold, and differ from training on every document (each document
-    repeats its own word, so a val document in training would leave merges of its word)."""
-    rng = random.Random(0)
-    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiouyéø") for _ in range(4))
-             for _ in range(20)]
-    texts = [" ".join([w] * 30) + f" end {i}" for i, w in enumerate(words)]
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok, train_dir, val_dir, meta = dl.prepare(str(corpus), "bpe", vocab_size=300, split=split,
-                                               out_dir=tmp_path / "out", seed=3, val_fraction=0.2)
-    assert meta["split"] == split
-    val = tok.decode(np.concatenate([dl.read_shard(p) for p in dl.shard_paths(val_dir)]).tolist())
-    val_docs = val.split(corpora.EOT)
-    train_docs = [t for t in texts if t not in val_docs]
-    assert 0 < len(val_docs) < len(texts) and len(train_docs) + len(val_docs) == len(texts)
-    if split == "hash":  # the documented hash, recomputed
-        assert val_docs == [t for i, t in enumerate(texts) if held_out_by_hand(i, 3, 0.2)]
-    want = Tokenizer.train(train_docs, 300, special_tokens=(corpora.EOT,))
-    assert tok.merges == want.merges
-    assert Tokenizer.train(texts, 300, special_tokens=(corpora.EOT,)).merges != want.merges
-
-
 def test_data_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("café — naïve 中文 😀 résumé\n" * 40, encoding="utf-8")
@@ -2068,18 +2043,6 @@ def test_data_text_separators_across_block_edges(tmp_path):
     one = "x" * edge + "\r\n end  "  # no separator: one document, exactly, over two blocks
     (tmp_path / "one.txt").write_bytes(one.encode())
     assert corpora.read_documents(tmp_path / "one.txt") == [one]
-
-
-def test_data_last_separator_cut_by_a_block_edge(tmp_path):
-    """The file's last separator split by the 1 MiB block edge, at every cut (1 to 12 of its 13
-    bytes before the edge; 0 and 13: whole in one block): 3 documents, as str.split finds."""
-    edge, sep = 1 << 20, corpora.EOT
-    for cut in range(14):
-        text = "first" + sep + "a" * (edge - len("first" + sep) - cut) + sep + "tail"
-        assert text.encode().index(sep.encode(), 20) == edge - cut  # the separator starts there
-        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-        docs = corpora.read_documents(tmp_path / "t.txt")
-        assert [(d[:5], len(d)) for d in docs] == [("first", 5), ("aaaaa", edge - 18 - cut), ("tail", 4)], cut
 
 
 def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
@@ -2343,6 +2306,42 @@ def test_data_cuda_batches_match_cpu(tmp_path):
         (x, y), (xg, yg) = cpu.next_batch(), gpu.next_batch()
         assert xg.is_cuda and torch.equal(x, xg.cpu()) and torch.equal(y, yg.cpu())
 
+
+@pytest.mark.parametrize("split", ["docs", "hash"])
+def test_data_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path):
+    """prepare() trains its bpe vocabulary on the train split: the merges equal training on the
+    documents the train shards hold, and differ from training on every document (each document
+    repeats its own word, so a val document in training would leave merges of its word)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiouyéø") for _ in range(4))
+             for _ in range(20)]
+    texts = [" ".join([w] * 30) + f" end {i}" for i, w in enumerate(words)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok, train_dir, val_dir, meta = dl.prepare(str(corpus), "bpe", vocab_size=300, split=split,
+                                               out_dir=tmp_path / "out", seed=3, val_fraction=0.2)
+    assert meta["split"] == split
+    val = tok.decode(np.concatenate([dl.read_shard(p) for p in dl.shard_paths(val_dir)]).tolist())
+    val_docs = val.split(corpora.EOT)
+    train_docs = [t for t in texts if t not in val_docs]
+    assert 0 < len(val_docs) < len(texts) and len(train_docs) + len(val_docs) == len(texts)
+    if split == "hash":  # the documented hash, recomputed
+        assert val_docs == [t for i, t in enumerate(texts) if held_out_by_hand(i, 3, 0.2)]
+    want = Tokenizer.train(train_docs, 300, special_tokens=(corpora.EOT,))
+    assert tok.merges == want.merges
+    assert Tokenizer.train(texts, 300, special_tokens=(corpora.EOT,)).merges != want.merges
+
+
+def test_data_last_separator_cut_by_a_block_edge(tmp_path):
+    """The file's last separator split by the 1 MiB block edge, at every cut (1 to 12 of its 13
+    bytes before the edge; 0 and 13: whole in one block): 3 documents, as str.split finds."""
+    edge, sep = 1 << 20, corpora.EOT
+    for cut in range(14):
+        text = "first" + sep + "a" * (edge - len("first" + sep) - cut) + sep + "tail"
+        assert text.encode().index(sep.encode(), 20) == edge - cut  # the separator starts there
+        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+        docs = corpora.read_documents(tmp_path / "t.txt")
+        assert [(d[:5], len(d)) for d in docs] == [("first", 5), ("aaaaa", edge - 18 - cut), ("tail", 4)], cut
 
 # ======================================================================
 # model: tests for block.py and gpt.py: every number against transformers, torch or a recomputation.
@@ -3479,36 +3478,6 @@ def test_optim_muon_groups_hidden_matrices_only():
         optim.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
-def test_optim_muon_options_reach_their_own_groups():
-    """train.py's --muon_momentum and --muon_weight_decay set the Muon group, --weight_decay
-    and --beta1/--beta2 only the AdamW groups: 3 steps of make_optimizer's Muon (options all
-    off their defaults) == torch.optim.Muon(momentum, weight_decay) on the hidden matrices +
-    torch.optim.AdamW(betas, weight_decay) on the rest (float32, bf16 Newton-Schulz in both)."""
-    c = train.make_config(optimizer="muon", lr=1e-2, muon_lr=0.03, muon_momentum=0.8,
-                          muon_weight_decay=0.3, weight_decay=0.05, beta1=0.8, beta2=0.9)
-    ours_net, ref_net = _tiny(tie_embeddings=False), _tiny(tie_embeddings=False)  # a decayed head
-    opt = optim.make_optimizer(ours_net, c, "cpu")
-    (muon,) = [g for g in opt.param_groups if not g["adamw"]]
-    assert (muon["momentum"], muon["weight_decay"]) == (0.8, 0.3)
-    assert sorted(g["weight_decay"] for g in opt.param_groups if g["adamw"]) == [0.0, 0.05]
-    hidden = {id(p) for p in optim.hidden_matrices(ref_net)}
-    ref_muon = torch.optim.Muon([p for p in ref_net.parameters() if id(p) in hidden], lr=0.03,
-                                momentum=0.8, weight_decay=0.3)
-    ref_adam = torch.optim.AdamW(
-        [dict(g, params=[p for p in g["params"] if id(p) not in hidden])
-         for g in gpt.param_groups(ref_net, 0.05)], lr=1e-2, betas=(0.8, 0.9), foreach=False)
-    g = torch.Generator().manual_seed(3)
-    for step in range(3):
-        for p, q in zip(ours_net.parameters(), ref_net.parameters()):
-            p.grad = torch.randn(p.shape, generator=g)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref_muon.step()
-        ref_adam.step()
-        for (n, p), q in zip(ours_net.named_parameters(), ref_net.parameters()):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=f"step {step}: {n}")
-
-
 # ----------------------------------------------------------------------------- schedule
 def test_train_lr_schedules_match_formulas():
     assert train.lr_at is gpt.lr_at  # one schedule: train.py, gpt.py's demo, finetune.py
@@ -4249,6 +4218,35 @@ def test_train_float16_logs_the_gradient_norms_of_float32(corpus, tmp_path):
     scaler = resume.load_run(fp16["checkpoint"])["scaler"]
     assert scaler["scale"] == 2.0 ** 16  # enabled, and no step was skipped for an overflow
 
+
+def test_optim_muon_options_reach_their_own_groups():
+    """train.py's --muon_momentum and --muon_weight_decay set the Muon group, --weight_decay
+    and --beta1/--beta2 only the AdamW groups: 3 steps of make_optimizer's Muon (options all
+    off their defaults) == torch.optim.Muon(momentum, weight_decay) on the hidden matrices +
+    torch.optim.AdamW(betas, weight_decay) on the rest (float32, bf16 Newton-Schulz in both)."""
+    c = train.make_config(optimizer="muon", lr=1e-2, muon_lr=0.03, muon_momentum=0.8,
+                          muon_weight_decay=0.3, weight_decay=0.05, beta1=0.8, beta2=0.9)
+    ours_net, ref_net = _tiny(tie_embeddings=False), _tiny(tie_embeddings=False)  # a decayed head
+    opt = optim.make_optimizer(ours_net, c, "cpu")
+    (muon,) = [g for g in opt.param_groups if not g["adamw"]]
+    assert (muon["momentum"], muon["weight_decay"]) == (0.8, 0.3)
+    assert sorted(g["weight_decay"] for g in opt.param_groups if g["adamw"]) == [0.0, 0.05]
+    hidden = {id(p) for p in optim.hidden_matrices(ref_net)}
+    ref_muon = torch.optim.Muon([p for p in ref_net.parameters() if id(p) in hidden], lr=0.03,
+                                momentum=0.8, weight_decay=0.3)
+    ref_adam = torch.optim.AdamW(
+        [dict(g, params=[p for p in g["params"] if id(p) not in hidden])
+         for g in gpt.param_groups(ref_net, 0.05)], lr=1e-2, betas=(0.8, 0.9), foreach=False)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for p, q in zip(ours_net.parameters(), ref_net.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_muon.step()
+        ref_adam.step()
+        for (n, p), q in zip(ours_net.named_parameters(), ref_net.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=f"step {step}: {n}")
 
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
@@ -5521,65 +5519,6 @@ def test_evals_loglikelihoods_equal_transformers(hf_tiny, tmp_path):
     assert evals.score(model, [(c, [nxt])])[0][1] is True
 
 
-def test_evals_is_greedy_needs_every_continuation_token(hf_tiny):
-    """is_greedy (the harness's exact-match flag) is True only when every continuation token is
-    the argmax: two-token continuations greedy-greedy, greedy-not and not-greedy, alone and
-    padded into one batch with rows of other lengths, each flag equal to transformers'."""
-    hf, model, tok = hf_tiny
-    ctx = tok.encode("The kettle sings when")
-
-    def top2(ids):  # transformers' two likeliest next tokens after ids
-        with torch.no_grad():
-            return hf(torch.tensor([ids])).logits[0, -1].topk(2).indices.tolist()
-    a, not_a = top2(ctx)
-    conts = [[a, top2(ctx + [a])[0]], [a, top2(ctx + [a])[1]], [not_a, top2(ctx + [not_a])[0]]]
-    want = [hf_loglikelihood(hf, ctx, c, 64) for c in conts]
-    assert [g for _, g in want] == [True, False, False]  # the three cases really are these
-    rows = [(ctx, c) for c in conts] + [(ctx[:2], [a]), (ctx + [a] * 20, conts[0])]
-    for batch_rows in (1, len(rows)):
-        got = evals.score(model, rows, batch_rows=batch_rows)
-        for (ll, greedy), (c, e) in zip(got, rows, strict=True):
-            want_ll, want_greedy = hf_loglikelihood(hf, c, e, 64)
-            assert greedy is want_greedy and ll == pytest.approx(want_ll, abs=1e-4), (c, e)
-
-
-def test_evals_acc_norm_divides_by_utf8_bytes(tmp_path, monkeypatch):
-    """acc_norm is the harness's acc_bytes: log-likelihood per UTF-8 byte of the ending, not per
-    character. Endings of 2-, 3- and 4-byte characters, log-likelihoods chosen so the two
-    divisions pick different endings; the reference is lm-eval's own process_results."""
-    chosen = [  # (endings, log-likelihoods, label): per byte picks 0, per character picks 1
-        (["ééééé", "abcdefg", "xyz", "日本"], [-10, -8, -9, -20], 0),
-        (["日本語", "abc", "🙂🙂", "hello"], [-6, -5, -7, -12], 0),
-        (["naïve café", "ok", "中文字", "🙂"], [-9, -3, -4, -9], 2),  # per byte 2, per char 0
-    ]
-    docs = [dict(ind=k, ctx=f"context {k}", endings=e, label=label)
-            for k, (e, _, label) in enumerate(chosen)]
-    path = write_jsonl(tmp_path / "hs.jsonl", docs)
-    tok = dl.CharTokenizer.train("".join(f"context {k} " + "".join(e) for k, (e, _, _) in enumerate(chosen)))
-    table = {(tuple(tok.encode(f"context {k}")), tuple(tok.encode(" " + e))): ll
-             for k, (ends, lls, _) in enumerate(chosen) for e, ll in zip(ends, lls)}
-    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
-                        [(table[tuple(c), tuple(e)], False) for c, e in rows])
-    metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
-    assert [r["ending_bytes"] for r in rows] == [[len(e.encode()) for e in c[0]] for c in chosen]
-    assert [r["pred_norm"] for r in rows] == [0, 0, 2]
-    per_char = [int(np.argmax(np.divide(lls, [len(e) for e in ends]))) for ends, lls, _ in chosen]
-    assert per_char == [1, 1, 0]  # dividing by characters would score acc_norm 0, not 1
-    assert metrics == {"n": 3, "acc": 0.0, "acc_norm": 1.0, "acc_tokmean": 0.0}
-    if HAVE_LM_EVAL:  # the harness's own arithmetic, on the same endings and log-likelihoods
-        from types import SimpleNamespace
-        from lm_eval.api.task import ConfigurableTask
-        for (ends, lls, label), r in zip(chosen, rows):
-            task = SimpleNamespace(
-                config=SimpleNamespace(process_results=None), OUTPUT_TYPE="multiple_choice",
-                _metric_fn_list={"acc": None, "acc_norm": None, "acc_bytes": None},
-                doc_to_choice=lambda doc: doc["endings"], doc_to_target=lambda doc: doc["label"],
-                multiple_input=False, multiple_target=False)
-            got = ConfigurableTask.process_results(task, {"endings": ends, "label": label},
-                                                   [(ll, False) for ll in lls])
-            assert got["acc_bytes"] == (r["pred_norm"] == label) and got["acc"] == (r["pred"] == label)
-
-
 def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
     """acc, acc_norm, acc_tokmean on 3 examples whose log-likelihoods are chosen by hand so
     the three metrics disagree: 1/3, 2/3, 3/3. A char tokenizer makes the counts plain: an
@@ -5837,6 +5776,64 @@ def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):
                                               r"pip install lm-eval==0\.4\.13$"):
             call()
 
+
+def test_evals_is_greedy_needs_every_continuation_token(hf_tiny):
+    """is_greedy (the harness's exact-match flag) is True only when every continuation token is
+    the argmax: two-token continuations greedy-greedy, greedy-not and not-greedy, alone and
+    padded into one batch with rows of other lengths, each flag equal to transformers'."""
+    hf, model, tok = hf_tiny
+    ctx = tok.encode("The kettle sings when")
+
+    def top2(ids):  # transformers' two likeliest next tokens after ids
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0, -1].topk(2).indices.tolist()
+    a, not_a = top2(ctx)
+    conts = [[a, top2(ctx + [a])[0]], [a, top2(ctx + [a])[1]], [not_a, top2(ctx + [not_a])[0]]]
+    want = [hf_loglikelihood(hf, ctx, c, 64) for c in conts]
+    assert [g for _, g in want] == [True, False, False]  # the three cases really are these
+    rows = [(ctx, c) for c in conts] + [(ctx[:2], [a]), (ctx + [a] * 20, conts[0])]
+    for batch_rows in (1, len(rows)):
+        got = evals.score(model, rows, batch_rows=batch_rows)
+        for (ll, greedy), (c, e) in zip(got, rows, strict=True):
+            want_ll, want_greedy = hf_loglikelihood(hf, c, e, 64)
+            assert greedy is want_greedy and ll == pytest.approx(want_ll, abs=1e-4), (c, e)
+
+
+def test_evals_acc_norm_divides_by_utf8_bytes(tmp_path, monkeypatch):
+    """acc_norm is the harness's acc_bytes: log-likelihood per UTF-8 byte of the ending, not per
+    character. Endings of 2-, 3- and 4-byte characters, log-likelihoods chosen so the two
+    divisions pick different endings; the reference is lm-eval's own process_results."""
+    chosen = [  # (endings, log-likelihoods, label): per byte picks 0, per character picks 1
+        (["ééééé", "abcdefg", "xyz", "日本"], [-10, -8, -9, -20], 0),
+        (["日本語", "abc", "🙂🙂", "hello"], [-6, -5, -7, -12], 0),
+        (["naïve café", "ok", "中文字", "🙂"], [-9, -3, -4, -9], 2),  # per byte 2, per char 0
+    ]
+    docs = [dict(ind=k, ctx=f"context {k}", endings=e, label=label)
+            for k, (e, _, label) in enumerate(chosen)]
+    path = write_jsonl(tmp_path / "hs.jsonl", docs)
+    tok = dl.CharTokenizer.train("".join(f"context {k} " + "".join(e) for k, (e, _, _) in enumerate(chosen)))
+    table = {(tuple(tok.encode(f"context {k}")), tuple(tok.encode(" " + e))): ll
+             for k, (ends, lls, _) in enumerate(chosen) for e, ll in zip(ends, lls)}
+    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
+                        [(table[tuple(c), tuple(e)], False) for c, e in rows])
+    metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
+    assert [r["ending_bytes"] for r in rows] == [[len(e.encode()) for e in c[0]] for c in chosen]
+    assert [r["pred_norm"] for r in rows] == [0, 0, 2]
+    per_char = [int(np.argmax(np.divide(lls, [len(e) for e in ends]))) for ends, lls, _ in chosen]
+    assert per_char == [1, 1, 0]  # dividing by characters would score acc_norm 0, not 1
+    assert metrics == {"n": 3, "acc": 0.0, "acc_norm": 1.0, "acc_tokmean": 0.0}
+    if HAVE_LM_EVAL:  # the harness's own arithmetic, on the same endings and log-likelihoods
+        from types import SimpleNamespace
+        from lm_eval.api.task import ConfigurableTask
+        for (ends, lls, label), r in zip(chosen, rows):
+            task = SimpleNamespace(
+                config=SimpleNamespace(process_results=None), OUTPUT_TYPE="multiple_choice",
+                _metric_fn_list={"acc": None, "acc_norm": None, "acc_bytes": None},
+                doc_to_choice=lambda doc: doc["endings"], doc_to_target=lambda doc: doc["label"],
+                multiple_input=False, multiple_target=False)
+            got = ConfigurableTask.process_results(task, {"endings": ends, "label": label},
+                                                   [(ll, False) for ll in lls])
+            assert got["acc_bytes"] == (r["pred_norm"] == label) and got["acc"] == (r["pred"] == label)
 
 # ======================================================================
 # kernels: tests for kernels.py: the Triton kernels against torch. Without CUDA they run under
