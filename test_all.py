@@ -5228,6 +5228,21 @@ def test_chat_text_stream_prints_whole_characters():
         assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids)
 
 
+def history_trimmed_as_by_hand(s, n_turns, room):
+    """Give session s n_turns past turns and prompt a new one: the oldest turns must go, some
+    but not all, until the prompt plus `room` new tokens fits the 64-token context."""
+    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
+              {"role": "assistant", "content": f"{b} {a}"}]
+             for a, b in zip(ft.WORDS[:n_turns], ft.WORDS[n_turns:2 * n_turns])]
+    s.history = [m for t in turns for m in t]
+    new = [{"role": "user", "content": "reverse: fire sea"}]
+    fits = [k for k in range(n_turns + 1)
+            if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + room <= 64]
+    assert 0 < fits[0] < n_turns                 # some turns must go, not all of them
+    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
+    assert s.history == [m for t in turns[fits[0]:] for m in t]      # the oldest ones went
+
+
 def test_chat_format_and_history_trimmed_oldest_first(chat_files):
     s = chat_session(chat_files / "chat", max_new_tokens=10)
     sp, enc = s.tok.special_tokens, s.tok.encode_ordinary
@@ -5237,16 +5252,7 @@ def test_chat_format_and_history_trimmed_oldest_first(chat_files):
                    sp["<|assistant|>"]] + enc("queen") + [sp["<|end|>"], sp["<|user|>"]]
                    + enc("sun moon") + [sp["<|end|>"], sp["<|assistant|>"]])
     assert ids == ft.prompt_ids(s.tok, s.history + [{"role": "user", "content": "sun moon"}])
-    # six turns do not fit in 64 positions with room for 10 new tokens
-    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
-              {"role": "assistant", "content": f"{b} {a}"}]
-             for a, b in zip(ft.WORDS[:6], ft.WORDS[6:12])]
-    s.history = [m for t in turns for m in t]
-    new = [{"role": "user", "content": "reverse: fire sea"}]
-    fits = [k for k in range(7) if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + 10 <= 64]
-    assert 0 < fits[0] < 6                       # some turns must go, not all of them
-    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
-    assert s.history == [m for t in turns[fits[0]:] for m in t]      # the oldest ones went
+    history_trimmed_as_by_hand(s, n_turns=6, room=10)  # 6 turns do not fit with room for 10
     # a prompt longer than the context is refused and leaves the history alone
     kept = list(s.history)
     with pytest.raises(ValueError, match="^the prompt is 74 tokens, more than the model's "
@@ -5370,16 +5376,7 @@ def test_chat_streamed_tokens_equal_generate_on_cuda(chat_files):
 def test_chat_default_max_new_tokens_keeps_a_short_history(chat_files):
     """max_new_tokens=256 (the default) in a 64-token context: the room kept for the answer is
     capped at half the context (32), so the latest turns stay; without the cap no history fits."""
-    s = chat_session(chat_files / "chat", max_new_tokens=256)
-    turns = [[{"role": "user", "content": f"reverse: {a} {b}"},
-              {"role": "assistant", "content": f"{b} {a}"}]
-             for a, b in zip(ft.WORDS[:4], ft.WORDS[4:8])]
-    s.history = [m for t in turns for m in t]
-    new = [{"role": "user", "content": "reverse: fire sea"}]
-    fits = [k for k in range(5) if len(ft.prompt_ids(s.tok, s.history[2 * k:] + new)) + 32 <= 64]
-    assert 0 < fits[0] < 4                       # some turns go, the latest ones stay
-    assert s.prompt("reverse: fire sea") == ft.prompt_ids(s.tok, s.history + new)
-    assert s.history == [m for t in turns[fits[0]:] for m in t]
+    history_trimmed_as_by_hand(chat_session(chat_files / "chat", max_new_tokens=256), 4, room=32)
 
 
 def test_chat_answer_longer_than_the_context_equals_generate(chat_files):
