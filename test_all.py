@@ -4206,10 +4206,12 @@ def test_train_float16_logs_the_gradient_norms_of_float32(corpus, tmp_path):
     """--dtype=float16 on the CPU (float16 autocast + torch.amp.GradScaler("cpu"), the CUDA
     recipe): the logged loss and gradient norm equal a float32 run's to 1e-2, so the norm is
     taken after unscale_ (unscaled it would be the loss scale, 65,536x, too large) and the
-    clipping sees the true gradient. The runs are not identical: float16 really ran."""
+    clipping sees the true gradient. The runs are not identical: float16 really ran. The
+    float16 run accumulates 2 micro-batches of 4 (the scaled losses add up in .grad)."""
     kw = dict(max_iters=4, save_interval=4, grad_clip=1.0)
     fp32 = train.train(tiny(corpus, tmp_path / "fp32", dtype="float32", **kw))
-    fp16 = train.train(tiny(corpus, tmp_path / "fp16", dtype="float16", **kw))
+    fp16 = train.train(tiny(corpus, tmp_path / "fp16", dtype="float16", batch_size=4,
+                            grad_accum=2, **kw))
     for a, b in zip(fp32["log"], fp16["log"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
