@@ -4031,13 +4031,6 @@ def holder(folder):
     return p
 
 
-def dead_pid():
-    """The pid of a process that has exited (a kill -9'd writer)."""
-    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                       capture_output=True, text=True)
-    return int(p.stdout)
-
-
 def test_train_one_run_per_out_dir(corpus, tmp_path, capsys, monkeypatch):
     """A run holds out_dir: a second one, in a real second process, refuses with one line
     naming the holder's pid and leaves the folder as it was; the lock goes when the run ends.
