@@ -316,14 +316,19 @@ def is_copy(dest):
     return (dest / MARKER).is_file()
 
 
-def fill_copy(dest):
-    """Create the copy, or add the project files it lacks; never touches a file already there.
-    A folder that exists, is not empty and is not a copy is refused: it may be someone's work."""
+def check_folder(dest):
+    """A folder that exists, is not empty and is not a copy is refused: it may be someone's
+    work."""
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"--folder={dest}: is a file, not a folder")
     if dest.is_dir() and any(dest.iterdir()) and not is_copy(dest):
         raise ValueError(f"--folder={dest}: not empty and not a copy made by exercises.py "
                          f"(no {MARKER}); choose a new or empty folder")
+
+
+def fill_copy(dest):
+    """Create the copy, or add the project files it lacks; never touches a file already there."""
+    check_folder(dest)
     added = []
     for rel in project_files():
         if not (dest / rel).exists():
@@ -358,8 +363,9 @@ def start_exercise(ex, dest, overwrite=False):
     """Blank ex's functions in the copy at dest (made or completed first); returns the names
     blanked. Functions holding the learner's edits are refused unless overwrite."""
     dest = Path(dest)
-    fill_copy(dest)
+    check_folder(dest)  # before hold_dir creates the folder and its lock
     with cli.hold_dir(dest):
+        fill_copy(dest)
         states = function_states(ex, dest)
         missing = [n for n, s in states.items() if s == "missing"]
         if missing:
@@ -427,9 +433,15 @@ def plain_words(ex, outcome, message):
 def grade(todo, dest, limit=1800):
     """Run the tests of the exercises in todo on the copy at dest, in one pytest run:
     [(exercise, passed, lines to print)]."""
+    for path in sorted(dest.glob("*.py")):  # a typo is one line here, not a pytest dump
+        parse(path.read_text(encoding="utf-8"), path)
     tests = list(dict.fromkeys(t for ex in todo for t in ex.tests))
     with tempfile.TemporaryDirectory() as tmp:
         results = run_tests(tests, dest, Path(tmp) / "report.xml", limit)
+    for name, _, message, _ in results:
+        if name.split("[")[0] not in tests:  # pytest reports a failed import as a test of its own
+            last = [line for line in message.splitlines() if line.strip()][-1:] or ["?"]
+            raise ValueError(f"the tests could not start ({name}): {last[0].strip()[:300]}")
     return [verdict(ex, [r for r in results if r[0].split("[")[0] in ex.tests]) for ex in todo]
 
 
@@ -503,9 +515,9 @@ def listing(dest):
 
 
 def main():
-    cli.check(globals(), [("timeout", timeout >= 1, "at least 1 second"),
-                          ("start", not (start and (check or verify)), "alone: one of --start, "
-                                                                        "--check or --verify")])
+    cli.check(globals(), [("timeout", timeout >= 1, "at least 1 second")])
+    if bool(start) + bool(check) + bool(verify) > 1:
+        raise ValueError("--start, --check and --verify go one at a time")
     dest = copy_folder()
     if dest.resolve() == ROOT or ROOT in dest.resolve().parents:
         raise ValueError(f"--folder={dest}: inside the project; the copy must live outside it")

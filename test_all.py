@@ -5939,6 +5939,8 @@ def test_exercises_table_names_real_code():
         assert 1 <= len(ex.tests) <= 6, f"exercise {ex.id}: grade it with 1 to 6 tests"
         for t in ex.tests:
             assert t in here, f"exercise {ex.id}: test_all.py has no {t}"
+    names = [f"{ex.file}:{f}" for ex in exercises.EXERCISES for f in ex.functions]
+    assert len(set(names)) == len(names)  # one function, one exercise: blanks never collide
     # every phase of the path has its exercises, in the path's order
     files = [ex.file for ex in exercises.EXERCISES]
     path = ["micrograd.py", "bpe.py", "dataloader.py", "block.py", "gpt.py", "optim.py",
@@ -6078,6 +6080,8 @@ def test_exercises_bad_input_is_one_line_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"micrograd.py: line 1: .*; fix it, then try again"):
         exercises.start_exercise(exercises.lookup("autograd-backward"), dest)
     assert (dest / "micrograd.py").read_text() == "def broken(:\n"
+    with pytest.raises(ValueError, match=r"micrograd.py: line 1: .*; fix it, then try again"):
+        exercises.grade([ex], dest)  # said before any test runs
     (dest / "micrograd.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="micrograd.py has no Value._topo, Value.backward: restore it"):
         exercises.start_exercise(exercises.lookup("autograd-backward"), dest)
@@ -6088,7 +6092,8 @@ def test_exercises_bad_input_is_one_line_and_writes_nothing(tmp_path):
             (["--start=99"], 1, "error: unknown exercise '99'"),
             (["--nope=1"], 2, "error: unknown option --nope"),
             (["--timeout=x"], 2, "error: --timeout expects int"),
-            (["--start=1", "--check=1"], 1, "error: --start='1': must be alone"),
+            (["--start=1", "--check=1"], 1, "error: --start, --check and --verify go one at a time"),
+            (["--timeout=0", "--check=1"], 1, "error: --timeout=0: must be at least 1 second"),
             ([f"--folder={ROOT}/x", "--start=1"], 1, "must live outside it"),
             ([f"--folder={other}", "--check=1"], 1, "is not a copy made by exercises.py"),
             ([f"--folder={other}", "--start=1"], 1, "not empty and not a copy")]:
