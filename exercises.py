@@ -239,13 +239,17 @@ def has_docstring(fn):
 
 
 def body_span(fn, where):
-    """(first, last): the 1-based lines holding fn's body after its docstring."""
+    """(first, last): the 1-based lines holding fn's body after its docstring (comments
+    between the signature and the first statement included: they may give the answer away)."""
     keep = 1 if has_docstring(fn) else 0
     if len(fn.body) == keep:
         raise ValueError(f"{where}: {fn.name} has nothing but a docstring to blank")
-    first = fn.body[keep - 1].end_lineno + 1 if keep else fn.body[0].lineno
-    if first <= fn.lineno:
+    signature = [fn.args] + ([fn.returns] if fn.returns else [])
+    sig_end = max([fn.lineno] + [n.end_lineno for node in signature for n in ast.walk(node)
+                                 if getattr(n, "end_lineno", None)])
+    if fn.body[0].lineno <= sig_end:
         raise ValueError(f"{where}: {fn.name} has its body on the def line; cannot blank it")
+    first = fn.body[0].end_lineno + 1 if keep else sig_end + 1
     return first, fn.end_lineno
 
 
