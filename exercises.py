@@ -127,8 +127,7 @@ EXERCISES = [
              "Seed each epoch's permutation with [seed, epoch].", 60),
     Exercise("block-attention", "causal attention, readable", "block.py",
              ("CausalSelfAttention.attend_readable",),
-             ("test_block_readable_attention_equals_sdpa", "test_block_gqa_equals_mha_with_repeated_kv_heads",
-              "test_block_kv_cache_equals_recompute"),
+             ("test_block_readable_attention_equals_sdpa", "test_block_kv_cache_equals_recompute"),
              "torch's scaled_dot_product_attention",
              "softmax(q k^T / sqrt(d)) v, with -inf where a key lies after the query. With a "
              "cache, q holds the last T of S positions: query t sits at S - T + t. GQA: repeat "
