@@ -158,7 +158,8 @@ EXERCISES = [
              "top-p: sort descending, and drop a token once the likelier ones before it already "
              "reach top_p (the first always stays); scatter the mask back to vocabulary order.", 45),
     Exercise("optim-adamw", "AdamW's step", "optim.py", ("AdamW.step_group",),
-             ("test_optim_adamw_matches_torch_step_for_step", "test_train_clipping_equals_torch_clip_grad_norm_and_adamw"),
+             ("test_optim_adamw_matches_torch_step_for_step",
+              "test_optim_muon_matches_torch_muon_and_adamw_step_for_step"),
              "torch.optim.AdamW, step for step",
              "Decoupled weight decay: p *= 1 - lr * wd before the Adam update. Bias-correct both "
              "moments with the step count t (from 1); eps goes outside the square root.", 45),
