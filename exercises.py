@@ -22,6 +22,7 @@ each graded test fails on that exercise's NotImplementedError. It runs every exe
 twice (several minutes).
 """
 import ast
+import functools
 import os
 import re
 import shutil
@@ -261,9 +262,14 @@ def stub_line(ex, qualname, indent):
 
 def parse(text, where):
     try:
-        return ast.parse(text)
+        return _parse(text)
     except SyntaxError as e:
         raise ValueError(f"{where}: line {e.lineno}: {e.msg}; fix it, then try again") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(text):  # the listing asks about the same few files dozens of times; trees are only read
+    return ast.parse(text)
 
 
 def body_text(text, qualname, where):
@@ -331,8 +337,8 @@ def check_folder(dest):
 
 
 def fill_copy(dest):
-    """Create the copy, or add the project files it lacks; never touches a file already there."""
-    check_folder(dest)
+    """Create the copy, or add the project files it lacks; never touches a file already there.
+    The caller has checked the folder (check_folder)."""
     added = []
     for rel in project_files():
         if not (dest / rel).exists():
