@@ -92,8 +92,8 @@ EXERCISES = [
              "over the extra leading axes, then (keepdims) over the axes where the input has "
              "size 1. Value._topo walks Tensors too.", 60),
     Exercise("bpe-merge", "the pair merge", "bpe.py", ("merge",),
-             ("test_bpe_tie_break_hand_computed", "test_bpe_incremental_trainer_equals_naive"),
-             "the CS336 hand-computed merges and the naive trainer",
+             ("test_bpe_merge_equals_bytes_replace", "test_bpe_tie_break_hand_computed"),
+             "Python's bytes.replace and the CS336 hand-computed merges",
              "Walk left to right; when ids[i], ids[i+1] is the pair, emit new and jump 2. "
              "\"aaa\" with (a, a) is [new, a], not [a, new].", 20),
     Exercise("bpe-train", "the incremental BPE trainer", "bpe.py", ("train_fast",),
@@ -420,7 +420,7 @@ def read_report(report):
             node = case.find(tag)
             if node is not None:
                 outcome = "skipped" if tag == "skipped" else "failed"
-                message = node.get("message") or (node.text or "").strip()
+                message = f"{node.get('message') or ''}\n{node.text or ''}".strip()  # summary, details
                 break
         results.append((case.get("name"), outcome, message, float(case.get("time") or 0)))
     return results
@@ -450,8 +450,8 @@ def grade(todo, dest, limit=1800):
         results = run_tests(tests, dest, Path(tmp) / "report.xml", limit)
     for name, _, message, _ in results:
         if name.split("[")[0] not in tests:  # pytest reports a failed import as a test of its own
-            last = [line for line in message.splitlines() if line.strip()][-1:] or ["?"]
-            raise ValueError(f"the tests could not start ({name}): {last[0].strip()[:300]}")
+            last = [line for line in message.splitlines() if line.startswith("E ")][-1:] or [message]
+            raise ValueError(f"the tests could not start ({name}): {last[0][1:].strip()[:300]}")
     return [verdict(ex, [r for r in results if r[0].split("[")[0] in ex.tests]) for ex in todo]
 
 

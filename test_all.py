@@ -1523,6 +1523,18 @@ def test_bpe_cli_bad_options(args, code, line, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_bpe_merge_equals_bytes_replace():
+    """merge replaces the pair left to right without overlaps, as Python's bytes.replace does:
+    "aaa" with (a, a) is [new, a]. Random byte strings over 3 letters, so runs are common."""
+    rng = random.Random(5)
+    for _ in range(300):
+        ids = [rng.choice(b"abc") for _ in range(rng.randrange(0, 12))]
+        pair = (rng.choice(b"abc"), rng.choice(b"abc"))
+        want = list(bytes(ids).replace(bytes(pair), b"\xff"))
+        assert bpe.merge(ids, pair, 255) == want, (bytes(ids), bytes(pair))
+    assert bpe.merge(list(b"aaa"), (97, 97), 256) == [256, 97]
+
+
 # ======================================================================
 # data: tests for dataloader.py
 # ======================================================================
