@@ -6,7 +6,10 @@ Each section checks one lesson file against a real reference: gradients against 
 or tinyshakespeare look in ../shared/data, then data/ (`python corpora.py --fetch=true`), and
 skip naming that command when neither has them; GPU tests skip without CUDA.
 """
+import ast
 import copy
+import difflib
+import importlib.util
 import inspect
 import io
 import json
@@ -66,6 +69,7 @@ import cli  # noqa: E402
 import corpora  # noqa: E402
 import cuda_primer  # noqa: E402
 import evals  # noqa: E402
+import exercises  # noqa: E402
 import dataloader as dl  # noqa: E402
 import finetune as ft  # noqa: E402
 import gpt  # noqa: E402
@@ -1704,6 +1708,18 @@ def test_bpe_cli_bad_options(args, code, line, tmp_path):
     assert r.returncode == code and r.stderr.startswith(line), r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bpe_merge_equals_bytes_replace():
+    """merge replaces the pair left to right without overlaps, as Python's bytes.replace does:
+    "aaa" with (a, a) is [new, a]. Random byte strings over 3 letters, so runs are common."""
+    rng = random.Random(5)
+    for _ in range(300):
+        ids = [rng.choice(b"abc") for _ in range(rng.randrange(0, 12))]
+        pair = (rng.choice(b"abc"), rng.choice(b"abc"))
+        want = list(bytes(ids).replace(bytes(pair), b"\xff"))
+        assert bpe.merge(ids, pair, 255) == want, (bytes(ids), bytes(pair))
+    assert bpe.merge(list(b"aaa"), (97, 97), 256) == [256, 97]
 
 
 # ======================================================================
@@ -6553,3 +6569,251 @@ def test_kernels_demo_rejects_a_bad_device(monkeypatch, value, message):
     monkeypatch.setattr(kernels, "device", value)
     with pytest.raises(ValueError, match=f"^(--device={value}: )?{message}"):
         kernels.main()
+
+
+# ======================================================================
+# exercises: tests for exercises.py: every exercise's functions and tests exist, blanking
+# changes nothing else, a copy keeps the learner's answers, and the grader grades (a sample)
+# ======================================================================
+
+def test_exercises_table_names_real_code():
+    """Each exercise names functions that exist in its file and tests that exist here; a
+    rename elsewhere fails this test, naming the exercise to update in exercises.EXERCISES."""
+    here = {n.name for n in ast_module(ROOT / "test_all.py").body if isinstance(n, ast.FunctionDef)}
+    ids = [ex.id for ex in exercises.EXERCISES]
+    assert len(set(ids)) == len(ids) and 15 <= len(ids) <= 25
+    for ex in exercises.EXERCISES:
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", ex.id) and 15 <= ex.minutes <= 90, ex.id
+        tree = ast_module(ROOT / ex.file)
+        for name in ex.functions:
+            assert exercises.find_function(tree, name), f"exercise {ex.id}: {ex.file} has no {name}"
+        assert 1 <= len(ex.tests) <= 6, f"exercise {ex.id}: grade it with 1 to 6 tests"
+        for t in ex.tests:
+            assert t in here, f"exercise {ex.id}: test_all.py has no {t}"
+    names = [f"{ex.file}:{f}" for ex in exercises.EXERCISES for f in ex.functions]
+    assert len(set(names)) == len(names)  # one function, one exercise: blanks never collide
+    # every phase of the path has its exercises, in the path's order
+    files = [ex.file for ex in exercises.EXERCISES]
+    path = ["micrograd.py", "bpe.py", "dataloader.py", "block.py", "gpt.py", "optim.py",
+            "train.py", "finetune.py", "cuda_primer.py", "kernels.py"]
+    assert set(files) == set(path)
+    assert [f for f in files if f != "gpt.py"] == sorted((f for f in files if f != "gpt.py"), key=path.index)
+
+
+def ast_module(path):
+    return ast.parse(Path(path).read_text(encoding="utf-8"))
+
+
+def all_functions(tree, prefix=""):
+    """{qualified name: node} of every function and method, nested ones included."""
+    out = {}
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            name = prefix + node.name
+            if isinstance(node, ast.FunctionDef):
+                out[name] = node
+            out.update(all_functions(node, name + "."))
+    return out
+
+
+def test_exercises_blanking_changes_only_the_bodies_and_still_imports(tmp_path):
+    """For every exercise: each target keeps its def line, decorators and docstring, and its
+    body becomes one raise naming the exercise; each other function's source, and every line
+    outside the target bodies, is byte-identical; the blanked file imports."""
+    for n, ex in enumerate(exercises.EXERCISES, 1):
+        text = (ROOT / ex.file).read_text(encoding="utf-8")
+        out = exercises.blank(text, ex, ex.functions, ex.file)
+        before, after = all_functions(ast.parse(text)), all_functions(ast.parse(out))
+        a, b = text.splitlines(keepends=True), out.splitlines(keepends=True)
+        assert before.keys() - after.keys() <= {k for k in before
+                                                if any(k.startswith(f + ".") for f in ex.functions)}
+        for name, node in after.items():
+            if name in ex.functions:
+                old = before[name]
+                assert ast.get_docstring(node) == ast.get_docstring(old), (ex.id, name)
+                stmt = node.body[-1]
+                assert len(node.body) == 1 + bool(ast.get_docstring(old)) and isinstance(stmt, ast.Raise)
+                assert f"exercise {n} ({ex.id}): write {name};" in ast.unparse(stmt), (ex.id, name)
+                assert b[node.lineno - 1] == a[old.lineno - 1]  # the def line
+                assert [ast.dump(d) for d in node.decorator_list] == [ast.dump(d) for d in old.decorator_list]
+            elif not any(name.startswith(f + ".") for f in ex.functions):
+                old = before[name]
+                assert b[node.lineno - 1:node.end_lineno] == a[old.lineno - 1:old.end_lineno], (ex.id, name)
+        # line by line: only whole blocks inside the targets' bodies changed, each to one line
+        changed = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+                   if op[0] != "equal"]
+        assert len(changed) == len(ex.functions), ex.id
+        for tag, i1, i2, j1, j2 in changed:
+            assert tag == "replace" and j2 - j1 == 1 and "raise NotImplementedError" in b[j1], ex.id
+            assert any(before[f].lineno < i1 + 1 and i2 <= before[f].end_lineno for f in ex.functions)
+        path = tmp_path / f"blank_{n}_{ex.file}"
+        path.write_text(out, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(f"blank_{n}_{ex.file[:-3]}", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # imports cleanly
+
+
+def test_exercises_blanked_function_raises_naming_the_exercise(tmp_path):
+    ex = exercises.lookup("bpe-merge")
+    assert exercises.lookup("4") is ex
+    out = exercises.blank((ROOT / "bpe.py").read_text(encoding="utf-8"), ex, ex.functions, "bpe.py")
+    space = {"__name__": "blank_bpe"}
+    exec(compile(out, "bpe.py", "exec"), space)
+    with pytest.raises(NotImplementedError, match=r"^exercise 4 \(bpe-merge\): write merge; then "
+                       r"python exercises.py --check=bpe-merge$"):
+        space["merge"]([1, 2], (1, 2), 256)
+    assert space["train_naive"].__doc__ == bpe.train_naive.__doc__  # the rest is ours, untouched
+    with pytest.raises(ValueError, match="unknown exercise 'nope'; valid exercises: autograd-ops, "):
+        exercises.lookup("nope")
+
+
+def write_answer(path, name, body):
+    """Replace the stub of function `name` in the copy's file with body (the learner's answer)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if f"): write {name};" in line)
+    indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = textwrap.indent(textwrap.dedent(body).strip("\n") + "\n", indent)
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def test_exercises_start_keeps_the_learners_answers(tmp_path):
+    dest = tmp_path / "copy"
+    ops, topo = exercises.lookup("autograd-ops"), exercises.lookup("autograd-backward")
+    assert exercises.start_exercise(ops, dest) == list(ops.functions)
+    assert (dest / "test_all.py").read_bytes() == (ROOT / "test_all.py").read_bytes()
+    assert (dest / "docs" / "training.md").is_file() and (dest / exercises.MARKER).is_file()
+    mg_file = dest / "micrograd.py"
+    assert mg_file.read_text().count("raise NotImplementedError") == len(ops.functions)
+    write_answer(mg_file, "Value._mul_backward", "a, b = out._prev\na.grad += g * b.data\nb.grad += g * a.data")
+    mg_file.write_text("# my notes\n" + mg_file.read_text())  # an edit outside any exercise
+    mine = mg_file.read_bytes()
+    # starting the same exercise again refuses to touch the answer: one line, file unchanged
+    with pytest.raises(ValueError, match=r"micrograd.py: Value._mul_backward hold your edits, left "
+                       r"as they are; --force=true blanks them \(that code is lost\)"):
+        exercises.start_exercise(ops, dest)
+    assert mg_file.read_bytes() == mine
+    assert exercises.function_states(ops, dest)["Value._mul_backward"] == "edited"
+    # the next exercise blanks only its own functions: the answer and the notes stay
+    assert exercises.start_exercise(topo, dest) == list(topo.functions)
+    text = mg_file.read_text()
+    assert text.startswith("# my notes\n") and "a.grad += g * b.data" in text
+    assert "write Value._topo;" in text and "write Value._div_backward;" in text
+    assert exercises.start_exercise(topo, dest) == []  # already blank: nothing to do
+    assert (dest / "bpe.py").read_bytes() == (ROOT / "bpe.py").read_bytes()
+    # a file deleted from the copy comes back; an existing file is never replaced
+    (dest / "bpe.py").unlink()
+    (dest / "README.md").write_text("mine")
+    exercises.start_exercise(exercises.lookup("bpe-merge"), dest)
+    assert "write merge;" in (dest / "bpe.py").read_text() and (dest / "README.md").read_text() == "mine"
+    # --force blanks the answer, as it says
+    exercises.start_exercise(ops, dest, overwrite=True)
+    assert "a.grad += g * b.data" not in mg_file.read_text()
+    assert mg_file.read_text().startswith("# my notes\n")
+    lines = exercises.listing(dest)
+    assert any("autograd-ops" in line and "[to write]" in line for line in lines)
+    assert any("block-rope" in line and "[" not in line for line in lines)
+
+
+def test_exercises_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    ex = exercises.lookup("autograd-ops")
+    other = tmp_path / "someones"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and not a copy made by exercises.py"):
+        exercises.start_exercise(ex, other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    dest = tmp_path / "copy"
+    exercises.start_exercise(ex, dest)
+    (dest / "micrograd.py").write_text("def broken(:\n")
+    with pytest.raises(ValueError, match=r"micrograd.py: line 1: .*; fix it, then try again"):
+        exercises.start_exercise(exercises.lookup("autograd-backward"), dest)
+    assert (dest / "micrograd.py").read_text() == "def broken(:\n"
+    with pytest.raises(ValueError, match=r"micrograd.py: line 1: .*; fix it, then try again"):
+        exercises.grade([ex], dest)  # said before any test runs
+    (dest / "micrograd.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="micrograd.py has no Value._topo, Value.backward: restore it"):
+        exercises.start_exercise(exercises.lookup("autograd-backward"), dest)
+    run = lambda *a: subprocess.run([sys.executable, "exercises.py", *a], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=60)
+    for args, code, message in [
+            (["--start=nope"], 1, "error: unknown exercise 'nope'; valid exercises: autograd-ops, "),
+            (["--start=99"], 1, "error: unknown exercise '99'"),
+            (["--nope=1"], 2, "error: unknown option --nope"),
+            (["--timeout=x"], 2, "error: --timeout expects int"),
+            (["--start=1", "--check=1"], 1, "error: --start, --check and --verify go one at a time"),
+            (["--timeout=0", "--check=1"], 1, "error: --timeout=0: must be at least 1 second"),
+            ([f"--folder={ROOT}/x", "--start=1"], 1, "must live outside it"),
+            ([f"--folder={other}", "--check=1"], 1, "is not a copy made by exercises.py"),
+            ([f"--folder={other}", "--start=1"], 1, "not empty and not a copy")]:
+        r = run(*args)
+        assert r.returncode == code and r.stderr.startswith("error: ") and message in r.stderr \
+            and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert not (ROOT / "x").exists() and [p.name for p in other.iterdir()] == ["notes.txt"]
+    r = run(f"--folder={tmp_path / 'new'}")
+    assert r.returncode == 0 and " 1 autograd-ops " in r.stdout and "(not made yet)" in r.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_exercises_check_grades_answers_against_the_references(tmp_path):
+    """One pytest run on a copy: a blank exercise fails as "not written", a wrong answer fails
+    naming the reference, a right answer written differently (loops) passes."""
+    dest = tmp_path / "copy"
+    todo = [exercises.lookup(x) for x in ("autograd-ops", "tensor-broadcast", "bpe-merge")]
+    for ex in todo:
+        exercises.start_exercise(ex, dest)
+    mg_file = dest / "micrograd.py"
+    write_answer(mg_file, "Value._mul_backward", "a, b = out._prev\na.grad += b.data * g\nb.grad += b.data * g")  # wrong
+    write_answer(mg_file, "Value._div_backward", "a, b = out._prev\na.grad += g / b.data\nb.grad += -g * a.data / b.data ** 2")
+    write_answer(mg_file, "Value._exp_backward", "out._prev[0].grad += math.exp(out._prev[0].data) * g")
+    write_answer(mg_file, "Value._tanh_backward", "out._prev[0].grad += g / math.cosh(out._prev[0].data) ** 2")
+    write_answer(mg_file, "Value._sigmoid_backward", "s = out.data\nout._prev[0].grad += g * (s - s * s)")
+    # Tensor._acc and Tensor.backward with loops: one axis at a time, one input at a time
+    write_answer(mg_file, "Tensor._acc", """
+        if not self.requires_grad:
+            return
+        g = g.astype(self.data.dtype, copy=False)
+        while g.ndim > self.ndim:
+            g = g.sum(axis=0)
+        for axis, size in enumerate(self.shape):
+            if size == 1 and g.shape[axis] != 1:
+                g = g.sum(axis=axis, keepdims=True)
+        if self.grad is None:
+            self.grad = g if self._prev else np.array(g)
+        else:
+            self.grad = self.grad + g""")
+    write_answer(mg_file, "Tensor.backward", """
+        if grad is None and self.data.size != 1:
+            raise ValueError(f"backward() on shape {self.shape} needs grad= of that shape")
+        grad = np.ones_like(self.data) if grad is None else np.asarray(grad, self.data.dtype)
+        order = Value._topo(self)
+        for v in order:
+            v.grad = None
+        self._acc(grad)
+        for i in range(len(order) - 1, -1, -1):
+            v = order[i]
+            if v.grad is None:
+                continue
+            grads = v._backward(v.grad)
+            for j in range(len(v._prev)):
+                if grads[j] is not None:
+                    v._prev[j]._acc(grads[j])""")
+    (ops, ok_ops, ops_lines), (tb, ok_tb, tb_lines), (bm, ok_bm, bm_lines) = exercises.grade(todo, dest)
+    assert ok_tb and tb_lines[0].startswith("exercise tensor-broadcast: passed, ")
+    assert not ok_ops and ops_lines[0].startswith("exercise autograd-ops: not yet, 2 of ")
+    assert all(x in "\n".join(ops_lines) for x in ("[mul]", "[shared]"))
+    assert ops_lines[1].startswith("  test_micrograd_value_ops_match_torch[")
+    assert all("your answer disagrees with torch autograd in float64: " in line for line in ops_lines[1:])
+    assert not ok_bm and bm_lines[1:] == [f"  {t}: merge is not written yet" for t in bm.tests]
+    # the same answers, and the rest of the project, pass in our own copy of the project
+    assert exercises.function_states(tb, dest) == {"Tensor._acc": "edited", "Tensor.backward": "edited"}
+
+
+def test_exercises_plain_words_for_each_outcome():
+    ex = exercises.lookup("autograd-backward")
+    stub = 'NotImplementedError: exercise 1 (autograd-ops): write Value._mul_backward; then ...'
+    assert exercises.plain_words(ex, "failed", stub) == \
+        "Value._mul_backward is not written yet (from exercise 1, autograd-ops)"
+    assert exercises.plain_words(ex, "skipped", "needs ../shared/data").startswith(
+        "did not run (needs ../shared/data); a skipped test grades nothing")
+    assert exercises.plain_words(ex, "failed", "AssertionError: 1.0 != 2.0\nmore") == \
+        "your answer disagrees with torch autograd in float64: AssertionError: 1.0 != 2.0"
+
