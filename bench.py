@@ -1228,7 +1228,7 @@ def check_options():
     cli.check(globals(), [
         ("repeat", repeat >= 1, "at least 1"),
         ("corpus_mb", 1 <= corpus_mb <= 10**6, "in [1, 1000000] (MB of generated text)"),
-        ("variants", all(i.isdigit() and int(i) < len(MFU_VARIANTS)
+        ("variants", all(i.isascii() and i.isdigit() and int(i) < len(MFU_VARIANTS)
                          for i in variants.split(",") if variants),
          f"indices 0..{len(MFU_VARIANTS) - 1} like 0,3"),
         ("out", out != "" and not Path(out).is_dir(), "a file path (not a folder)"),

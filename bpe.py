@@ -431,7 +431,7 @@ class Tokenizer:
     def load(cls, path):
         """A tokenizer saved by save(); any damage, edit or wrong type is one ValueError naming path."""
         try:
-            d = read_json(path)
+            d = cli.read_json(path)
             check_saved_fields(d)
             rows = d["merges"]
             tok = cls({(a, b): 256 + k for k, (a, b, _) in enumerate(rows)},
@@ -447,7 +447,7 @@ class Tokenizer:
     @classmethod
     def from_gpt2_files(cls, vocab_json, merges_txt):
         """GPT-2's tokenizer from its vocab.json (token -> id) and merges.txt ("a b" a line)."""
-        vocab = read_json(vocab_json)
+        vocab = cli.read_json(vocab_json)
         if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < MAX_VOCAB for i in vocab.values()):
             raise ValueError(f"{vocab_json}: expected a JSON object of token -> id (an int below {MAX_VOCAB:,})")
         if len(set(vocab.values())) != len(vocab):
@@ -654,17 +654,6 @@ def documents(data):
             yield from documents(d)
     else:
         raise TypeError(f"training data is a str of text, a Path or a list of them, not {type(data).__name__}")
-
-
-def read_json(path):
-    """A JSON file's value; damage (bad syntax, not UTF-8, nesting too deep) is one line naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON (nested too deep)") from None
 
 
 def bytes_to_unicode():

@@ -23,9 +23,14 @@ line, exit 1; Ctrl-C is one line and exit 130.
 Two file helpers live here because every writer needs them and this is the one
 module they all import: `atomic_open` (write a file whole or not at all) and
 `hold_dir` (one run per output folder, via a lock file naming its pid).
+
+One way to read JSON, for the same reason: `parse_json(text, where)`, `read_json(path)` and
+`read_jsonl(path)` turn any damage (bad syntax, bytes that are not UTF-8, NaN/Infinity, nesting
+deeper than MAX_JSON_DEPTH) into one ValueError naming the file, and the line for JSONL.
 """
 import contextlib
 import errno
+import json
 import math
 import os
 import re
@@ -165,6 +170,61 @@ def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=N
         raise SystemExit(f"error: {e}") from None
 
 
+# ----------------------------------------------------------------------------- JSON
+MAX_JSON_DEPTH = 64  # nesting no nanollm file needs more than 4 of; json's C parser recurses per level
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"' )  # a JSON string: its brackets are text, not nesting
+
+
+def json_depth(raw):
+    """The deepest nesting of [ and { in JSON bytes, strings skipped: json_depth(b'[[1], {"a": "[["}]') -> 2."""
+    depth = deepest = 0
+    for c in re.sub(rb"[^][{}]", b"", _JSON_STRING.sub(b"", raw)):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _no_constant(name):  # json.loads accepts NaN and Infinity; JSON does not, and a NaN loss is no number
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw, where):
+    """The value of one JSON text (bytes or str); damage is one ValueError starting with `where`
+    (a path, or path:line). Nesting is bounded before parsing: a 100,000-deep [[[[... would
+    otherwise end in RecursionError, which no reader expects."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValueError(f"{where}: not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a NaN; a lone surrogate escape is kept as text
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+
+
+def read_json(path):
+    """A JSON file's value (parse_json); a missing or empty file is one line naming it too."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise ValueError(f"{path}: file is empty")
+    return parse_json(raw, str(path))
+
+
+def read_jsonl(path):
+    """(line number, value) of each non-blank line of a JSONL file, lazily. Lines end at b"\n"
+    only: a JSON string may hold U+2028, which str.splitlines would cut at."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, parse_json(line, f"{path}:{n}")
+
+
 # ----------------------------------------------------------------------------- files
 TMP_SUFFIX = ".tmp"
 
@@ -271,7 +331,7 @@ def hold_dir(folder):
             if owner == mine:
                 yield folder  # already ours: nested hold
                 return
-            if owner.isdigit() and _pid_alive(int(owner)):
+            if owner.isascii() and owner.isdigit() and _pid_alive(int(owner)):
                 raise ValueError(f"{folder} is in use by another run (pid {owner}); wait for it "
                                  "to finish or choose another folder") from None
             with contextlib.suppress(FileNotFoundError):

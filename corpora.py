@@ -195,6 +195,17 @@ def text_documents(path, field=None, pos=None):
         yield text.strip() if separated else text
 
 
+def utf8_text(text, where):
+    """text, if it can be written as UTF-8: a JSON escape such as "\\ud800" (half a surrogate pair)
+    decodes to a str that cannot, and would fail later, in a worker, with no file named."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: character {e.start} is a lone surrogate {text[e.start]!r}, "
+                         "not text UTF-8 can hold") from None
+    return text
+
+
 def jsonl_documents(path, field="text", pos=None):
     """Lines split at b"\\n" only: a JSON string may hold U+2028, which str.splitlines cuts at."""
     with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz")
@@ -206,13 +217,10 @@ def jsonl_documents(path, field="text", pos=None):
                     pos[0] = base + raw.tell()
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                row = cli.parse_json(line, f"{path}:{i}")  # bad JSON, not UTF-8, too deep: file:line
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
                     raise ValueError(f"{path}:{i}: no {field!r} string in this line")
-                yield row[field]
+                yield utf8_text(row[field], f"{path}:{i}")
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise ValueError(f"{path}: damaged gzip file ({e})") from None
 

@@ -644,7 +644,7 @@ def check_options():
         ("device", device != "cuda" or torch.cuda.is_available(), "auto or cpu: torch sees no GPU"),
         ("out", out != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
         ("copy_mb", copy_mb >= 0, ">= 0 (0 = the default)"),
-        ("matmul_sizes", all(s.strip().isdigit() and int(s) > 0 for s in sizes),
+        ("matmul_sizes", all(s.strip().isascii() and s.strip().isdigit() and int(s) > 0 for s in sizes),
          "positive integers like 512,1024"),
         ("batch_size", batch_size >= 1, "at least 1"),
         ("tile_n", 1 <= tile_n <= 128,

@@ -294,7 +294,7 @@ class CharTokenizer:
     @classmethod
     def load(cls, path):
         try:
-            d = json.loads(corpora.read_nonblank_text(path))
+            d = cli.read_json(path)
             return cls(d["chars"], d["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
@@ -303,7 +303,7 @@ class CharTokenizer:
 def load_tokenizer(path):
     """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
     try:
-        char = json.loads(corpora.read_nonblank_text(path)).get("type") == "char"
+        char = cli.read_json(path).get("type") == "char"
     except (ValueError, AttributeError):
         char = False  # not a JSON object: bpe.Tokenizer.load names the problem
     return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
@@ -585,7 +585,7 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
 def read_progress(path):
     """progress.json, every field checked: {split: {shards, doc, skip, tokens, documents, bytes}}."""
     try:
-        state = json.loads(corpora.read_nonblank_text(path))
+        state = cli.read_json(path)
         keys = ("shards", "doc", "skip", "tokens", "documents", "bytes")
         if (isinstance(state, dict) and set(state) == {"train", "val"} and all(
                 isinstance(s, dict) and set(s) == set(keys) and all(type(s[k]) is int and s[k] >= 0 for k in keys)
@@ -747,10 +747,7 @@ def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed,
 def read_prepared(folder):
     """Prepared(...) of a folder prepare() finished, its meta.json checked field by field."""
     folder, path = Path(folder), Path(folder) / "meta.json"
-    try:
-        meta = json.loads(corpora.read_nonblank_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    meta = cli.read_json(path)
     counts = ("documents", "tokens", "bytes")
     splits = meta.get("splits") if isinstance(meta, dict) else None
     if not (isinstance(splits, dict) and meta.get("dtype") in ("uint16", "uint32") and all(

@@ -361,12 +361,7 @@ def read_hellaswag(path, raw=False, limit=0):
 
 
 def parse_example(line, where, position, raw=False):
-    try:
-        doc = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not a JSON line ({e.msg})") from None
+    doc = cli.parse_json(line, where)  # bad JSON, not UTF-8, nested too deep: one line naming where
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     endings = doc.get("endings")
@@ -375,7 +370,7 @@ def parse_example(line, where, position, raw=False):
         got = f"{len(endings)} items" if isinstance(endings, list) else repr(endings)[:40]
         raise ValueError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings, got {got}")
     label = doc.get("label")
-    if isinstance(label, str) and label.strip().isdigit():
+    if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():  # not "²"
         label = int(label)  # the Hugging Face copy writes labels as "0".."3"
     if type(label) is not int or not 0 <= label < N_ENDINGS:
         raise ValueError(f"{where}: 'label' must be 0, 1, 2 or 3, got {doc.get('label')!r}")

@@ -218,20 +218,9 @@ def read_conversations(path):
 
     Every problem names the file and line: a half-read dataset is worse than none.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in cli.read_jsonl(path):  # lines end at \n only: a message may hold U+2028
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f'{where}: expected an object with a "messages" list')

@@ -2123,7 +2123,7 @@ def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatc
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "norows.parquet")
-    cases = {"empty.jsonl": "empty.jsonl: file is empty", "utf.jsonl": r"utf.jsonl:2: not valid JSON",
+    cases = {"empty.jsonl": "empty.jsonl: file is empty", "utf.jsonl": r"utf.jsonl:2: not UTF-8 text",
              "junk.jsonl.gz": "junk.jsonl.gz: damaged gzip", "cut.jsonl.gz": "cut.jsonl.gz: damaged gzip",
              "empty.parquet": "empty.parquet: not a readable parquet", "junk.parquet": "junk.parquet: not a readable",
              "notext.parquet": r"notext.parquet: no 'text' column \(it has body\)",
@@ -4347,7 +4347,7 @@ def test_finetune_read_conversations_bad_input(tmp_path):
     rows = ft.read_conversations(p)
     assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
     cases = {
-        '{"messages": [}': r"bad\.jsonl:2: malformed JSON",
+        '{"messages": [}': r"bad\.jsonl:2: not valid JSON",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
             r":2: conversation has no assistant turn",
         json.dumps({"messages": chat("a", "b")[::-1]}):
@@ -4388,8 +4388,8 @@ def test_finetune_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
                         f"--data={bad}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes "
-        "at column 2)")
+        f"error: {bad}:2: not valid JSON (Expecting property name enclosed in double quotes "
+        "at line 1 column 2)")
     assert sorted(os.listdir(out)) == ["ckpt.pt"]
 
 def test_finetune_lora_forward_equals_formula():
@@ -5417,7 +5417,7 @@ def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
     cases = {
         "missing": (None, "no HellaSwag file at"),
         "empty": ("\n\n", "no examples (the file is empty)"),
-        "corrupt": (json.dumps(good) + "\n{not json\n", "corrupt.jsonl:2: not a JSON line"),
+        "corrupt": (json.dumps(good) + "\n{not json\n", "corrupt.jsonl:2: not valid JSON"),
         "label": (json.dumps(dict(good, label=4)) + "\n", "label.jsonl:1: 'label' must be 0, 1, 2 or 3, got 4"),
         "strlabel": (json.dumps(dict(good, label="x")) + "\n", "'label' must be 0, 1, 2 or 3, got 'x'"),
         "three": (json.dumps(good) + "\n" + json.dumps(dict(good, endings=["d", "e", "f"])) + "\n",

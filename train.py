@@ -481,7 +481,13 @@ class Meter:
 def write_log(s, row):
     if s.rank == 0:
         with open(s.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
+
+
+def finite_or_null(row):
+    """JSON has no NaN or Infinity (json.dumps would write them anyway, and no reader takes
+    the file back): a value that is not finite is logged as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def trim_log(log_path, step):
@@ -726,12 +732,25 @@ def peak_memory(dev):
 
 
 def log_rows(path):
-    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
-    leaves half a line)."""
+    """The rows of a JSONL log, each {"step": int >= 0, ...}; a last line with no newline that
+    does not parse is dropped (a run killed while writing leaves half a line). Any other damage
+    is one ValueError naming path:line (cli.parse_json: bad JSON, not UTF-8, nested too deep)."""
     rows = []
-    for line in open(path):
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = cli.parse_json(line, f"{path}:{n}")
+        except ValueError:
+            if n == len(lines):  # no newline after it: the half line of a killed write
+                continue
+            raise
+        if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0):
+            raise ValueError(f'{path}:{n}: not a log row (expected {{"step": an integer >= 0, ...}}, '
+                             f"got {line[:60].decode('utf-8', 'replace')!r})")
+        rows.append(row)
     return rows
 
 
