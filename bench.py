@@ -23,6 +23,9 @@ scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms a
 / eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
 out/bench.json.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import contextlib
 import importlib
 import json
@@ -49,7 +52,6 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import bpe  # noqa: E402
-import cli  # noqa: E402
 import corpora  # noqa: E402
 import cuda_primer as cp  # noqa: E402
 import dataloader as dl  # noqa: E402

@@ -23,6 +23,9 @@ It prints the parameter count, FLOPs per token (formula and a count by torch's f
 counter), the largest difference between readable, fast and numpy paths, and the
 forward+backward time of each.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import math
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import cli
 import micrograd as mg
 
 # demo hyperparameters (python block.py --name=value)

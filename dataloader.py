@@ -26,11 +26,15 @@ From another file (gpt.py, train.py do this):
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
 More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import contextlib
 import hashlib
 import importlib.metadata
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -46,7 +50,6 @@ import numpy as np
 import torch
 
 import bpe
-import cli
 import corpora  # where text comes from: the plays, file readers, downloads
 from cli import atomic_open  # the one atomic writer (shards here; checkpoints in gpt, train)
 
@@ -388,6 +391,7 @@ def _init_worker(tok, in_pool=False):
     _worker_tokenizer = tok
     if in_pool:  # Ctrl-C is for the main process: it stops the pool and prints one line
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not cli.run's handler, forked with us: just end
 
 
 def _encode_chunk(chunk):
@@ -444,8 +448,24 @@ def encode_chunks(chunks, tok, workers=1):
                 yield todo.popleft().result()
         while todo:
             yield todo.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C: waits for the running chunks only
+    except BaseException:  # an error, Ctrl-C, SIGTERM (cli.Terminated), or the caller stopped reading
+        pool.shutdown(wait=False, cancel_futures=True)
+        end_workers()
+        raise
+    pool.shutdown()
+
+
+def end_workers(grace=2.0):
+    """Stop this process's worker processes now: their chunks' tokens are thrown away anyway,
+    and a chunk of a slow tokenizer can take many seconds. Without this, a SIGTERM to prepare
+    left them running under pid 1, ~200 MB each, until their queue ran dry."""
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(grace)
+        if p.is_alive():
+            p.kill()
 
 
 def encode_documents(docs, tok, workers=1, chunk_chars=1 << 20):
@@ -569,8 +589,10 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
                                     save)
     start = {name: w.state["doc"] for name, w in writers.items()}
     show = Progress(writers, total_bytes, pos)
-    for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
-        show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
+    results = encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers)
+    with contextlib.closing(results):  # an error here ends the workers now, not when collected
+        for result in results:
+            show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
     for w in writers.values():
         if w.pending or w.shards == 0:  # the rest; an empty split gets one empty shard
             w.flush(w.pending)

@@ -30,6 +30,9 @@ It prints `hellaswag N examples | acc X | acc_norm Y | acc_tokmean Z` and writes
 per example to out_dir/hellaswag.jsonl (ids, log-likelihoods, lengths, predictions), so any
 score can be re-checked by hand.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import json
 import math
 import os
@@ -40,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import gpt
 
@@ -440,7 +442,7 @@ def run_hellaswag(model, tok, examples, out_dir):
 # ----------------------------------------------------------------------------- demo
 def main():
     cli.check(globals(), [("limit", limit >= 0, ">= 0 (0 = all)"),
-                          ("threads", threads >= 0, ">= 0")])
+                          ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)")])
     if threads:
         torch.set_num_threads(threads)
     path = hellaswag

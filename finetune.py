@@ -24,6 +24,9 @@ Run it
 
 It writes out_dir/finetune/ckpt.pt (gpt.py's checkpoint format) and tokenizer.json beside it.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import copy
 import filecmp
 import glob
@@ -39,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-import cli
 import corpora
 import dataloader
 import gpt
@@ -541,7 +543,7 @@ def check_options(g):
     cli.check(g, [(n, g[n] >= 1, "at least 1") for n in (
         "pretrain_iters", "lora_rank", "batch_size", "sft_iters", "dpo_iters")] + [
         (n, g[n] >= 0, ">= 0") for n in (
-            "dpo_prompts", "dpo_sft", "weight_decay", "warmup_iters", "num_samples", "threads")] + [
+            "dpo_prompts", "dpo_sft", "weight_decay", "warmup_iters", "num_samples")] + [
         (n, g[n] > 0, "above 0") for n in ("sft_lr", "dpo_lr", "dpo_beta", "lora_alpha")] + [
         ("n_train", 1 <= g["n_train"] <= 10**6, "in [1, 10**6]"),
         ("n_eval", 1 <= g["n_eval"] <= 10**5, "in [1, 10**5]"),
@@ -550,6 +552,7 @@ def check_options(g):
         ("lora_targets", any(g["lora_targets"].split(",")), "a list of layer names"),
         ("replay", 0 <= g["replay"] <= 1, "in [0, 1] (the pretraining loss's weight)"),
         ("seed", 0 <= g["seed"] < 2**32, "in [0, 2**32)"),
+        ("threads", 0 <= g["threads"] <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
         ("out_dir", g["out_dir"] != "", "a folder")])
 
 

@@ -27,6 +27,9 @@ What it writes (under --out_dir, default ./out)
   .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
 A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import math
 import numbers
 import os
@@ -41,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import block
-import cli
 import corpora
 import dataloader
 from block import (Block, BlockConfig, check_fields, make_norm, matmul_params,
@@ -782,7 +784,7 @@ def check_options():
         ("sample_tokens", sample_tokens >= 1, "at least 1"),
         ("temperature", 0 <= temperature < math.inf, "finite and >= 0 (0 = greedy)"),
         ("top_k", top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < top_p <= 1, "in (0, 1] (1 = off)"),
-        ("seed", seed >= 0, ">= 0"), ("threads", threads >= 0, ">= 0")])
+        ("seed", seed >= 0, ">= 0"), ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's default)")])
     config = get_config(preset, block_size=block_size, vocab_size=vocab_size)
     dev = pick_device(device)
     if dev.type == "cpu":  # the OOM killer would end the run without a word

@@ -13,6 +13,9 @@ Run it
 
 Every value and gradient here is checked against torch autograd in test_all.py.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import math
 import numbers
 import random
@@ -20,7 +23,6 @@ import time
 
 import numpy as np
 
-import cli
 
 # demo hyperparameters (python micrograd.py --name=value)
 seed = 1337

@@ -2043,7 +2043,29 @@ def test_data_resume_after_kill_equals_a_straight_run(tmp_path):
     assert all_bytes(folder) == all_bytes(Path(straight.train).parent)  # every shard, byte for byte
 
 
-def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+def live_children(pid):
+    """Pids whose parent is pid, from /proc (zombies, already ended, left out)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{d}/status").read_text()
+        except OSError:
+            continue
+        if re.search(rf"^PPid:\s+{pid}$", status, re.M) and not re.search(r"^State:\s+Z", status, re.M):
+            kids.append(int(d))
+    return kids
+
+
+def alive(pid):
+    try:
+        return not re.search(r"^State:\s+Z", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers in /proc (Linux)")
+@pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_data_ctrl_c_or_sigterm_with_worker_processes_ends_them(tmp_path, sig, code, last):
     tok = dl.CharTokenizer.train(["abcdefgh \n"])
     tok.save(tmp_path / "tok.json")
     line = json.dumps({"text": "abcdefgh " * 100}) + "\n"
@@ -2054,10 +2076,14 @@ def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
     while not list((tmp_path / "out").glob("*/train/000001.bin")):
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.005)
-    p.send_signal(signal.SIGINT)
+    workers = live_children(p.pid)
+    assert len(workers) >= 2, workers
+    p.send_signal(sig)
     err = p.communicate(timeout=60)[1]
-    assert p.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert p.returncode == code and err.splitlines()[-1] == last and "Traceback" not in err, err
     assert list((tmp_path / "out").glob("*/progress.json"))  # kept: the next run resumes
+    time.sleep(5)
+    assert not [w for w in workers if alive(w)], "workers outlived the prepare they worked for"
 
 
 def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):

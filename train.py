@@ -25,6 +25,9 @@ A run writes out_dir/ckpt_*.pt (the last few) and out_dir/log.jsonl; run the sam
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
 One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import contextlib
 import dataclasses
 import functools
@@ -45,7 +48,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
-import cli
 import evals
 import gpt
 import optim
@@ -605,10 +607,12 @@ def check_options(c):
         "n_layer", "n_head", "n_embd", "block_size", "pad_vocab", "batch_size", "grad_accum",
         "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
     rules += [(n, v[n] >= 0, ">= 0") for n in (
-        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
+        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip",
         "eval_iters", "sample_tokens", "seed", "hellaswag_every", "hellaswag_limit")]
-    cli.check(v, rules + [
+    cli.check(v, rules)  # each range first: the rules below divide by n_head
+    cli.check(v, [
         ("n_embd", c.n_embd % c.n_head == 0, f"a multiple of --n_head={c.n_head}"),
+        ("threads", c.threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
         ("vocab_size", 257 <= c.vocab_size <= 2**20, "in [257, 2**20] (256 bytes, then merges)"),
         ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
