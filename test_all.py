@@ -367,6 +367,38 @@ def test_cli_run_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out, err) == (130, "", "interrupted\n")
 
+def test_cli_parse_json_any_damage_is_one_line_naming_the_file(tmp_path):
+    """cli.parse_json / read_json / read_jsonl: what json.loads accepts as JSON comes back equal;
+    deep nesting, NaN, bytes that are not UTF-8, bad syntax are one ValueError naming the file
+    (and line), never a RecursionError."""
+    rng = random.Random(0)
+    for _ in range(50):  # json.loads is the reference for valid JSON
+        value = {"step": rng.randrange(10**6), "s": "".join(chr(rng.randrange(32, 0x3000)) for _ in range(8)),
+                 "l": [[rng.random()] * 3, {"a": None, "b": True}], "deep": [[[[[[1]]]]]]}
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5)
+        assert cli.parse_json(text, "x") == json.loads(text) == cli.parse_json(text.encode(), "x")
+    inside = '{"a": "' + "[{" * 5000 + '\\"]]"}'  # brackets in a string (an escaped quote too) are text
+    assert cli.parse_json(inside, "x") == json.loads(inside) == {"a": "[{" * 5000 + '"]]'}
+    nested = "[" * cli.MAX_JSON_DEPTH + "]" * cli.MAX_JSON_DEPTH
+    assert cli.parse_json(nested, "x") == json.loads(nested)  # the bound itself is allowed
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for bad, want in [(deep, f"{deep}: not valid JSON (nested deeper than 64 levels)"),
+                      ('{"a": NaN}', "x: not valid JSON (NaN is not a JSON number)"),
+                      ("[Infinity]", "x: not valid JSON (Infinity is not a JSON number)"),
+                      (b'"ab\xff"', "x: not UTF-8 text (byte 3 is b'\\xff')"),
+                      ("[1,", "x: not valid JSON (Expecting value at line 1 column 4)")]:
+        with pytest.raises(ValueError) as e:
+            cli.read_json(bad) if isinstance(bad, Path) else cli.parse_json(bad, "x")
+        assert str(e.value) == want
+    lines = tmp_path / "rows.jsonl"  # lines end at \n only: U+2028 inside a string is not a line break
+    lines.write_text(json.dumps({"t": "a\u2028b"}, ensure_ascii=False) + "\n\n[]\n" + "{" * 70 + "\n")
+    rows = cli.read_jsonl(lines)
+    assert [next(rows), next(rows)] == [(1, {"t": "a\u2028b"}), (3, [])]
+    with pytest.raises(ValueError, match=re.escape(f"{lines}:4: not valid JSON (nested deeper than 64")):
+        next(rows)
+
+
 # ======================================================================
 # micrograd: tests for micrograd.py: both engines against torch autograd in float64 (rel tol 1e-9).
 # ======================================================================
@@ -2179,6 +2211,34 @@ CORPORA_NAMES = {"EOT", "SUFFIXES", "GPT2_FILES", "GPT2_URL", "SPEAKER", "ASIDE"
                  "fineweb_rows", "DOWNLOADS", "select_files", "files_to_fetch", "download_fineweb"}
 
 
+def test_data_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
+    """Every JSON file prepare reads goes through cli.parse_json: a 100,000-deep corpus line (also
+    inside "text"), meta.json, progress.json, tokenizer.json. Through the command line: one line,
+    exit 1, nothing written; a lone surrogate escape in a document names file:line too."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, line, want in [("deep", deep, "deep.jsonl:2: not valid JSON (nested deeper than 64 levels)"),
+                             ("inner", '{"text": ' + deep + "}", "inner.jsonl:2: not valid JSON (nested deeper"),
+                             ("surrogate", '{"text": "ab\\ud800"}', "surrogate.jsonl:2: character 2 is a lone "
+                                                                      "surrogate '\\ud800'")]:
+        corpus = tmp_path / f"{name}.jsonl"
+        corpus.write_text('{"text": "ok"}\n' + line + "\n")
+        r = subprocess.run([sys.executable, "dataloader.py", f"--data={corpus}", "--tokenizer=char",
+                            f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / want}") and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    prep = dl.prepare("", "char", out_dir=tmp_path / "p", workers=1)
+    folder = Path(prep.train).parent
+    for name in ("meta.json", "tokenizer.json"):
+        saved = (folder / name).read_bytes()
+        (folder / name).write_text(deep)
+        with pytest.raises(ValueError, match=re.escape(f"{folder / name}: ") + ".*nested deeper than 64"):
+            dl.read_prepared(folder)
+        (folder / name).write_bytes(saved)
+    (folder / "progress.json").write_text(deep)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'progress.json'}: damaged resume state")):
+        dl.read_progress(folder / "progress.json")
+
+
 def test_data_corpora_is_the_one_home_of_the_readers():
     """corpora.py defines the plays, readers and downloads; no other file defines or imports one
     under its own name (no second copy, no alias), and corpora imports no project file but cli."""
@@ -3732,6 +3792,30 @@ def test_train_resume_rewrites_the_log(corpus, tmp_path):
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
 
 
+def test_train_log_rows_are_checked_and_name_file_and_line(tmp_path):
+    """log.jsonl is read back on resume (trim_log): each row must be {"step": int >= 0, ...};
+    any other row, bad UTF-8 or a 100,000-deep line is one ValueError naming log.jsonl:line,
+    and the log is left as it was. Only a half-written last line (no newline) is dropped."""
+    log = tmp_path / "log.jsonl"
+    good = '{"step": 1, "loss": 2.5}\n{"step": 2, "val_loss": null}\n'
+    log.write_text(good + '{"step": 3, "lo')
+    assert train.log_rows(log) == [{"step": 1, "loss": 2.5}, {"step": 2, "val_loss": None}]
+    for bad, want in [("[]", "not a log row"), ('{"x": 1}', "not a log row"), ('{"step": "a"}', "not a log row"),
+                      ('{"step": -1}', "not a log row"), ('{"step": 1.0}', "not a log row"),
+                      ("{oops", "not valid JSON"), ("[" * 100_000 + "]" * 100_000, "nested deeper than 64"),
+                      (b"\xff", "not UTF-8 text"), ('{"step": 3, "loss": NaN}', "NaN is not a JSON number")]:
+        data = good.encode() + (bad if isinstance(bad, bytes) else bad.encode()) + b"\n" + good.encode()
+        log.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{log}:3: ") + ".*" + re.escape(want)):
+            train.trim_log(str(log), 2)
+        assert log.read_bytes() == data
+    # a non-finite value is logged as null: the log stays JSON that log_rows reads back
+    s = type("S", (), {"rank": 0, "log_path": str(log)})()
+    log.write_text("")
+    train.write_log(s, {"step": 1, "val_loss": float("nan"), "loss": float("inf"), "lr": 0.5})
+    assert train.log_rows(log) == [{"step": 1, "val_loss": None, "loss": None, "lr": 0.5}]
+
+
 def test_train_load_data_prepared_folder_needs_no_gpt2_dir(corpus, tmp_path):
     """--data=a folder prepare() made is used as it is, with its own tokenizer (a small bpe one
     here): --tokenizer=gpt2 then needs no GPT-2 files in gpt2_dir (a raw file still does)."""
@@ -4369,11 +4453,15 @@ def test_finetune_synthetic_tasks_are_deterministic_and_checkable():
 def test_finetune_read_conversations_bad_input(tmp_path):
     good = {"messages": chat("hi", "hello"), "rejected": "go"}
     p = tmp_path / "ok.jsonl"
-    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
+    sep = {"messages": chat("line\u2028break", "para\u2029graph\x85")}  # raw, not escaped: still one line each
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n"
+                 + json.dumps(sep, ensure_ascii=False) + "\n", encoding="utf-8")
     rows = ft.read_conversations(p)
-    assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
+    assert [r[1] for r in rows] == ["go", None, None] and rows[0][0] == good["messages"]
+    assert rows[2][0] == sep["messages"]
     cases = {
         '{"messages": [}': r"bad\.jsonl:2: not valid JSON",
+        '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}": r"bad\.jsonl:2: not valid JSON \(nested deeper than 64",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
             r":2: conversation has no assistant turn",
         json.dumps({"messages": chat("a", "b")[::-1]}):
@@ -5451,6 +5539,10 @@ def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
         "array": ("[1, 2]\n", "array.jsonl:1: expected a JSON object, got list"),
         "noctx": (json.dumps({"endings": ["a"] * 4, "label": 0}) + "\n", "'ctx' must be a string"),
         "binary": (b"\xff\xfe\n", "binary.jsonl:1: not UTF-8 text"),
+        "deep": (json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n",
+                 "deep.jsonl:2: not valid JSON (nested deeper than 64 levels)"),
+        "nan": (json.dumps(dict(good, label=float("nan"))) + "\n", "nan.jsonl:1: not valid JSON (NaN is not"),
+        "superscript": (json.dumps(dict(good, label="\u00b2")) + "\n", "'label' must be 0, 1, 2 or 3, got '\u00b2'"),
     }
     for name, (text, want) in cases.items():
         p = tmp_path / f"{name}.jsonl"
