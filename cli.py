@@ -10,8 +10,10 @@ type of the constant already there:
     data = ""                # --data=../shared/data/tinyshakespeare.txt
 
 A file with presets passes them in; `--preset=NAME` is applied first and the
-explicit overrides win. A bad name or value (an int written "3.0", a float that
-is nan or inf) prints one line and exits 2.
+explicit overrides win. A bad option name or type (an int written "3.0", an int
+past int64, a float that is nan or inf) prints one line and exits 2; a rejected
+value (out of range, or a name not in its list: an unknown preset, sampler,
+device) prints one line and exits 1.
 `check(globals(), rules)` refuses values out of range before any work;
 `one_of(what, value, names)` refuses a name that is not in a list (presets,
 samplers, devices); `fits_in_memory(nbytes, what)` refuses a size the machine
@@ -111,9 +113,9 @@ def fits_in_memory(nbytes, what):
                          f"{avail / 2**30:.1f} GiB is available")
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def override(g, argv=None, presets=None):
@@ -144,8 +146,8 @@ def override(g, argv=None, presets=None):
     if presets is not None and preset is not None:
         try:
             changed.update(presets[one_of("preset", preset, list(presets))])
-        except ValueError as e:
-            fail(str(e))
+        except ValueError as e:  # a name out of a list is a rejected value, like --sampler=x: exit 1
+            fail(str(e), 1)
     for name, text in pairs:
         try:
             changed[name] = parse_value(name, text, params[name])

@@ -137,8 +137,8 @@ def test_cli_preset_first_then_explicit_overrides_win(capsys):
         g = cli_globals()
         assert cli.override(g, argv, presets) == {"n": 5, "lr": 0.5, "preset": "big"}
         assert (g["n"], g["lr"]) == (5, 0.5)
-    assert cli_exit(capsys, ["--preset=huge"], presets) == (
-        2, "error: unknown preset 'huge'; valid presets: big, odd")
+    assert cli_exit(capsys, ["--preset=huge"], presets) == (  # a rejected value, as in every file
+        1, "error: unknown preset 'huge'; valid presets: big, odd")
     assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
         "error: preset sets unknown option 'nope'")
 
@@ -3859,7 +3859,7 @@ def args(corpus, out_dir, **kw):
 
 def test_train_bad_input_one_line_errors(corpus, tmp_path, capsys):
     code, msg = cli_error(capsys, ["--preset=nope"])
-    assert code == 2 and "unknown preset 'nope'" in msg
+    assert code == 1 and "unknown preset 'nope'" in msg
     code, msg = cli_error(capsys, ["--learning_rate=1"])
     assert code == 2 and "unknown option --learning_rate" in msg
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x", data=str(tmp_path / "nope.txt")))
@@ -3934,10 +3934,10 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, c
 
 
 def test_train_cli_runs_as_a_script(tmp_path):
-    """The real command line: an unknown preset is one line on stderr, exit 2."""
+    """The real command line: an unknown preset is one line on stderr, exit 1 (as in gpt.py)."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
 
 def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
@@ -4150,7 +4150,10 @@ def test_train_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, caps
 
 TRAIN_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected value, words)
     (["--nope=1"], 2, "unknown option --nope"), (["--max_iters=1.5"], 2, "expects int"),
-    (["--preset=nope"], 2, "unknown preset 'nope'"), (["--beta2=1.0"], 1, "--beta2=1.0: must be"),
+    (["--preset=nope"], 1, "unknown preset 'nope'"), (["--beta2=1.0"], 1, "--beta2=1.0: must be"),
+    (["--n_head=0"], 1, "--n_head=0: must be at least 1"),  # its range before n_embd % n_head
+    (["--seed=18446744073709551616"], 2, "--seed expects an integer in [-2**63, 2**63)"),
+    (["--threads=10000000000"], 1, "--threads=10000000000: must be in [0, 1024]"),
     (["--seed=-1"], 1, "--seed=-1: must be"), (["--dtype=fp8"], 1, "unknown dtype 'fp8'"),
     (["--tokenizer=/no/such.json"], 1, "--tokenizer='/no/such.json': must be"),
     (["--n_embd=65536", "--n_head=1", "--n_layer=64"], 1, "GiB of memory")]  # refused in time
