@@ -2838,15 +2838,30 @@ def test_gpt_checkpoint_config_fields_are_checked(tmp_path):
     gpt.save_checkpoint(tmp_path / "ok.pt", model)
     ck = torch.load(tmp_path / "ok.pt", weights_only=True)
     for change, message in [({"n_embd": "64"}, "config field n_embd='64' is not"),
-                            ({"n_embd": 10**6}, "the weights do not fit its config (wte.weight"),
+                            ({"n_embd": 10**6}, "the weights do not fit its config (n_layer=2, n_embd=1000000"),
+                            ({"n_embd": 2**40}, "the weights do not fit its config"),  # was an overflow
+                            ({"n_layer": 10**6}, "the weights have 2 layers"),  # was minutes on meta
                             ({"vocab_size": -5}, "config field vocab_size=-5 is out of range"),
                             ({"dropout": 1.5}, "config field dropout=1.5 is out of range"),
                             ({"bias": 1}, "config field bias=1 is not"),
                             ({"shape": "round"}, "config has an unknown field 'shape'")]:
         torch.save({**ck, "config": {**ck["config"], **change}}, tmp_path / "bad.pt")
+        t0 = time.perf_counter()
         with pytest.raises(ValueError) as e:
             gpt.load_checkpoint(tmp_path / "bad.pt")
-        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value)
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value), str(e.value)
+        assert time.perf_counter() - t0 < 10  # refused before a model is built
+    # weights read from the file are checked too: real floating point, finite
+    name = "h.0.mlp.c_fc.weight"
+    w = ck["model"][name]
+    for weight, message in [(w.bool(), "holds torch.bool, not real floating-point"),
+                            (w.to(torch.complex64), "holds torch.complex64, not real floating-point"),
+                            (w.long(), "holds torch.int64"),
+                            (torch.full_like(w, math.nan), "is not finite (nan or inf)")]:
+        torch.save({**ck, "model": {**ck["model"], name: weight}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            gpt.load_checkpoint(tmp_path / "bad.pt")
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: the weight {name} ") and message in str(e.value)
 
 
 def test_gpt_gpt2_init_has_transformers_statistics():
