@@ -172,6 +172,8 @@ def score_hellaswag(model, tok, examples, rank=0, world=1, batch=8):
     of hellaswag.jsonl. batch examples (4 rows each) share a forward: a GPU wants wide
     batches. Under DDP each rank scores every world-th example and the counts are summed, so
     every rank gets the same metrics (rows: only its own)."""
+    if not examples:  # an accuracy of 0.0 over no examples would be a number that means nothing
+        raise ValueError("no HellaSwag examples to score")
     rows, correct = [], torch.zeros(4, dtype=torch.float64)  # n, acc, acc_norm, acc_tokmean
     block_size = model.config.block_size if model is not None else None
     mine = tokenize_examples(tok, examples[rank::world], block_size)

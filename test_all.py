@@ -4169,6 +4169,7 @@ TRAIN_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected
     (["--n_head=0"], 1, "--n_head=0: must be at least 1"),  # its range before n_embd % n_head
     (["--seed=18446744073709551616"], 2, "--seed expects an integer in [-2**63, 2**63)"),
     (["--threads=10000000000"], 1, "--threads=10000000000: must be in [0, 1024]"),
+    (["--hellaswag_every=1"], 1, "--hellaswag_every=1: must be 0 without --hellaswag=PATH"),
     (["--seed=-1"], 1, "--seed=-1: must be"), (["--dtype=fp8"], 1, "unknown dtype 'fp8'"),
     (["--tokenizer=/no/such.json"], 1, "--tokenizer='/no/such.json': must be"),
     (["--n_embd=65536", "--n_head=1", "--n_layer=64"], 1, "GiB of memory")]  # refused in time
@@ -5464,6 +5465,8 @@ def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
                         [(table[tuple(c), tuple(e)], False) for c, e in rows])
     metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
     assert metrics == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3, "acc_tokmean": 1.0}
+    with pytest.raises(ValueError, match="no HellaSwag examples to score"):  # not acc 0.0 over n=0
+        evals.score_hellaswag(None, tok, [])
     assert [(r["pred"], r["pred_norm"], r["pred_tokmean"]) for r in rows] == [(0, 0, 0), (0, 1, 1), (0, 1, 2)]
     assert [r["ending_bytes"] for r in rows] == [c[0] for c in chosen]
     assert [r["ending_tokens"] for r in rows] == [[b + 1 for b in c[0]] for c in chosen]
@@ -5682,6 +5685,17 @@ def test_evals_script_line_and_errors(corpus, tmp_path):
         else:
             assert p.returncode == 1 and p.stderr == f"error: {bad}:2: expected a JSON object, got list\n"
             assert not out.exists()
+    # a diverged model (a nan weight) is refused as chat.py refuses it, not scored as "acc 0.5"
+    ck = torch.load(r["checkpoint"], weights_only=True)
+    ck["model"]["ln_f.weight"][0] = math.nan
+    nan_ckpt = Path(r["checkpoint"]).parent / "nan.pt"
+    torch.save(ck, nan_ckpt)
+    p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={nan_ckpt}", f"--hellaswag={good}",
+                        f"--out_dir={tmp_path / 'c'}", "--device=cpu", "--threads=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == (f"error: {nan_ckpt}: the weight ln_f.weight is not finite "
+                                              "(nan or inf): the model diverged\n"), p.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):

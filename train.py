@@ -629,6 +629,8 @@ def check_options(c):
          "char, bpe, gpt2 or the path of a saved tokenizer"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
+        ("hellaswag_every", not c.hellaswag_every or c.hellaswag,
+         "0 without --hellaswag=PATH (it says how often to score that file)"),
         ("out_dir", c.out_dir != "", "a folder"),
         ("data_dir", c.data_dir != "", "a folder"),
         ("init", c.init != "", "auto, scratch or the path of a checkpoint")])
