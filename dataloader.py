@@ -70,6 +70,7 @@ sampler = "epoch"     # "epoch": every window once per epoch; "random": nanoGPT'
 
 SAMPLERS = ("epoch", "random")
 SMALL_CORPUS = 32_000_000  # characters: a corpus this small is held whole and split exactly (split_stream)
+PIECE_CHARS = 1 << 16  # a document is tokenized this many characters at a time (pieces(): same tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -394,27 +395,49 @@ def _init_worker(tok, in_pool=False):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not cli.run's handler, forked with us: just end
 
 
+def pieces(text, size):
+    """text in pieces of at most `size` characters, each cut just before a space that has a
+    non-space on both sides ("end| start"). GPT-2's and GPT-4's pre-tokenizers split there anyway
+    (no pattern reaches across it: a space only ever begins a pre-token), so the pieces' tokens,
+    laid end to end, are the whole text's: tiktoken's, exactly. Only a piece with no such space
+    (a 64k-character run of one word, or of whitespace) is cut where it is full."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size  # no safe place: a hard cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _encode_chunk(chunk):
     """Worker: [(index, split, text)] -> {split: (indices, token counts, UTF-8 bytes, tokens)},
-    every document's ids preceded by <|endoftext|> (the writer drops a split's first one)."""
-    tok, out = _worker_tokenizer, {}
-    eot = tok.special_tokens.get(corpora.EOT, 0)  # no EOT: only one document per split, whose EOT is dropped
+    every document's ids preceded by <|endoftext|> (the writer drops a split's first one).
+    A document is encoded PIECE_CHARS at a time (pieces()), each piece's ids packed at once
+    into uint16/uint32: a Python list of a 50 MB document's ids took 1.2 GB."""
+    tok, out, dtype = _worker_tokenizer, {}, token_dtype(_worker_tokenizer.vocab_size)
+    eot = np.array([tok.special_tokens.get(corpora.EOT, 0)], dtype)  # no EOT: one document per split, its EOT dropped
     for i, split, text in chunk:
-        idx, lens, nbytes, ids = out.setdefault(split, ([], [], [], []))
-        new = tok.encode_ordinary(text)
+        idx, lens, nbytes, parts = out.setdefault(split, ([], [], [], []))
+        new = [encode_piece(tok, p, dtype) for p in pieces(text, PIECE_CHARS)]
         idx.append(i)
-        lens.append(len(new) + 1)
-        nbytes.append(len(text.encode("utf-8")))
-        ids.append(eot)
-        ids += new
-    result = {}
-    for split, (idx, lens, nbytes, ids) in out.items():
-        ids = np.array(ids, np.int64)
-        if ids.max() >= tok.vocab_size or ids.min() < 0:  # would wrap around in a uint16 shard
-            raise ValueError(f"tokenizer gave id {ids.max()}, outside its vocabulary of {tok.vocab_size}")
-        result[split] = (np.array(idx, np.int64), np.array(lens, np.int64), np.array(nbytes, np.int64),
-                         ids.astype(token_dtype(tok.vocab_size)))
-    return result
+        lens.append(sum(map(len, new)) + 1)
+        nbytes.append(sum(len(p.encode("utf-8")) for p in pieces(text, PIECE_CHARS)))
+        parts += [eot, *new]
+    return {split: (np.array(idx, np.int64), np.array(lens, np.int64), np.array(nbytes, np.int64),
+                    np.concatenate(parts)) for split, (idx, lens, nbytes, parts) in out.items()}
+
+
+def encode_piece(tok, text, dtype):
+    """One piece's ids as a dtype array, checked: an id outside the vocabulary would wrap around
+    in a uint16 shard."""
+    ids = np.array(tok.encode_ordinary(text), np.int64)
+    if len(ids) and (ids.max() >= tok.vocab_size or ids.min() < 0):
+        raise ValueError(f"tokenizer gave id {ids.max() if ids.max() >= tok.vocab_size else ids.min()}, "
+                         f"outside its vocabulary of {tok.vocab_size}")
+    return ids.astype(dtype)
 
 
 def chunks_of(pieces, chunk_chars, start=None):

@@ -2038,6 +2038,79 @@ def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
     assert peaks[20] < corpus_bytes / 3, peaks
 
 
+@pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data (GPT-2's files)")
+def test_data_long_document_pieces_keep_tiktokens_ids(tmp_path):
+    """dataloader.pieces cuts a long document only before a space between two non-spaces, where
+    GPT-2's and GPT-4's pre-tokenizers split anyway: tiktoken's ids of the pieces, laid end to
+    end, are its ids of the whole text (GPT-4's pattern is checked with GPT-2's merges)."""
+    ranks, _ = gpt2_references(tmp_path)
+    encs = [tiktoken.Encoding(f"local{k}", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+            for k, pat in enumerate((GPT2_PATTERN, GPT4_PATTERN))]
+    rng = random.Random(0)
+    words = ["the", "don't", "it's", "1234567", "(x)", "...", "\n", "\n\n", "  ", "\t", "é", "中文", "'ll", "--"]
+    def safe(text, k):  # a space with a non-space on both sides
+        return 0 < k < len(text) - 1 and text[k] == " " and not text[k - 1].isspace() and not text[k + 1].isspace()
+
+    checked = 0
+    for trial in range(300):
+        text = "".join(rng.choice(words) + rng.choice([" ", "", " ", "  "]) for _ in range(rng.randrange(1, 80)))
+        size = rng.randrange(12, 60)
+        parts = list(dl.pieces(text, size))
+        assert "".join(parts) == text and all(len(p) <= size for p in parts)
+        cuts = np.cumsum([len(p) for p in parts])[:-1].tolist()
+        starts = [0] + cuts
+        for a, k in zip(starts, cuts):  # a hard cut only where the piece held no safe space
+            assert safe(text, k) or not any(safe(text, j) for j in range(a + 1, k))
+        if all(safe(text, k) for k in cuts):
+            checked += bool(cuts)
+            for enc in encs:
+                assert sum((enc.encode_ordinary(p) for p in parts), []) == enc.encode_ordinary(text), (text, parts)
+    assert checked > 100, checked
+    assert list(dl.pieces("a" * 10, 4)) == ["aaaa", "aaaa", "aa"]  # no safe space: hard cuts
+
+
+RSS_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+import dataloader as dl
+folder, chars = Path(sys.argv[1]), int(sys.argv[2])
+dl.PIECE_CHARS = 250_000  # the chunk a document is tokenized in
+(folder / "c.jsonl").write_text(json.dumps({"text": "abcdefgh " * (chars // 9)}) + "\\n")  # one line, one document
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dl.prepare(str(folder / "c.jsonl"), str(folder / "tok.json"), out_dir=folder / "out", workers=1, split="hash")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # bytes (ru_maxrss: KiB on Linux)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
+def test_data_long_document_peak_rss_bounded_by_the_piece(tmp_path):
+    """A single-line document 20x dataloader.PIECE_CHARS: the peak RSS grows by little more than
+    the document's own text (it was a Python list of its ids: 117 MiB for these 5 M characters)."""
+    dl.CharTokenizer.train(["abcdefgh \n"]).save(tmp_path / "tok.json")
+    peak = {}
+    for scale in (2, 20):
+        (tmp_path / str(scale)).mkdir()
+        (tmp_path / str(scale) / "tok.json").write_bytes((tmp_path / "tok.json").read_bytes())
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / str(scale)), str(250_000 * scale)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        peak[scale] = int(r.stdout.split()[-1])
+    assert peak[20] - peak[2] < 5 * 250_000 * 18, peak  # < 5 bytes per added character
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_data_corpus_must_be_a_regular_file(tmp_path):
+    """/dev/zero (endless, no separator: it grew 400 MB/s) and a FIFO (open() blocked, no word)
+    as --data: one line, exit 1, at once."""
+    os.mkfifo(tmp_path / "fifo.txt")
+    for data in ("/dev/zero", str(tmp_path / "fifo.txt")):
+        r = subprocess.run([sys.executable, "dataloader.py", f"--data={data}", "--tokenizer=char",
+                            f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (1, f"error: {data}: not a regular file (a FIFO or a device); "
+                                               "a corpus is a file or a folder\n")
+    assert not (tmp_path / "out").exists()
+
+
 RESUME_SCRIPT = """
 import sys, time
 import dataloader as dl
