@@ -4046,6 +4046,36 @@ def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     assert any("momentum_buffer" in s for s in opt["state"].values())
 
 
+def test_train_resume_checks_the_values_a_checkpoint_holds(corpus, tmp_path, capsys):
+    """What a checkpoint says is range-checked like the command line, naming the file: a Muon
+    ns_steps=10**12 (ran forever), ns_dtype="nope" (AttributeError at the first step), a numpy
+    key of -1 or a zeroed torch RNG state, data.pos=2**70 (tracebacks). The run folder stays
+    byte-identical."""
+    train.train(tiny(corpus, tmp_path / "ok", max_iters=2, save_interval=2, optimizer="muon"))
+    path = resume.checkpoints(tmp_path / "ok")[-1]
+    ck = torch.load(path, weights_only=True)
+    muon = next(i for i, g in enumerate(ck["optimizer"]["param_groups"]) if not g["adamw"])
+
+    def group(**kw):
+        groups = [dict(g, **kw) if i == muon else g for i, g in enumerate(ck["optimizer"]["param_groups"])]
+        return {"optimizer": dict(ck["optimizer"], param_groups=groups)}
+
+    key = ck["rng"][0]["numpy"]
+    for edit, want in [(group(ns_steps=10**12), f"optimizer.param_groups[{muon}].ns_steps=int '1000000000000' must be"),
+                       (group(ns_dtype="nope"), f"optimizer.param_groups[{muon}].ns_dtype=str 'nope' must be"),
+                       ({"rng": [dict(ck["rng"][0], numpy=[[-1] + key[0][1:], *key[1:]])]}, "rng[0] is not a generator"),
+                       ({"rng": [dict(ck["rng"][0], torch=torch.zeros_like(ck["rng"][0]["torch"]))]}, "rng[0] is not a"),
+                       ({"data": dict(ck["data"], pos=2**70)}, "data.pos=1180591620717411303424 must be in [0, 2**62)")]:
+        out = tmp_path / "bad"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        torch.save({**ck, **edit}, out / Path(path).name)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, msg = cli_error(capsys, args(corpus, out, max_iters=4, optimizer="muon"))
+        assert code == 1 and msg.startswith(f"error: {out / Path(path).name}: ") and want in msg, msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
     # an untied head against a checkpoint saved tied: on resume and with --init
     train.train(tiny(corpus, tmp_path / "tied", max_iters=2))
