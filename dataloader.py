@@ -801,7 +801,12 @@ def read_prepared(folder):
             for s in ("train", "val"))):
         raise ValueError(f"{path}: not the meta.json of a prepared folder (splits train and val, with "
                          f"documents, tokens, bytes, bytes_per_token, shards; dtype uint16 or uint32)")
-    return Prepared(load_tokenizer(folder / "tokenizer.json"), str(folder / "train"), str(folder / "val"), meta)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    if tok.vocab_size != meta.get("vocab_size") or tok.special_tokens.get(corpora.EOT) != meta.get("eot"):
+        raise ValueError(f"{folder / 'tokenizer.json'} does not match {path} (vocabulary {tok.vocab_size} vs "
+                         f"{meta.get('vocab_size')!r}, <|endoftext|> {tok.special_tokens.get(corpora.EOT)} vs "
+                         f"{meta.get('eot')!r}): the shards were made with another tokenizer")
+    return Prepared(tok, str(folder / "train"), str(folder / "val"), meta)
 
 
 def check_options():

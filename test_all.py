@@ -2310,6 +2310,11 @@ def test_data_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
     (folder / "progress.json").write_text(deep)
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'progress.json'}: damaged resume state")):
         dl.read_progress(folder / "progress.json")
+    # a tokenizer.json swapped for another one's: refused, not trained on silently
+    dl.CharTokenizer.train(["abc"]).save(folder / "tokenizer.json")
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'tokenizer.json'} does not match {folder / 'meta.json'} "
+                                                   f"(vocabulary 4 vs {prep.tokenizer.vocab_size}")):
+        dl.read_prepared(folder)
 
 
 def test_data_corpora_is_the_one_home_of_the_readers():
