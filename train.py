@@ -612,7 +612,7 @@ def check_options(c):
     cli.check(v, rules)  # each range first: the rules below divide by n_head
     cli.check(v, [
         ("n_embd", c.n_embd % c.n_head == 0, f"a multiple of --n_head={c.n_head}"),
-        ("threads", c.threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
+        ("threads", 0 <= c.threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
         ("vocab_size", 257 <= c.vocab_size <= 2**20, "in [257, 2**20] (256 bytes, then merges)"),
         ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
