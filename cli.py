@@ -170,8 +170,8 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
-def _quit_now(signum, frame):
-    print("interrupted", file=sys.stderr)  # nothing to clean up yet: the imports are running
+def _quit_now(signum, frame):  # nothing to clean up yet: the imports are running
+    print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
     os._exit(128 + signum)
 
 

@@ -4032,6 +4032,22 @@ def test_train_cli_runs_as_a_script(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="watches the imports in /proc (Linux)")
+@pytest.mark.parametrize("script", ["train.py", "chat.py"])
+@pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_train_signal_during_the_imports_is_one_line(tmp_path, script, sig, code, last):
+    """Ctrl-C (or SIGTERM) in the first second, while torch is being imported: one line and
+    130 (143), not a 45-line KeyboardInterrupt traceback (cli.quiet_startup)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{p.pid}/maps")
+    while p.poll() is None and "libtorch" not in maps.read_text():  # torch's import has begun
+        time.sleep(0.001)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (code, last + "\n"), err
+
+
 def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
     kw = dict(max_iters=20, save_interval=10, optimizer="muon", muon_lr=0.02, dropout=0.1,
