@@ -5340,7 +5340,7 @@ def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
     s.run(io.StringIO("/topk 0\n/topp 1\n"), io.StringIO(), err)
     assert (s.top_k, s.top_p) == (None, 1.0)                            # 0 and 1 = off
     bad = ["/temp -1", "/topk abc", "/topk -3", "/topp 0", "/topp 1.5", "/temp nan", "/seed x",
-           "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
+           "/seed 100000000000000000000000", "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
     out, err = io.StringIO(), io.StringIO()
     s.run(io.StringIO("\n".join(bad + ["king", "/quit", "queen"]) + "\n"), out, err)
     lines = err.getvalue().splitlines()
@@ -5352,6 +5352,7 @@ def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
         "error: /topp 1.5: top_p must be in (0, 1], got 1.5",
         "error: /temp expects a finite number, got 'nan'",
         "error: /seed expects an integer, got 'x'",
+        "error: /seed 100000000000000000000000: must be in [0, 2**63)",  # was "Overflow when unpacking"
         "error: /temp needs a value, e.g. /temp 0.8",
         "error: unknown command '/foo'; valid commands: /reset, /temp, /topk, /topp, /seed, "
         "/quit, /help",
