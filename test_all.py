@@ -5131,6 +5131,7 @@ def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     ("block_k", -1, "--block_k=-1: must be at least 1"),
     ("seed", -1, "--seed=-1: must be >= 0"),
     ("matmul_sizes", "512,x", "--matmul_sizes='512,x': must be positive integers like 512,1024"),
+    ("matmul_sizes", "\u00b2", "--matmul_sizes='\u00b2': must be positive integers like 512,1024"),  # isdigit() says yes
     ("attn_t", 100000, "--attn_t=100000 would need "),
     ("copy_mb", 10**7, "--copy_mb=10000000 would need "),
     ("matmul_sizes", "512,100000", "--matmul_sizes=100000 would need "),
