@@ -441,6 +441,10 @@ class Tokenizer:
             for k, (_, _, text) in enumerate(rows):
                 if text != token_text(tok.vocab[256 + k]):  # catches edits and damage
                     raise ValueError(f"merge {k} says {text!r} but its ids make {token_text(tok.vocab[256 + k])!r}")
+            gap = sorted(set(range(tok.vocab_size)) - set(tok.vocab) - set(tok.special_tokens.values()))
+            if gap:  # merges cut off the end: a special token's id would hide the hole
+                raise ValueError(f"ids {gap[0]}..{gap[-1]} are neither bytes, merges nor special tokens "
+                                 "(merges removed?)")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             msg = str(e).removeprefix(f"{path}: ")
             raise ValueError(f"{path}: not a valid bpe.py tokenizer file ({type(e).__name__}: {msg})") from None

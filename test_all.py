@@ -1134,6 +1134,14 @@ def test_bpe_save_load_roundtrip(trained, tmp_path):
     back.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text(encoding="utf-8") == text
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+    # its last merges removed: the special token's id would hide the gap; refused, naming the file
+    d = json.loads(text)
+    n = len(d["merges"])
+    d["merges"] = d["merges"][:-3]
+    (tmp_path / "cut.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cut.json'}: not a valid bpe.py tokenizer file ")
+                       + f".*ids {256 + n - 3}\\.\\.{256 + n - 1} are neither bytes, merges nor special"):
+        Tokenizer.load(tmp_path / "cut.json")
 
 
 @needs_data
