@@ -23,6 +23,9 @@ scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms a
 / eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
 out/bench.json.
 """
+import cli  # first: quiet_startup covers the heavy imports below
+cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+
 import contextlib
 import importlib
 import json
@@ -1229,7 +1232,7 @@ def check_options():
     cli.check(globals(), [
         ("repeat", repeat >= 1, "at least 1"),
         ("corpus_mb", 1 <= corpus_mb <= 10**6, "in [1, 1000000] (MB of generated text)"),
-        ("variants", all(i.isdigit() and int(i) < len(MFU_VARIANTS)
+        ("variants", all(i.isascii() and i.isdigit() and int(i) < len(MFU_VARIANTS)
                          for i in variants.split(",") if variants),
          f"indices 0..{len(MFU_VARIANTS) - 1} like 0,3"),
         ("out", out != "" and not Path(out).is_dir(), "a file path (not a folder)"),

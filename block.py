@@ -23,7 +23,8 @@ It prints the parameter count, FLOPs per token (formula and a count by torch's f
 counter), the largest difference between readable, fast and numpy paths, and the
 forward+backward time of each.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import math

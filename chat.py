@@ -27,7 +27,8 @@ each answer, errors) to stderr, so a script can pipe prompts in and read answers
 prompts are echoed to stdout after the prompt sign ("> " or "you> "), as a terminal shows
 them, so that one answer does not run into the next.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import codecs
@@ -218,6 +219,8 @@ class Session:
                              "/topp": (float, "top_p"), "/seed": (int, "seed")}[name]
             value = parse_number(name, arg, kind)
             if name == "/seed":
+                if not 0 <= value < 2**63:  # torch's generator takes a 64-bit seed
+                    raise ValueError(f"/seed {arg}: must be in [0, 2**63)")
                 self.set_seed(value)
             else:
                 new = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -300,7 +303,7 @@ def load(path, tok_path=""):
 def main():
     cli.check(globals(), [("max_new_tokens", max_new_tokens >= 1, "at least 1"),
                           ("top_k", top_k >= 0, ">= 0 (0 = off)"),
-                          ("threads", threads >= 0, ">= 0")])
+                          ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)")])
     gpt.check_sampling(temperature, top_k or None, top_p)
     dev = gpt.pick_device(device)
     if threads:

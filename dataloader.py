@@ -26,7 +26,8 @@ From another file (gpt.py, train.py do this):
   bits per byte = val loss / ln(2) / meta["splits"]["val"]["bytes_per_token"]
 More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import contextlib
@@ -34,6 +35,7 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -69,6 +71,7 @@ sampler = "epoch"     # "epoch": every window once per epoch; "random": nanoGPT'
 
 SAMPLERS = ("epoch", "random")
 SMALL_CORPUS = 32_000_000  # characters: a corpus this small is held whole and split exactly (split_stream)
+PIECE_CHARS = 1 << 16  # a document is tokenized this many characters at a time (pieces(): same tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +299,7 @@ class CharTokenizer:
     @classmethod
     def load(cls, path):
         try:
-            d = json.loads(corpora.read_nonblank_text(path))
+            d = cli.read_json(path)
             return cls(d["chars"], d["special_tokens"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a valid char tokenizer file ({type(e).__name__}: {e})") from None
@@ -305,7 +308,7 @@ class CharTokenizer:
 def load_tokenizer(path):
     """A saved CharTokenizer (its JSON has "type": "char") or, otherwise, a saved bpe.Tokenizer."""
     try:
-        char = json.loads(corpora.read_nonblank_text(path)).get("type") == "char"
+        char = cli.read_json(path).get("type") == "char"
     except (ValueError, AttributeError):
         char = False  # not a JSON object: bpe.Tokenizer.load names the problem
     return CharTokenizer.load(path) if char else bpe.Tokenizer.load(path)
@@ -390,29 +393,52 @@ def _init_worker(tok, in_pool=False):
     _worker_tokenizer = tok
     if in_pool:  # Ctrl-C is for the main process: it stops the pool and prints one line
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not cli.run's handler, forked with us: just end
+
+
+def pieces(text, size):
+    """text in pieces of at most `size` characters, each cut just before a space that has a
+    non-space on both sides ("end| start"). GPT-2's and GPT-4's pre-tokenizers split there anyway
+    (no pattern reaches across it: a space only ever begins a pre-token), so the pieces' tokens,
+    laid end to end, are the whole text's: tiktoken's, exactly. Only a piece with no such space
+    (a 64k-character run of one word, or of whitespace) is cut where it is full."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size  # no safe place: a hard cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _encode_chunk(chunk):
     """Worker: [(index, split, text)] -> {split: (indices, token counts, UTF-8 bytes, tokens)},
-    every document's ids preceded by <|endoftext|> (the writer drops a split's first one)."""
-    tok, out = _worker_tokenizer, {}
-    eot = tok.special_tokens.get(corpora.EOT, 0)  # no EOT: only one document per split, whose EOT is dropped
+    every document's ids preceded by <|endoftext|> (the writer drops a split's first one).
+    A document is encoded PIECE_CHARS at a time (pieces()), each piece's ids packed at once
+    into uint16/uint32: a Python list of a 50 MB document's ids took 1.2 GB."""
+    tok, out, dtype = _worker_tokenizer, {}, token_dtype(_worker_tokenizer.vocab_size)
+    eot = np.array([tok.special_tokens.get(corpora.EOT, 0)], dtype)  # no EOT: one document per split, its EOT dropped
     for i, split, text in chunk:
-        idx, lens, nbytes, ids = out.setdefault(split, ([], [], [], []))
-        new = tok.encode_ordinary(text)
+        idx, lens, nbytes, parts = out.setdefault(split, ([], [], [], []))
+        new = [encode_piece(tok, p, dtype) for p in pieces(text, PIECE_CHARS)]
         idx.append(i)
-        lens.append(len(new) + 1)
-        nbytes.append(len(text.encode("utf-8")))
-        ids.append(eot)
-        ids += new
-    result = {}
-    for split, (idx, lens, nbytes, ids) in out.items():
-        ids = np.array(ids, np.int64)
-        if ids.max() >= tok.vocab_size or ids.min() < 0:  # would wrap around in a uint16 shard
-            raise ValueError(f"tokenizer gave id {ids.max()}, outside its vocabulary of {tok.vocab_size}")
-        result[split] = (np.array(idx, np.int64), np.array(lens, np.int64), np.array(nbytes, np.int64),
-                         ids.astype(token_dtype(tok.vocab_size)))
-    return result
+        lens.append(sum(map(len, new)) + 1)
+        nbytes.append(sum(len(p.encode("utf-8")) for p in pieces(text, PIECE_CHARS)))
+        parts += [eot, *new]
+    return {split: (np.array(idx, np.int64), np.array(lens, np.int64), np.array(nbytes, np.int64),
+                    np.concatenate(parts)) for split, (idx, lens, nbytes, parts) in out.items()}
+
+
+def encode_piece(tok, text, dtype):
+    """One piece's ids as a dtype array, checked: an id outside the vocabulary would wrap around
+    in a uint16 shard."""
+    ids = np.array(tok.encode_ordinary(text), np.int64)
+    if len(ids) and (ids.max() >= tok.vocab_size or ids.min() < 0):
+        raise ValueError(f"tokenizer gave id {ids.max() if ids.max() >= tok.vocab_size else ids.min()}, "
+                         f"outside its vocabulary of {tok.vocab_size}")
+    return ids.astype(dtype)
 
 
 def chunks_of(pieces, chunk_chars, start=None):
@@ -446,8 +472,24 @@ def encode_chunks(chunks, tok, workers=1):
                 yield todo.popleft().result()
         while todo:
             yield todo.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C: waits for the running chunks only
+    except BaseException:  # an error, Ctrl-C, SIGTERM (cli.Terminated), or the caller stopped reading
+        pool.shutdown(wait=False, cancel_futures=True)
+        end_workers()
+        raise
+    pool.shutdown()
+
+
+def end_workers(grace=2.0):
+    """Stop this process's worker processes now: their chunks' tokens are thrown away anyway,
+    and a chunk of a slow tokenizer can take many seconds. Without this, a SIGTERM to prepare
+    left them running under pid 1, ~200 MB each, until their queue ran dry."""
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(grace)
+        if p.is_alive():
+            p.kill()
 
 
 def encode_documents(docs, tok, workers=1, chunk_chars=1 << 20):
@@ -571,8 +613,10 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
                                     save)
     start = {name: w.state["doc"] for name, w in writers.items()}
     show = Progress(writers, total_bytes, pos)
-    for result in encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers):
-        show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
+    results = encode_chunks(chunks_of(pieces, chunk_chars, start), tok, workers)
+    with contextlib.closing(results):  # an error here ends the workers now, not when collected
+        for result in results:
+            show.show(any([writers[name].add(*arrays) for name, arrays in result.items()]))
     for w in writers.values():
         if w.pending or w.shards == 0:  # the rest; an empty split gets one empty shard
             w.flush(w.pending)
@@ -587,7 +631,7 @@ def write_corpus(pieces, tok, folder, meta, shard_tokens=100_000_000, workers=1,
 def read_progress(path):
     """progress.json, every field checked: {split: {shards, doc, skip, tokens, documents, bytes}}."""
     try:
-        state = json.loads(corpora.read_nonblank_text(path))
+        state = cli.read_json(path)
         keys = ("shards", "doc", "skip", "tokens", "documents", "bytes")
         if (isinstance(state, dict) and set(state) == {"train", "val"} and all(
                 isinstance(s, dict) and set(s) == set(keys) and all(type(s[k]) is int and s[k] >= 0 for k in keys)
@@ -749,10 +793,7 @@ def build(folder, data, tokenizer, files, vocab_size, val_fraction, split, seed,
 def read_prepared(folder):
     """Prepared(...) of a folder prepare() finished, its meta.json checked field by field."""
     folder, path = Path(folder), Path(folder) / "meta.json"
-    try:
-        meta = json.loads(corpora.read_nonblank_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    meta = cli.read_json(path)
     counts = ("documents", "tokens", "bytes")
     splits = meta.get("splits") if isinstance(meta, dict) else None
     if not (isinstance(splits, dict) and meta.get("dtype") in ("uint16", "uint32") and all(
@@ -761,7 +802,12 @@ def read_prepared(folder):
             for s in ("train", "val"))):
         raise ValueError(f"{path}: not the meta.json of a prepared folder (splits train and val, with "
                          f"documents, tokens, bytes, bytes_per_token, shards; dtype uint16 or uint32)")
-    return Prepared(load_tokenizer(folder / "tokenizer.json"), str(folder / "train"), str(folder / "val"), meta)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    if tok.vocab_size != meta.get("vocab_size") or tok.special_tokens.get(corpora.EOT) != meta.get("eot"):
+        raise ValueError(f"{folder / 'tokenizer.json'} does not match {path} (vocabulary {tok.vocab_size} vs "
+                         f"{meta.get('vocab_size')!r}, <|endoftext|> {tok.special_tokens.get(corpora.EOT)} vs "
+                         f"{meta.get('eot')!r}): the shards were made with another tokenizer")
+    return Prepared(tok, str(folder / "train"), str(folder / "val"), meta)
 
 
 def check_options():

@@ -30,7 +30,8 @@ It prints `hellaswag N examples | acc X | acc_norm Y | acc_tokmean Z` and writes
 per example to out_dir/hellaswag.jsonl (ids, log-likelihoods, lengths, predictions), so any
 score can be re-checked by hand.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import json
@@ -172,6 +173,8 @@ def score_hellaswag(model, tok, examples, rank=0, world=1, batch=8):
     of hellaswag.jsonl. batch examples (4 rows each) share a forward: a GPU wants wide
     batches. Under DDP each rank scores every world-th example and the counts are summed, so
     every rank gets the same metrics (rows: only its own)."""
+    if not examples:  # an accuracy of 0.0 over no examples would be a number that means nothing
+        raise ValueError("no HellaSwag examples to score")
     rows, correct = [], torch.zeros(4, dtype=torch.float64)  # n, acc, acc_norm, acc_tokmean
     block_size = model.config.block_size if model is not None else None
     mine = tokenize_examples(tok, examples[rank::world], block_size)
@@ -363,12 +366,7 @@ def read_hellaswag(path, raw=False, limit=0):
 
 
 def parse_example(line, where, position, raw=False):
-    try:
-        doc = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not a JSON line ({e.msg})") from None
+    doc = cli.parse_json(line, where)  # bad JSON, not UTF-8, nested too deep: one line naming where
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     endings = doc.get("endings")
@@ -377,7 +375,7 @@ def parse_example(line, where, position, raw=False):
         got = f"{len(endings)} items" if isinstance(endings, list) else repr(endings)[:40]
         raise ValueError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings, got {got}")
     label = doc.get("label")
-    if isinstance(label, str) and label.strip().isdigit():
+    if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():  # not "²"
         label = int(label)  # the Hugging Face copy writes labels as "0".."3"
     if type(label) is not int or not 0 <= label < N_ENDINGS:
         raise ValueError(f"{where}: 'label' must be 0, 1, 2 or 3, got {doc.get('label')!r}")
@@ -447,7 +445,7 @@ def run_hellaswag(model, tok, examples, out_dir):
 # ----------------------------------------------------------------------------- demo
 def main():
     cli.check(globals(), [("limit", limit >= 0, ">= 0 (0 = all)"),
-                          ("threads", threads >= 0, ">= 0")])
+                          ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)")])
     if threads:
         torch.set_num_threads(threads)
     path = hellaswag

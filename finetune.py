@@ -24,7 +24,8 @@ Run it
 
 It writes out_dir/finetune/ckpt.pt (gpt.py's checkpoint format) and tokenizer.json beside it.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import copy
@@ -220,20 +221,9 @@ def read_conversations(path):
 
     Every problem names the file and line: a half-read dataset is worse than none.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in cli.read_jsonl(path):  # lines end at \n only: a message may hold U+2028
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f'{where}: expected an object with a "messages" list')
@@ -554,7 +544,7 @@ def check_options(g):
     cli.check(g, [(n, g[n] >= 1, "at least 1") for n in (
         "pretrain_iters", "lora_rank", "batch_size", "sft_iters", "dpo_iters")] + [
         (n, g[n] >= 0, ">= 0") for n in (
-            "dpo_prompts", "dpo_sft", "weight_decay", "warmup_iters", "num_samples", "threads")] + [
+            "dpo_prompts", "dpo_sft", "weight_decay", "warmup_iters", "num_samples")] + [
         (n, g[n] > 0, "above 0") for n in ("sft_lr", "dpo_lr", "dpo_beta", "lora_alpha")] + [
         ("n_train", 1 <= g["n_train"] <= 10**6, "in [1, 10**6]"),
         ("n_eval", 1 <= g["n_eval"] <= 10**5, "in [1, 10**5]"),
@@ -563,6 +553,7 @@ def check_options(g):
         ("lora_targets", any(g["lora_targets"].split(",")), "a list of layer names"),
         ("replay", 0 <= g["replay"] <= 1, "in [0, 1] (the pretraining loss's weight)"),
         ("seed", 0 <= g["seed"] < 2**32, "in [0, 2**32)"),
+        ("threads", 0 <= g["threads"] <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
         ("out_dir", g["out_dir"] != "", "a folder")])
 
 

@@ -30,7 +30,8 @@ What it writes (under --out_dir, default ./out)
   .lock              while a run holds the folder (cli.hold_dir): a second run at once refuses
 A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import json
@@ -446,6 +447,12 @@ def read_checkpoint(path, keys=()):
     if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in model.items()):
         raise ValueError(f"{path}: \"model\" is not a dict of named tensors")
+    odd = next((k for k, v in model.items() if not v.is_floating_point()), None)  # bool, int, complex
+    if odd is not None:
+        raise ValueError(f"{path}: the weight {odd} holds {model[odd].dtype}, not real floating-point numbers")
+    bad = next((k for k, v in model.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:  # save_checkpoint never writes one: scoring or chatting with it is garbage
+        raise ValueError(f"{path}: the weight {bad} is not finite (nan or inf): the model diverged")
     checkpoint_config(path, ck["config"])
     return ck
 
@@ -480,6 +487,21 @@ def checkpoint_config(path, saved):
         raise ValueError(f"{path}: bad model config ({e})") from None
 
 
+def config_fits_weights(path, config, weights):
+    """Refuse a config that its weights contradict, before a model is built from it: a file
+    claiming n_layer=10**6 or n_embd=2**40 would build for minutes, or overflow, before the shape
+    check. The layer count and the embedding's shape are read off the weights; the memory the
+    model needs (as much as the weights again) is checked against the machine's."""
+    layers = len({k.split(".")[1] for k in weights if k.startswith("h.")})
+    wte = weights.get("wte.weight")
+    shape = tuple(wte.shape) if wte is not None else None
+    if layers != config.n_layer or shape != (config.padded_vocab, config.n_embd):
+        raise ValueError(f"{path}: the weights do not fit its config (n_layer={config.n_layer}, "
+                         f"n_embd={config.n_embd}, vocabulary {config.padded_vocab}; the weights have "
+                         f"{layers} layers, wte {shape})")
+    cli.fits_in_memory(sum(v.numel() * v.element_size() for v in weights.values()), f"{path}: its model")
+
+
 def load_weights_from(model, path, ck):
     """model.load_weights(ck["model"]) with the file named in any mismatch."""
     try:
@@ -494,6 +516,7 @@ def load_checkpoint(path, device="cpu"):
     the meta device first (no memory) so a config that does not fit the weights costs nothing."""
     ck = read_checkpoint(path)
     config = checkpoint_config(path, ck["config"])
+    config_fits_weights(path, config, ck["model"])  # before GPT(config): n_layer=10**6 takes minutes
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
     wrong = [k for k, v in ck["model"].items() if k in shapes and v.shape != shapes[k]]
@@ -801,7 +824,7 @@ def check_options():
         ("sample_tokens", sample_tokens >= 1, "at least 1"),
         ("temperature", 0 <= temperature < math.inf, "finite and >= 0 (0 = greedy)"),
         ("top_k", top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < top_p <= 1, "in (0, 1] (1 = off)"),
-        ("seed", seed >= 0, ">= 0"), ("threads", threads >= 0, ">= 0")])
+        ("seed", seed >= 0, ">= 0"), ("threads", 0 <= threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's default)")])
     config = get_config(preset, block_size=block_size, vocab_size=vocab_size)
     dev = pick_device(device)
     if dev.type == "cpu":  # the OOM killer would end the run without a word

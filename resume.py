@@ -23,6 +23,7 @@ cli.help_if_asked(__name__, __file__)
 import contextlib
 import dataclasses
 import glob
+import math
 import os
 import random
 import re
@@ -32,7 +33,7 @@ import torch
 
 import corpora
 import gpt
-import optim
+import optim  # its NS_STEPS, named in the range a resumed Muon state must have
 
 # demo hyperparameters (python resume.py --name=value)
 steps = 20               # steps of the tiny run
@@ -117,6 +118,23 @@ def short(value):
     return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
+def _finite(lo, hi=math.inf):
+    return lambda v: isinstance(v, (int, float)) and lo <= v < hi
+
+
+GROUP_RANGES = {  # what an optimizer group read from a file may say: (in words, test)
+    "lr": ("finite and >= 0", _finite(0)), "weight_decay": ("finite and >= 0", _finite(0)),
+    "eps": ("finite and >= 0", _finite(0)), "momentum": ("in [0, 1)", _finite(0, 1)),
+    "lr_scale": ("finite and >= 0", _finite(0)),
+    "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+              and all(_finite(0, 1)(b) for b in v)),
+    "ns_steps": (f"an integer in [1, 100] (optim.NS_STEPS is {optim.NS_STEPS})",
+                 lambda v: type(v) is int and 1 <= v <= 100),
+    "ns_dtype": ("bfloat16, float16, float32 or float64",
+                 lambda v: v in ("bfloat16", "float16", "float32", "float64")),
+}
+
+
 def load_optimizer(path, opt, saved):
     """opt.load_state_dict(saved), refusing a state that does not fit these parameters (group
     sizes, hyperparameter types, moment shapes) with one line naming the file."""
@@ -128,6 +146,9 @@ def load_optimizer(path, opt, saved):
     for i, (g, h) in enumerate(zip(groups, live)):
         for k in g.keys() & h.keys():  # ours and torch's AdamW share most names
             check_like(path, f"optimizer.param_groups[{i}].{k}", g[k], h[k])
+            ok = GROUP_RANGES.get(k, (None, lambda v: True))
+            if not ok[1](g[k]):  # the same ranges the command line has: ns_steps=10**12 ran forever
+                raise ValueError(f"{path}: optimizer.param_groups[{i}].{k}={short(g[k])} must be {ok[0]}")
     try:
         opt.load_state_dict(saved)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -178,11 +199,14 @@ def resume(c, mcfg, raw, opt, scaler, loader, rank, world):
         check_like(path, "scaler", ck["scaler"], scaler.state_dict())
         scaler.load_state_dict(ck["scaler"])
     check_like(path, "data", ck["data"], loader.state_dict())
-    if ck["data"]["pos"] < 0:
-        raise ValueError(f"{path}: data.pos={ck['data']['pos']} is negative")
+    if not 0 <= ck["data"]["pos"] < 2**62:  # the windows handed out: 2**70 overflowed numpy
+        raise ValueError(f"{path}: data.pos={ck['data']['pos']} must be in [0, 2**62)")
     loader.load_state_dict(ck["data"])  # a global position: any world size resumes
     if len(ck["rng"]) == world:  # else (another world size) the RNGs keep their seeds
-        set_rng_state(ck["rng"][rank])
+        try:
+            set_rng_state(ck["rng"][rank])
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError, OverflowError) as e:
+            raise ValueError(f"{path}: rng[{rank}] is not a generator state ({str(e)[:100]})") from None
     return ck["step"], last, path
 
 
@@ -196,8 +220,15 @@ def rng_state():
 
 
 def set_rng_state(s):
+    """Put back rng_state()'s generators; a state out of range is a ValueError (or TypeError)."""
     random.setstate(s["python"])
     key, pos, has_gauss, gauss = s["numpy"]
+    if not (len(key) == 624 and all(type(k) is int and 0 <= k < 2**32 for k in key) and type(pos) is int
+            and 0 <= pos <= 624 and has_gauss in (0, 1)):  # MT19937: 624 words and an index
+        raise ValueError("numpy: not an MT19937 state (624 keys in [0, 2**32), a position in [0, 624])")
+    if not isinstance(s["torch"], torch.Tensor) or s["torch"].dtype != torch.uint8 \
+            or s["torch"].shape != torch.get_rng_state().shape or not s["torch"].any():
+        raise ValueError("torch: not a CPU generator state (a zeroed or resized one)")
     np.random.set_state(("MT19937", np.array(key, np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():

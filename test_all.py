@@ -203,8 +203,8 @@ def test_cli_preset_first_then_explicit_overrides_win(capsys):
         g = cli_globals()
         assert cli.override(g, argv, presets) == {"n": 5, "lr": 0.5, "preset": "big"}
         assert (g["n"], g["lr"]) == (5, 0.5)
-    assert cli_exit(capsys, ["--preset=huge"], presets) == (
-        2, "error: unknown preset 'huge'; valid presets: big, odd")
+    assert cli_exit(capsys, ["--preset=huge"], presets) == (  # a rejected value, as in every file
+        1, "error: unknown preset 'huge'; valid presets: big, odd")
     assert cli_exit(capsys, ["--preset=odd"], presets)[1].startswith(
         "error: preset sets unknown option 'nope'")
 
@@ -572,6 +572,38 @@ def test_cli_atomic_open_two_writers_file_mode_and_interrupt(tmp_path):
             f.write(b"half")
             raise KeyboardInterrupt
     assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["f.bin"]
+
+
+def test_cli_parse_json_any_damage_is_one_line_naming_the_file(tmp_path):
+    """cli.parse_json / read_json / read_jsonl: what json.loads accepts as JSON comes back equal;
+    deep nesting, NaN, bytes that are not UTF-8, bad syntax are one ValueError naming the file
+    (and line), never a RecursionError."""
+    rng = random.Random(0)
+    for _ in range(50):  # json.loads is the reference for valid JSON
+        value = {"step": rng.randrange(10**6), "s": "".join(chr(rng.randrange(32, 0x3000)) for _ in range(8)),
+                 "l": [[rng.random()] * 3, {"a": None, "b": True}], "deep": [[[[[[1]]]]]]}
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5)
+        assert cli.parse_json(text, "x") == json.loads(text) == cli.parse_json(text.encode(), "x")
+    inside = '{"a": "' + "[{" * 5000 + '\\"]]"}'  # brackets in a string (an escaped quote too) are text
+    assert cli.parse_json(inside, "x") == json.loads(inside) == {"a": "[{" * 5000 + '"]]'}
+    nested = "[" * cli.MAX_JSON_DEPTH + "]" * cli.MAX_JSON_DEPTH
+    assert cli.parse_json(nested, "x") == json.loads(nested)  # the bound itself is allowed
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for bad, want in [(deep, f"{deep}: not valid JSON (nested deeper than 64 levels)"),
+                      ('{"a": NaN}', "x: not valid JSON (NaN is not a JSON number)"),
+                      ("[Infinity]", "x: not valid JSON (Infinity is not a JSON number)"),
+                      (b'"ab\xff"', "x: not UTF-8 text (byte 3 is b'\\xff')"),
+                      ("[1,", "x: not valid JSON (Expecting value at line 1 column 4)")]:
+        with pytest.raises(ValueError) as e:
+            cli.read_json(bad) if isinstance(bad, Path) else cli.parse_json(bad, "x")
+        assert str(e.value) == want
+    lines = tmp_path / "rows.jsonl"  # lines end at \n only: U+2028 inside a string is not a line break
+    lines.write_text(json.dumps({"t": "a\u2028b"}, ensure_ascii=False) + "\n\n[]\n" + "{" * 70 + "\n")
+    rows = cli.read_jsonl(lines)
+    assert [next(rows), next(rows)] == [(1, {"t": "a\u2028b"}), (3, [])]
+    with pytest.raises(ValueError, match=re.escape(f"{lines}:4: not valid JSON (nested deeper than 64")):
+        next(rows)
 
 
 # ======================================================================
@@ -1309,6 +1341,14 @@ def test_bpe_save_load_roundtrip(trained, tmp_path):
     back.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_text(encoding="utf-8") == text
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+    # its last merges removed: the special token's id would hide the gap; refused, naming the file
+    d = json.loads(text)
+    n = len(d["merges"])
+    d["merges"] = d["merges"][:-3]
+    (tmp_path / "cut.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cut.json'}: not a valid bpe.py tokenizer file ")
+                       + f".*ids {256 + n - 3}\\.\\.{256 + n - 1} are neither bytes, merges nor special"):
+        Tokenizer.load(tmp_path / "cut.json")
 
 
 @needs_data
@@ -2209,6 +2249,79 @@ def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
     assert peaks[20] < corpus_bytes / 3, peaks
 
 
+@pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data (GPT-2's files)")
+def test_data_long_document_pieces_keep_tiktokens_ids(tmp_path):
+    """dataloader.pieces cuts a long document only before a space between two non-spaces, where
+    GPT-2's and GPT-4's pre-tokenizers split anyway: tiktoken's ids of the pieces, laid end to
+    end, are its ids of the whole text (GPT-4's pattern is checked with GPT-2's merges)."""
+    ranks, _ = gpt2_references(tmp_path)
+    encs = [tiktoken.Encoding(f"local{k}", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+            for k, pat in enumerate((GPT2_PATTERN, GPT4_PATTERN))]
+    rng = random.Random(0)
+    words = ["the", "don't", "it's", "1234567", "(x)", "...", "\n", "\n\n", "  ", "\t", "é", "中文", "'ll", "--"]
+    def safe(text, k):  # a space with a non-space on both sides
+        return 0 < k < len(text) - 1 and text[k] == " " and not text[k - 1].isspace() and not text[k + 1].isspace()
+
+    checked = 0
+    for trial in range(300):
+        text = "".join(rng.choice(words) + rng.choice([" ", "", " ", "  "]) for _ in range(rng.randrange(1, 80)))
+        size = rng.randrange(12, 60)
+        parts = list(dl.pieces(text, size))
+        assert "".join(parts) == text and all(len(p) <= size for p in parts)
+        cuts = np.cumsum([len(p) for p in parts])[:-1].tolist()
+        starts = [0] + cuts
+        for a, k in zip(starts, cuts):  # a hard cut only where the piece held no safe space
+            assert safe(text, k) or not any(safe(text, j) for j in range(a + 1, k))
+        if all(safe(text, k) for k in cuts):
+            checked += bool(cuts)
+            for enc in encs:
+                assert sum((enc.encode_ordinary(p) for p in parts), []) == enc.encode_ordinary(text), (text, parts)
+    assert checked > 100, checked
+    assert list(dl.pieces("a" * 10, 4)) == ["aaaa", "aaaa", "aa"]  # no safe space: hard cuts
+
+
+RSS_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+import dataloader as dl
+folder, chars = Path(sys.argv[1]), int(sys.argv[2])
+dl.PIECE_CHARS = 250_000  # the chunk a document is tokenized in
+(folder / "c.jsonl").write_text(json.dumps({"text": "abcdefgh " * (chars // 9)}) + "\\n")  # one line, one document
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dl.prepare(str(folder / "c.jsonl"), str(folder / "tok.json"), out_dir=folder / "out", workers=1, split="hash")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # bytes (ru_maxrss: KiB on Linux)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
+def test_data_long_document_peak_rss_bounded_by_the_piece(tmp_path):
+    """A single-line document 20x dataloader.PIECE_CHARS: the peak RSS grows by little more than
+    the document's own text (it was a Python list of its ids: 117 MiB for these 5 M characters)."""
+    dl.CharTokenizer.train(["abcdefgh \n"]).save(tmp_path / "tok.json")
+    peak = {}
+    for scale in (2, 20):
+        (tmp_path / str(scale)).mkdir()
+        (tmp_path / str(scale) / "tok.json").write_bytes((tmp_path / "tok.json").read_bytes())
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / str(scale)), str(250_000 * scale)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        peak[scale] = int(r.stdout.split()[-1])
+    assert peak[20] - peak[2] < 5 * 250_000 * 18, peak  # < 5 bytes per added character
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_data_corpus_must_be_a_regular_file(tmp_path):
+    """/dev/zero (endless, no separator: it grew 400 MB/s) and a FIFO (open() blocked, no word)
+    as --data: one line, exit 1, at once."""
+    os.mkfifo(tmp_path / "fifo.txt")
+    for data in ("/dev/zero", str(tmp_path / "fifo.txt")):
+        r = subprocess.run([sys.executable, "dataloader.py", f"--data={data}", "--tokenizer=char",
+                            f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (1, f"error: {data}: not a regular file (a FIFO or a device); "
+                                               "a corpus is a file or a folder\n")
+    assert not (tmp_path / "out").exists()
+
+
 RESUME_SCRIPT = """
 import sys, time
 import dataloader as dl
@@ -2246,7 +2359,29 @@ def test_data_resume_after_kill_equals_a_straight_run(tmp_path):
     assert all_bytes(folder) == all_bytes(Path(straight.train).parent)  # every shard, byte for byte
 
 
-def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+def live_children(pid):
+    """Pids whose parent is pid, from /proc (zombies, already ended, left out)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{d}/status").read_text()
+        except OSError:
+            continue
+        if re.search(rf"^PPid:\s+{pid}$", status, re.M) and not re.search(r"^State:\s+Z", status, re.M):
+            kids.append(int(d))
+    return kids
+
+
+def alive(pid):
+    try:
+        return not re.search(r"^State:\s+Z", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers in /proc (Linux)")
+@pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_data_ctrl_c_or_sigterm_with_worker_processes_ends_them(tmp_path, sig, code, last):
     tok = dl.CharTokenizer.train(["abcdefgh \n"])
     tok.save(tmp_path / "tok.json")
     line = json.dumps({"text": "abcdefgh " * 100}) + "\n"
@@ -2257,10 +2392,14 @@ def test_data_ctrl_c_with_worker_processes_is_one_line(tmp_path):
     while not list((tmp_path / "out").glob("*/train/000001.bin")):
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.005)
-    p.send_signal(signal.SIGINT)
+    workers = live_children(p.pid)
+    assert len(workers) >= 2, workers
+    p.send_signal(sig)
     err = p.communicate(timeout=60)[1]
-    assert p.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert p.returncode == code and err.splitlines()[-1] == last and "Traceback" not in err, err
     assert list((tmp_path / "out").glob("*/progress.json"))  # kept: the next run resumes
+    time.sleep(5)
+    assert not [w for w in workers if alive(w)], "workers outlived the prepare they worked for"
 
 
 def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
@@ -2326,7 +2465,7 @@ def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatc
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "norows.parquet")
-    cases = {"empty.jsonl": "empty.jsonl: file is empty", "utf.jsonl": r"utf.jsonl:2: not valid JSON",
+    cases = {"empty.jsonl": "empty.jsonl: file is empty", "utf.jsonl": r"utf.jsonl:2: not UTF-8 text",
              "junk.jsonl.gz": "junk.jsonl.gz: damaged gzip", "cut.jsonl.gz": "cut.jsonl.gz: damaged gzip",
              "empty.parquet": "empty.parquet: not a readable parquet", "junk.parquet": "junk.parquet: not a readable",
              "notext.parquet": r"notext.parquet: no 'text' column \(it has body\)",
@@ -2354,6 +2493,39 @@ CORPORA_NAMES = {"EOT", "SUFFIXES", "GPT2_FILES", "GPT2_URL", "SPEAKER", "ASIDE"
                  "read_nonblank_text", "text_documents", "jsonl_documents", "parquet_documents", "TINYSTORIES_URL",
                  "FINEWEB_URL", "download_tinystories", "download_fineweb_edu", "download_gpt2_tokenizer",
                  "fineweb_rows", "DOWNLOADS", "select_files", "files_to_fetch", "download_fineweb"}
+
+
+def test_data_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
+    """Every JSON file prepare reads goes through cli.parse_json: a 100,000-deep corpus line (also
+    inside "text"), meta.json, progress.json, tokenizer.json. Through the command line: one line,
+    exit 1, nothing written; a lone surrogate escape in a document names file:line too."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, line, want in [("deep", deep, "deep.jsonl:2: not valid JSON (nested deeper than 64 levels)"),
+                             ("inner", '{"text": ' + deep + "}", "inner.jsonl:2: not valid JSON (nested deeper"),
+                             ("surrogate", '{"text": "ab\\ud800"}', "surrogate.jsonl:2: character 2 is a lone "
+                                                                      "surrogate '\\ud800'")]:
+        corpus = tmp_path / f"{name}.jsonl"
+        corpus.write_text('{"text": "ok"}\n' + line + "\n")
+        r = subprocess.run([sys.executable, "dataloader.py", f"--data={corpus}", "--tokenizer=char",
+                            f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / want}") and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    prep = dl.prepare("", "char", out_dir=tmp_path / "p", workers=1)
+    folder = Path(prep.train).parent
+    for name in ("meta.json", "tokenizer.json"):
+        saved = (folder / name).read_bytes()
+        (folder / name).write_text(deep)
+        with pytest.raises(ValueError, match=re.escape(f"{folder / name}: ") + ".*nested deeper than 64"):
+            dl.read_prepared(folder)
+        (folder / name).write_bytes(saved)
+    (folder / "progress.json").write_text(deep)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'progress.json'}: damaged resume state")):
+        dl.read_progress(folder / "progress.json")
+    # a tokenizer.json swapped for another one's: refused, not trained on silently
+    dl.CharTokenizer.train(["abc"]).save(folder / "tokenizer.json")
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'tokenizer.json'} does not match {folder / 'meta.json'} "
+                                                   f"(vocabulary 4 vs {prep.tokenizer.vocab_size}")):
+        dl.read_prepared(folder)
 
 
 def test_data_corpora_is_the_one_home_of_the_readers():
@@ -3034,15 +3206,30 @@ def test_gpt_checkpoint_config_fields_are_checked(tmp_path):
     gpt.save_checkpoint(tmp_path / "ok.pt", model)
     ck = torch.load(tmp_path / "ok.pt", weights_only=True)
     for change, message in [({"n_embd": "64"}, "config field n_embd='64' is not"),
-                            ({"n_embd": 10**6}, "the weights do not fit its config (wte.weight"),
+                            ({"n_embd": 10**6}, "the weights do not fit its config (n_layer=2, n_embd=1000000"),
+                            ({"n_embd": 2**40}, "the weights do not fit its config"),  # was an overflow
+                            ({"n_layer": 10**6}, "the weights have 2 layers"),  # was minutes on meta
                             ({"vocab_size": -5}, "config field vocab_size=-5 is out of range"),
                             ({"dropout": 1.5}, "config field dropout=1.5 is out of range"),
                             ({"bias": 1}, "config field bias=1 is not"),
                             ({"shape": "round"}, "config has an unknown field 'shape'")]:
         torch.save({**ck, "config": {**ck["config"], **change}}, tmp_path / "bad.pt")
+        t0 = time.perf_counter()
         with pytest.raises(ValueError) as e:
             gpt.load_checkpoint(tmp_path / "bad.pt")
-        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value)
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: ") and message in str(e.value), str(e.value)
+        assert time.perf_counter() - t0 < 10  # refused before a model is built
+    # weights read from the file are checked too: real floating point, finite
+    name = "h.0.mlp.c_fc.weight"
+    w = ck["model"][name]
+    for weight, message in [(w.bool(), "holds torch.bool, not real floating-point"),
+                            (w.to(torch.complex64), "holds torch.complex64, not real floating-point"),
+                            (w.long(), "holds torch.int64"),
+                            (torch.full_like(w, math.nan), "is not finite (nan or inf)")]:
+        torch.save({**ck, "model": {**ck["model"], name: weight}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            gpt.load_checkpoint(tmp_path / "bad.pt")
+        assert str(e.value).startswith(f"{tmp_path / 'bad.pt'}: the weight {name} ") and message in str(e.value)
 
 
 def test_gpt_gpt2_init_has_transformers_statistics():
@@ -4098,6 +4285,30 @@ def test_train_resume_rewrites_the_log(corpus, tmp_path):
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
 
 
+def test_train_log_rows_are_checked_and_name_file_and_line(tmp_path):
+    """log.jsonl is read back on resume (trim_log): each row must be {"step": int >= 0, ...};
+    any other row, bad UTF-8 or a 100,000-deep line is one ValueError naming log.jsonl:line,
+    and the log is left as it was. Only a half-written last line (no newline) is dropped."""
+    log = tmp_path / "log.jsonl"
+    good = '{"step": 1, "loss": 2.5}\n{"step": 2, "val_loss": null}\n'
+    log.write_text(good + '{"step": 3, "lo')
+    assert cli.log_rows(log) == [{"step": 1, "loss": 2.5}, {"step": 2, "val_loss": None}]
+    for bad, want in [("[]", "not a log row"), ('{"x": 1}', "not a log row"), ('{"step": "a"}', "not a log row"),
+                      ('{"step": -1}', "not a log row"), ('{"step": 1.0}', "not a log row"),
+                      ("{oops", "not valid JSON"), ("[" * 100_000 + "]" * 100_000, "nested deeper than 64"),
+                      (b"\xff", "not UTF-8 text"), ('{"step": 3, "loss": NaN}', "NaN is not a JSON number")]:
+        data = good.encode() + (bad if isinstance(bad, bytes) else bad.encode()) + b"\n" + good.encode()
+        log.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{log}:3: ") + ".*" + re.escape(want)):
+            train.trim_log(str(log), 2)
+        assert log.read_bytes() == data
+    # a non-finite value is logged as null: the log stays JSON that log_rows reads back
+    s = type("S", (), {"rank": 0, "log_path": str(log)})()
+    log.write_text("")
+    train.write_log(s, {"step": 1, "val_loss": float("nan"), "loss": float("inf"), "lr": 0.5})
+    assert cli.log_rows(log) == [{"step": 1, "val_loss": None, "loss": None, "lr": 0.5}]
+
+
 def test_train_load_data_prepared_folder_needs_no_gpt2_dir(corpus, tmp_path):
     """--data=a folder prepare() made is used as it is, with its own tokenizer (a small bpe one
     here): --tokenizer=gpt2 then needs no GPT-2 files in gpt2_dir (a raw file still does)."""
@@ -4141,7 +4352,7 @@ def args(corpus, out_dir, **kw):
 
 def test_train_bad_input_one_line_errors(corpus, tmp_path, capsys):
     code, msg = cli_error(capsys, ["--preset=nope"])
-    assert code == 2 and "unknown preset 'nope'" in msg
+    assert code == 1 and "unknown preset 'nope'" in msg
     code, msg = cli_error(capsys, ["--learning_rate=1"])
     assert code == 2 and "unknown option --learning_rate" in msg
     code, msg = cli_error(capsys, args(corpus, tmp_path / "x", data=str(tmp_path / "nope.txt")))
@@ -4216,10 +4427,26 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, c
 
 
 def test_train_cli_runs_as_a_script(tmp_path):
-    """The real command line: an unknown preset is one line on stderr, exit 2."""
+    """The real command line: an unknown preset is one line on stderr, exit 1 (as in gpt.py)."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=nope"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="watches the imports in /proc (Linux)")
+@pytest.mark.parametrize("script", ["train.py", "chat.py"])
+@pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_train_signal_during_the_imports_is_one_line(tmp_path, script, sig, code, last):
+    """Ctrl-C (or SIGTERM) in the first second, while torch is being imported: one line and
+    130 (143), not a 45-line KeyboardInterrupt traceback (cli.quiet_startup)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{p.pid}/maps")
+    while p.poll() is None and "libtorch" not in maps.read_text():  # torch's import has begun
+        time.sleep(0.001)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (code, last + "\n"), err
+
 
 def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
@@ -4238,6 +4465,36 @@ def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
     assert [r["loss"] for r in straight["log"][10:]] == [r["loss"] for r in second["log"]]
     opt = resume.load_run(resume.checkpoints(tmp_path / "b")[-1])["optimizer"]
     assert any("momentum_buffer" in s for s in opt["state"].values())
+
+
+def test_train_resume_checks_the_values_a_checkpoint_holds(corpus, tmp_path, capsys):
+    """What a checkpoint says is range-checked like the command line, naming the file: a Muon
+    ns_steps=10**12 (ran forever), ns_dtype="nope" (AttributeError at the first step), a numpy
+    key of -1 or a zeroed torch RNG state, data.pos=2**70 (tracebacks). The run folder stays
+    byte-identical."""
+    train.train(tiny(corpus, tmp_path / "ok", max_iters=2, save_interval=2, optimizer="muon"))
+    path = resume.checkpoints(tmp_path / "ok")[-1]
+    ck = torch.load(path, weights_only=True)
+    muon = next(i for i, g in enumerate(ck["optimizer"]["param_groups"]) if not g["adamw"])
+
+    def group(**kw):
+        groups = [dict(g, **kw) if i == muon else g for i, g in enumerate(ck["optimizer"]["param_groups"])]
+        return {"optimizer": dict(ck["optimizer"], param_groups=groups)}
+
+    key = ck["rng"][0]["numpy"]
+    for edit, want in [(group(ns_steps=10**12), f"optimizer.param_groups[{muon}].ns_steps=int '1000000000000' must be"),
+                       (group(ns_dtype="nope"), f"optimizer.param_groups[{muon}].ns_dtype=str 'nope' must be"),
+                       ({"rng": [dict(ck["rng"][0], numpy=[[-1] + key[0][1:], *key[1:]])]}, "rng[0] is not a generator"),
+                       ({"rng": [dict(ck["rng"][0], torch=torch.zeros_like(ck["rng"][0]["torch"]))]}, "rng[0] is not a"),
+                       ({"data": dict(ck["data"], pos=2**70)}, "data.pos=1180591620717411303424 must be in [0, 2**62)")]:
+        out = tmp_path / "bad"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        torch.save({**ck, **edit}, out / Path(path).name)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, msg = cli_error(capsys, args(corpus, out, max_iters=4, optimizer="muon"))
+        assert code == 1 and msg.startswith(f"error: {out / Path(path).name}: ") and want in msg, msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
@@ -4425,7 +4682,11 @@ def test_train_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, caps
 
 TRAIN_BAD = [  # (options, exit code: 2 for a bad name or type, 1 for a rejected value, words)
     (["--nope=1"], 2, "unknown option --nope"), (["--max_iters=1.5"], 2, "expects int"),
-    (["--preset=nope"], 2, "unknown preset 'nope'"), (["--beta2=1.0"], 1, "--beta2=1.0: must be"),
+    (["--preset=nope"], 1, "unknown preset 'nope'"), (["--beta2=1.0"], 1, "--beta2=1.0: must be"),
+    (["--n_head=0"], 1, "--n_head=0: must be at least 1"),  # its range before n_embd % n_head
+    (["--seed=18446744073709551616"], 2, "--seed expects an integer in [-2**63, 2**63)"),
+    (["--threads=10000000000"], 1, "--threads=10000000000: must be in [0, 1024]"),
+    (["--hellaswag_every=1"], 1, "--hellaswag_every=1: must be 0 without --hellaswag=PATH"),
     (["--seed=-1"], 1, "--seed=-1: must be"), (["--dtype=fp8"], 1, "unknown dtype 'fp8'"),
     (["--tokenizer=/no/such.json"], 1, "--tokenizer='/no/such.json': must be"),
     (["--n_embd=65536", "--n_head=1", "--n_layer=64"], 1, "GiB of memory")]  # refused in time
@@ -4812,11 +5073,15 @@ def test_finetune_synthetic_tasks_are_deterministic_and_checkable():
 def test_finetune_read_conversations_bad_input(tmp_path):
     good = {"messages": chat("hi", "hello"), "rejected": "go"}
     p = tmp_path / "ok.jsonl"
-    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n")
+    sep = {"messages": chat("line\u2028break", "para\u2029graph\x85")}  # raw, not escaped: still one line each
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": chat("a", "b")}) + "\n"
+                 + json.dumps(sep, ensure_ascii=False) + "\n", encoding="utf-8")
     rows = ft.read_conversations(p)
-    assert [r[1] for r in rows] == ["go", None] and rows[0][0] == good["messages"]
+    assert [r[1] for r in rows] == ["go", None, None] and rows[0][0] == good["messages"]
+    assert rows[2][0] == sep["messages"]
     cases = {
-        '{"messages": [}': r"bad\.jsonl:2: malformed JSON",
+        '{"messages": [}': r"bad\.jsonl:2: not valid JSON",
+        '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}": r"bad\.jsonl:2: not valid JSON \(nested deeper than 64",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}):
             r":2: conversation has no assistant turn",
         json.dumps({"messages": chat("a", "b")[::-1]}):
@@ -4857,8 +5122,8 @@ def test_finetune_checkpoint_vocab_mismatch_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--out_dir={tmp_path}",
                         f"--data={bad}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes "
-        "at column 2)")
+        f"error: {bad}:2: not valid JSON (Expecting property name enclosed in double quotes "
+        "at line 1 column 2)")
     assert sorted(os.listdir(out)) == ["ckpt.pt"]
 
 def test_finetune_lora_forward_equals_formula():
@@ -5355,6 +5620,7 @@ def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     ("block_k", -1, "--block_k=-1: must be at least 1"),
     ("seed", -1, "--seed=-1: must be >= 0"),
     ("matmul_sizes", "512,x", "--matmul_sizes='512,x': must be positive integers like 512,1024"),
+    ("matmul_sizes", "\u00b2", "--matmul_sizes='\u00b2': must be positive integers like 512,1024"),  # isdigit() says yes
     ("attn_t", 100000, "--attn_t=100000 would need "),
     ("copy_mb", 10**7, "--copy_mb=10000000 would need "),
     ("matmul_sizes", "512,100000", "--matmul_sizes=100000 would need "),
@@ -5570,7 +5836,7 @@ def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
     s.run(io.StringIO("/topk 0\n/topp 1\n"), io.StringIO(), err)
     assert (s.top_k, s.top_p) == (None, 1.0)                            # 0 and 1 = off
     bad = ["/temp -1", "/topk abc", "/topk -3", "/topp 0", "/topp 1.5", "/temp nan", "/seed x",
-           "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
+           "/seed 100000000000000000000000", "/temp", "/foo", " ".join((ft.WORDS * 2)[:70])]
     out, err = io.StringIO(), io.StringIO()
     s.run(io.StringIO("\n".join(bad + ["king", "/quit", "queen"]) + "\n"), out, err)
     lines = err.getvalue().splitlines()
@@ -5582,6 +5848,7 @@ def test_chat_commands_change_settings_and_bad_input_goes_on(chat_files):
         "error: /topp 1.5: top_p must be in (0, 1], got 1.5",
         "error: /temp expects a finite number, got 'nan'",
         "error: /seed expects an integer, got 'x'",
+        "error: /seed 100000000000000000000000: must be in [0, 2**63)",  # was "Overflow when unpacking"
         "error: /temp needs a value, e.g. /temp 0.8",
         "error: unknown command '/foo'; valid commands: /reset, /temp, /topk, /topp, /seed, "
         "/quit, /help",
@@ -5838,6 +6105,8 @@ def test_evals_three_metrics_by_hand(tmp_path, monkeypatch):
                         [(table[tuple(c), tuple(e)], False) for c, e in rows])
     metrics, rows = evals.score_hellaswag(None, tok, evals.read_hellaswag(path))
     assert metrics == {"n": 3, "acc": 1 / 3, "acc_norm": 2 / 3, "acc_tokmean": 1.0}
+    with pytest.raises(ValueError, match="no HellaSwag examples to score"):  # not acc 0.0 over n=0
+        evals.score_hellaswag(None, tok, [])
     assert [(r["pred"], r["pred_norm"], r["pred_tokmean"]) for r in rows] == [(0, 0, 0), (0, 1, 1), (0, 1, 2)]
     assert [r["ending_bytes"] for r in rows] == [c[0] for c in chosen]
     assert [r["ending_tokens"] for r in rows] == [[b + 1 for b in c[0]] for c in chosen]
@@ -5923,7 +6192,7 @@ def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
     cases = {
         "missing": (None, "no HellaSwag file at"),
         "empty": ("\n\n", "no examples (the file is empty)"),
-        "corrupt": (json.dumps(good) + "\n{not json\n", "corrupt.jsonl:2: not a JSON line"),
+        "corrupt": (json.dumps(good) + "\n{not json\n", "corrupt.jsonl:2: not valid JSON"),
         "label": (json.dumps(dict(good, label=4)) + "\n", "label.jsonl:1: 'label' must be 0, 1, 2 or 3, got 4"),
         "strlabel": (json.dumps(dict(good, label="x")) + "\n", "'label' must be 0, 1, 2 or 3, got 'x'"),
         "three": (json.dumps(good) + "\n" + json.dumps(dict(good, endings=["d", "e", "f"])) + "\n",
@@ -5931,6 +6200,10 @@ def test_evals_bad_input_one_line_nothing_written(corpus, tmp_path, capsys):
         "array": ("[1, 2]\n", "array.jsonl:1: expected a JSON object, got list"),
         "noctx": (json.dumps({"endings": ["a"] * 4, "label": 0}) + "\n", "'ctx' must be a string"),
         "binary": (b"\xff\xfe\n", "binary.jsonl:1: not UTF-8 text"),
+        "deep": (json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n",
+                 "deep.jsonl:2: not valid JSON (nested deeper than 64 levels)"),
+        "nan": (json.dumps(dict(good, label=float("nan"))) + "\n", "nan.jsonl:1: not valid JSON (NaN is not"),
+        "superscript": (json.dumps(dict(good, label="\u00b2")) + "\n", "'label' must be 0, 1, 2 or 3, got '\u00b2'"),
     }
     for name, (text, want) in cases.items():
         p = tmp_path / f"{name}.jsonl"
@@ -6059,6 +6332,17 @@ def test_evals_script_line_and_errors(corpus, tmp_path):
         else:
             assert p.returncode == 1 and p.stderr == f"error: {bad}:2: expected a JSON object, got list\n"
             assert not out.exists()
+    # a diverged model (a nan weight) is refused as chat.py refuses it, not scored as "acc 0.5"
+    ck = torch.load(r["checkpoint"], weights_only=True)
+    ck["model"]["ln_f.weight"][0] = math.nan
+    nan_ckpt = Path(r["checkpoint"]).parent / "nan.pt"
+    torch.save(ck, nan_ckpt)
+    p = subprocess.run([sys.executable, str(ROOT / "evals.py"), f"--model={nan_ckpt}", f"--hellaswag={good}",
+                        f"--out_dir={tmp_path / 'c'}", "--device=cpu", "--threads=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == (f"error: {nan_ckpt}: the weight ln_f.weight is not finite "
+                                              "(nan or inf): the model diverged\n"), p.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_evals_harness_missing_is_one_error(monkeypatch, tmp_path):

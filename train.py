@@ -26,7 +26,8 @@ curve drawn from that log, cli.plot_log; --plot=false skips it); run the same co
 again and it resumes from the newest checkpoint (--init=scratch refuses to overwrite one).
 One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.quiet_startup(__name__)
 cli.help_if_asked(__name__, __file__)
 
 import contextlib
@@ -485,7 +486,13 @@ class Meter:
 def write_log(s, row):
     if s.rank == 0:
         with open(s.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
+
+
+def finite_or_null(row):
+    """JSON has no NaN or Infinity (json.dumps would write them anyway, and no reader takes
+    the file back): a value that is not finite is logged as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def trim_log(log_path, step):
@@ -603,10 +610,12 @@ def check_options(c):
         "n_layer", "n_head", "n_embd", "block_size", "pad_vocab", "batch_size", "grad_accum",
         "log_interval", "eval_interval", "save_interval", "keep_checkpoints")]
     rules += [(n, v[n] >= 0, ">= 0") for n in (
-        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip", "threads",
+        "max_iters", "warmup_iters", "lr", "min_lr", "weight_decay", "grad_clip",
         "eval_iters", "sample_tokens", "seed", "hellaswag_every", "hellaswag_limit")]
-    cli.check(v, rules + [
+    cli.check(v, rules)  # each range first: the rules below divide by n_head
+    cli.check(v, [
         ("n_embd", c.n_embd % c.n_head == 0, f"a multiple of --n_head={c.n_head}"),
+        ("threads", 0 <= c.threads <= cli.MAX_THREADS, f"in [0, {cli.MAX_THREADS}] (0: torch's choice)"),
         ("vocab_size", 257 <= c.vocab_size <= 2**20, "in [257, 2**20] (256 bytes, then merges)"),
         ("val_frac", 0 < c.val_frac < 1, "between 0 and 1"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
@@ -623,6 +632,8 @@ def check_options(c):
          "char, bpe, gpt2 or the path of a saved tokenizer"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device) is not None,
          "auto, cpu, cuda, cuda:N or mps"),
+        ("hellaswag_every", not c.hellaswag_every or c.hellaswag,
+         "0 without --hellaswag=PATH (it says how often to score that file)"),
         ("out_dir", c.out_dir != "", "a folder"),
         ("data_dir", c.data_dir != "", "a folder"),
         ("init", c.init != "", "auto, scratch or the path of a checkpoint")])
