@@ -351,15 +351,19 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_fr
     """Learning rate for step 0, 1, ... max_iters-1. Warmup ramps up linearly, so the first
     updates (a random model, Adam's moments still noisy) are small. Then "cosine" glides from lr
     to min_lr along half a cosine; "wsd" holds lr (the stable phase) and decays linearly over
-    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint."""
+    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint:
+    each of those D steps takes a smaller lr, and the last step (max_iters - 1) takes min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / (warmup_iters + 1)
     if schedule == "cosine":
         progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
         return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
     if schedule == "wsd":
-        decay_iters = max(1, round(decay_frac * max_iters))
-        progress = (step - (max_iters - decay_iters)) / decay_iters
+        decay_iters = round(decay_frac * max_iters)
+        if decay_iters == 0:  # decay_frac=0: no decay
+            return lr
+        # + 1: the decay's D steps are max_iters - D ... max_iters - 1; the last is at 1
+        progress = (step + 1 - (max_iters - decay_iters)) / decay_iters
         return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
     raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
 

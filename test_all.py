@@ -3363,12 +3363,19 @@ def test_train_lr_schedules_match_formulas():
         cos = lo + (lr - lo) * (1 + math.cos(math.pi * (s - warm) / (n - warm))) / 2
         assert train.lr_at(s, lr, lo, warm, n, "cosine") == pytest.approx(cos)
     assert train.lr_at(1050, lr, lo, warm, n) == pytest.approx((lr + lo) / 2)  # half-way
-    # wsd: flat at lr until the last 20% (step 1600), then a straight line to lo at n
-    for s in (100, 1000, 1600):
+    # wsd: flat at lr until the last 20% (steps 1600-1999), then a straight line whose last
+    # step (1999, the run's last) is exactly lo: the 400 points after lr on linspace(lr, lo)
+    for s in (100, 1000, 1599):
         assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(lr)
-    for s in (1700, 1800, 1999):
-        assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(
-            lr - (lr - lo) * (s - 1600) / 400)
+    line = torch.linspace(lr, lo, 401, dtype=torch.float64)[1:].tolist()
+    assert [train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) for s in range(1600, 2000)] == \
+        pytest.approx(line, rel=1e-12)
+    assert train.lr_at(n - 1, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(lo, rel=1e-12)
+    # the preset that uses it ends at its min_lr, and decay_frac=0 never decays
+    sc = train.make_config(preset="shakespeare-char")
+    assert train.lr_at(sc.max_iters - 1, sc.lr, sc.min_lr, sc.warmup_iters, sc.max_iters,
+                       sc.schedule, sc.decay_frac) == pytest.approx(sc.min_lr, rel=1e-12)
+    assert train.lr_at(n - 1, lr, lo, warm, n, "wsd", 0.0) == lr
     with pytest.raises(ValueError, match="schedule"):
         train.lr_at(500, lr, lo, warm, n, "linear")
 

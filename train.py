@@ -95,6 +95,7 @@ optimizer = "fused"      # "ours" (written out below), "torch", "fused" (torch, 
 muon_lr = 0.02           # optimizer="muon": peak lr of the Muon matrices (follows the schedule)
 muon_momentum = 0.95
 muon_weight_decay = 0.0
+muon_split_qkv = False   # optimizer="muon": attention's Q, K, V orthogonalized as 3 matrices
 # system
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
