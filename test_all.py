@@ -5,6 +5,8 @@ Each section checks one lesson file against a real reference: gradients against 
 (random init, no download), the optimizer against torch.optim. Tests that need ../shared/data
 skip when it is absent; GPU tests skip without CUDA.
 """
+import ast
+import contextlib
 import copy
 import inspect
 import io
@@ -15,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +28,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
@@ -4070,6 +4074,116 @@ def test_train_cli_bad_options_table(corpus, tmp_path):
         assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
         assert err.startswith("error: ") and words in err, (opts, err)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# every collective the project calls, by file and function: tensor ones are run below on a
+# model on the meta device (not the CPU), as NCCL needs them on the model's (CUDA) device;
+# object ones pickle into tensors that torch itself places on the process's current device
+COLLECTIVES = {"all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter",
+               "send", "recv", "barrier", "broadcast_object_list", "all_gather_object",
+               "gather_object", "scatter_object_list"}
+TENSOR_COLLECTIVES = {("train.py", "train_step", "all_reduce"), ("train.py", "log_step", "all_reduce"),
+                      ("train.py", "evaluate", "all_reduce"),
+                      ("evals.py", "score_hellaswag", "all_reduce")}
+OBJECT_COLLECTIVES = {("train.py", "save", "all_gather_object"),
+                      ("train.py", "load_data", "broadcast_object_list")}
+
+
+def collective_calls():
+    """{(file, enclosing function, collective)} for every dist.<collective>(...) in the repo."""
+    found = set()
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name == "test_all.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                found |= {(path.name, fn.name, node.func.attr) for node in ast.walk(fn)
+                          if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                          and node.func.attr in COLLECTIVES
+                          and ast.unparse(node.func.value) in ("dist", "torch.distributed")}
+    return found
+
+
+class Reached(Exception):
+    pass
+
+
+def test_train_collectives_run_on_the_models_device(monkeypatch):
+    """Every tensor collective gets a tensor on the model's device: the model lives on the meta
+    device, all_reduce records the device it was given and stops the function there. (The CPU
+    counter evaluate() used to all-reduce crashed every NCCL run at its first evaluation.) The
+    list above is the repo's: a new collective fails here until it is added and checked."""
+    assert collective_calls() == TENSOR_COLLECTIVES | OBJECT_COLLECTIVES
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reached
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2,
+                                      n_embd=16))
+    x = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    batches = [(x, x)] * 3
+    c = train.make_config(grad_clip=1.0)
+    s = SimpleNamespace(accum=1, world=2, rank=0, model=model, raw=model, dev=x.device,
+                        opt=SimpleNamespace(param_groups=[]),
+                        autocast=contextlib.nullcontext(), loader=SimpleNamespace(
+                            next_batch=lambda: (x, x)),
+                        scaler=torch.amp.GradScaler("cpu", enabled=False))
+    calls = [lambda: train.train_step(c, s, 0, [], None),
+             lambda: train.log_step(c, s, None, 1, 1e-3, torch.zeros((), device="meta"), None),
+             lambda: train.evaluate(model, batches, 100, contextlib.nullcontext(), 0, 2)]
+    tok = dl.CharTokenizer.train("abc xyz")
+    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
+                        [(-1.0, False) for _ in rows])
+    examples = [dict(ind=0, label=0, ctx="a", endings=["b", "c", "x", "y"])]
+    calls.append(lambda: evals.score_hellaswag(model, tok, examples, rank=0, world=2))
+    for call in calls:
+        with pytest.raises(Reached):
+            call()
+    assert seen == [x.device] * len(TENSOR_COLLECTIVES)
+
+
+PREPARE_SLOWLY = """import datetime, sys, time
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+# the training group's timeout, 2 s here, stands in for NCCL's 10 minutes
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+rank, real = dist.get_rank(), train.prepare
+if rank == 0:  # process 0 tokenizes for longer than that
+    train.prepare = lambda **kw: time.sleep(5) or real(**kw)
+tok, prep, loader, val, n_bytes = train.load_data(train.make_config(**{config!r}), rank, 2,
+                                                  torch.device("cpu"))
+dist.barrier()
+print("rank", rank, "val bytes", n_bytes)
+dist.destroy_process_group()
+"""
+
+
+def test_train_other_processes_outwait_a_long_prepare(corpus, tmp_path):
+    """Two gloo processes whose group times out after 2 s; process 0's prepare takes 5 s. The
+    other waits in load_data's own group (PREPARE_HOURS), not the training group's timeout:
+    both end with the same val split."""
+    config = dict(data=str(corpus / "corpus.txt"), data_dir=str(tmp_path / "shards"),
+                  tokenizer="char", block_size=16, batch_size=4, eval_iters=2, device="cpu")
+    script = tmp_path / "prepare_slowly.py"
+    script.write_text(PREPARE_SLOWLY.format(root=str(ROOT), config=config))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-1500:] + outs[0][1][-1500:]
+    lines = [out.strip().splitlines()[-1].split() for out, _ in outs]
+    assert [w[1] for w in lines] == ["0", "1"] and lines[0][-1] == lines[1][-1]
 
 
 # ======================================================================

@@ -27,6 +27,7 @@ One run per out_dir: a second one started on the same folder refuses, naming the
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -118,6 +119,10 @@ hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); ""
 hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
 hellaswag_limit = 0      # score only the first N examples; 0 = all
 eval_only = False        # score --init's checkpoint on --hellaswag and stop (no training)
+
+# multi-process runs: how long the other processes wait while process 0 tokenizes the corpus
+# (hours for a large one). Only that wait: the training collectives keep the backend's timeout
+PREPARE_HOURS = 24
 
 # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
 # 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
@@ -344,11 +349,15 @@ def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
     rank. Bits per byte = nats / ln 2 / UTF-8 bytes of the targets: longer tokens raise the
     loss per token but not per byte, so char-level and BPE runs compare."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
+    # on the model's device: NCCL reduces CUDA tensors only (and no .item() sync per batch)
+    dev = next(model.parameters()).device
+    nats, tokens = torch.zeros((), dtype=torch.float64, device=dev), 0
     for x, y in batches[rank::world]:
         with autocast:
             _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+        nats += loss.detach().double() * y.numel()
+        tokens += y.numel()
+    total = torch.stack([nats, torch.tensor(tokens, dtype=torch.float64, device=dev)])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -636,13 +645,18 @@ def load_data(c, rank, world, dev):
     args = dict(data=c.data, tokenizer=tok_name, vocab_size=c.vocab_size, out_dir=c.data_dir,
                 val_fraction=c.val_frac, seed=c.seed)
     prep, error = None, [None]
+    # the others wait for rank 0 in a CPU group of their own whose timeout fits a long
+    # prepare: in the training group, NCCL's 10-minute default would kill them
+    waiting = (dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=PREPARE_HOURS))
+               if world > 1 else None)
     if rank == 0:  # one process tokenizes; the others wait, then reuse its shards
         try:
             prep = prepare(**args)
         except (ValueError, OSError) as e:
             error = [e]
     if world > 1:  # rank 0's error, if any, reaches every process (none is left waiting)
-        dist.broadcast_object_list(error, src=0)
+        dist.broadcast_object_list(error, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
     if error[0] is not None:
         raise error[0]
     prep = prep or prepare(**args)
