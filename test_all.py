@@ -4366,26 +4366,35 @@ def test_finetune_lora_merge_gives_same_logits():
     fresh.load_weights(model.state_dict())
 
 
-def test_finetune_lora_training_leaves_base_weights_unchanged(one_thread):
+@pytest.mark.parametrize("tie", [True, False])
+def test_finetune_lora_training_leaves_base_weights_unchanged(one_thread, tie):
+    """LoRA SFT trains the adapters and the chat tokens' rows only: in the embedding, and in
+    an untied head too (its new rows, <|end|>'s included, get a gradient and move); every
+    pretrained weight, old head rows included (weight decay 0.1), stays bitwise the same."""
     tok0 = word_tokenizer()
     tok = ft.add_chat_tokens(tok0)
-    model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
+    model = ft.grow_vocab(tiny_model(tok0.vocab_size, tie_embeddings=tie), tok.vocab_size)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     adapters = ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
-    hook = ft.train_new_rows(model, tok0.vocab_size)
+    hooks = ft.train_new_rows(model, tok0.vocab_size)
     train_set, _ = ft.synthetic_tasks(["reverse"], 64, 0, seed=0)
     enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    V0, V = tok0.vocab_size, tok.vocab_size
+    model(*ft.collate(enc[:8]))[1].backward()
+    head = model.lm_head.weight.grad  # the chat tokens' head rows: every one has a gradient
+    assert head[V0:V].abs().sum(-1).min() > 0 and not head[:V0].any()
+    model.zero_grad(set_to_none=True)
     ft.optimize(model, enc, ft.sft_step(model), iters=5, lr=1e-2, batch_size=16, warmup=1,
                 weight_decay=0.1, log_every=10**9)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     after = model.state_dict()
-    V0, V = tok0.vocab_size, tok.vocab_size
     for k, v in frozen.items():
         k2 = k.replace("c_attn.", "c_attn.base.").replace("c_proj.", "c_proj.base.") \
               .replace("c_fc.", "c_fc.base.")
         if k in ("wte.weight", "lm_head.weight"):
             assert torch.equal(after[k][:V0], v[:V0]), k      # old rows: bitwise the same
-            assert not torch.equal(after[k][V0:V], v[V0:V])   # the chat-token rows trained
+            assert (after[k][V0:V] != v[V0:V]).any(-1).all(), k  # each chat-token row trained
         else:
             assert torch.equal(after[k2], v), k
     assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
@@ -4749,6 +4758,22 @@ def test_finetune_cli_bad_options_table(tmp_path):
         assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
         assert err.startswith("error: ") and words in err, (opts, err)
     assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_finetune_dpo_starts_at_log_2_with_dropout_configured(one_thread, monkeypatch):
+    """A base with dropout 0.1 and LoRA adapters with dropout 0.1: DPO's first loss is log 2
+    (policy == reference, every margin 0), as it is without dropout; with the policy's
+    dropout on it was not (a noisy implicit reward at step 0)."""
+    tok = ft.add_chat_tokens(word_tokenizer())
+    train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    real, seen = ft.dpo_loss, []
+    monkeypatch.setattr(ft, "dpo_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(ft, "dpo_iters", 1)
+    for lora in ((["c_attn", "c_proj", "c_fc"], 4, 8.0, 0.1), None):
+        model = tiny_model(tok.vocab_size, dropout=0.1).requires_grad_(True)
+        ft.dpo_train(model, pairs, lora)
+    assert [x.item() for x in seen] == pytest.approx([math.log(2)] * 2, abs=1e-6)
 
 
 # ======================================================================
