@@ -715,10 +715,12 @@ def run_demo(config, dev, t_start):
     val = estimate_loss(model, val_data, eval_iters)
     if not math.isfinite(val) or not all(p.isfinite().all() for p in model.parameters()):
         raise ValueError(diverged("validation loss", val, it, ckpt_path))
-    per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
+    # bits per byte, as train.py prints: nats / ln 2 = bits; / bytes per token = per byte of
+    # text, a number that compares across tokenizers (a bigger token has more to predict)
+    bpb = val / math.log(2) / data.meta["splits"]["val"]["bytes_per_token"]
     print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "
-          f"per token = {per_byte:.3f} per byte (a uniform guess: ln({tok.vocab_size}) = "
-          f"{math.log(tok.vocab_size):.2f} per token)")
+          f"per token = {bpb:.3f} bits per byte (a uniform guess: ln({tok.vocab_size}) = "
+          f"{math.log(tok.vocab_size):.2f} nats per token)")
     # 4. save: checkpoint + tokenizer, so finetune.py can start from here
     tok_path = os.path.join(out_dir, "tokenizer.json")
     tok.save(tok_path)

@@ -3165,6 +3165,24 @@ def test_gpt_cli_bad_options_are_one_line_and_change_nothing(gpt_cli_run, tmp_pa
         assert out == "", option
     assert files_of(d) == before
 
+def test_gpt_demo_prints_bits_per_byte(corpus, tmp_path, monkeypatch, capsys):
+    """The demo's val line names its units, as train.py's does: bits per byte = the val loss
+    (nats per token) / ln 2 / the val split's UTF-8 bytes per token, counted here from the
+    shard's tokens themselves (special tokens: 0 bytes)."""
+    small_demo(monkeypatch, corpus, tmp_path)
+    monkeypatch.setattr(gpt, "estimate_loss", lambda model, loader, iters: 2.0)
+    gpt.main()
+    line = next(x for x in capsys.readouterr().out.splitlines() if "val loss" in x)
+    m = re.search(r"val loss (\S+) nats per token = (\S+) bits per byte", line)
+    assert m, line
+    prep = dl.prepare(str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards"))
+    ids = np.concatenate([dl.read_shard(p) for p in dl.shard_paths(prep.val)]).tolist()
+    special = set(prep.tokenizer.special_tokens.values())
+    n_bytes = sum(0 if i in special else len(prep.tokenizer.decode_bytes([i])) for i in ids)
+    assert float(m[1]) == 2.0
+    assert float(m[2]) == pytest.approx(2.0 / math.log(2) / (n_bytes / len(ids)), abs=5e-4)
+
+
 # ======================================================================
 # train: tests for train.py
 # ======================================================================
