@@ -4204,6 +4204,42 @@ def test_train_other_processes_outwait_a_long_prepare(corpus, tmp_path):
     assert [w[1] for w in lines] == ["0", "1"] and lines[0][-1] == lines[1][-1]
 
 
+def test_optim_muon_split_qkv_is_torch_muon_on_each_block():
+    """--muon_split_qkv: c_attn's update cut into its Q, K, V rows, each orthogonalized and
+    lr-scaled by its own shape == torch.optim.Muon on three separate matrices holding those
+    rows, step for step (GQA: K and V smaller than Q, so their sqrt(max(1, A/B)) differ);
+    make_optimizer gives exactly the c_attn weights that split, and nothing else changes."""
+    q, kv = 32, 8
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        W = torch.randn(q + 2 * kv, 16, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        fused = torch.nn.Parameter(W.clone())
+        parts = [torch.nn.Parameter(t.clone()) for t in W.split([q, kv, kv])]
+        ours = optim.Muon([dict(params=[fused], split=[q, kv, kv])], lr=0.02, weight_decay=0.1)
+        ref = torch.optim.Muon(parts, lr=0.02, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            grad = torch.randn(W.shape, generator=g, dtype=dtype)
+            fused.grad = grad.clone()
+            for p, gr in zip(parts, grad.split([q, kv, kv])):
+                p.grad = gr.clone()
+            ours.step()
+            ref.step()
+            torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in parts]),
+                                       rtol=0, atol=tol, msg=f"{dtype} step {step}")
+    for kw, split in ((dict(), [32, 32, 32]), (dict(n_kv_head=2), [32, 16, 16])):
+        model = _tiny(**kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {}
+        for on in (False, True):
+            c = train.make_config(optimizer="muon", lr=1e-3, muon_split_qkv=on)
+            groups[on] = [([names[id(p)] for p in g["params"]], g.get("split"))
+                          for g in optim.make_optimizer(model, c, "cpu").param_groups]
+        attn = [n for n in names.values() if n.endswith("attn.c_attn.weight")]
+        assert len(attn) == 2 and groups[True][1] == (attn, split)
+        assert groups[True][0][0] == [n for n in groups[False][0][0] if n not in attn]
+        assert groups[True][2:] == groups[False][1:]  # the AdamW groups
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
