@@ -2,7 +2,8 @@
 
 What you will learn
   * a chat format: three special tokens (<|user|>, <|assistant|>, <|end|>) appended to a
-    trained vocabulary without retraining it, and the model's embedding/head grown to match;
+    trained vocabulary without retraining it, and the model's embedding/head grown to match
+    (with LoRA the new rows train: the embedding's, and an untied head's);
   * supervised finetuning (SFT): the loss only on the assistant's tokens (a mask), padded
     batches, train.py's AdamW and learning-rate schedule reused;
   * LoRA: a frozen weight W plus a trainable low-rank update (alpha / r) * B @ A, with B
@@ -12,7 +13,8 @@ What you will learn
     pretraining val loss before and after: how much the model forgot (replay, mixing some
     pretraining text into SFT, keeps that small);
   * DPO: preference tuning on (right answer, the model's own wrong answer) pairs against a
-    frozen reference, scored by how often the model prefers the right one on held-out pairs.
+    frozen reference, scored by how often the model prefers the right one on held-out pairs;
+    with dropout off in both (the policy must start as the reference: loss log 2 at step 0).
 
 Run it
   python finetune.py                        # newest checkpoint under out/ (or a fresh tiny one)
