@@ -162,9 +162,9 @@ PRESETS_TRAIN = {
         schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
         eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
     # shakespeare-char plus the speedrun idea that pays at this size (docs/speedrun.md): Muon
-    # for the hidden matrices. Val 1.90 at 500 steps, 1.88 at 550, 1.84 at 600 (AdamW alone:
-    # 2.09 at 500; 1.847 at 600 since WSD ends at min_lr); a Muon step costs 1-1.25 AdamW
-    # steps here (Newton-Schulz, 16 matrices). --muon_split_qkv: 1.816 (docs/speedrun.md)
+    # for the hidden matrices. Val 1.90 at 500 steps, 1.88 at 550, 1.84 at 600 (1.847 since
+    # WSD ends at min_lr; AdamW alone: 2.09 at 500); a Muon step costs 1-1.25 AdamW steps here
+    # (Newton-Schulz, 16 matrices). --muon_split_qkv: 1.816 at 600 (docs/speedrun.md)
     "shakespeare-char-speedrun": dict(
         SHAKESPEARE_BASELINE, max_iters=600, lr=4e-3, min_lr=1e-5, warmup_iters=50,
         schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="muon", muon_lr=0.02,
