@@ -2,7 +2,8 @@
 
 What you will learn
   * a chat format: three special tokens (<|user|>, <|assistant|>, <|end|>) appended to a
-    trained vocabulary without retraining it, and the model's embedding/head grown to match;
+    trained vocabulary without retraining it, and the model's embedding/head grown to match
+    (with LoRA the new rows train: the embedding's, and an untied head's);
   * supervised finetuning (SFT): the loss only on the assistant's tokens (a mask), padded
     batches, train.py's AdamW and learning-rate schedule reused;
   * LoRA: a frozen weight W plus a trainable low-rank update (alpha / r) * B @ A, with B
@@ -12,7 +13,8 @@ What you will learn
     pretraining val loss before and after: how much the model forgot (replay, mixing some
     pretraining text into SFT, keeps that small);
   * DPO: preference tuning on (right answer, the model's own wrong answer) pairs against a
-    frozen reference, scored by how often the model prefers the right one on held-out pairs.
+    frozen reference, scored by how often the model prefers the right one on held-out pairs;
+    with dropout off in both (the policy must start as the reference: loss log 2 at step 0).
 
 Run it
   python finetune.py                        # newest checkpoint under out/ (or a fresh tiny one)
@@ -308,17 +310,22 @@ def merge_lora(model):
 
 
 def train_new_rows(model, first_new):
-    """Let the embedding rows of the new chat tokens train while the old rows stay frozen.
+    """Let the rows of the new chat tokens train while the old rows stay frozen: in the
+    embedding and, when the head is a matrix of its own (tie_embeddings=False), in the head
+    too, or the model could read <|end|> but never learn to predict it.
 
     The new tokens have no pretrained meaning to keep; the gradient of every older row is
-    zeroed (and with no weight decay on embeddings Adam leaves those rows exactly as they were).
-    Returns the hook's handle: .remove() it when training is done.
+    zeroed (and with no weight decay on either, optimize's groups, Adam leaves those rows
+    exactly as they were). Returns the hooks' handles: .remove() each when training is done.
     """
-    w = model.wte.weight
-    w.requires_grad_(True)
-    keep = torch.zeros(w.size(0), 1, device=w.device)
-    keep[first_new:model.config.vocab_size] = 1
-    return w.register_hook(lambda g: g * keep)
+    handles = []
+    untied = [] if model.config.tie_embeddings else [model.lm_head.weight]
+    for w in [model.wte.weight] + untied:
+        w.requires_grad_(True)
+        keep = torch.zeros(w.size(0), 1, device=w.device)
+        keep[first_new:model.config.vocab_size] = 1
+        handles.append(w.register_hook(lambda g, keep=keep: g * keep))
+    return handles
 
 
 # ----------------------------------------------------------------------------- losses
@@ -405,14 +412,21 @@ def val_loss(model, batches):
 
 # ----------------------------------------------------------------------------- training
 def optimize(model, examples, step_loss, iters, lr, batch_size, warmup=20, weight_decay=0.0,
-             seed=0, log_every=100):
+             seed=0, log_every=100, dropout=True):
     """The loop SFT and DPO share: train.py's AdamW and its warmup + cosine schedule.
-    step_loss(batch of examples) -> loss. Only parameters with requires_grad train."""
-    groups = gpt.param_groups(model, weight_decay)  # decay LoRA's A and B, or the matrices
+    step_loss(batch of examples) -> loss. Only parameters with requires_grad train.
+    dropout=False trains in eval mode (dropout is all that train mode changes here): DPO's
+    policy must compute what its reference does, or their log-ratio is noise at step 0."""
+    decay, no_decay = gpt.param_groups(model, weight_decay)  # LoRA's A and B, or the matrices
+    head = model.lm_head.weight  # an untied head's rows, as the embedding's: no decay (an old
+    if any(p is head for p in decay["params"]):  # row frozen by train_new_rows stays as it was)
+        decay["params"] = [p for p in decay["params"] if p is not head]
+        no_decay["params"].append(head)
+    groups = [decay, no_decay]
     params = [p for g in groups for p in g["params"]]
     opt = optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
     rng = random.Random(seed)
-    model.train()
+    model.train(dropout)
     t0 = time.time()
     for it in range(iters):
         for g in opt.param_groups:
@@ -644,11 +658,12 @@ def sft_stage(model, tok, first_new, train_set, data_dir):
     total = model.num_params()
     if method == "lora":
         adapters = add_lora(model, *lora_settings())
-        hook = train_new_rows(model, first_new)
+        hooks = train_new_rows(model, first_new)
         n_lora = sum(a.A.numel() + a.B.numel() for a in adapters)
-        n_rows = (tok.vocab_size - first_new) * model.config.n_embd
+        n_rows = len(hooks) * (tok.vocab_size - first_new) * model.config.n_embd
         print(f"SFT with LoRA r={lora_rank}, alpha={lora_alpha:g} on {len(adapters)} layers: "
-              f"{n_lora:,} adapter parameters + {n_rows:,} in the new token rows train, "
+              f"{n_lora:,} adapter parameters + {n_rows:,} in the new token rows (embedding"
+              f"{'' if model.config.tie_embeddings else ' and head'}) train, "
               f"{total:,} pretrained ones are frozen")
     else:
         model.requires_grad_(True)
@@ -665,7 +680,8 @@ def sft_stage(model, tok, first_new, train_set, data_dir):
     optimize(model, encoded, sft_step(model, replay_data, replay), sft_iters, sft_lr,
              batch_size, warmup_iters, weight_decay, seed)
     if method == "lora":
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         x, _ = collate(encoded[:16])
         with torch.no_grad():
             before = model(x)[0]
@@ -692,16 +708,24 @@ def dpo_stage(model, tok, train_set, held_out, replies, val):
     if not (pairs and pairs_eval):
         print("DPO skipped: no (right, wrong) answer pairs to learn from")
         return
-    reference = dpo_reference(model, lora_settings() if method == "lora" else None)
-    pref0 = preference_accuracy(reference, pairs_eval)
+    pref0 = preference_accuracy(model, pairs_eval)  # the reference's: model before DPO
     print(f"DPO on {len(pairs)} (right answer, wrong answer) pairs, beta={dpo_beta:g}"
           + (f", plus {dpo_sft:g} x the right answers' NLL" if dpo_sft else ""))
-    optimize(model, pairs, dpo_step(model, reference, dpo_beta, dpo_sft), dpo_iters, dpo_lr,
-             max(1, batch_size // 2), warmup_iters, weight_decay, seed + 1)
+    dpo_train(model, pairs, lora_settings() if method == "lora" else None)
     merge_lora(model)
     print(f"== DPO: the right answer scores above the wrong one on {pref0:.1%} -> "
           f"{preference_accuracy(model, pairs_eval):.1%} of {len(pairs_eval)} held-out pairs")
     measure(model, tok, held_out, val, "after DPO")
+
+
+def dpo_train(model, pairs, lora=None):
+    """DPO in place (with new LoRA adapters if lora) against a frozen copy of model, returned.
+    Dropout is off in the policy as in the reference (base and LoRA dropout alike): at step 0
+    both are one function, every margin is 0 and the loss is log 2, as DPO's reward assumes."""
+    reference = dpo_reference(model, lora)
+    optimize(model, pairs, dpo_step(model, reference, dpo_beta, dpo_sft), dpo_iters, dpo_lr,
+             max(1, batch_size // 2), warmup_iters, weight_decay, seed + 1, dropout=False)
+    return reference
 
 
 def sample_stage(model, tok, held_out):

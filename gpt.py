@@ -359,15 +359,19 @@ def lr_at(step, lr, min_lr, warmup_iters, max_iters, schedule="cosine", decay_fr
     """Learning rate for step 0, 1, ... max_iters-1. Warmup ramps up linearly, so the first
     updates (a random model, Adam's moments still noisy) are small. Then "cosine" glides from lr
     to min_lr along half a cosine; "wsd" holds lr (the stable phase) and decays linearly over
-    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint."""
+    the last decay_frac of the run, so a run can be extended from any stable-phase checkpoint:
+    each of those D steps takes a smaller lr, and the last step (max_iters - 1) takes min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / (warmup_iters + 1)
     if schedule == "cosine":
         progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
         return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
     if schedule == "wsd":
-        decay_iters = max(1, round(decay_frac * max_iters))
-        progress = (step - (max_iters - decay_iters)) / decay_iters
+        decay_iters = round(decay_frac * max_iters)
+        if decay_iters == 0:  # decay_frac=0: no decay
+            return lr
+        # + 1: the decay's D steps are max_iters - D ... max_iters - 1; the last is at 1
+        progress = (step + 1 - (max_iters - decay_iters)) / decay_iters
         return lr + min(max(progress, 0.0), 1.0) * (min_lr - lr)
     raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'wsd'")
 
@@ -741,10 +745,12 @@ def run_demo(config, dev, t_start):
     val = estimate_loss(model, val_data, eval_iters)
     if not math.isfinite(val) or not all(p.isfinite().all() for p in model.parameters()):
         raise ValueError(diverged("validation loss", val, it, ckpt_path))
-    per_byte = val / data.meta["splits"]["val"]["bytes_per_token"]  # comparable across tokenizers
+    # bits per byte, as train.py prints: nats / ln 2 = bits; / bytes per token = per byte of
+    # text, a number that compares across tokenizers (a bigger token has more to predict)
+    bpb = val / math.log(2) / data.meta["splits"]["val"]["bytes_per_token"]
     print(f"trained {it} iterations in {fmt_time(time.time() - t0)}; val loss {val:.3f} nats "
-          f"per token = {per_byte:.3f} per byte (a uniform guess: ln({tok.vocab_size}) = "
-          f"{math.log(tok.vocab_size):.2f} per token)")
+          f"per token = {bpb:.3f} bits per byte (a uniform guess: ln({tok.vocab_size}) = "
+          f"{math.log(tok.vocab_size):.2f} nats per token)")
     # 4. save: checkpoint + tokenizer, so finetune.py can start from here
     tok_path = os.path.join(out_dir, "tokenizer.json")
     tok.save(tok_path)

@@ -7,7 +7,8 @@ What you will learn
     update, so every direction of the matrix moves by about the same amount; embeddings, the
     head, norms and biases stay on AdamW. Equal step for step to torch.optim.Muon;
   * make_optimizer: which parameters go to which rule, from train.py's options
-    (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay).
+    (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay,
+    --muon_split_qkv: attention's fused Q, K, V matrix orthogonalized as three blocks).
 
 Run it
   python optim.py            # AdamW and Muon fit the same matrix; the update's singular values
@@ -132,6 +133,10 @@ class Muon(torch.optim.Optimizer):
     (betas, eps, weight_decay of its own); the others by Muon's. train.py's schedule sets
     every group's lr to the AdamW curve; a Muon group multiplies it by lr_scale (muon_lr /
     lr), so both follow the same shape at their own height.
+    A group with split=[r1, r2, ...] cuts each of its matrices into row blocks of r1, r2, ...
+    rows and orthogonalizes (and lr-scales) each block alone, as if it were its own matrix:
+    make_optimizer uses it for attention's c_attn, whose rows are Q, K and V stacked (one
+    matmul, three maps; --muon_split_qkv, measured in docs/speedrun.md).
     Equal to torch.optim.Muon (same defaults, same bf16 Newton-Schulz) step for step."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
@@ -140,7 +145,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-            adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, lr_scale=1.0, adamw=False,
+            adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, lr_scale=1.0, adamw=False, split=None,
             betas=(0.9, 0.95), decoupled_weight_decay=True))
         for group in self.param_groups:
             shapes = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
@@ -164,10 +169,13 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - mu)
                 u = g.lerp(buf, mu) if group["nesterov"] else buf
-                O = newton_schulz(u, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                  getattr(torch, group["ns_dtype"]))
                 p.mul_(1 - lr * wd)
-                p.add_(O, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+                # split: row blocks (attention's Q, K, V) each orthogonalized on its own
+                for rows, block in zip(p.split(group.get("split") or p.size(0)),
+                                       u.split(group.get("split") or u.size(0))):
+                    O = newton_schulz(block, group["ns_steps"], group["ns_coefficients"],
+                                      group["eps"], getattr(torch, group["ns_dtype"]))
+                    rows.add_(O, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], rows.shape))
 
     def load_state_dict(self, state_dict):
         """torch's, plus one clear line for a state saved by another optimizer (AdamW)."""
@@ -200,6 +208,18 @@ def hidden_matrices(model):
             and id(p) not in lookup]
 
 
+def qkv_splits(model, ids):
+    """{id(c_attn.weight): (Q rows, K rows, V rows)} for each attention whose fused weight is
+    among ids (block.py stacks n_head query heads, then n_kv_head key and value heads)."""
+    out = {}
+    for m in model.modules():
+        w = getattr(getattr(m, "c_attn", None), "weight", None)
+        if w is not None and id(w) in ids:
+            q, kv = m.n_head * m.head_dim, m.n_kv_head * m.head_dim
+            out[id(w)] = (q, kv, kv)
+    return out
+
+
 def make_optimizer(model, c, device_type):
     kw = dict(lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8)
     if c.optimizer == "muon":  # Muon for the hidden matrices, AdamW (ours) for the rest
@@ -213,9 +233,14 @@ def make_optimizer(model, c, device_type):
         mine = {id(p) for p in hidden}
         rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True, **kw)
                 for g in gpt.param_groups(model, c.weight_decay)]
-        muon = dict(params=hidden, lr=c.lr, lr_scale=c.muon_lr / c.lr, momentum=c.muon_momentum,
-                    weight_decay=c.muon_weight_decay)
-        return Muon([muon] + [g for g in rest if g["params"]])
+        qkv = qkv_splits(model, mine) if c.muon_split_qkv else {}
+        kw_muon = dict(lr=c.lr, lr_scale=c.muon_lr / c.lr, momentum=c.muon_momentum,
+                       weight_decay=c.muon_weight_decay)
+        muon = [dict(params=[p for p in hidden if id(p) not in qkv], **kw_muon)]
+        for split in sorted(set(qkv.values())):  # one group per Q, K, V shape (all alike in GPT)
+            muon.append(dict(params=[p for p in hidden if qkv.get(id(p)) == split],
+                             split=list(split), **kw_muon))
+        return Muon([g for g in muon + rest if g["params"]])
     if c.optimizer == "fused":  # one kernel over all tensors (CPU and CUDA since torch 2.4)
         kw["fused"] = device_type in ("cpu", "cuda")
     return (AdamW if c.optimizer == "ours" else torch.optim.AdamW)(

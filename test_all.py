@@ -7,6 +7,7 @@ or tinyshakespeare look in ../shared/data, then data/ (`python corpora.py --fetc
 skip naming that command when neither has them; GPU tests skip without CUDA.
 """
 import ast
+import contextlib
 import copy
 import difflib
 import importlib.util
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
@@ -3687,6 +3690,24 @@ def test_gpt_llama_rope_theta_and_norm_eps_match_transformers():
     assert (back.rope_parameters["rope_theta"], back.rms_norm_eps) == (500000.0, 1e-5)
 
 
+def test_gpt_demo_prints_bits_per_byte(corpus, tmp_path, monkeypatch, capsys):
+    """The demo's val line names its units, as train.py's does: bits per byte = the val loss
+    (nats per token) / ln 2 / the val split's UTF-8 bytes per token, counted here from the
+    shard's tokens themselves (special tokens: 0 bytes)."""
+    small_demo(monkeypatch, corpus, tmp_path)
+    monkeypatch.setattr(gpt, "estimate_loss", lambda model, loader, iters: 2.0)
+    gpt.main()
+    line = next(x for x in capsys.readouterr().out.splitlines() if "val loss" in x)
+    m = re.search(r"val loss (\S+) nats per token = (\S+) bits per byte", line)
+    assert m, line
+    prep = dl.prepare(str(corpus / "corpus.txt"), "char", out_dir=str(corpus / "shards"))
+    ids = np.concatenate([dl.read_shard(p) for p in dl.shard_paths(prep.val)]).tolist()
+    special = set(prep.tokenizer.special_tokens.values())
+    n_bytes = sum(0 if i in special else len(prep.tokenizer.decode_bytes([i])) for i in ids)
+    assert float(m[1]) == 2.0
+    assert float(m[2]) == pytest.approx(2.0 / math.log(2) / (n_bytes / len(ids)), abs=5e-4)
+
+
 # ======================================================================
 # train: tests for train.py
 # ======================================================================
@@ -3912,12 +3933,19 @@ def test_train_lr_schedules_match_formulas():
         cos = lo + (lr - lo) * (1 + math.cos(math.pi * (s - warm) / (n - warm))) / 2
         assert train.lr_at(s, lr, lo, warm, n, "cosine") == pytest.approx(cos)
     assert train.lr_at(1050, lr, lo, warm, n) == pytest.approx((lr + lo) / 2)  # half-way
-    # wsd: flat at lr until the last 20% (step 1600), then a straight line to lo at n
-    for s in (100, 1000, 1600):
+    # wsd: flat at lr until the last 20% (steps 1600-1999), then a straight line whose last
+    # step (1999, the run's last) is exactly lo: the 400 points after lr on linspace(lr, lo)
+    for s in (100, 1000, 1599):
         assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(lr)
-    for s in (1700, 1800, 1999):
-        assert train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(
-            lr - (lr - lo) * (s - 1600) / 400)
+    line = torch.linspace(lr, lo, 401, dtype=torch.float64)[1:].tolist()
+    assert [train.lr_at(s, lr, lo, warm, n, "wsd", 0.2) for s in range(1600, 2000)] == \
+        pytest.approx(line, rel=1e-12)
+    assert train.lr_at(n - 1, lr, lo, warm, n, "wsd", 0.2) == pytest.approx(lo, rel=1e-12)
+    # the preset that uses it ends at its min_lr, and decay_frac=0 never decays
+    sc = train.make_config(preset="shakespeare-char")
+    assert train.lr_at(sc.max_iters - 1, sc.lr, sc.min_lr, sc.warmup_iters, sc.max_iters,
+                       sc.schedule, sc.decay_frac) == pytest.approx(sc.min_lr, rel=1e-12)
+    assert train.lr_at(n - 1, lr, lo, warm, n, "wsd", 0.0) == lr
     with pytest.raises(ValueError, match="schedule"):
         train.lr_at(500, lr, lo, warm, n, "linear")
 
@@ -4795,6 +4823,153 @@ def test_optim_muon_options_reach_their_own_groups():
         for (n, p), q in zip(ours_net.named_parameters(), ref_net.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=f"step {step}: {n}")
 
+
+# every collective the project calls, by file and function: tensor ones are run below on a
+# model on the meta device (not the CPU), as NCCL needs them on the model's (CUDA) device;
+# object ones pickle into tensors that torch itself places on the process's current device
+COLLECTIVES = {"all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter",
+               "send", "recv", "barrier", "broadcast_object_list", "all_gather_object",
+               "gather_object", "scatter_object_list"}
+TENSOR_COLLECTIVES = {("train.py", "train_step", "all_reduce"), ("train.py", "log_step", "all_reduce"),
+                      ("train.py", "evaluate", "all_reduce"),
+                      ("evals.py", "score_hellaswag", "all_reduce")}
+OBJECT_COLLECTIVES = {("train.py", "save", "all_gather_object"),
+                      ("train.py", "load_data", "broadcast_object_list")}
+
+
+def collective_calls():
+    """{(file, enclosing function, collective)} for every dist.<collective>(...) in the repo."""
+    found = set()
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name == "test_all.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                found |= {(path.name, fn.name, node.func.attr) for node in ast.walk(fn)
+                          if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                          and node.func.attr in COLLECTIVES
+                          and ast.unparse(node.func.value) in ("dist", "torch.distributed")}
+    return found
+
+
+class Reached(Exception):
+    pass
+
+
+def test_train_collectives_run_on_the_models_device(monkeypatch):
+    """Every tensor collective gets a tensor on the model's device: the model lives on the meta
+    device, all_reduce records the device it was given and stops the function there. (The CPU
+    counter evaluate() used to all-reduce crashed every NCCL run at its first evaluation.) The
+    list above is the repo's: a new collective fails here until it is added and checked."""
+    assert collective_calls() == TENSOR_COLLECTIVES | OBJECT_COLLECTIVES
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reached
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2,
+                                      n_embd=16))
+    x = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    batches = [(x, x)] * 3
+    c = train.make_config(grad_clip=1.0)
+    s = SimpleNamespace(accum=1, world=2, rank=0, model=model, raw=model, dev=x.device,
+                        opt=SimpleNamespace(param_groups=[]),
+                        autocast=contextlib.nullcontext(), loader=SimpleNamespace(
+                            next_batch=lambda: (x, x)),
+                        scaler=torch.amp.GradScaler("cpu", enabled=False))
+    calls = [lambda: train.train_step(c, s, 0, [], None),
+             lambda: train.log_step(c, s, None, 1, 1e-3, torch.zeros((), device="meta"), None),
+             lambda: train.evaluate(model, batches, 100, contextlib.nullcontext(), 0, 2)]
+    tok = dl.CharTokenizer.train("abc xyz")
+    monkeypatch.setattr(evals, "score", lambda model, rows, batch_rows=16:
+                        [(-1.0, False) for _ in rows])
+    examples = [dict(ind=0, label=0, ctx="a", endings=["b", "c", "x", "y"])]
+    calls.append(lambda: evals.score_hellaswag(model, tok, examples, rank=0, world=2))
+    for call in calls:
+        with pytest.raises(Reached):
+            call()
+    assert seen == [x.device] * len(TENSOR_COLLECTIVES)
+
+
+PREPARE_SLOWLY = """import datetime, sys, time
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+# the training group's timeout, 2 s here, stands in for NCCL's 10 minutes
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+rank, real = dist.get_rank(), train.prepare
+if rank == 0:  # process 0 tokenizes for longer than that
+    train.prepare = lambda **kw: time.sleep(5) or real(**kw)
+tok, prep, loader, val, n_bytes = train.load_data(train.make_config(**{config!r}), rank, 2,
+                                                  torch.device("cpu"))
+dist.barrier()
+print("rank", rank, "val bytes", n_bytes)
+dist.destroy_process_group()
+"""
+
+
+def test_train_other_processes_outwait_a_long_prepare(corpus, tmp_path):
+    """Two gloo processes whose group times out after 2 s; process 0's prepare takes 5 s. The
+    other waits in load_data's own group (PREPARE_HOURS), not the training group's timeout:
+    both end with the same val split."""
+    config = dict(data=str(corpus / "corpus.txt"), data_dir=str(tmp_path / "shards"),
+                  tokenizer="char", block_size=16, batch_size=4, eval_iters=2, device="cpu")
+    script = tmp_path / "prepare_slowly.py"
+    script.write_text(PREPARE_SLOWLY.format(root=str(ROOT), config=config))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-1500:] + outs[0][1][-1500:]
+    lines = [out.strip().splitlines()[-1].split() for out, _ in outs]
+    assert [w[1] for w in lines] == ["0", "1"] and lines[0][-1] == lines[1][-1]
+
+
+def test_optim_muon_split_qkv_is_torch_muon_on_each_block():
+    """--muon_split_qkv: c_attn's update cut into its Q, K, V rows, each orthogonalized and
+    lr-scaled by its own shape == torch.optim.Muon on three separate matrices holding those
+    rows, step for step (GQA: K and V smaller than Q, so their sqrt(max(1, A/B)) differ);
+    make_optimizer gives exactly the c_attn weights that split, and nothing else changes."""
+    q, kv = 32, 8
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        W = torch.randn(q + 2 * kv, 16, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        fused = torch.nn.Parameter(W.clone())
+        parts = [torch.nn.Parameter(t.clone()) for t in W.split([q, kv, kv])]
+        ours = optim.Muon([dict(params=[fused], split=[q, kv, kv])], lr=0.02, weight_decay=0.1)
+        ref = torch.optim.Muon(parts, lr=0.02, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            grad = torch.randn(W.shape, generator=g, dtype=dtype)
+            fused.grad = grad.clone()
+            for p, gr in zip(parts, grad.split([q, kv, kv])):
+                p.grad = gr.clone()
+            ours.step()
+            ref.step()
+            torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in parts]),
+                                       rtol=0, atol=tol, msg=f"{dtype} step {step}")
+    for kw, split in ((dict(), [32, 32, 32]), (dict(n_kv_head=2), [32, 16, 16])):
+        model = _tiny(**kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {}
+        for on in (False, True):
+            c = train.make_config(optimizer="muon", lr=1e-3, muon_split_qkv=on)
+            groups[on] = [([names[id(p)] for p in g["params"]], g.get("split"))
+                          for g in optim.make_optimizer(model, c, "cpu").param_groups]
+        attn = [n for n in names.values() if n.endswith("attn.c_attn.weight")]
+        assert len(attn) == 2 and groups[True][1] == (attn, split)
+        assert groups[True][0][0] == [n for n in groups[False][0][0] if n not in attn]
+        assert groups[True][2:] == groups[False][1:]  # the AdamW groups
+
+
 # ======================================================================
 # finetune: tests for finetune.py: chat tokens, SFT mask, LoRA, DPO, evaluation, bad input.
 # ======================================================================
@@ -4975,26 +5150,35 @@ def test_finetune_lora_merge_gives_same_logits():
     fresh.load_weights(model.state_dict())
 
 
-def test_finetune_lora_training_leaves_base_weights_unchanged(one_thread):
+@pytest.mark.parametrize("tie", [True, False])
+def test_finetune_lora_training_leaves_base_weights_unchanged(one_thread, tie):
+    """LoRA SFT trains the adapters and the chat tokens' rows only: in the embedding, and in
+    an untied head too (its new rows, <|end|>'s included, get a gradient and move); every
+    pretrained weight, old head rows included (weight decay 0.1), stays bitwise the same."""
     tok0 = word_tokenizer()
     tok = ft.add_chat_tokens(tok0)
-    model = ft.grow_vocab(tiny_model(tok0.vocab_size), tok.vocab_size)
+    model = ft.grow_vocab(tiny_model(tok0.vocab_size, tie_embeddings=tie), tok.vocab_size)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     adapters = ft.add_lora(model, ["c_attn", "c_proj", "c_fc"], rank=4, alpha=8)
-    hook = ft.train_new_rows(model, tok0.vocab_size)
+    hooks = ft.train_new_rows(model, tok0.vocab_size)
     train_set, _ = ft.synthetic_tasks(["reverse"], 64, 0, seed=0)
     enc = [ft.encode_chat(tok, m) for m, _, _ in train_set]
+    V0, V = tok0.vocab_size, tok.vocab_size
+    model(*ft.collate(enc[:8]))[1].backward()
+    head = model.lm_head.weight.grad  # the chat tokens' head rows: every one has a gradient
+    assert head[V0:V].abs().sum(-1).min() > 0 and not head[:V0].any()
+    model.zero_grad(set_to_none=True)
     ft.optimize(model, enc, ft.sft_step(model), iters=5, lr=1e-2, batch_size=16, warmup=1,
                 weight_decay=0.1, log_every=10**9)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     after = model.state_dict()
-    V0, V = tok0.vocab_size, tok.vocab_size
     for k, v in frozen.items():
         k2 = k.replace("c_attn.", "c_attn.base.").replace("c_proj.", "c_proj.base.") \
               .replace("c_fc.", "c_fc.base.")
         if k in ("wte.weight", "lm_head.weight"):
             assert torch.equal(after[k][:V0], v[:V0]), k      # old rows: bitwise the same
-            assert not torch.equal(after[k][V0:V], v[V0:V])   # the chat-token rows trained
+            assert (after[k][V0:V] != v[V0:V]).any(-1).all(), k  # each chat-token row trained
         else:
             assert torch.equal(after[k2], v), k
     assert all(a.B.abs().max() > 0 for a in adapters)       # the adapters did move
@@ -5362,6 +5546,22 @@ def test_finetune_cli_bad_options_table(tmp_path):
         assert (p.returncode, err.count("\n")) == (code, 1), (opts, err)
         assert err.startswith("error: ") and words in err, (opts, err)
     assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_finetune_dpo_starts_at_log_2_with_dropout_configured(one_thread, monkeypatch):
+    """A base with dropout 0.1 and LoRA adapters with dropout 0.1: DPO's first loss is log 2
+    (policy == reference, every margin 0), as it is without dropout; with the policy's
+    dropout on it was not (a noisy implicit reward at step 0)."""
+    tok = ft.add_chat_tokens(word_tokenizer())
+    train_set, _ = ft.synthetic_tasks(["reverse"], 16, 0, seed=3)
+    pairs = ft.preference_pairs(tok, unreversed(train_set))
+    real, seen = ft.dpo_loss, []
+    monkeypatch.setattr(ft, "dpo_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(ft, "dpo_iters", 1)
+    for lora in ((["c_attn", "c_proj", "c_fc"], 4, 8.0, 0.1), None):
+        model = tiny_model(tok.vocab_size, dropout=0.1).requires_grad_(True)
+        ft.dpo_train(model, pairs, lora)
+    assert [x.item() for x in seen] == pytest.approx([math.log(2)] * 2, abs=1e-6)
 
 
 # ======================================================================

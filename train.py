@@ -32,6 +32,7 @@ cli.help_if_asked(__name__, __file__)
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -99,6 +100,7 @@ optimizer = "muon"       # "muon" (Muon for the hidden matrices, our AdamW for t
 muon_lr = 0.02           # optimizer="muon": peak lr of the Muon matrices (follows the schedule)
 muon_momentum = 0.95
 muon_weight_decay = 0.0
+muon_split_qkv = False   # optimizer="muon": attention's Q, K, V orthogonalized as 3 matrices
 # system
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
@@ -121,6 +123,10 @@ hellaswag = ""           # HellaSwag jsonl scored during training (evals.py); ""
 hellaswag_every = 0      # steps between HellaSwag scores (and at the end); 0 = eval_interval
 hellaswag_limit = 0      # score only the first N examples; 0 = all
 eval_only = False        # score --init's checkpoint on --hellaswag and stop (no training)
+
+# multi-process runs: how long the other processes wait while process 0 tokenizes the corpus
+# (hours for a large one). Only that wait: the training collectives keep the backend's timeout
+PREPARE_HOURS = 24
 
 # GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
 # 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
@@ -160,8 +166,9 @@ PRESETS_TRAIN = {
         schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
         eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
     # shakespeare-char plus the speedrun idea that pays at this size (docs/speedrun.md): Muon
-    # for the hidden matrices. Val 1.90 at 500 steps, 1.88 at 550, 1.84 at 600 (AdamW alone:
-    # 2.09 at 500); a Muon step costs 1-1.25 AdamW steps here (Newton-Schulz, 16 matrices)
+    # for the hidden matrices. Val 1.90 at 500 steps, 1.88 at 550, 1.84 at 600 (1.847 since
+    # WSD ends at min_lr; AdamW alone: 2.09 at 500); a Muon step costs 1-1.25 AdamW steps here
+    # (Newton-Schulz, 16 matrices). --muon_split_qkv: 1.816 at 600 (docs/speedrun.md)
     "shakespeare-char-speedrun": dict(
         SHAKESPEARE_BASELINE, max_iters=600, lr=4e-3, min_lr=1e-5, warmup_iters=50,
         schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="muon", muon_lr=0.02,
@@ -347,11 +354,15 @@ def evaluate(model, batches, n_bytes, autocast, rank=0, world=1):
     rank. Bits per byte = nats / ln 2 / UTF-8 bytes of the targets: longer tokens raise the
     loss per token but not per byte, so char-level and BPE runs compare."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # nats, tokens
+    # on the model's device: NCCL reduces CUDA tensors only (and no .item() sync per batch)
+    dev = next(model.parameters()).device
+    nats, tokens = torch.zeros((), dtype=torch.float64, device=dev), 0
     for x, y in batches[rank::world]:
         with autocast:
             _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
+        nats += loss.detach().double() * y.numel()
+        tokens += y.numel()
+    total = torch.stack([nats, torch.tensor(tokens, dtype=torch.float64, device=dev)])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -650,13 +661,18 @@ def load_data(c, rank, world, dev):
     args = dict(data=c.data, tokenizer=tok_name, vocab_size=c.vocab_size, out_dir=c.data_dir,
                 val_fraction=c.val_frac, seed=c.seed)
     prep, error = None, [None]
+    # the others wait for rank 0 in a CPU group of their own whose timeout fits a long
+    # prepare: in the training group, NCCL's 10-minute default would kill them
+    waiting = (dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=PREPARE_HOURS))
+               if world > 1 else None)
     if rank == 0:  # one process tokenizes; the others wait, then reuse its shards
         try:
             prep = prepare(**args)
         except (ValueError, OSError) as e:
             error = [e]
     if world > 1:  # rank 0's error, if any, reaches every process (none is left waiting)
-        dist.broadcast_object_list(error, src=0)
+        dist.broadcast_object_list(error, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
     if error[0] is not None:
         raise error[0]
     prep = prep or prepare(**args)
