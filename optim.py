@@ -199,7 +199,8 @@ def make_optimizer(model, c, device_type):
         rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True, **kw)
                 for g in gpt.param_groups(model, c.weight_decay)]
         muon = dict(params=hidden, lr=c.lr, lr_scale=c.muon_lr / c.lr, momentum=c.muon_momentum,
-                    weight_decay=c.muon_weight_decay)
+                    weight_decay=c.muon_weight_decay, ns_dtype=c.muon_ns_dtype,
+                    ns_steps=c.muon_ns_steps)
         return Muon([muon] + [g for g in rest if g["params"]])
     if c.optimizer == "fused":  # one kernel over all tensors (CPU and CUDA since torch 2.4)
         kw["fused"] = device_type in ("cpu", "cuda")

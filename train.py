@@ -95,6 +95,9 @@ optimizer = "fused"      # "ours" (written out below), "torch", "fused" (torch, 
 muon_lr = 0.02           # optimizer="muon": peak lr of the Muon matrices (follows the schedule)
 muon_momentum = 0.95
 muon_weight_decay = 0.0
+muon_ns_dtype = "bfloat16"  # Newton-Schulz's matmuls: "bfloat16" (torch's; GPUs) or "float32"
+                         # (about 2x faster on a CPU: its small bf16 matmuls are slow there)
+muon_ns_steps = 5        # Newton-Schulz steps (each: 3 matmuls per matrix)
 # system
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
@@ -557,6 +560,7 @@ OPTIMIZERS = ("ours", "torch", "fused", "muon")
 KERNELS = ("torch", "triton")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NS_DTYPES = ("bfloat16", "float32")
 
 
 def make_config(**overrides):
@@ -611,6 +615,8 @@ def check_options(c):
         ("logit_softcap", c.logit_softcap >= 0, ">= 0 (0 = off)"),
         ("muon_lr", c.muon_lr > 0, "> 0"), ("muon_momentum", 0 <= c.muon_momentum < 1, "in [0, 1)"),
         ("muon_weight_decay", c.muon_weight_decay >= 0, ">= 0"),
+        ("muon_ns_dtype", c.muon_ns_dtype in NS_DTYPES, "one of " + ", ".join(NS_DTYPES)),
+        ("muon_ns_steps", c.muon_ns_steps >= 1, "at least 1"),
         ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
         ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
         ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
