@@ -15,6 +15,7 @@ Run it: train.py uses it (`python train.py --optimizer=muon`); the checks are
 import math
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw  # the functional form: fused_adamw_group
 
 import gpt
 
@@ -126,7 +127,7 @@ class Muon(torch.optim.Optimizer):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, lr_scale=1.0, adamw=False,
-            betas=(0.9, 0.95), decoupled_weight_decay=True))
+            betas=(0.9, 0.95), decoupled_weight_decay=True, fused=False))
         for group in self.param_groups:
             shapes = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
             if shapes and not group["adamw"]:
@@ -137,7 +138,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             if group["adamw"]:
-                AdamW.step_group(self, group)
+                (fused_adamw_group if group.get("fused") else AdamW.step_group)(self, group)
                 continue
             lr, wd, mu = group["lr"] * group["lr_scale"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -161,6 +162,25 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("the checkpoint's optimizer state is not this Muon's (saved with "
                              "another --optimizer?); resume with the same --optimizer")
         super().load_state_dict(state_dict)
+
+
+def fused_adamw_group(opt, group):
+    """AdamW.step_group's update, every tensor of the group in one call of torch's fused
+    kernel: the same formula, and the same state (exp_avg, exp_avg_sq, a float step tensor), so
+    it is a drop-in for the loop above; on a CPU the loop's ~10 small ops per tensor (36 tensors
+    in the speedrun model) cost ~20x the fused call. Equal to the loop to float rounding."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if not opt.state[p]:
+            opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                exp_avg_sq=torch.zeros_like(p))
+    states = [opt.state[p] for p in params]
+    (b1, b2), lr = group["betas"], group["lr"]
+    torch_adamw(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+        amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=group["weight_decay"],
+        eps=group["eps"], maximize=False)
 
 
 def adjusted_lr(lr, adjust_lr_fn, shape):
@@ -196,7 +216,8 @@ def make_optimizer(model, c, device_type):
             raise ValueError(f"--optimizer=muon needs --lr > 0 (Muon's lr is muon_lr / lr times "
                              f"the schedule), got {c.lr}")
         mine = {id(p) for p in hidden}
-        rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True, **kw)
+        rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True,
+                     fused=c.muon_adamw_fused, **kw)
                 for g in gpt.param_groups(model, c.weight_decay)]
         muon = dict(params=hidden, lr=c.lr, lr_scale=c.muon_lr / c.lr, momentum=c.muon_momentum,
                     weight_decay=c.muon_weight_decay, ns_dtype=c.muon_ns_dtype,

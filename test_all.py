@@ -3865,7 +3865,9 @@ def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_pat
     # values out of range, before any work
     for option, value, need in [("logit_softcap", -1.0, ">= 0"), ("muon_lr", 0.0, "> 0"),
                                 ("muon_momentum", 1.0, "in [0, 1)"), ("mlp", "relu", "''"),
-                                ("muon_weight_decay", -0.1, ">= 0")]:
+                                ("muon_weight_decay", -0.1, ">= 0"),
+                                ("muon_ns_dtype", "float16", "one of bfloat16, float32"),
+                                ("muon_ns_steps", 0, "at least 1")]:
         code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
                                        f"--data_dir={tmp_path / 'd'}"])
         assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be {need}")
@@ -4093,6 +4095,38 @@ def test_optim_muon_ns_dtype_and_steps_reach_the_step_and_match_the_svd():
         want = W0 - 0.1 * math.sqrt(48 / 16) * (U @ torch.diag(s) @ Vh)
         errors[ns_dtype] = (W.detach().double() - want).abs().max().item()
     assert errors["float32"] < 1e-6 and errors["bfloat16"] > 100 * errors["float32"], errors
+
+
+def test_optim_muon_fused_adamw_groups_equal_the_readable_loop():
+    """--muon_adamw_fused: Muon's AdamW groups in torch's fused kernel == our AdamW loop (itself
+    == torch.optim.AdamW, above) over 10 steps with a changing lr, with the same state, so a
+    checkpoint saved by one resumes in the other."""
+    nets = _muon_nets(torch.float32)
+    opts = []
+    for net, fused in zip(nets, (False, True)):
+        m, a = _muon_groups(net)
+        opts.append(optim.Muon(m + [dict(g, adamw=True, fused=fused, lr=1e-2, betas=(0.9, 0.95),
+                                         eps=1e-8) for g in a]))
+    assert [g["fused"] for g in opts[1].param_groups] == [False, False, True, True]
+    g = torch.Generator().manual_seed(1)
+    for step in range(10):
+        grads = [torch.randn(p.shape, generator=g) for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, gr in zip(net.parameters(), grads):
+                p.grad = gr.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 - step / 20)
+            opt.step()
+        for (n, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=f"step {step}: {n}")
+    s0, s1 = (o.state_dict()["state"] for o in opts)
+    assert s0.keys() == s1.keys() and all(s0[k].keys() == s1[k].keys() for k in s0)
+    assert all(torch.equal(s0[k]["step"], s1[k]["step"]) for k in s0 if "step" in s0[k])
+    c = train.make_config(optimizer="muon", lr=1e-3, muon_adamw_fused=True)
+    opt = optim.make_optimizer(_tiny(), c, "cpu")
+    assert {g["fused"] for g in opt.param_groups if g["adamw"]} == {True}
+    assert not any(g["fused"] for g in optim.make_optimizer(
+        _tiny(), train.make_config(optimizer="muon"), "cpu").param_groups)  # off by default
 
 
 # ======================================================================
