@@ -759,7 +759,7 @@ ABLATION = [("shakespeare-char (none)", "shakespeare-char", {}),
             ("+ logit softcap 15", "shakespeare-char", dict(logit_softcap=15.0))]
 
 
-def bench_shakespeare(text, repeat, threads=1, contenders=SIDE_BY_SIDE, target=0.30):
+def bench_shakespeare(text, repeat, threads=1, contenders=SIDE_BY_SIDE, target=0.25):
     """Each contender (label, preset, overrides) `repeat` times, taking turns, medians; the
     wall-time ratio of each against the first."""
     rows = {label: [] for label, _, _ in contenders}
