@@ -7,7 +7,9 @@ What you will learn
     update, so every direction of the matrix moves by about the same amount; embeddings, the
     head, norms and biases stay on AdamW. Equal step for step to torch.optim.Muon;
   * make_optimizer: which parameters go to which rule, from train.py's options
-    (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay).
+    (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay);
+  * what a Muon step costs on a CPU, and the options that make it cheaper without changing
+    the rule: --muon_ns_dtype=float32, --muon_adamw_fused (docs/speedrun.md).
 
 Run it: train.py uses it (`python train.py --optimizer=muon`); the checks are
 `python -m pytest test_all.py -k test_optim_`.
@@ -118,7 +120,9 @@ class Muon(torch.optim.Optimizer):
     (betas, eps, weight_decay of its own); the others by Muon's. train.py's schedule sets
     every group's lr to the AdamW curve; a Muon group multiplies it by lr_scale (muon_lr /
     lr), so both follow the same shape at their own height.
-    Equal to torch.optim.Muon (same defaults, same bf16 Newton-Schulz) step for step."""
+    Equal to torch.optim.Muon (same defaults, same bf16 Newton-Schulz) step for step. Cheaper
+    on a CPU: ns_dtype="float32" (small bf16 matmuls are slow there) and, for an adamw=True
+    group, fused=True (fused_adamw_group: one kernel for all its tensors)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,

@@ -3829,11 +3829,13 @@ def test_train_cli_runs_as_a_script(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown preset" in p.stderr
 
-def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
-    """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
+@pytest.mark.parametrize("cheaper", [{}, dict(muon_ns_dtype="float32", muon_adamw_fused=True)])
+def test_train_muon_resume_is_bit_exact(corpus, tmp_path, cheaper):
+    """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more; also
+    with the speedrun preset's cheaper step (float32 Newton-Schulz, fused AdamW groups)."""
     kw = dict(max_iters=20, save_interval=10, optimizer="muon", muon_lr=0.02, dropout=0.1,
               sampler="random", mlp="relu2", qk_norm=True, zero_init_proj=True,
-              tie_embeddings=False, logit_softcap=15.0)
+              tie_embeddings=False, logit_softcap=15.0, **cheaper)
     straight = train.train(tiny(corpus, tmp_path / "a", **kw))
     assert straight["val_loss"] < 4.0  # it learns: ln(83) = 4.42 at the start
     (tmp_path / "b").mkdir()
