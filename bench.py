@@ -883,8 +883,9 @@ PARTS = ("data", "forward", "backward", "clip", "optimizer", "other")
 
 
 def bench_step(args, contenders=STEP_PARTS, steps=10):
-    """train.train_step's parts, timed one by one: each contender runs `steps` steps in turn,
-    --repeat rounds (the first is warmup), 1 thread; medians in ms and each step over the first's."""
+    """train.train_step's parts, timed one by one, 1 thread: the contenders take turns one step
+    at a time (a burst of load hits all of them), `steps` x --repeat turns after `steps` turns
+    of warmup; medians in ms, and each step over the first contender's."""
     text = find_shakespeare(getattr(args, "data", None))
     if text is None:
         raise ValueError(f"the step profile needs tinyshakespeare.txt: pass --data=FOLDER "
@@ -897,27 +898,26 @@ def bench_step(args, contenders=STEP_PARTS, steps=10):
                                   out_dir=tempfile.mkdtemp(dir=tmp), init="scratch", threads=1,
                                   **kw)
             setups[label] = (c, train.build(c, 0, 1, torch.device("cpu")))
-        for r in range(args.repeat + 1):
+        for r in range(steps * (args.repeat + 1)):
             for label, (c, s) in setups.items():
-                for _ in range(steps):
-                    t = [time.perf_counter()]
-                    x, y = s.loader.next_batch()
-                    t.append(time.perf_counter())
-                    _, loss = s.model(x, y)
-                    t.append(time.perf_counter())
-                    loss.backward()
-                    t.append(time.perf_counter())
-                    torch.nn.utils.clip_grad_norm_(s.raw.parameters(), c.grad_clip)
-                    t.append(time.perf_counter())
-                    s.opt.step()
-                    t.append(time.perf_counter())
-                    s.opt.zero_grad(set_to_none=True)
-                    loss.item()
-                    t.append(time.perf_counter())
-                    if r:  # round 0 is warmup
-                        for part, a, b in zip(PARTS, t[:-1], t[1:]):
-                            times[label][part].append(b - a)
-                        times[label]["step"].append(t[-1] - t[0])
+                t = [time.perf_counter()]
+                x, y = s.loader.next_batch()
+                t.append(time.perf_counter())
+                _, loss = s.model(x, y)
+                t.append(time.perf_counter())
+                loss.backward()
+                t.append(time.perf_counter())
+                torch.nn.utils.clip_grad_norm_(s.raw.parameters(), c.grad_clip)
+                t.append(time.perf_counter())
+                s.opt.step()
+                t.append(time.perf_counter())
+                s.opt.zero_grad(set_to_none=True)
+                loss.item()
+                t.append(time.perf_counter())
+                if r >= steps:  # the first turns are warmup
+                    for part, a, b in zip(PARTS, t[:-1], t[1:]):
+                        times[label][part].append(b - a)
+                    times[label]["step"].append(t[-1] - t[0])
     rows, first = [], None
     for label, parts in times.items():
         ms = {p: 1e3 * statistics.median(v) for p, v in parts.items()}
