@@ -10,6 +10,7 @@ the ratios.
     python bench.py --only=model --device=cuda        # on a GPU
     python bench.py --only=train --data=../shared/data
     python bench.py --only=ablation --data=../shared/data --repeat=1   # docs/speedrun.md
+    python bench.py --only=step --data=../shared/data --repeat=6       # one step, by part
     python bench.py --only=mfu --device=cuda --variants=0,3   # rows of MFU_VARIANTS
     python bench.py --only=prepare --corpus_mb=1024   # corpus -> shards vs build-nanogpt's method
     python bench.py --only=kernels --device=cuda      # Triton kernels vs SDPA, eager, compile
@@ -17,7 +18,8 @@ the ratios.
 Sections: micrograd (vs PyPI micrograd, torch), bpe (vs HF tokenizers, tiktoken), data (loader vs
 training), prepare (corpus to shards vs build-nanogpt's tiktoken pool), model (vs transformers' GPT-2), primer (bandwidth, matmul, fusion, kernels), train
 (shakespeare-char: nanoGPT's baseline config vs our presets; the 16 GB fit), ablation (each
-speedrun idea alone on top of shakespeare-char), mfu (the 124M
+speedrun idea alone on top of shakespeare-char), step (one training step by part: data,
+forward, backward, clip, optimizer; baseline vs speedrun before and now), mfu (the 124M
 training micro-step on a GPU, variant by variant, vs transformers'), evals (HellaSwag
 scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms and loss vs SDPA
 / eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
@@ -763,7 +765,7 @@ ABLATION = [("shakespeare-char (none)", "shakespeare-char", {}),
             ("+ logit softcap 15", "shakespeare-char", dict(logit_softcap=15.0))]
 
 
-def bench_shakespeare(text, repeat, threads=1, contenders=SIDE_BY_SIDE, target=0.30):
+def bench_shakespeare(text, repeat, threads=1, contenders=SIDE_BY_SIDE, target=0.25):
     """Each contender (label, preset, overrides) `repeat` times, taking turns, medians; the
     wall-time ratio of each against the first."""
     rows = {label: [] for label, _, _ in contenders}
@@ -873,6 +875,61 @@ def bench_ablation(args):
                          f"(got {getattr(args, 'data', '')!r})")
     print(f"speedrun ablation on {text}, {args.repeat} run(s) each")
     return bench_shakespeare(text, args.repeat, getattr(args, "threads", 1), ABLATION, target=0)
+
+
+# one training step by part (docs/speedrun.md "where the time goes"): the baseline's AdamW step,
+# the speedrun preset before issue 27 (bf16 Newton-Schulz, our AdamW loop) and now
+STEP_PARTS = [("baseline (AdamW)", "shakespeare-char-baseline", {}),
+              ("speedrun before (bf16 NS)", "shakespeare-char-speedrun",
+               dict(muon_ns_dtype="bfloat16", muon_adamw_fused=False)),
+              ("speedrun now", "shakespeare-char-speedrun", {})]
+PARTS = ("data", "forward", "backward", "clip", "optimizer", "other")
+
+
+def bench_step(args, contenders=STEP_PARTS, steps=10):
+    """train.train_step's parts, timed one by one, 1 thread: the contenders take turns one step
+    at a time (a burst of load hits all of them), `steps` x --repeat turns after `steps` turns
+    of warmup; medians in ms, and each step over the first contender's."""
+    text = find_shakespeare(getattr(args, "data", None))
+    if text is None:
+        raise ValueError(f"the step profile needs tinyshakespeare.txt: pass --data=FOLDER "
+                         f"(got {getattr(args, 'data', '')!r})")
+    times = {label: {p: [] for p in PARTS + ("step",)} for label, _, _ in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {}
+        for label, name, kw in contenders:
+            c = train.make_config(preset=name, data=str(text), data_dir=str(Path(tmp) / "data"),
+                                  out_dir=tempfile.mkdtemp(dir=tmp), init="scratch", threads=1,
+                                  **kw)
+            setups[label] = (c, train.build(c, 0, 1, torch.device("cpu")))
+        for r in range(steps * (args.repeat + 1)):
+            for label, (c, s) in setups.items():
+                t = [time.perf_counter()]
+                x, y = s.loader.next_batch()
+                t.append(time.perf_counter())
+                _, loss = s.model(x, y)
+                t.append(time.perf_counter())
+                loss.backward()
+                t.append(time.perf_counter())
+                torch.nn.utils.clip_grad_norm_(s.raw.parameters(), c.grad_clip)
+                t.append(time.perf_counter())
+                s.opt.step()
+                t.append(time.perf_counter())
+                s.opt.zero_grad(set_to_none=True)
+                loss.item()
+                t.append(time.perf_counter())
+                if r >= steps:  # the first turns are warmup
+                    for part, a, b in zip(PARTS, t[:-1], t[1:]):
+                        times[label][part].append(b - a)
+                    times[label]["step"].append(t[-1] - t[0])
+    rows, first = [], None
+    for label, parts in times.items():
+        ms = {p: 1e3 * statistics.median(v) for p, v in parts.items()}
+        first = first or ms["step"]
+        rows.append({"bench": "step", "name": label, **ms, "ratio": ms["step"] / first})
+        print(f"{label:27s} " + " ".join(f"{p} {ms[p]:6.1f}" for p in PARTS)
+              + f" | step {ms['step']:6.1f} ms  {ms['step'] / first:.2f}x")
+    return rows
 
 
 # ======================================================================
@@ -1217,7 +1274,7 @@ def bench_kernels(args):
 
 SECTIONS = {"micrograd": bench_micrograd, "bpe": bench_bpe, "data": bench_data, "prepare": bench_prepare,
             "model": bench_model, "primer": bench_primer, "train": bench_train,
-            "ablation": bench_ablation, "mfu": bench_mfu, "evals": bench_evals,
+            "ablation": bench_ablation, "step": bench_step, "mfu": bench_mfu, "evals": bench_evals,
             "kernels": bench_kernels}
 
 

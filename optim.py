@@ -8,7 +8,9 @@ What you will learn
     head, norms and biases stay on AdamW. Equal step for step to torch.optim.Muon;
   * make_optimizer: which parameters go to which rule, from train.py's options
     (--optimizer=ours|torch|fused|muon, --muon_lr, --muon_momentum, --muon_weight_decay,
-    --muon_split_qkv: attention's fused Q, K, V matrix orthogonalized as three blocks).
+    --muon_split_qkv: attention's fused Q, K, V matrix orthogonalized as three blocks);
+  * what a Muon step costs on a CPU, and the options that make it cheaper without changing
+    the rule: --muon_ns_dtype=float32, --muon_adamw_fused (docs/speedrun.md).
 
 Run it
   python optim.py            # AdamW and Muon fit the same matrix; the update's singular values
@@ -22,6 +24,7 @@ cli.help_if_asked(__name__, __file__)
 import math
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw  # the functional form: fused_adamw_group
 
 import gpt
 
@@ -137,7 +140,9 @@ class Muon(torch.optim.Optimizer):
     rows and orthogonalizes (and lr-scales) each block alone, as if it were its own matrix:
     make_optimizer uses it for attention's c_attn, whose rows are Q, K and V stacked (one
     matmul, three maps; --muon_split_qkv, measured in docs/speedrun.md).
-    Equal to torch.optim.Muon (same defaults, same bf16 Newton-Schulz) step for step."""
+    Equal to torch.optim.Muon (same defaults, same bf16 Newton-Schulz) step for step. Cheaper
+    on a CPU: ns_dtype="float32" (small bf16 matmuls are slow there) and, for an adamw=True
+    group, fused=True (fused_adamw_group: one kernel for all its tensors)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,
@@ -146,7 +151,7 @@ class Muon(torch.optim.Optimizer):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, lr_scale=1.0, adamw=False, split=None,
-            betas=(0.9, 0.95), decoupled_weight_decay=True))
+            betas=(0.9, 0.95), decoupled_weight_decay=True, fused=False))
         for group in self.param_groups:
             shapes = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
             if shapes and not group["adamw"]:
@@ -157,7 +162,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             if group["adamw"]:
-                AdamW.step_group(self, group)
+                (fused_adamw_group if group.get("fused") else AdamW.step_group)(self, group)
                 continue
             lr, wd, mu = group["lr"] * group["lr_scale"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -184,6 +189,25 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("the checkpoint's optimizer state is not this Muon's (saved with "
                              "another --optimizer?); resume with the same --optimizer")
         super().load_state_dict(state_dict)
+
+
+def fused_adamw_group(opt, group):
+    """AdamW.step_group's update, every tensor of the group in one call of torch's fused
+    kernel: the same formula, and the same state (exp_avg, exp_avg_sq, a float step tensor), so
+    it is a drop-in for the loop above; on a CPU the loop's ~10 small ops per tensor (36 tensors
+    in the speedrun model) cost ~20x the fused call. Equal to the loop to float rounding."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if not opt.state[p]:
+            opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                exp_avg_sq=torch.zeros_like(p))
+    states = [opt.state[p] for p in params]
+    (b1, b2), lr = group["betas"], group["lr"]
+    torch_adamw(
+        params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+        amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=group["weight_decay"],
+        eps=group["eps"], maximize=False)
 
 
 def adjusted_lr(lr, adjust_lr_fn, shape):
@@ -231,11 +255,13 @@ def make_optimizer(model, c, device_type):
             raise ValueError(f"--optimizer=muon needs --lr > 0 (Muon's lr is muon_lr / lr times "
                              f"the schedule), got {c.lr}")
         mine = {id(p) for p in hidden}
-        rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True, **kw)
+        rest = [dict(g, params=[p for p in g["params"] if id(p) not in mine], adamw=True,
+                     fused=c.muon_adamw_fused, **kw)
                 for g in gpt.param_groups(model, c.weight_decay)]
         qkv = qkv_splits(model, mine) if c.muon_split_qkv else {}
         kw_muon = dict(lr=c.lr, lr_scale=c.muon_lr / c.lr, momentum=c.muon_momentum,
-                       weight_decay=c.muon_weight_decay)
+                       weight_decay=c.muon_weight_decay, ns_dtype=c.muon_ns_dtype,
+                       ns_steps=c.muon_ns_steps)
         muon = [dict(params=[p for p in hidden if id(p) not in qkv], **kw_muon)]
         for split in sorted(set(qkv.values())):  # one group per Q, K, V shape (all alike in GPT)
             muon.append(dict(params=[p for p in hidden if qkv.get(id(p)) == split],

@@ -4476,11 +4476,13 @@ def test_train_signal_during_the_imports_is_one_line(tmp_path, script, sig, code
     assert (p.returncode, err) == (code, last + "\n"), err
 
 
-def test_train_muon_resume_is_bit_exact(corpus, tmp_path):
-    """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more."""
+@pytest.mark.parametrize("cheaper", [{}, dict(muon_ns_dtype="float32", muon_adamw_fused=True)])
+def test_train_muon_resume_is_bit_exact(corpus, tmp_path, cheaper):
+    """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more; also
+    with the speedrun preset's cheaper step (float32 Newton-Schulz, fused AdamW groups)."""
     kw = dict(max_iters=20, save_interval=10, optimizer="muon", muon_lr=0.02, dropout=0.1,
               sampler="random", mlp="relu2", qk_norm=True, zero_init_proj=True,
-              tie_embeddings=False, logit_softcap=15.0)
+              tie_embeddings=False, logit_softcap=15.0, **cheaper)
     straight = train.train(tiny(corpus, tmp_path / "a", **kw))
     assert straight["val_loss"] < 4.0  # it learns: ln(83) = 4.42 at the start
     (tmp_path / "b").mkdir()
@@ -4542,7 +4544,9 @@ def test_train_speedrun_bad_input_is_one_line_and_writes_nothing(corpus, tmp_pat
     # values out of range, before any work
     for option, value, need in [("logit_softcap", -1.0, ">= 0"), ("muon_lr", 0.0, "> 0"),
                                 ("muon_momentum", 1.0, "in [0, 1)"), ("mlp", "relu", "''"),
-                                ("muon_weight_decay", -0.1, ">= 0")]:
+                                ("muon_weight_decay", -0.1, ">= 0"),
+                                ("muon_ns_dtype", "float16", "one of bfloat16, float32"),
+                                ("muon_ns_steps", 0, "at least 1")]:
         code, msg = cli_error(capsys, [f"--{option}={value}", f"--out_dir={tmp_path / 'x'}",
                                        f"--data_dir={tmp_path / 'd'}"])
         assert code == 1 and msg.startswith(f"error: --{option}={value!r}: must be {need}")
@@ -4968,6 +4972,68 @@ def test_optim_muon_split_qkv_is_torch_muon_on_each_block():
         assert len(attn) == 2 and groups[True][1] == (attn, split)
         assert groups[True][0][0] == [n for n in groups[False][0][0] if n not in attn]
         assert groups[True][2:] == groups[False][1:]  # the AdamW groups
+
+
+# ----------------------------------------------------------------------------- speedrun: cheaper steps
+def test_optim_muon_ns_dtype_and_steps_reach_the_step_and_match_the_svd():
+    """--muon_ns_dtype=float32 --muon_ns_steps=3 reach Muon's group, and the step they make is
+    the readable one: W - lr sqrt(max(1, A/B)) U p3(S / ||u||_F) V^T from the float64 SVD of the
+    Nesterov momentum u, to float32's precision (bf16's error is 100x larger)."""
+    c = train.make_config(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_ns_dtype="float32",
+                          muon_ns_steps=3)
+    opt = optim.make_optimizer(_tiny(), c, "cpu")
+    assert [(g["ns_dtype"], g["ns_steps"]) for g in opt.param_groups if not g["adamw"]] == [
+        ("float32", 3)]
+    assert train.make_config(optimizer="muon").muon_ns_dtype == "bfloat16"  # torch's default
+    a, b, k = optim.NS_COEFFICIENTS
+    errors = {}
+    for ns_dtype in ("float32", "bfloat16"):
+        W = torch.nn.Parameter(torch.randn(48, 16, generator=torch.Generator().manual_seed(0)))
+        W0 = W.detach().double().clone()
+        W.grad = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
+        optim.Muon([dict(params=[W], lr=0.1, weight_decay=0.0, ns_dtype=ns_dtype,
+                         ns_steps=3)]).step()
+        g = W.grad.double()
+        u = 0.05 * g + 0.95 * (0.05 * g)  # Nesterov: g.lerp(buf, 0.95), buf = 0.05 g after one step
+        U, S, Vh = torch.linalg.svd(u, full_matrices=False)
+        s = S / u.norm()
+        for _ in range(3):
+            s = a * s + b * s ** 3 + k * s ** 5
+        want = W0 - 0.1 * math.sqrt(48 / 16) * (U @ torch.diag(s) @ Vh)
+        errors[ns_dtype] = (W.detach().double() - want).abs().max().item()
+    assert errors["float32"] < 1e-6 and errors["bfloat16"] > 100 * errors["float32"], errors
+
+
+def test_optim_muon_fused_adamw_groups_equal_the_readable_loop():
+    """--muon_adamw_fused: Muon's AdamW groups in torch's fused kernel == our AdamW loop (itself
+    == torch.optim.AdamW, above) over 10 steps with a changing lr, with the same state, so a
+    checkpoint saved by one resumes in the other."""
+    nets = _muon_nets(torch.float32)
+    opts = []
+    for net, fused in zip(nets, (False, True)):
+        m, a = _muon_groups(net)
+        opts.append(optim.Muon(m + [dict(g, adamw=True, fused=fused, lr=1e-2, betas=(0.9, 0.95),
+                                         eps=1e-8) for g in a]))
+    assert [g["fused"] for g in opts[1].param_groups] == [False, False, True, True]
+    g = torch.Generator().manual_seed(1)
+    for step in range(10):
+        grads = [torch.randn(p.shape, generator=g) for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, gr in zip(net.parameters(), grads):
+                p.grad = gr.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 - step / 20)
+            opt.step()
+        for (n, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=f"step {step}: {n}")
+    s0, s1 = (o.state_dict()["state"] for o in opts)
+    assert s0.keys() == s1.keys() and all(s0[k].keys() == s1[k].keys() for k in s0)
+    assert all(torch.equal(s0[k]["step"], s1[k]["step"]) for k in s0 if "step" in s0[k])
+    c = train.make_config(optimizer="muon", lr=1e-3, muon_adamw_fused=True)
+    opt = optim.make_optimizer(_tiny(), c, "cpu")
+    assert {g["fused"] for g in opt.param_groups if g["adamw"]} == {True}
+    assert not any(g["fused"] for g in optim.make_optimizer(
+        _tiny(), train.make_config(optimizer="muon"), "cpu").param_groups)  # off by default
 
 
 # ======================================================================

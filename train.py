@@ -101,6 +101,10 @@ muon_lr = 0.02           # optimizer="muon": peak lr of the Muon matrices (follo
 muon_momentum = 0.95
 muon_weight_decay = 0.0
 muon_split_qkv = False   # optimizer="muon": attention's Q, K, V orthogonalized as 3 matrices
+muon_ns_dtype = "bfloat16"  # Newton-Schulz's matmuls: "bfloat16" (torch's; GPUs) or "float32"
+                         # (about 2x faster on a CPU: its small bf16 matmuls are slow there)
+muon_ns_steps = 5        # Newton-Schulz steps (each: 3 matmuls per matrix)
+muon_adamw_fused = False # Muon's AdamW groups (embeddings, norms, biases) in torch's fused kernel
 # system
 device = "auto"          # "auto", "cpu", "cuda", "cuda:N", "mps"
 dtype = "auto"           # "auto", "float32", "bfloat16", "float16"
@@ -165,14 +169,15 @@ PRESETS_TRAIN = {
         SHAKESPEARE_BASELINE, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
         schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
         eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
-    # shakespeare-char plus the speedrun idea that pays at this size (docs/speedrun.md): Muon
-    # for the hidden matrices. Val 1.90 at 500 steps, 1.88 at 550, 1.84 at 600 (1.847 since
-    # WSD ends at min_lr; AdamW alone: 2.09 at 500); a Muon step costs 1-1.25 AdamW steps here
-    # (Newton-Schulz, 16 matrices). --muon_split_qkv: 1.816 at 600 (docs/speedrun.md)
+    # shakespeare-char plus the speedrun ideas that pay at this size (docs/speedrun.md): Muon
+    # for the hidden matrices, its Newton-Schulz in float32 (bf16 matmuls are slow on a CPU)
+    # and its AdamW groups fused; no warmup, 2x the AdamW lr, 1.5x Muon's, a longer decay
+    # (--muon_split_qkv: 1.816 vs 1.847 at 600 steps of the old preset, docs/speedrun.md)
     "shakespeare-char-speedrun": dict(
-        SHAKESPEARE_BASELINE, max_iters=600, lr=4e-3, min_lr=1e-5, warmup_iters=50,
-        schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="muon", muon_lr=0.02,
-        eval_interval=600, log_interval=50, save_interval=600,
+        SHAKESPEARE_BASELINE, max_iters=510, lr=8e-3, min_lr=1e-5, warmup_iters=0,
+        schedule="wsd", decay_frac=0.6, sampler="epoch", optimizer="muon", muon_lr=0.03,
+        muon_ns_dtype="float32", muon_adamw_fused=True,
+        eval_interval=510, log_interval=50, save_interval=510,
         out_dir="out/shakespeare-char-speedrun"),
 }
 SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char", "shakespeare-char-speedrun")
@@ -579,6 +584,7 @@ OPTIMIZERS = ("ours", "torch", "fused", "muon")
 KERNELS = ("torch", "triton")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NS_DTYPES = ("bfloat16", "float32")
 
 
 def make_config(**overrides):
@@ -635,6 +641,8 @@ def check_options(c):
         ("logit_softcap", c.logit_softcap >= 0, ">= 0 (0 = off)"),
         ("muon_lr", c.muon_lr > 0, "> 0"), ("muon_momentum", 0 <= c.muon_momentum < 1, "in [0, 1)"),
         ("muon_weight_decay", c.muon_weight_decay >= 0, ">= 0"),
+        ("muon_ns_dtype", c.muon_ns_dtype in NS_DTYPES, "one of " + ", ".join(NS_DTYPES)),
+        ("muon_ns_steps", c.muon_ns_steps >= 1, "at least 1"),
         ("decay_frac", 0 <= c.decay_frac <= 1, "in [0, 1]"),
         ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
         ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
