@@ -298,7 +298,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("device", "foo", "--device='foo': expected cpu, cuda, cuda:N, mps or auto"),
     ("only", "model,nope", "unknown section 'nope'; valid sections: micrograd, bpe, data, prepare, "
-                           "model, primer, train, ablation, mfu, evals, kernels"),
+                           "model, primer, train, ablation, step, mfu, evals, kernels"),
     ("repeat", 0, "--repeat=0: must be at least 1"),
     ("variants", "0,x", "--variants='0,x': must be indices 0..9 like 0,3"),
     ("out", "", "--out='': must be a file path (not a folder)"),
@@ -6520,9 +6520,18 @@ def test_evals_harness_equals_our_scorer(hf_tiny, tmp_path, monkeypatch):
     hf, model, tok = hf_tiny
     docs = HS_DOCS + [hellaswag_doc(3 + k, f"Someone pours water {k} times.", "she", [
         "smiles.", "drinks it all slowly.", "leaves.", "drops [title] the cup."], k % 4) for k in range(3)]
-    docs += [hellaswag_doc(6 + k, f"Le café est prêt {k}.", "elle", [  # per byte picks 1, per
-        "boit le thé glacé.", "sourit 🙂.", "écrit 日本語 sur la tasse.", "🙂🙂🙂"],  # character 0
-        1 - k, "Café crème") for k in range(2)]
+    endings = ["boit le thé glacé.", "sourit 🙂.", "écrit 日本語 sur la tasse.", "🙂🙂🙂", "é",
+               "日本", "a thé 🙂 b", "verse l'eau chaude."]
+    candidates = [hellaswag_doc(6 + k, f"Le café est prêt {k}.", "elle",
+                                [endings[(k + j * (1 + k % 3)) % len(endings)] for j in range(4)],
+                                k % 4, "Café crème") for k in range(48)]
+    cand = evals.read_hellaswag(write_jsonl(tmp_path / "candidates.jsonl", candidates))
+    _, cand_rows = evals.score_hellaswag(model, tok, cand)
+    differ = [d for d, r in zip(candidates, cand_rows)  # per byte and per character disagree
+              if r["pred_norm"] != int(np.argmax(np.divide(
+                  r["loglikelihoods"], [len(e) for e in evals.example_text(d)[1]])))]
+    assert len(differ) >= 2, "no non-ASCII document where bytes and characters pick differently"
+    docs += [dict(d, ind=6 + k) for k, d in enumerate(differ[:2])]
     path = write_jsonl(tmp_path / "hs.jsonl", docs)
     evals.harness_hellaswag_yaml(path, tmp_path / "tasks")
     res = evals.harness_evaluate(evals.harness_lm(model, tok), ["hellaswag_local"],
@@ -6537,7 +6546,7 @@ def test_evals_harness_equals_our_scorer(hf_tiny, tmp_path, monkeypatch):
         assert (s["acc"], s["acc_bytes"]) == (row["pred"] == row["label"], row["pred_norm"] == row["label"])
     per_char = [int(np.argmax(np.divide(r["loglikelihoods"], [len(e) for e in evals.example_text(d)[1]])))
                 for r, d in zip(rows, docs)]
-    assert [r["pred_norm"] for r in rows[6:]] == [1, 1] and per_char[6:] == [0, 0]  # they differ
+    assert all(r["pred_norm"] != c for r, c in zip(rows[6:], per_char[6:]))  # they differ
     got = res["results"]["hellaswag_local"]
     assert got["acc,none"] == pytest.approx(metrics["acc"])
     assert got["acc_bytes,none"] == pytest.approx(metrics["acc_norm"])
@@ -7206,7 +7215,7 @@ def test_exercises_blanked_function_raises_naming_the_exercise(tmp_path):
     ex = exercises.lookup("bpe-merge")
     assert exercises.lookup("4") is ex
     out = exercises.blank((ROOT / "bpe.py").read_text(encoding="utf-8"), ex, ex.functions, "bpe.py")
-    space = {"__name__": "blank_bpe"}
+    space = {"__name__": "blank_bpe", "__file__": str(ROOT / "bpe.py")}
     exec(compile(out, "bpe.py", "exec"), space)
     with pytest.raises(NotImplementedError, match=r"^exercise 4 \(bpe-merge\): write merge; then "
                        r"python exercises.py --check=bpe-merge$"):
