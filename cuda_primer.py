@@ -490,21 +490,103 @@ def fusion_demo(dev):
 
 
 # ----------------------------------------------------------------------------- 6. kernels
-# The same fused bias + GELU by hand in CUDA C++: one thread per element, one read of x and
-# one write of y. load_inline compiles it with nvcc and binds it as a Python function.
-CUDA_SRC = r"""
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+# Four CUDA C++ kernels, each one idea. On a GPU load_inline compiles them with nvcc and binds
+# them as Python functions; without one, sass.py compiles the same source for a GPU and reads
+# what the GPU would run (registers, load widths, shared memory, tensor-core instructions).
+#   bias_gelu_kernel   fp32, one thread per element: one read of x, one write of y
+#   bias_gelu_bf16     bf16, one element per thread: 2-byte loads, 16x more load instructions
+#                      than bytes need (SASS: LDG.E.U16)
+#   bias_gelu_bf16x8   bf16, 8 elements per thread in one 16-byte load and store (LDG.E.128)
+#   matmul_tiled       fp32 C = A @ B through shared memory, TILE x TILE tiles: each element of
+#                      A and B is read from global memory N / TILE times, not N (LDS, BAR.SYNC)
+#   matmul_wmma        bf16 in, fp32 out on the tensor cores: one warp, one 16 x 16 tile of C,
+#                      the WMMA API (mma_sync becomes HMMA instructions)
+CUDA_KERNELS = r"""
+#include <cuda_bf16.h>
+#include <mma.h>
+
+__device__ __forceinline__ float gelu(float h) {  // tanh approximation, as F.gelu(tanh)
+    return 0.5f * h * (1.0f + tanhf(0.7978845608f * (h + 0.044715f * h * h * h)));
+}
 
 __global__ void bias_gelu_kernel(const float* __restrict__ x, const float* __restrict__ b,
                                  float* __restrict__ y, long n, long cols) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;  // this thread's element
     if (i >= n) return;                                    // the last block overhangs
-    float h = x[i] + b[i % cols];
-    y[i] = 0.5f * h * (1.0f + tanhf(0.7978845608f * (h + 0.044715f * h * h * h)));
+    y[i] = gelu(x[i] + b[i % cols]);
 }
 
+__global__ void bias_gelu_bf16(const __nv_bfloat16* __restrict__ x,
+                               const __nv_bfloat16* __restrict__ b,
+                               __nv_bfloat16* __restrict__ y, long n, long cols) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = __float2bfloat16(gelu(__bfloat162float(x[i]) + __bfloat162float(b[i % cols])));
+}
+
+// x, b, y seen as uint4 (16 bytes = 8 bf16): needs cols % 8 == 0 and 16-byte aligned tensors
+__global__ void bias_gelu_bf16x8(const uint4* __restrict__ x, const uint4* __restrict__ b,
+                                 uint4* __restrict__ y, long n8, long cols8) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;  // this thread's 8 elements
+    if (i >= n8) return;
+    uint4 xv = x[i], bv = b[i % cols8], yv;                // one 128-bit load each
+    const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+    const __nv_bfloat162* bp = reinterpret_cast<const __nv_bfloat162*>(&bv);
+    __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv);
+    for (int j = 0; j < 4; j++) {                          // 4 pairs of bf16
+        float2 xf = __bfloat1622float2(xp[j]), bf = __bfloat1622float2(bp[j]);
+        yp[j] = __floats2bfloat162_rn(gelu(xf.x + bf.x), gelu(xf.y + bf.y));
+    }
+    y[i] = yv;                                             // one 128-bit store
+}
+
+#define TILE 16
+// C (M, N) = A (M, K) @ B (K, N), fp32 row-major; blocks of TILE x TILE threads, one per C entry
+__global__ void matmul_tiled(const float* __restrict__ A, const float* __restrict__ B,
+                             float* __restrict__ C, int M, int N, int K) {
+    __shared__ float As[TILE][TILE], Bs[TILE][TILE];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
+    float acc = 0.0f;
+    for (int t = 0; t < K; t += TILE) {
+        // each thread brings one element of each tile on chip...
+        As[ty][tx] = (row < M && t + tx < K) ? A[(long)row * K + t + tx] : 0.0f;
+        Bs[ty][tx] = (t + ty < K && col < N) ? B[(long)(t + ty) * N + col] : 0.0f;
+        __syncthreads();                                   // ...the whole tile is loaded
+        for (int k = 0; k < TILE; k++)                     // TILE multiply-adds from shared
+            acc += As[ty][k] * Bs[k][tx];
+        __syncthreads();                                   // done reading before overwriting
+    }
+    if (row < M && col < N) C[(long)row * N + col] = acc;
+}
+
+// C (M, N) fp32 = A (M, K) @ B (K, N) bf16 row-major, M, N, K multiples of 16; one warp (32
+// threads) per block computes one 16 x 16 tile of C on the tensor cores
+__global__ void matmul_wmma(const __nv_bfloat16* __restrict__ A,
+                            const __nv_bfloat16* __restrict__ B, float* __restrict__ C,
+                            int M, int N, int K) {
+    using namespace nvcuda;
+    long tm = blockIdx.y * 16, tn = blockIdx.x * 16;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (int k = 0; k < K; k += 16) {                      // the warp loads two 16 x 16 tiles
+        wmma::load_matrix_sync(a, A + tm * K + k, K);
+        wmma::load_matrix_sync(b, B + (long)k * N + tn, N);
+        wmma::mma_sync(c, a, b, c);                        // c += a @ b: tensor-core MMAs
+    }
+    wmma::store_matrix_sync(C + tm * N + tn, c, N, wmma::mem_row_major);
+}
+"""
+CUDA_NAMES = ("bias_gelu_kernel", "bias_gelu_bf16", "bias_gelu_bf16x8", "matmul_tiled",
+              "matmul_wmma")
+
+CUDA_SRC = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+""" + CUDA_KERNELS + r"""
 torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
                 "x must be a contiguous float32 CUDA tensor");
