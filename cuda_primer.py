@@ -601,16 +601,77 @@ torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
 }
+
+// bias + GELU in bf16: vec8 = 8 elements per thread in 16-byte loads, else one per thread
+torch::Tensor bias_gelu_bf16_run(torch::Tensor x, torch::Tensor b, bool vec8) {
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
+                "x must be a contiguous bfloat16 CUDA tensor");
+    TORCH_CHECK(b.is_cuda() && b.scalar_type() == torch::kBFloat16 && b.is_contiguous()
+                && b.dim() == 1 && b.size(0) == x.size(-1), "b must be bfloat16 (x.size(-1),)");
+    TORCH_CHECK(!vec8 || (x.size(-1) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0
+                          && (uintptr_t)b.data_ptr() % 16 == 0),
+                "the 8-wide kernel needs rows of a multiple of 8 and 16-byte aligned tensors");
+    auto y = torch::empty_like(x);
+    long n = x.numel(), per = vec8 ? 8 : 1;
+    if (n == 0) return y;
+    int threads = 256;
+    long blocks = (n / per + threads - 1) / threads;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (vec8)
+        bias_gelu_bf16x8<<<blocks, threads, 0, stream>>>(
+            (const uint4*)x.data_ptr(), (const uint4*)b.data_ptr(), (uint4*)y.data_ptr(),
+            n / 8, x.size(-1) / 8);
+    else
+        bias_gelu_bf16<<<blocks, threads, 0, stream>>>(
+            (const __nv_bfloat16*)x.data_ptr(), (const __nv_bfloat16*)b.data_ptr(),
+            (__nv_bfloat16*)y.data_ptr(), n, x.size(-1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
+// a @ b -> fp32: tensor_cores = WMMA on bf16 (sizes multiples of 16), else the fp32 tiled kernel
+torch::Tensor matmul_run(torch::Tensor a, torch::Tensor b, bool tensor_cores) {
+    TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.dim() == 2 && b.dim() == 2
+                && a.size(1) == b.size(0) && a.is_contiguous() && b.is_contiguous(),
+                "a (M, K) and b (K, N) must be contiguous CUDA matrices");
+    auto want = tensor_cores ? torch::kBFloat16 : torch::kFloat32;
+    TORCH_CHECK(a.scalar_type() == want && b.scalar_type() == want,
+                tensor_cores ? "the WMMA kernel takes bfloat16" : "the tiled kernel takes float32");
+    int M = a.size(0), K = a.size(1), N = b.size(1);
+    TORCH_CHECK(!tensor_cores || (M % 16 == 0 && N % 16 == 0 && K % 16 == 0),
+                "the WMMA kernel needs M, N, K multiples of 16");
+    auto c = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
+    if (M == 0 || N == 0) return c;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (tensor_cores)  // one warp per 16 x 16 tile of C
+        matmul_wmma<<<dim3(N / 16, M / 16), 32, 0, stream>>>(
+            (const __nv_bfloat16*)a.data_ptr(), (const __nv_bfloat16*)b.data_ptr(),
+            c.data_ptr<float>(), M, N, K);
+    else               // TILE x TILE threads per TILE x TILE tile of C
+        matmul_tiled<<<dim3((N + TILE - 1) / TILE, (M + TILE - 1) / TILE), dim3(TILE, TILE),
+                       0, stream>>>(a.data_ptr<float>(), b.data_ptr<float>(),
+                                    c.data_ptr<float>(), M, N, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return c;
+}
 """
+CUDA_DECLS = """torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b);
+torch::Tensor bias_gelu_bf16_run(torch::Tensor x, torch::Tensor b, bool vec8);
+torch::Tensor matmul_run(torch::Tensor a, torch::Tensor b, bool tensor_cores);"""
+
+
+def cuda_extension():
+    """Compile (first time: ~1 min, then cached) the CUDA kernels above; the module has
+    bias_gelu(x, b) (fp32), bias_gelu_bf16_run(x, b, vec8) and matmul_run(a, b, tensor_cores)."""
+    from torch.utils.cpp_extension import load_inline
+    return load_inline(name="primer_kernels", cuda_sources=CUDA_SRC, cpp_sources=CUDA_DECLS,
+                       functions=["bias_gelu", "bias_gelu_bf16_run", "matmul_run"],
+                       extra_cuda_cflags=["-O3"])
 
 
 def cuda_bias_gelu():
-    """Compile (first time: ~1 min, then cached) and return the CUDA bias_gelu function."""
-    from torch.utils.cpp_extension import load_inline
-    ext = load_inline(name="primer_bias_gelu", cuda_sources=CUDA_SRC,
-                      cpp_sources="torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b);",
-                      functions=["bias_gelu"], extra_cuda_cflags=["-O3"])
-    return ext.bias_gelu
+    """The fp32 CUDA bias_gelu function of cuda_extension()."""
+    return cuda_extension().bias_gelu
 
 
 if triton is not None:

@@ -69,15 +69,16 @@ FLASH_TILES = {
 FLASH_DEFAULT = (8, 6)   # an unlisted GPU gets the row with the least shared memory
 
 
-def _tiles(d, cc=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d on a GPU of compute capability
-    cc (default: the current GPU). Tiny on the interpreter so that the tests cross tiles."""
-    if INTERPRET:
-        return 16, 16, 4, 1
-    if cc is None:
-        cc = torch.cuda.get_device_capability()
+def flash_tiles(d, cc):
+    """FLASH_TILES' (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d on a GPU of
+    compute capability cc, e.g. (8, 9)."""
     sizes = FLASH_TILES.get(tuple(cc), FLASH_TILES[FLASH_DEFAULT])[0]
     return sizes[min(dmax for dmax in sizes if d <= dmax)]
+
+
+def _tiles(d, cc):
+    """The tiles a launch uses: tiny on the interpreter, so that the tests cross several."""
+    return (16, 16, 4, 1) if INTERPRET else flash_tiles(d, cc)
 
 
 # ============================================================================ FlashAttention-2

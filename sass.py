@@ -46,6 +46,7 @@ import cli
 
 # options (python sass.py --name=value)
 target = "auto"          # sm_80, sm_86, sm_89, sm_90, sm_120, "all", or "auto" (GPU present / sm_89)
+dtypes = "bf16,fp32"      # the Triton kernels' dtypes: bf16 and fp32 as the model runs them; fp16
 show = ""                # a kernel name: also print its SASS for the (first) target
 
 # Per SM limits, from the CUDA C++ Programming Guide's table of compute capabilities.
@@ -202,7 +203,7 @@ def triton_kernels(cc, dtype, head_dims=(64, 128)):
     acc, rows = tl.float32, []
     if dtype != "fp32":  # attention runs in bf16 / fp16 (autocast); its fp32 path is for tests
         for d in head_dims:
-            bm, bn, warps, stages = kernels._tiles(d, cc)
+            bm, bn, warps, stages = kernels.flash_tiles(d, cc)
             tiles = dict(CAUSAL=True, IEEE=False, ACC=acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d)
             for fn in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
                 rows.append((f"{fn.__name__} d={d}", fn, tiles, warps, stages))
@@ -276,9 +277,10 @@ def _cuda_job(arch):
     return out
 
 
-def report(archs, dtypes=("bf16", "fp16", "fp32"), head_dims=(64, 128), workers=None):
-    """[(row, SASS)] for every Triton kernel in dtypes and (when nvcc is installed) every CUDA
-    C++ kernel, compiled for each arch; the compiles share `workers` processes."""
+def report(archs, dtypes=("bf16", "fp16", "fp32"), head_dims=(64, 128), cuda=True,
+           workers=None):
+    """[(row, SASS)] for every Triton kernel in dtypes and (if cuda and nvcc is installed)
+    every CUDA C++ kernel, compiled for each arch; the compiles share `workers` processes."""
     # the kernels must be decorated for the compiler, not the interpreter (kernels.py turns
     # the interpreter on when torch sees no GPU, unless the variable is already set)
     interpreted = getattr(sys.modules.get("kernels"), "INTERPRET", False)
@@ -290,9 +292,9 @@ def report(archs, dtypes=("bf16", "fp16", "fp32"), head_dims=(64, 128), workers=
             for i in range(len(triton_kernels(_cc(a), dt, head_dims)))]
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        cuda = [pool.submit(_cuda_job, a) for a in archs] if nvcc else []
+        nv = [pool.submit(_cuda_job, a) for a in archs] if nvcc and cuda else []
         rows = list(pool.map(_triton_job, [(*job, head_dims) for job in jobs]))
-        for f in cuda:
+        for f in nv:
             rows += f.result()
     return rows
 
@@ -319,12 +321,16 @@ def print_table(rows, arch):
 
 
 def main():
-    archs = list(LIMITS) if target == "all" else [_default_arch() if target == "auto" else
-                                                  cli.one_of("target", target, list(LIMITS))]
+    cli.one_of("target", target, ["all", "auto", *LIMITS])
+    chosen = tuple(d.strip() for d in dtypes.split(","))
+    for d in chosen:
+        cli.one_of("dtype", d, list(TYPES))
+    archs = (list(LIMITS) if target == "all" else [_default_arch()] if target == "auto" else
+             [target])
     cuobjdump, nvcc = _tools()
     if nvcc is None:
         print(f"(no nvcc: the CUDA C++ rows need {NVCC_HELP})")
-    rows = report(archs)
+    rows = report(archs, chosen)
     for arch in archs:
         print_table([r for r, _ in rows if r["target"] == arch], arch)
     if show:
