@@ -728,12 +728,28 @@ def kernels_demo(dev):
     b = torch.randn(3072, device=dev, generator=g)
     try:
         t0 = time.perf_counter()
-        cuda_fn = cuda_bias_gelu()
-        print(f"CUDA kernel built by load_inline in {time.perf_counter() - t0:.1f} s")
+        ext = cuda_extension()
+        print(f"CUDA kernels built by load_inline in {time.perf_counter() - t0:.1f} s")
         print("bias + GELU on (16384, 3072) float32, speedup vs the first line:")
         rows += compare({"F.gelu(x + b) (torch, 2 kernels)": bias_gelu_torch,
                          "bias + GELU written out (eager)": bias_gelu,
-                         "CUDA C++ kernel (load_inline)": cuda_fn}, (x, b), dev, 2 * x.nbytes)
+                         "CUDA C++ kernel (load_inline)": ext.bias_gelu}, (x, b), dev,
+                        2 * x.nbytes)
+        xh, bh = x.bfloat16(), b.bfloat16()
+        print("bias + GELU in bfloat16 (python sass.py shows their loads), vs the first line:")
+        rows += compare({"F.gelu(x + b) (torch, 2 kernels)": bias_gelu_torch,
+                         "CUDA, one bf16 per load": lambda x, b: ext.bias_gelu_bf16_run(x, b, 0),
+                         "CUDA, 8 bf16 per 16-byte load":
+                             lambda x, b: ext.bias_gelu_bf16_run(x, b, 1)}, (xh, bh), dev,
+                        2 * xh.nbytes)
+        a, w = torch.randn(2048, 768, device=dev, generator=g), torch.randn(768, 3072,
+                                                                            device=dev, generator=g)
+        print("(2048, 768) @ (768, 3072) -> fp32, vs the first line (the diff of WMMA is bf16's):")
+        rows += compare({"torch fp32 (cuBLAS)": lambda a, w: a @ w,
+                         "CUDA tiled, shared memory, fp32": lambda a, w: ext.matmul_run(a, w, 0),
+                         "CUDA WMMA, tensor cores, bf16 in": lambda a, w: ext.matmul_run(
+                             a.bfloat16(), w.bfloat16(), 1)}, (a, w), dev,
+                        4 * (a.numel() + w.numel() + 2048 * 3072))
     except (RuntimeError, OSError, ImportError) as e:  # no nvcc or ninja, a compiler error
         print(f"skipped the CUDA C++ kernel, it failed to build or run: {type(e).__name__}: "
               f"{' '.join(str(e).split())[:300]}")

@@ -16,13 +16,14 @@ What you will learn
 Run it
   python sass.py                       # the GPU present, else sm_89 (RTX 40xx)
   python sass.py --target=sm_90        # H100; also sm_80, sm_86, sm_120; --target=all
-  python sass.py --show=_attn_fwd      # also print that kernel's SASS (a Triton or CUDA name)
+  python sass.py --dtypes=fp16         # the Triton kernels in fp16 (default: bf16,fp32)
+  python sass.py --show=matmul_wmma    # also print that kernel's SASS (a name from the table)
 Needs triton (pip install triton) and, for the CUDA C++ rows, nvcc from PyPI wheels:
   pip install nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-crt nvidia-cuda-runtime nvidia-cuda-cccl
 
 SASS glossary (the instructions the table counts; a suffix like .E is 64-bit addressing)
   LDG / STG       load / store global memory (HBM, through L2 and L1); .128 = 16 bytes a thread,
-                  .64 = 8, none = 4, .U16 = 2 (one bf16)
+                  .64 = 8, none = 4, .U16 = 2 (one bf16); LD: a load from either memory
   LDGSTS          cp.async: global -> shared without passing through registers (sm_80+)
   UTMALDG         TMA: one thread asks the copy engine for a whole tile (sm_90+)
   LDS / STS       load / store shared memory; LDSM: load a matrix fragment for the tensor cores
@@ -92,14 +93,15 @@ def parse_resources(text):
 
 
 def sass_counts(sass):
-    """{"tensor": {op: count}, "widest_load": bits of the widest global load (LDG or cp.async;
-    0 when none), "tma": count of TMA loads, "lds", "sts", "ldsm", "bar": counts}."""
+    """{"tensor": {op: count}, "widest_load": bits of the widest global load (LDG, cp.async or
+    a generic LD; 0 when none), "tma": count of TMA loads, "lds", "sts", "ldsm", "bar": counts}."""
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     tensor = {}
     for op in ops:
         if op.split(".")[0] in TENSOR_OPS:
             tensor[op.split(".")[0]] = tensor.get(op.split(".")[0], 0) + 1
-    widths = [_load_bits(op) for op in ops if op.split(".")[0] in ("LDG", "LDGSTS")]
+    # LD: a generic load (the pointer might be shared or global, e.g. WMMA's load_matrix_sync)
+    widths = [_load_bits(op) for op in ops if op.split(".")[0] in ("LDG", "LDGSTS", "LD")]
 
     def count(name):
         return sum(op.split(".")[0] == name for op in ops)
@@ -287,6 +289,7 @@ def report(archs, dtypes=("bf16", "fp16", "fp32"), head_dims=(64, 128), cuda=Tru
     if os.environ.setdefault("TRITON_INTERPRET", "0") not in ("", "0") or interpreted:
         raise ValueError("sass.py compiles for a GPU: run it in a process without "
                          "TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, said aloud
     _, nvcc = _tools()
     jobs = [(a, dt, i) for a in archs for dt in dtypes
             for i in range(len(triton_kernels(_cc(a), dt, head_dims)))]

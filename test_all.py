@@ -4935,6 +4935,26 @@ def test_primer_cuda_kernel_equals_torch():
 
 
 @needs_cuda
+def test_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
+    ext = cuda_primer.cuda_extension()
+    x = torch.randn(64, 3072, device="cuda").bfloat16()
+    b = torch.randn(3072, device="cuda").bfloat16()
+    ref = F.gelu(x.float() + b.float(), approximate="tanh")
+    for vec8 in (False, True):  # one bf16 per load, eight per 16-byte load: the same numbers
+        torch.testing.assert_close(ext.bias_gelu_bf16_run(x, b, vec8).float(), ref, rtol=1e-2,
+                                   atol=1e-2)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ext.bias_gelu_bf16_run(x[:, :771].contiguous(), b[:771].contiguous(), True)
+    a, w = torch.randn(100, 70, device="cuda"), torch.randn(70, 33, device="cuda")  # odd sizes
+    torch.testing.assert_close(ext.matmul_run(a, w, False), a @ w, rtol=1e-4, atol=1e-4)
+    a, w = torch.randn(64, 96, device="cuda").bfloat16(), torch.randn(96, 48, device="cuda").bfloat16()
+    torch.testing.assert_close(ext.matmul_run(a, w, True), a.float() @ w.float(), rtol=1e-3,
+                               atol=1e-3)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.matmul_run(a[:50].contiguous(), w, True)
+
+
+@needs_cuda
 def test_primer_triton_softmax_equals_torch():
     for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
         x = torch.randn(rows, cols, device="cuda") * 5
