@@ -21,19 +21,8 @@ Run it
 Needs triton (pip install triton) and, for the CUDA C++ rows, nvcc from PyPI wheels:
   pip install nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-crt nvidia-cuda-runtime nvidia-cuda-cccl
 
-SASS glossary (the instructions the table counts; a suffix like .E is 64-bit addressing)
-  LDG / STG       load / store global memory (HBM, through L2 and L1); .128 = 16 bytes a thread,
-                  .64 = 8, none = 4, .U16 = 2 (one bf16); LD: a load from either memory
-  LDGSTS          cp.async: global -> shared without passing through registers (sm_80+)
-  UTMALDG         TMA: one thread asks the copy engine for a whole tile (sm_90+)
-  LDS / STS       load / store shared memory; LDSM: load a matrix fragment for the tensor cores
-  BAR.SYNC        __syncthreads(): every warp of the block waits here
-  HMMA            a warp's tensor-core matrix multiply-accumulate (fp16/bf16 in, fp32 out)
-  HGMMA           Hopper's warpgroup (4 warps) tensor-core MMA, operands read from shared memory
-  FFMA / FMUL     fp32 fused multiply-add / multiply on the ordinary (CUDA) cores
-  MUFU.EX2        the special-function unit: 2^x (exp, softmax); MUFU.RCP 1/x, MUFU.TANH tanh
-  SHFL.BFLY       swap registers between the threads of a warp (reductions: row max, row sum)
-  F2FP.BF16       pack two fp32 into two bf16 (the cast before a store or a dot)
+The dozen SASS instructions the table counts (LDG.E.128, HMMA, HGMMA, LDS, BAR.SYNC, ...) are
+explained in docs/kernels.md ("SASS glossary"), with this file's numbers for every GPU.
 """
 import os
 import re
@@ -337,7 +326,8 @@ def main():
     for arch in archs:
         print_table([r for r, _ in rows if r["target"] == arch], arch)
     if show:
-        code = [c for r, c in rows if r["target"] == archs[0] and r["kernel"] == show]
+        code = [c for r, c in rows if r["target"] == archs[0] and show in (r["kernel"],
+                                                                           r["kernel"].split()[0])]
         if not code:
             raise ValueError(f"--show={show!r}: no such kernel; kernels: "
                              f"{', '.join(sorted({r['kernel'] for r, _ in rows}))}")

@@ -5965,8 +5965,9 @@ SASS_ARCHS = list(sass.LIMITS)
 def sass_rows():
     """Every kernel compiled for every target once per test run, in a fresh process (this one
     runs the interpreter): bf16 (the model's dtype) at head dims 64 and 128 and fp32 (norms,
-    loss, softmax) on every target, fp16 on sm_89 (the compiles are ~1 s of CPU each; this is
-    ~110 s of CPU on 2 cores). {(arch, kernel, dtype): row}."""
+    loss, softmax) on every target, fp16 on sm_89: 88 Triton compiles of ~1.6 s of CPU each
+    (triton's ~/.triton/cache makes a second run fast) and 5 nvcc ones, over every CPU core.
+    {(arch, kernel, dtype): row}."""
     code = ("import json, sass\n"
             f"rows = sass.report({SASS_ARCHS}, ('bf16', 'fp32'), (64, 128))\n"
             "rows += sass.report(['sm_89'], ('fp16',), (64,), cuda=False)\n"
@@ -6057,7 +6058,8 @@ def test_sass_cuda_kernels_compile_and_show_their_idea(sass_rows, arch):
     assert k["bias_gelu_kernel"]["widest_load"] == 32
     tiled = k["matmul_tiled"]
     assert tiled["lds"] > 0 and tiled["sts"] > 0 and tiled["bar"] >= 2
-    assert tiled["smem"] == 2 * 16 * 16 * 4                  # two 16 x 16 fp32 tiles
+    # two 16 x 16 fp32 tiles; cubins for sm_90 and sm_120 declare 1 KB more (nvcc's reserve)
+    assert tiled["smem"] == 2 * 16 * 16 * 4 + (1024 if arch in ("sm_90", "sm_120") else 0)
     assert k["matmul_wmma"]["tensor"].get("HMMA", 0) > 0
     assert not k["matmul_tiled"]["tensor"] and not k["bias_gelu_bf16x8"]["tensor"]
 
