@@ -9,7 +9,9 @@ What you will learn
   4. online softmax and the FlashAttention forward pass, tile by tile in numpy, equal to naive
      attention without ever holding the (T, T) score matrix;
   5. fusion: eager bias + GELU runs one kernel per op, torch.compile fuses them into one pass;
-  6. real kernels (GPU only): CUDA C++ through torch.utils.cpp_extension.load_inline, and Triton;
+  6. real kernels (GPU only): CUDA C++ through torch.utils.cpp_extension.load_inline (bias+GELU
+     in fp32 and bf16, one and eight values per load; a tiled and a tensor-core matmul), and
+     Triton; without a GPU, python sass.py shows what they compile to;
   7. torch.profiler: where a forward+backward of the "tiny" GPT spends its time.
 
 Without a GPU the ideas are simulated with counts in numpy and the GPU kernels skip with a

@@ -6,7 +6,8 @@ What you will learn
   * a kernel's resource bill: registers per thread, spills to local memory (slow, per-thread
     memory in DRAM), shared memory per block, against the limits of each GPU generation;
   * occupancy: how many warps an SM can keep resident at once, and which resource caps it
-    (registers, shared memory, or the warp / block slots), worked out by hand below;
+    (registers, shared memory, or the warp / block slots): occupancy() below, worked by hand
+    in docs/kernels.md;
   * SASS, the GPU's own instructions: whether tl.dot became tensor-core instructions (HMMA,
     HGMMA), how wide a global load is (LDG.E.128 = 16 bytes a thread), shared memory traffic
     (LDS / STS / LDSM) and barriers (BAR.SYNC);
@@ -26,10 +27,10 @@ explained in docs/kernels.md ("SASS glossary"), with this file's numbers for eve
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import cli
@@ -85,18 +86,12 @@ def sass_counts(sass):
     """{"tensor": {op: count}, "widest_load": bits of the widest global load (LDG, cp.async or
     a generic LD; 0 when none), "tma": count of TMA loads, "lds", "sts", "ldsm", "bar": counts}."""
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    tensor = {}
-    for op in ops:
-        if op.split(".")[0] in TENSOR_OPS:
-            tensor[op.split(".")[0]] = tensor.get(op.split(".")[0], 0) + 1
+    heads = Counter(op.split(".")[0] for op in ops)          # HMMA.16816.F32.BF16 -> HMMA
     # LD: a generic load (the pointer might be shared or global, e.g. WMMA's load_matrix_sync)
     widths = [_load_bits(op) for op in ops if op.split(".")[0] in ("LDG", "LDGSTS", "LD")]
-
-    def count(name):
-        return sum(op.split(".")[0] == name for op in ops)
-
-    return {"tensor": tensor, "widest_load": max(widths, default=0), "tma": count("UTMALDG"),
-            "lds": count("LDS"), "sts": count("STS"), "ldsm": count("LDSM"),
+    return {"tensor": {op: heads[op] for op in TENSOR_OPS if heads[op]},
+            "widest_load": max(widths, default=0), "tma": heads["UTMALDG"], "lds": heads["LDS"],
+            "sts": heads["STS"], "ldsm": heads["LDSM"],
             "bar": sum(op.startswith("BAR.SYNC") for op in ops)}
 
 
