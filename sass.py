@@ -36,8 +36,8 @@ from pathlib import Path
 import cli
 
 # options (python sass.py --name=value)
-target = "auto"          # sm_80, sm_86, sm_89, sm_90, sm_120, "all", or "auto" (GPU present / sm_89)
-dtypes = "bf16,fp32"      # the Triton kernels' dtypes: bf16 and fp32 as the model runs them; fp16
+target = "auto"          # sm_80, sm_86, sm_89, sm_90, sm_120, "all"; "auto": the GPU, else sm_89
+dtypes = "bf16,fp32"     # the Triton kernels' dtypes: bf16 and fp32 as the model runs them; fp16
 show = ""                # a kernel name: also print its SASS for the (first) target
 
 # Per SM limits, from the CUDA C++ Programming Guide's table of compute capabilities.

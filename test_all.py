@@ -4947,7 +4947,8 @@ def test_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
         ext.bias_gelu_bf16_run(x[:, :771].contiguous(), b[:771].contiguous(), True)
     a, w = torch.randn(100, 70, device="cuda"), torch.randn(70, 33, device="cuda")  # odd sizes
     torch.testing.assert_close(ext.matmul_run(a, w, False), a @ w, rtol=1e-4, atol=1e-4)
-    a, w = torch.randn(64, 96, device="cuda").bfloat16(), torch.randn(96, 48, device="cuda").bfloat16()
+    a = torch.randn(64, 96, device="cuda").bfloat16()
+    w = torch.randn(96, 48, device="cuda").bfloat16()
     torch.testing.assert_close(ext.matmul_run(a, w, True), a.float() @ w.float(), rtol=1e-3,
                                atol=1e-3)
     with pytest.raises(RuntimeError, match="multiples of 16"):
