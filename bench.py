@@ -1186,6 +1186,10 @@ def bench_kernels(args):
     import kernels
     rep, bf16 = args.repeat, torch.bfloat16
     print(f"device: {device_peak(device)[0]}; medians of {rep}, 10 calls each, taking turns")
+    cc = torch.cuda.get_device_capability(device)
+    print(f"FlashAttention tiles for compute capability {cc[0]}.{cc[1]} (kernels.FLASH_TILES, "
+          f"checked by sass.py): (BLOCK_M, BLOCK_N, num_warps, num_stages) = "
+          f"{kernels._tiles(64, cc)} at head dim 64")
 
     def rand(*shape, dtype=bf16, grad=True):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)

@@ -9,7 +9,9 @@ What you will learn
   4. online softmax and the FlashAttention forward pass, tile by tile in numpy, equal to naive
      attention without ever holding the (T, T) score matrix;
   5. fusion: eager bias + GELU runs one kernel per op, torch.compile fuses them into one pass;
-  6. real kernels (GPU only): CUDA C++ through torch.utils.cpp_extension.load_inline, and Triton;
+  6. real kernels (GPU only): CUDA C++ through torch.utils.cpp_extension.load_inline (bias+GELU
+     in fp32 and bf16, one and eight values per load; a tiled and a tensor-core matmul), and
+     Triton; without a GPU, python sass.py shows what they compile to;
   7. torch.profiler: where a forward+backward of the "tiny" GPT spends its time.
 
 Without a GPU the ideas are simulated with counts in numpy and the GPU kernels skip with a
@@ -490,21 +492,103 @@ def fusion_demo(dev):
 
 
 # ----------------------------------------------------------------------------- 6. kernels
-# The same fused bias + GELU by hand in CUDA C++: one thread per element, one read of x and
-# one write of y. load_inline compiles it with nvcc and binds it as a Python function.
-CUDA_SRC = r"""
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+# Four CUDA C++ kernels, each one idea. On a GPU load_inline compiles them with nvcc and binds
+# them as Python functions; without one, sass.py compiles the same source for a GPU and reads
+# what the GPU would run (registers, load widths, shared memory, tensor-core instructions).
+#   bias_gelu_kernel   fp32, one thread per element: one read of x, one write of y
+#   bias_gelu_bf16     bf16, one element per thread: 2-byte loads, 16x more load instructions
+#                      than bytes need (SASS: LDG.E.U16)
+#   bias_gelu_bf16x8   bf16, 8 elements per thread in one 16-byte load and store (LDG.E.128)
+#   matmul_tiled       fp32 C = A @ B through shared memory, TILE x TILE tiles: each element of
+#                      A and B is read from global memory N / TILE times, not N (LDS, BAR.SYNC)
+#   matmul_wmma        bf16 in, fp32 out on the tensor cores: one warp, one 16 x 16 tile of C,
+#                      the WMMA API (mma_sync becomes HMMA instructions)
+CUDA_KERNELS = r"""
+#include <cuda_bf16.h>
+#include <mma.h>
+
+__device__ __forceinline__ float gelu(float h) {  // tanh approximation, as F.gelu(tanh)
+    return 0.5f * h * (1.0f + tanhf(0.7978845608f * (h + 0.044715f * h * h * h)));
+}
 
 __global__ void bias_gelu_kernel(const float* __restrict__ x, const float* __restrict__ b,
                                  float* __restrict__ y, long n, long cols) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;  // this thread's element
     if (i >= n) return;                                    // the last block overhangs
-    float h = x[i] + b[i % cols];
-    y[i] = 0.5f * h * (1.0f + tanhf(0.7978845608f * (h + 0.044715f * h * h * h)));
+    y[i] = gelu(x[i] + b[i % cols]);
 }
 
+__global__ void bias_gelu_bf16(const __nv_bfloat16* __restrict__ x,
+                               const __nv_bfloat16* __restrict__ b,
+                               __nv_bfloat16* __restrict__ y, long n, long cols) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = __float2bfloat16(gelu(__bfloat162float(x[i]) + __bfloat162float(b[i % cols])));
+}
+
+// x, b, y seen as uint4 (16 bytes = 8 bf16): needs cols % 8 == 0 and 16-byte aligned tensors
+__global__ void bias_gelu_bf16x8(const uint4* __restrict__ x, const uint4* __restrict__ b,
+                                 uint4* __restrict__ y, long n8, long cols8) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;  // this thread's 8 elements
+    if (i >= n8) return;
+    uint4 xv = x[i], bv = b[i % cols8], yv;                // one 128-bit load each
+    const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+    const __nv_bfloat162* bp = reinterpret_cast<const __nv_bfloat162*>(&bv);
+    __nv_bfloat162* yp = reinterpret_cast<__nv_bfloat162*>(&yv);
+    for (int j = 0; j < 4; j++) {                          // 4 pairs of bf16
+        float2 xf = __bfloat1622float2(xp[j]), bf = __bfloat1622float2(bp[j]);
+        yp[j] = __floats2bfloat162_rn(gelu(xf.x + bf.x), gelu(xf.y + bf.y));
+    }
+    y[i] = yv;                                             // one 128-bit store
+}
+
+#define TILE 16
+// C (M, N) = A (M, K) @ B (K, N), fp32 row-major; blocks of TILE x TILE threads, one per C entry
+__global__ void matmul_tiled(const float* __restrict__ A, const float* __restrict__ B,
+                             float* __restrict__ C, int M, int N, int K) {
+    __shared__ float As[TILE][TILE], Bs[TILE][TILE];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int row = blockIdx.y * TILE + ty, col = blockIdx.x * TILE + tx;
+    float acc = 0.0f;
+    for (int t = 0; t < K; t += TILE) {
+        // each thread brings one element of each tile on chip...
+        As[ty][tx] = (row < M && t + tx < K) ? A[(long)row * K + t + tx] : 0.0f;
+        Bs[ty][tx] = (t + ty < K && col < N) ? B[(long)(t + ty) * N + col] : 0.0f;
+        __syncthreads();                                   // ...the whole tile is loaded
+        for (int k = 0; k < TILE; k++)                     // TILE multiply-adds from shared
+            acc += As[ty][k] * Bs[k][tx];
+        __syncthreads();                                   // done reading before overwriting
+    }
+    if (row < M && col < N) C[(long)row * N + col] = acc;
+}
+
+// C (M, N) fp32 = A (M, K) @ B (K, N) bf16 row-major, M, N, K multiples of 16; one warp (32
+// threads) per block computes one 16 x 16 tile of C on the tensor cores
+__global__ void matmul_wmma(const __nv_bfloat16* __restrict__ A,
+                            const __nv_bfloat16* __restrict__ B, float* __restrict__ C,
+                            int M, int N, int K) {
+    using namespace nvcuda;
+    long tm = blockIdx.y * 16, tn = blockIdx.x * 16;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (int k = 0; k < K; k += 16) {                      // the warp loads two 16 x 16 tiles
+        wmma::load_matrix_sync(a, A + tm * K + k, K);
+        wmma::load_matrix_sync(b, B + (long)k * N + tn, N);
+        wmma::mma_sync(c, a, b, c);                        // c += a @ b: tensor-core MMAs
+    }
+    wmma::store_matrix_sync(C + tm * N + tn, c, N, wmma::mem_row_major);
+}
+"""
+CUDA_NAMES = ("bias_gelu_kernel", "bias_gelu_bf16", "bias_gelu_bf16x8", "matmul_tiled",
+              "matmul_wmma")
+
+CUDA_SRC = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+""" + CUDA_KERNELS + r"""
 torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
                 "x must be a contiguous float32 CUDA tensor");
@@ -519,16 +603,77 @@ torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
 }
+
+// bias + GELU in bf16: vec8 = 8 elements per thread in 16-byte loads, else one per thread
+torch::Tensor bias_gelu_bf16_run(torch::Tensor x, torch::Tensor b, bool vec8) {
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
+                "x must be a contiguous bfloat16 CUDA tensor");
+    TORCH_CHECK(b.is_cuda() && b.scalar_type() == torch::kBFloat16 && b.is_contiguous()
+                && b.dim() == 1 && b.size(0) == x.size(-1), "b must be bfloat16 (x.size(-1),)");
+    TORCH_CHECK(!vec8 || (x.size(-1) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0
+                          && (uintptr_t)b.data_ptr() % 16 == 0),
+                "the 8-wide kernel needs rows of a multiple of 8 and 16-byte aligned tensors");
+    auto y = torch::empty_like(x);
+    long n = x.numel(), per = vec8 ? 8 : 1;
+    if (n == 0) return y;
+    int threads = 256;
+    long blocks = (n / per + threads - 1) / threads;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (vec8)
+        bias_gelu_bf16x8<<<blocks, threads, 0, stream>>>(
+            (const uint4*)x.data_ptr(), (const uint4*)b.data_ptr(), (uint4*)y.data_ptr(),
+            n / 8, x.size(-1) / 8);
+    else
+        bias_gelu_bf16<<<blocks, threads, 0, stream>>>(
+            (const __nv_bfloat16*)x.data_ptr(), (const __nv_bfloat16*)b.data_ptr(),
+            (__nv_bfloat16*)y.data_ptr(), n, x.size(-1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
+// a @ b -> fp32: tensor_cores = WMMA on bf16 (sizes multiples of 16), else the fp32 tiled kernel
+torch::Tensor matmul_run(torch::Tensor a, torch::Tensor b, bool tensor_cores) {
+    TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.dim() == 2 && b.dim() == 2
+                && a.size(1) == b.size(0) && a.is_contiguous() && b.is_contiguous(),
+                "a (M, K) and b (K, N) must be contiguous CUDA matrices");
+    auto want = tensor_cores ? torch::kBFloat16 : torch::kFloat32;
+    TORCH_CHECK(a.scalar_type() == want && b.scalar_type() == want,
+                tensor_cores ? "the WMMA kernel takes bfloat16" : "the tiled kernel takes float32");
+    int M = a.size(0), K = a.size(1), N = b.size(1);
+    TORCH_CHECK(!tensor_cores || (M % 16 == 0 && N % 16 == 0 && K % 16 == 0),
+                "the WMMA kernel needs M, N, K multiples of 16");
+    auto c = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
+    if (M == 0 || N == 0) return c;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (tensor_cores)  // one warp per 16 x 16 tile of C
+        matmul_wmma<<<dim3(N / 16, M / 16), 32, 0, stream>>>(
+            (const __nv_bfloat16*)a.data_ptr(), (const __nv_bfloat16*)b.data_ptr(),
+            c.data_ptr<float>(), M, N, K);
+    else               // TILE x TILE threads per TILE x TILE tile of C
+        matmul_tiled<<<dim3((N + TILE - 1) / TILE, (M + TILE - 1) / TILE), dim3(TILE, TILE),
+                       0, stream>>>(a.data_ptr<float>(), b.data_ptr<float>(),
+                                    c.data_ptr<float>(), M, N, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return c;
+}
 """
+CUDA_DECLS = """torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b);
+torch::Tensor bias_gelu_bf16_run(torch::Tensor x, torch::Tensor b, bool vec8);
+torch::Tensor matmul_run(torch::Tensor a, torch::Tensor b, bool tensor_cores);"""
+
+
+def cuda_extension():
+    """Compile (first time: ~1 min, then cached) the CUDA kernels above; the module has
+    bias_gelu(x, b) (fp32), bias_gelu_bf16_run(x, b, vec8) and matmul_run(a, b, tensor_cores)."""
+    from torch.utils.cpp_extension import load_inline
+    return load_inline(name="primer_kernels", cuda_sources=CUDA_SRC, cpp_sources=CUDA_DECLS,
+                       functions=["bias_gelu", "bias_gelu_bf16_run", "matmul_run"],
+                       extra_cuda_cflags=["-O3"])
 
 
 def cuda_bias_gelu():
-    """Compile (first time: ~1 min, then cached) and return the CUDA bias_gelu function."""
-    from torch.utils.cpp_extension import load_inline
-    ext = load_inline(name="primer_bias_gelu", cuda_sources=CUDA_SRC,
-                      cpp_sources="torch::Tensor bias_gelu(torch::Tensor x, torch::Tensor b);",
-                      functions=["bias_gelu"], extra_cuda_cflags=["-O3"])
-    return ext.bias_gelu
+    """The fp32 CUDA bias_gelu function of cuda_extension()."""
+    return cuda_extension().bias_gelu
 
 
 if triton is not None:
@@ -585,12 +730,28 @@ def kernels_demo(dev):
     b = torch.randn(3072, device=dev, generator=g)
     try:
         t0 = time.perf_counter()
-        cuda_fn = cuda_bias_gelu()
-        print(f"CUDA kernel built by load_inline in {time.perf_counter() - t0:.1f} s")
+        ext = cuda_extension()
+        print(f"CUDA kernels built by load_inline in {time.perf_counter() - t0:.1f} s")
         print("bias + GELU on (16384, 3072) float32, speedup vs the first line:")
         rows += compare({"F.gelu(x + b) (torch, 2 kernels)": bias_gelu_torch,
                          "bias + GELU written out (eager)": bias_gelu,
-                         "CUDA C++ kernel (load_inline)": cuda_fn}, (x, b), dev, 2 * x.nbytes)
+                         "CUDA C++ kernel (load_inline)": ext.bias_gelu}, (x, b), dev,
+                        2 * x.nbytes)
+        xh, bh = x.bfloat16(), b.bfloat16()
+        print("bias + GELU in bfloat16 (python sass.py shows their loads), vs the first line:")
+        rows += compare({"F.gelu(x + b) (torch, 2 kernels)": bias_gelu_torch,
+                         "CUDA, one bf16 per load": lambda x, b: ext.bias_gelu_bf16_run(x, b, 0),
+                         "CUDA, 8 bf16 per 16-byte load":
+                             lambda x, b: ext.bias_gelu_bf16_run(x, b, 1)}, (xh, bh), dev,
+                        2 * xh.nbytes)
+        a, w = torch.randn(2048, 768, device=dev, generator=g), torch.randn(768, 3072,
+                                                                            device=dev, generator=g)
+        print("(2048, 768) @ (768, 3072) -> fp32, vs the first line (the diff of WMMA is bf16's):")
+        rows += compare({"torch fp32 (cuBLAS)": lambda a, w: a @ w,
+                         "CUDA tiled, shared memory, fp32": lambda a, w: ext.matmul_run(a, w, 0),
+                         "CUDA WMMA, tensor cores, bf16 in": lambda a, w: ext.matmul_run(
+                             a.bfloat16(), w.bfloat16(), 1)}, (a, w), dev,
+                        4 * (a.numel() + w.numel() + 2048 * 3072))
     except (RuntimeError, OSError, ImportError) as e:  # no nvcc or ninja, a compiler error
         print(f"skipped the CUDA C++ kernel, it failed to build or run: {type(e).__name__}: "
               f"{' '.join(str(e).split())[:300]}")

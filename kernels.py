@@ -58,12 +58,36 @@ MAX_NORM_WIDTH = 16384   # one row of a norm is held in registers at once
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _tiles(d):
-    """(BLOCK_M, BLOCK_N) query x key tile sizes. Tiny on the interpreter so that the tests
-    cross several tiles; on a GPU 64 x 64 (32 key columns at d = 128, to fit in SRAM)."""
-    if INTERPRET:
-        return 16, 16
-    return (64, 64) if d <= 64 else (64, 32)
+# FlashAttention-2's tiles per GPU, chosen from what sass.py reads in the compiled kernels
+# (registers, spills, shared memory; python sass.py --target=all). compute capability ->
+# ({largest head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}, why). Every entry compiles
+# with no spill and within the block's shared memory for all three kernels (test_sass_...).
+FLASH_TILES = {
+    (8, 0): ({64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+             "A100, 163 KB a block: 128-row tiles on 8 warps keep 8 warps per SM, as 64 x 64 on "
+             "4 would, and each k, v tile serves twice the queries"),
+    (8, 6): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
+             "99 KB a block: 64-row tiles; at d = 128 two stages, not three, take the forward "
+             "from 53 to 37 KB of shared memory and from 4 to 8 warps per SM"),
+    (8, 9): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 40xx: the limits of sm_86"),
+    (9, 0): ({64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+             "H100, 227 KB a block: 128 x 64 tiles on two warpgroups (HGMMA): the forward at "
+             "d = 64 keeps 16 warps per SM, against 8 for 64 x 64 on 4 warps"),
+    (12, 0): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 50xx: 99 KB a block, as sm_89"),
+}
+FLASH_DEFAULT = (8, 6)   # an unlisted GPU gets the row with the least shared memory
+
+
+def flash_tiles(d, cc):
+    """FLASH_TILES' (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d on a GPU of
+    compute capability cc, e.g. (8, 9)."""
+    sizes = FLASH_TILES.get(tuple(cc), FLASH_TILES[FLASH_DEFAULT])[0]
+    return sizes[min(dmax for dmax in sizes if d <= dmax)]
+
+
+def _tiles(d, cc):
+    """The tiles a launch uses: tiny on the interpreter, so that the tests cross several."""
+    return (16, 16, 4, 1) if INTERPRET else flash_tiles(d, cc)
 
 
 # ============================================================================ FlashAttention-2
@@ -407,13 +431,18 @@ def _flash_forward(q, k, v, causal, scale):
     o = torch.empty(B, H, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float64 if q.dtype == torch.float64
                       else torch.float32)
-    bm, bn = _tiles(d)
+    bm, bn, warps, stages = _tiles(d, _capability(q.device))
     grid = (triton.cdiv(T, bm), B * H)
     _attn_fwd[grid](q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                     *o.stride()[:3], H, H // Hkv, T, S, d, scale,
                     CAUSAL=causal, IEEE=q.dtype == torch.float32, ACC=_acc(q.dtype),
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)))
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                    num_warps=warps, num_stages=stages)
     return o, lse
+
+
+def _capability(device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 class FlashAttention(torch.autograd.Function):
@@ -433,10 +462,10 @@ class FlashAttention(torch.autograd.Function):
             do = do.contiguous()
         B, H, T, d = q.shape
         Hkv, S = k.size(1), k.size(2)
-        bm, bn = _tiles(d)
+        bm, bn, warps, stages = _tiles(d, _capability(q.device))
         bd = max(16, triton.next_power_of_2(d))
         kw = dict(CAUSAL=ctx.causal, IEEE=q.dtype == torch.float32, ACC=_acc(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
         delta = torch.empty_like(lse)
         _attn_bwd_delta[(triton.cdiv(T, bm), B * H)](o, do, delta, *o.stride()[:3],
                                                      *do.stride()[:3], H, T, d, ACC=_acc(q.dtype),

@@ -5948,6 +5948,27 @@ def test_primer_cuda_kernel_equals_torch():
 
 
 @needs_cuda
+def test_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
+    ext = cuda_primer.cuda_extension()
+    x = torch.randn(64, 3072, device="cuda").bfloat16()
+    b = torch.randn(3072, device="cuda").bfloat16()
+    ref = F.gelu(x.float() + b.float(), approximate="tanh")
+    for vec8 in (False, True):  # one bf16 per load, eight per 16-byte load: the same numbers
+        torch.testing.assert_close(ext.bias_gelu_bf16_run(x, b, vec8).float(), ref, rtol=1e-2,
+                                   atol=1e-2)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ext.bias_gelu_bf16_run(x[:, :771].contiguous(), b[:771].contiguous(), True)
+    a, w = torch.randn(100, 70, device="cuda"), torch.randn(70, 33, device="cuda")  # odd sizes
+    torch.testing.assert_close(ext.matmul_run(a, w, False), a @ w, rtol=1e-4, atol=1e-4)
+    a = torch.randn(64, 96, device="cuda").bfloat16()
+    w = torch.randn(96, 48, device="cuda").bfloat16()
+    torch.testing.assert_close(ext.matmul_run(a, w, True), a.float() @ w.float(), rtol=1e-3,
+                               atol=1e-3)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.matmul_run(a[:50].contiguous(), w, True)
+
+
+@needs_cuda
 def test_primer_triton_softmax_equals_torch():
     for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
         x = torch.randn(rows, cols, device="cuda") * 5
@@ -7376,3 +7397,141 @@ def test_exercises_plain_words_for_each_outcome():
     assert exercises.plain_words(ex, "failed", "AssertionError: 1.0 != 2.0\nmore") == \
         "your answer disagrees with torch autograd in float64: AssertionError: 1.0 != 2.0"
 
+
+
+
+# ======================================================================
+# sass: tests for sass.py: every kernel compiled for real GPUs on a CPU (Triton's compiler and
+# nvcc from PyPI wheels), its registers, spills, shared memory and SASS read by cuobjdump
+# ======================================================================
+
+import sass  # noqa: E402
+
+
+def sass_tools():
+    """(has triton's compiler, has nvcc) in this install."""
+    try:
+        return True, sass._tools()[1] is not None
+    except ImportError:
+        return False, False
+
+
+HAS_TRITON_CC, HAS_NVCC = sass_tools()
+needs_triton_cc = pytest.mark.skipif(not HAS_TRITON_CC, reason=f"needs {sass.TRITON_HELP}")
+needs_nvcc = pytest.mark.skipif(not (HAS_TRITON_CC and HAS_NVCC), reason=f"needs {sass.NVCC_HELP}")
+SASS_ARCHS = list(sass.LIMITS)
+
+
+@pytest.fixture(scope="session")
+def sass_rows():
+    """Every kernel compiled for every target once per test run, in a fresh process (this one
+    runs the interpreter): bf16 (the model's dtype) at head dims 64 and 128 and fp32 (norms,
+    loss, softmax) on every target, fp16 on sm_89: 88 Triton compiles of ~1.6 s of CPU each
+    (triton's ~/.triton/cache makes a second run fast) and 5 nvcc ones, over every CPU core.
+    {(arch, kernel, dtype): row}."""
+    code = ("import json, sass\n"
+            f"rows = sass.report({SASS_ARCHS}, ('bf16', 'fp32'), (64, 128))\n"
+            "rows += sass.report(['sm_89'], ('fp16',), (64,), cuda=False)\n"
+            "print(json.dumps([r for r, _ in rows]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {(x["target"], x["kernel"], x["dtype"]): x for x in json.loads(r.stdout)}
+
+
+def test_sass_occupancy_matches_a_hand_calculation():
+    lim = sass.LIMITS["sm_89"]  # 65,536 registers, 100 KB shared, 48 warps, 24 blocks per SM
+    # registers: 100 a thread x 32 = 3,200 a warp, rounded up to 3,328 (13 x 256): 65,536 //
+    # 3,328 = 19 warps -> 4 blocks of 4 warps = 16 warps (without the rounding: 20)
+    assert sass.occupancy(100, 0, 4, lim)[:2] == (16, "registers")
+    # shared: 51,200 + 1,024 reserved = 52,224 bytes a block: 102,400 // 52,224 = 1 block = 4
+    # warps (without the reserve: 2 blocks); registers 32 a thread would allow 16 blocks
+    assert sass.occupancy(32, 51200, 4, lim)[:2] == (4, "shared")
+    # warps: 8 warps a block (256 threads): 48 // 8 = 6 blocks = 48 warps, the SM's maximum
+    assert sass.occupancy(32, 0, 8, lim)[:2] == (48, "warps")
+    assert sass.occupancy(32, 0, 8, lim)[2] == {"registers": 8, "shared": 100, "warps": 6,
+                                                "blocks": 24}
+
+
+def test_sass_reads_resources_and_instruction_classes():
+    res = sass.parse_resources(" Function k:\n  REG:40 STACK:0 SHARED:2048 LOCAL:8 CONSTANT[0]:4")
+    assert res == {"regs": 40, "spill": 8, "static_smem": 2048}
+    text = ("        /*00d0*/                   LDG.E.128.CONSTANT R8, [R8.64] ;\n"
+            "        /*00e0*/              @!P1 LDG.E.U16 R2, desc[UR4][R2.64] ;\n"
+            "        /*0340*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+            "        /*0350*/                   LDS R28, [R18] ;\n"
+            "        /*04e0*/                   HMMA.16816.F32.BF16 R20, R12, R16, R20 ;\n")
+    c = sass.sass_counts(text)
+    assert c == {"tensor": {"HMMA": 1}, "widest_load": 128, "tma": 0, "lds": 1, "sts": 0,
+                 "ldsm": 0, "bar": 1}
+    assert sass.sass_counts(text.replace("LDG.E.128", "LDG.E.64"))["widest_load"] == 64
+    with pytest.raises(ValueError, match="no resource line"):
+        sass.parse_resources("nothing")
+
+
+@needs_triton_cc
+@pytest.mark.parametrize("arch", SASS_ARCHS)
+def test_sass_triton_kernels_compile_for_every_target(sass_rows, arch):
+    rows = [r for (a, k, d), r in sass_rows.items() if a == arch and k[0] == "_" or
+            a == arch and k == "softmax_kernel"]
+    names = {(r["kernel"], r["dtype"]) for r in rows}
+    for dtype in ("bf16", "fp16") if arch == "sm_89" else ("bf16",):
+        assert {(f"{k} d=64", dtype) for k in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                                               "_attn_bwd_delta")} <= names
+    for dtype in ("bf16", "fp16", "fp32") if arch == "sm_89" else ("bf16", "fp32"):
+        assert {(k, dtype) for k in ("_norm_fwd", "_norm_bwd", "_xent", "softmax_kernel")} <= names
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} on {arch}"
+        assert r["spill"] == 0, f"{where} spills {r['spill']} bytes"
+        assert 0 < r["regs"] <= sass.LIMITS[arch]["max_regs"], where
+        assert r["smem"] <= sass.LIMITS[arch]["smem_block"], where
+        assert r["resident"] >= r["warps"], f"{where}: not even one block fits on an SM"
+        dots = r["kernel"].split()[0] in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+        assert bool(r["tensor"]) == dots, f"{where}: tensor-core ops {r['tensor']}"
+        assert r["widest_load"] >= 64 or r["tma"], f"{where}: {r['widest_load']}-bit loads"
+
+
+@needs_triton_cc
+def test_kernels_flash_tiles_fit_every_listed_target(sass_rows, monkeypatch):
+    # each row of kernels.FLASH_TILES is a target sass.py knows, and what a GPU run uses there
+    # (kernels._tiles) compiles with no spill and within the block's shared memory
+    monkeypatch.setattr(kernels, "INTERPRET", False)   # as on a GPU
+    for cc, (sizes, why) in kernels.FLASH_TILES.items():
+        arch = f"sm_{cc[0]}{cc[1]}"
+        assert arch in sass.LIMITS and why
+        for d in sizes:
+            assert kernels._tiles(d, cc) == sizes[d] == kernels._tiles(d - 1, cc)
+            if d in (64, 128):
+                for k in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+                    r = sass_rows[(arch, f"{k} d={d}", "bf16")]
+                    assert r["spill"] == 0 and r["smem"] <= r["smem_limit"], r
+                    assert r["warps"] == sizes[d][2], r
+    assert kernels._tiles(64, (7, 5)) == kernels.FLASH_TILES[kernels.FLASH_DEFAULT][0][64]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", SASS_ARCHS)
+def test_sass_cuda_kernels_compile_and_show_their_idea(sass_rows, arch):
+    k = {name: sass_rows[(arch, name, dtype)] for name, (dtype, _) in sass.CUDA_LAUNCH.items()}
+    assert all(r["spill"] == 0 for r in k.values())
+    assert k["bias_gelu_bf16"]["widest_load"] == 16          # one bf16 per load
+    assert k["bias_gelu_bf16x8"]["widest_load"] == 128       # eight per 16-byte load
+    assert k["bias_gelu_kernel"]["widest_load"] == 32
+    tiled = k["matmul_tiled"]
+    assert tiled["lds"] > 0 and tiled["sts"] > 0 and tiled["bar"] >= 2
+    # two 16 x 16 fp32 tiles; cubins for sm_90 and sm_120 declare 1 KB more (nvcc's reserve)
+    assert tiled["smem"] == 2 * 16 * 16 * 4 + (1024 if arch in ("sm_90", "sm_120") else 0)
+    assert k["matmul_wmma"]["tensor"].get("HMMA", 0) > 0
+    assert not k["matmul_tiled"]["tensor"] and not k["bias_gelu_bf16x8"]["tensor"]
+
+
+def test_sass_script_errors_are_one_line():
+    r = subprocess.run([sys.executable, "sass.py", "--target=sm_70"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == ("error: unknown target 'sm_70'; valid targets: "
+                                              "all, auto, sm_80, sm_86, sm_89, sm_90, sm_120\n")
+    code = ("import sys, runpy; sys.modules['triton'] = None; sys.argv = ['sass.py']\n"
+            "runpy.run_path('sass.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr == f"error: sass.py needs triton: {sass.TRITON_HELP}\n"
