@@ -164,12 +164,13 @@ def compile_cuda(source, arch, nvcc):
 
 # ----------------------------------------------------------------------------- Triton kernels
 # Each kernel's arguments by name: these point at the data (of the dtype compiled), these at
-# fp32 statistics, these at int64 indices, these are fp32 scalars; every other one is an i32.
+# fp32 statistics, these at int64 indices, these are scalars (of their own type); every other
+# one is an i32.
 DATA = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "X", "Y", "DY", "DX", "LOGITS", "GRAD",
         "x_ptr", "y_ptr"}
-STATS = {"LSE", "DELTA", "MEAN", "RSTD", "DW", "DB", "LOSS", "W", "B"}
+STATS = {"LSE", "DELTA", "MEAN", "RSTD", "DW", "DB", "LOSS", "W", "B", "DLOSS"}
 INDEX = {"TARGETS", "NVALID"}
-SCALARS = {"scale", "eps"}
+SCALARS = {"scale": "fp64", "eps": "fp32"}  # attention's scale travels in float64 (kernels.py)
 # Triton's launcher compiles an int argument that is a multiple of 16 as one (and a pointer as
 # 16-byte aligned, which torch's allocations are): that is what lets loads widen to 128 bits.
 # These are multiples of 16 at GPT-2's shapes (head dim 64, T = 1024, rows of 768 and 50,304).
@@ -199,8 +200,8 @@ def triton_kernels(cc, dtype, head_dims=(64, 128)):
     norm = dict(RMS=False, HAS_B=True, ACC=acc, BLOCK_R=kernels._row_block(block), BLOCK=block)
     rows += [("_norm_fwd", kernels._norm_fwd, norm, kernels._warps(block), 3),
              ("_norm_bwd", kernels._norm_bwd, norm, kernels._warps(block), 3),
-             ("_xent", kernels._xent, dict(WRITE_GRAD=True, ACC=acc, BLOCK_R=1, BLOCK_V=4096),
-              8, 3),
+             ("_xent_fwd", kernels._xent_fwd, dict(ACC=acc, BLOCK_R=1, BLOCK_V=4096), 8, 3),
+             ("_xent_bwd", kernels._xent_bwd, dict(ACC=acc, BLOCK_R=1, BLOCK_V=4096), 8, 3),
              ("softmax_kernel", cuda_primer.softmax_kernel, dict(BLOCK=block), 4, 3)]
     return rows
 
@@ -216,7 +217,7 @@ def compile_triton(fn, dtype, constexprs, cc, warps, stages):
         data = n in DATA and not (n == "V" and "LOGITS" in names)  # _xent's V: vocab size
         sig[n] = ("constexpr" if n in constexprs else f"*{TYPES[dtype]}" if data else
                   "*fp32" if n in STATS else "*i64" if n in INDEX else
-                  "fp32" if n in SCALARS else "i32")
+                  SCALARS[n] if n in SCALARS else "i32")
     hint = [["tt.divisibility", 16]]
     attrs = {(i,): hint for i, n in enumerate(names) if sig[n][0] == "*" or n in ALIGNED}
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)

@@ -7479,7 +7479,7 @@ def test_sass_triton_kernels_compile_for_every_target(sass_rows, arch):
         assert {(f"{k} d=64", dtype) for k in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq",
                                                "_attn_bwd_delta")} <= names
     for dtype in ("bf16", "fp16", "fp32") if arch == "sm_89" else ("bf16", "fp32"):
-        assert {(k, dtype) for k in ("_norm_fwd", "_norm_bwd", "_xent", "softmax_kernel")} <= names
+        assert {(k, dtype) for k in ("_norm_fwd", "_norm_bwd", "_xent_fwd", "_xent_bwd", "softmax_kernel")} <= names
     for r in rows:
         where = f"{r['kernel']} {r['dtype']} on {arch}"
         assert r["spill"] == 0, f"{where} spills {r['spill']} bytes"
