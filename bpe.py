@@ -59,28 +59,11 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-# Both keep every character: each one is a letter, a digit, a space or "other", and each class has
-# an alternative. A pattern from elsewhere must show it keeps PROBE whole (check_pattern), and
-# encoding checks that its pre-tokens add up to the text. The probe has one of each Unicode
-# general category (letters of many scripts, combining marks, digits, spaces and separators,
-# punctuation, symbols, emoji with joiners, control, format and private-use characters), at the
-# start, after a space and in runs, and line ends of every kind.
-PROBE = ("Aa zé Ωμέγα Привет 你好世界 こんにちは 안녕 مرحبا שָׁלוֹם नमस्ते का e\u0301 1\u20dd ǅ ʰ ſß 'tis I'm don't CAN'T "
-         "0 42 3.14 ١٢٣ ½ ² Ⅻ !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ¡¿«»—…€£¥©®° ±×÷ "
-         "👋🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️ \t\ttab\n\nline\r\nwin\rmac\x0b\x0c\x1c\x85\u2028\u2029 "
-         "\xa0\u3000\u200b\u2060\ufeff \x00\x01\x1f\x7f\ue000\U0010fffd x  y   \n  \n ")
 NO_MERGE = 1 << 62           # the rank given to a pair that no merge joins (above every real rank)
 LONG_PIECE = 48              # pre-tokens of at least this many bytes are merged by rank with a heap
 MAX_VOCAB = 1 << 21          # 2,097,152 ids: 8x the largest released vocabularies (~262k)
 FORMAT = "nanollm bpe 1"     # first field of a saved tokenizer
 CACHE_SIZE = 1 << 16         # pre-tokens whose ids encode() remembers; cleared when full
-# Where a long text can be cut so that each piece pre-tokenizes exactly like the whole: after a
-# lone newline, or before a lone space, between non-space characters. Under both patterns above
-# no pre-token crosses those points and none looks past them (tests check this on nasty strings).
-CUT = regex.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
-LAST_CUT = regex.compile(r"(?r)(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")  # same, searched from the end
-PIECE = 1 << 20              # characters per piece of a long text, for parallel pre-tokenizing
-PARALLEL_MIN = 1 << 20       # texts shorter than this are pre-tokenized without a process pool
 
 
 def merge(ids, pair, new):
@@ -541,6 +524,18 @@ def dropped_message(compiled, text):
             f" a split pattern must match every character (e.g. \"gpt2\" or \"gpt4\")")
 
 
+# The two patterns above keep every character: each one is a letter, a digit, a space or "other", and each class has
+# an alternative. A pattern from elsewhere must show it keeps PROBE whole (check_pattern), and
+# encoding checks that its pre-tokens add up to the text. The probe has one of each Unicode
+# general category (letters of many scripts, combining marks, digits, spaces and separators,
+# punctuation, symbols, emoji with joiners, control, format and private-use characters), at the
+# start, after a space and in runs, and line ends of every kind.
+PROBE = ("Aa zé Ωμέγα Привет 你好世界 こんにちは 안녕 مرحبا שָׁלוֹם नमस्ते का e\u0301 1\u20dd ǅ ʰ ſß 'tis I'm don't CAN'T "
+         "0 42 3.14 ١٢٣ ½ ² Ⅻ !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ¡¿«»—…€£¥©®° ±×÷ "
+         "👋🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️ \t\ttab\n\nline\r\nwin\rmac\x0b\x0c\x1c\x85\u2028\u2029 "
+         "\xa0\u3000\u200b\u2060\ufeff \x00\x01\x1f\x7f\ue000\U0010fffd x  y   \n  \n ")
+
+
 def check_pattern(pattern):
     """(pattern, compiled) for a split pattern that compiles and keeps every character of PROBE;
     else a clear error. A pattern that drops text would make decode(encode(text)) != text."""
@@ -590,6 +585,13 @@ def special_regex(specials):
 
 
 # ----------------------------------------------------------------------------- pre-tokenizing in parallel
+# Where a long text can be cut so that each piece pre-tokenizes exactly like the whole: after a
+# lone newline, or before a lone space, between non-space characters. Under both patterns above
+# no pre-token crosses those points and none looks past them (tests check this on nasty strings).
+CUT = regex.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+LAST_CUT = regex.compile(r"(?r)(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")  # same, searched from the end
+PIECE = 1 << 20              # characters per piece of a long text, for parallel pre-tokenizing
+PARALLEL_MIN = 1 << 20       # texts shorter than this are pre-tokenized without a process pool
 def pieces(text, specials=None, size=PIECE):
     """Cut text into pieces that pre-tokenize independently: special tokens are hard boundaries
     (dropped here), and runs longer than size are cut at the first CUT after size characters."""

@@ -196,7 +196,11 @@ def help_if_asked(name, source, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if name == "__main__" and any(a in HELP_FLAGS for a in argv):
         groups, presets = read_constants(source)
-        print_help({n: v for _, opts in groups for n, v, _ in opts}, presets, source)
+        try:
+            print_help({n: v for _, opts in groups for n, v, _ in opts}, presets, source)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head`: the reader left; no traceback for that
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
 
 

@@ -112,16 +112,16 @@ EXERCISES = [
              "self.merges. piece.translate(self.byte_table) gives the byte ids.", 45),
     Exercise("data-batches", "an epoch's windows as batches", "dataloader.py",
              ("DataLoader.next_batch", "DataLoader.full_pass"),
-             ("test_data_epoch_sees_every_window_once", "test_data_empty_shards_hold_no_windows",
-              "test_data_random_sampler_is_nanogpts"),
+             ("test_dataloader_epoch_sees_every_window_once", "test_dataloader_empty_shards_hold_no_windows",
+              "test_dataloader_random_sampler_is_nanogpts"),
              "every window of every shard exactly once per epoch, counted by hand",
              "self._windows(pos) gives global window ids; self.first[s] is shard s's first "
              "one (np.searchsorted finds the shard). An epoch window j of a shard starts at "
              "token j * T; a random-sampler id is already a start.", 45),
     Exercise("data-ddp", "shuffled epochs, split disjointly over ranks", "dataloader.py",
              ("DataLoader._permutation", "DataLoader._windows"),
-             ("test_data_epoch_sees_every_window_once", "test_data_ranks_are_disjoint_and_cover_the_epoch",
-              "test_data_resume_mid_epoch_is_exact", "test_data_random_sampler_is_nanogpts"),
+             ("test_dataloader_epoch_sees_every_window_once", "test_dataloader_ranks_are_disjoint_and_cover_the_epoch",
+              "test_dataloader_resume_mid_epoch_is_exact", "test_dataloader_random_sampler_is_nanogpts"),
              "the single-process loader: the ranks together must serve exactly its windows",
              "Lay the epochs end to end as one stream; step k takes positions [k*B*W, "
              "(k+1)*B*W) and rank r the r-th B of them. One step can straddle two epochs. "
@@ -197,13 +197,13 @@ EXERCISES = [
              "more the policy than the reference prefers chosen over rejected.", 40),
     Exercise("primer-tiled-matmul", "a tiled matmul and its memory loads", "cuda_primer.py",
              ("tiled_matmul", "tiled_loads"),
-             ("test_primer_tiled_matmul_equals_numpy_and_counts_loads",),
+             ("test_cuda_primer_tiled_matmul_equals_numpy_and_counts_loads",),
              "numpy's A @ B, and the load count worked out by hand",
              "One output tile at a time; march along K one pair of input tiles at a time and "
              "count the elements of each tile you load. Edge tiles are smaller.", 30),
     Exercise("primer-online-softmax", "online softmax and FlashAttention in numpy", "cuda_primer.py",
              ("online_softmax", "flash_attention"),
-             ("test_primer_online_softmax_equals_torch", "test_primer_flash_and_naive_attention_equal_torch"),
+             ("test_cuda_primer_online_softmax_equals_torch", "test_cuda_primer_flash_and_naive_attention_equal_torch"),
              "torch.softmax and torch's scaled_dot_product_attention",
              "Keep a running max m and a running sum l; when m grows, multiply what you have "
              "summed by exp(m_old - m_new). In attention the unnormalised output is rescaled "

@@ -58,38 +58,6 @@ MAX_NORM_WIDTH = 16384   # one row of a norm is held in registers at once
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# FlashAttention-2's tiles per GPU, chosen from what sass.py reads in the compiled kernels
-# (registers, spills, shared memory; python sass.py --target=all). compute capability ->
-# ({largest head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}, why). Every entry compiles
-# with no spill and within the block's shared memory for all three kernels (test_sass_...).
-FLASH_TILES = {
-    (8, 0): ({64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
-             "A100, 163 KB a block: 128-row tiles on 8 warps keep 8 warps per SM, as 64 x 64 on "
-             "4 would, and each k, v tile serves twice the queries"),
-    (8, 6): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
-             "99 KB a block: 64-row tiles; at d = 128 two stages, not three, take the forward "
-             "from 53 to 37 KB of shared memory and from 4 to 8 warps per SM"),
-    (8, 9): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 40xx: the limits of sm_86"),
-    (9, 0): ({64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
-             "H100, 227 KB a block: 128 x 64 tiles on two warpgroups (HGMMA): the forward at "
-             "d = 64 keeps 16 warps per SM, against 8 for 64 x 64 on 4 warps"),
-    (12, 0): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 50xx: 99 KB a block, as sm_89"),
-}
-FLASH_DEFAULT = (8, 6)   # an unlisted GPU gets the row with the least shared memory
-
-
-def flash_tiles(d, cc):
-    """FLASH_TILES' (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d on a GPU of
-    compute capability cc, e.g. (8, 9)."""
-    sizes = FLASH_TILES.get(tuple(cc), FLASH_TILES[FLASH_DEFAULT])[0]
-    return sizes[min(dmax for dmax in sizes if d <= dmax)]
-
-
-def _tiles(d, cc):
-    """The tiles a launch uses: tiny on the interpreter, so that the tests cross several."""
-    return (16, 16, 4, 1) if INTERPRET else flash_tiles(d, cc)
-
-
 # ============================================================================ FlashAttention-2
 # Shapes: q (B, H, T, d); k, v (B, Hkv, S, d), H a multiple of Hkv (GQA); o like q; lse (B, H, T).
 # One program owns BLOCK_M query rows of one head. Per program, on chip:
@@ -423,6 +391,38 @@ def _check_device(what, *tensors, floats=99):
 
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# FlashAttention-2's tiles per GPU, chosen from what sass.py reads in the compiled kernels
+# (registers, spills, shared memory; python sass.py --target=all). compute capability ->
+# ({largest head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}, why). Every entry compiles
+# with no spill and within the block's shared memory for all three kernels (test_sass_...).
+FLASH_TILES = {
+    (8, 0): ({64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+             "A100, 163 KB a block: 128-row tiles on 8 warps keep 8 warps per SM, as 64 x 64 on "
+             "4 would, and each k, v tile serves twice the queries"),
+    (8, 6): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
+             "99 KB a block: 64-row tiles; at d = 128 two stages, not three, take the forward "
+             "from 53 to 37 KB of shared memory and from 4 to 8 warps per SM"),
+    (8, 9): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 40xx: the limits of sm_86"),
+    (9, 0): ({64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+             "H100, 227 KB a block: 128 x 64 tiles on two warpgroups (HGMMA): the forward at "
+             "d = 64 keeps 16 warps per SM, against 8 for 64 x 64 on 4 warps"),
+    (12, 0): ({64: (64, 64, 4, 3), 128: (64, 32, 4, 2)}, "RTX 50xx: 99 KB a block, as sm_89"),
+}
+FLASH_DEFAULT = (8, 6)   # an unlisted GPU gets the row with the least shared memory
+
+
+def flash_tiles(d, cc):
+    """FLASH_TILES' (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d on a GPU of
+    compute capability cc, e.g. (8, 9)."""
+    sizes = FLASH_TILES.get(tuple(cc), FLASH_TILES[FLASH_DEFAULT])[0]
+    return sizes[min(dmax for dmax in sizes if d <= dmax)]
+
+
+def _tiles(d, cc):
+    """The tiles a launch uses: tiny on the interpreter, so that the tests cross several."""
+    return (16, 16, 4, 1) if INTERPRET else flash_tiles(d, cc)
 
 
 def _flash_forward(q, k, v, causal, scale):

@@ -306,7 +306,7 @@ def test_cli_run_turns_expected_errors_into_one_line(monkeypatch):
     ("data", "/missing.txt", "--data='/missing.txt': must be an existing file or folder (or "
                              "empty: ../shared/data when it is there)"),
 ])
-def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
+def test_bench_bad_options_are_one_error_before_any_section(monkeypatch, option, value,
                                                                  message):
     import bench  # bench.py's main(), which cli.run turns into one line and exit 1
     monkeypatch.setattr(bench, "SECTIONS", {k: None for k in bench.SECTIONS})  # none may run
@@ -316,7 +316,7 @@ def test_cli_bench_bad_options_are_one_error_before_any_section(monkeypatch, opt
     assert str(e.value) == message
 
 
-def test_cli_bench_writes_bench_json_only_with_results(monkeypatch, tmp_path):
+def test_bench_writes_bench_json_only_with_results(monkeypatch, tmp_path):
     import bench
     out = tmp_path / "bench.json"
     out.write_text('{"old": "rows"}')
@@ -344,7 +344,7 @@ def test_cli_bench_writes_bench_json_only_with_results(monkeypatch, tmp_path):
     assert sorted(files_of(tmp_path)) == ["bench.json"]
 
 
-def test_cli_bench_missing_data_is_one_line_and_keeps_bench_json(tmp_path):
+def test_bench_missing_data_is_one_line_and_keeps_bench_json(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "bench.json").write_text("{}")
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only=train",
@@ -607,6 +607,64 @@ def test_cli_parse_json_any_damage_is_one_line_naming_the_file(tmp_path):
     assert [next(rows), next(rows)] == [(1, {"t": "a\u2028b"}), (3, [])]
     with pytest.raises(ValueError, match=re.escape(f"{lines}:4: not valid JSON (nested deeper than 64")):
         next(rows)
+
+
+def test_cli_help_piped_into_head_is_quiet():
+    """`python train.py --help | head -1`: the reader leaves early; help still exits 0 with
+    nothing on stderr (a BrokenPipeError traceback before)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # what head does after its line
+    err = p.stderr.read().decode()
+    assert (p.wait(timeout=60), err) == (0, "")
+
+
+def test_all_tests_are_named_after_one_file():
+    """`-k test_NAME_` selects exactly NAME.py's tests: every test's name holds test_<stem>_ of
+    exactly one file of the project (at its start), and every file has tests."""
+    stems = {p.stem.removeprefix("test_") if p.stem == "test_all" else p.stem
+             for p in ROOT.glob("*.py")}
+    tests = [n.name for n in ast_module(ROOT / "test_all.py").body
+             if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    owners = {}
+    for name in tests:
+        hits = [s for s in stems if f"test_{s}_" in name]
+        assert len(hits) == 1 and name.startswith(f"test_{hits[0]}_"), (name, hits)
+        owners.setdefault(hits[0], []).append(name)
+    assert set(owners) == stems, sorted(stems - set(owners))  # no file without tests
+
+
+LESSONS = ("micrograd", "bpe", "dataloader", "block", "gpt", "optim", "train", "resume", "evals",
+           "finetune", "chat", "cuda_primer", "kernels")
+LEAD_BOUND = 15  # lines of tables, patterns and setup allowed between the imports and the idea
+
+
+def lesson_lead(path):
+    """(line of the first definition after the imports, lines before it that are not options):
+    the options (`name = constant  # comment`) are the lesson's knobs and belong at the top;
+    anything else there (patterns, presets, tables) delays the idea."""
+    body = ast_module(path).body
+    imports = max(n.end_lineno for n in body if isinstance(n, (ast.Import, ast.ImportFrom)))
+    first = next(n for n in body
+                 if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno > imports)
+    def option(n):
+        return (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.value, ast.Constant)
+                and isinstance(n.targets[0], ast.Name) and n.targets[0].id.islower())
+    other = sum(n.end_lineno - n.lineno + 1 for n in body
+                if imports < n.lineno < first.lineno and not option(n))
+    return first.lineno, other
+
+
+def test_all_lesson_files_open_on_their_idea(tmp_path):
+    """Lesson first: in every lesson file at most LEAD_BOUND lines that are not options stand
+    between the imports and the first definition (train.py's presets once took 43)."""
+    for stem in LESSONS:
+        line, other = lesson_lead(ROOT / f"{stem}.py")
+        assert other <= LEAD_BOUND, f"{stem}.py: {other} lines before its first definition (line {line})"
+    late = tmp_path / "late.py"  # the measure itself: a preset table above the first def counts
+    late.write_text("import os\nlr = 1e-3  # an option\nPRESETS = {\n    'a': 1,\n}\n\n\ndef f():\n    pass\n")
+    assert lesson_lead(late) == (8, 3)
 
 
 # ======================================================================
@@ -1766,7 +1824,7 @@ def test_bpe_merge_equals_bytes_replace():
 
 
 # ======================================================================
-# data: tests for dataloader.py
+# dataloader: tests for dataloader.py (and corpora.py's readers: test_corpora_)
 # ======================================================================
 
 def make_shards(folder, lengths, dtype=np.uint16):
@@ -1800,7 +1858,7 @@ def stream(loaders, steps):
     return out
 
 
-def test_data_shard_header_round_trip(tmp_path):
+def test_dataloader_shard_header_round_trip(tmp_path):
     for dtype in (np.uint16, np.uint32):
         tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 1000, dtype=dtype)
         path = tmp_path / f"{np.dtype(dtype).name}.bin"
@@ -1814,7 +1872,7 @@ def test_data_shard_header_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_data_bad_shards_name_the_file(tmp_path):
+def test_dataloader_bad_shards_name_the_file(tmp_path):
     good = tmp_path / "good.bin"
     dl.write_shard(good, np.arange(10, dtype=np.uint16))
     raw = good.read_bytes()
@@ -1834,7 +1892,7 @@ def test_data_bad_shards_name_the_file(tmp_path):
         dl.write_shard(tmp_path / "f.bin", np.arange(3, dtype=np.int64))
 
 
-def test_data_epoch_sees_every_window_once(tmp_path):
+def test_dataloader_epoch_sees_every_window_once(tmp_path):
     lengths, T, B = [100, 57, 237, 8], 7, 5
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1851,7 +1909,7 @@ def test_data_epoch_sees_every_window_once(tmp_path):
     assert again == got[:len(again)] and other != again  # the order is fixed by the seed
 
 
-def test_data_empty_shards_hold_no_windows(tmp_path):
+def test_dataloader_empty_shards_hold_no_windows(tmp_path):
     lengths, T, B = [0, 100, 0, 57], 7, 4  # an empty shard first and in the middle
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1866,7 +1924,7 @@ def test_data_empty_shards_hold_no_windows(tmp_path):
         dl.DataLoader(make_shards(tmp_path / "empty", [0]), B, T)
 
 
-def test_data_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
+def test_dataloader_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
     lengths, T, B, W = [300, 111, 200], 5, 4, 3
     folder = make_shards(tmp_path / "s", lengths)
     want = expected_windows(lengths, T)
@@ -1886,7 +1944,7 @@ def test_data_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["epoch", "random"])
-def test_data_resume_mid_epoch_is_exact(tmp_path, sampler):
+def test_dataloader_resume_mid_epoch_is_exact(tmp_path, sampler):
     folder = make_shards(tmp_path / "s", [400, 150])
     run = dl.DataLoader(folder, 6, 8, rank=1, world_size=2, sampler=sampler, seed=7)
     stream([run], 5)  # mid-epoch (66 windows; 5 steps use 60)
@@ -1905,7 +1963,7 @@ def test_data_resume_mid_epoch_is_exact(tmp_path, sampler):
         dl.DataLoader(other, 6, 8, sampler=sampler, seed=7).load_state_dict(state)
 
 
-def test_data_random_sampler_is_nanogpts(tmp_path):
+def test_dataloader_random_sampler_is_nanogpts(tmp_path):
     folder = make_shards(tmp_path / "s", [50])
     loader = dl.DataLoader(folder, 64, 10, sampler="random", seed=0)
     firsts = sum((loader.next_batch()[0][:, 0].tolist() for _ in range(20)), [])
@@ -1918,7 +1976,7 @@ def test_data_random_sampler_is_nanogpts(tmp_path):
         assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), single.next_batch()[0])
 
 
-def test_data_split_documents():
+def test_dataloader_split_documents():
     docs = [f"doc {i} " * (i + 1) for i in range(20)]
     train, val = dl.split_documents(docs, 0.1, "docs", seed=5)
     assert len(val) == 2 and sorted(train + val) == sorted(docs)
@@ -1932,7 +1990,7 @@ def test_data_split_documents():
         dl.split_documents(["one"], 0.1, "docs")
 
 
-def test_data_char_split_equals_nanogpt(tmp_path):
+def test_dataloader_char_split_equals_nanogpt(tmp_path):
     path = DATA / "tinyshakespeare.txt"
     if not path.exists():
         pytest.skip(NO_DATA)
@@ -1953,7 +2011,7 @@ def test_data_char_split_equals_nanogpt(tmp_path):
     assert (Path(train).parent / "meta.json").stat().st_mtime_ns == stamp
 
 
-def test_data_uint32_path(tmp_path):
+def test_dataloader_uint32_path(tmp_path):
     alphabet = "".join(chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c < 0xE000)
     docs = [alphabet, alphabet[::-1], alphabet[::2]]
     tok = dl.CharTokenizer.train(docs)
@@ -1971,7 +2029,7 @@ def test_data_uint32_path(tmp_path):
     assert dl.token_dtype(65535) == np.uint16 and dl.token_dtype(65536) == np.uint32  # the boundary
 
 
-def test_data_char_tokenizer_interface(tmp_path):
+def test_dataloader_char_tokenizer_interface(tmp_path):
     tok = dl.CharTokenizer.train(["hello world", "bye"])
     eot = tok.special_tokens[corpora.EOT]
     assert eot == tok.vocab_size - 1 == len(set("hello worldbye"))
@@ -2002,7 +2060,7 @@ def test_data_char_tokenizer_interface(tmp_path):
         dl.load_tokenizer(tmp_path / "bad.json")
 
 
-def test_data_parallel_tokenization_matches_serial():
+def test_dataloader_parallel_tokenization_matches_serial():
     tok = dl.CharTokenizer.train(["abcdefgh "])
     docs = ["abc " * (i + 1) + "h" * i for i in range(200)]
     serial = list(dl.encode_documents(docs, tok, workers=1, chunk_chars=500))
@@ -2011,7 +2069,7 @@ def test_data_parallel_tokenization_matches_serial():
     assert all(np.array_equal(a, b) and a.tolist() == tok.encode(d) for a, b, d in zip(serial, parallel, docs))
 
 
-def test_data_plays():
+def test_corpora_plays():
     docs = corpora.load_plays()
     assert len(docs) == 38
     train, val = dl.split_documents(docs, dl.val_fraction, "docs", dl.seed)
@@ -2027,7 +2085,7 @@ def test_data_plays():
             "Go get him surgeons.\nWho comes here?\n\nMALCOLM:\nThe worthy thane of Ross.\n") in macbeth
 
 
-def test_data_download_formats_parse(tmp_path):
+def test_corpora_download_formats_parse(tmp_path):
     stories = tmp_path / "TinyStoriesV2-GPT4-valid.txt"  # TinyStories' layout
     stories.write_text("Once upon a time, a cat.\nThe end.\n<|endoftext|>\nTom had a ball.\n<|endoftext|>\n")
     assert corpora.read_documents(stories) == ["Once upon a time, a cat.\nThe end.", "Tom had a ball."]
@@ -2048,7 +2106,7 @@ def test_data_download_formats_parse(tmp_path):
     assert corpora.read_documents(tmp_path / "folder") == ["second", "first"]  # sorted by path
 
 
-def test_data_bad_inputs(tmp_path):
+def test_dataloader_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         corpora.read_documents(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text(" \n")
@@ -2093,7 +2151,7 @@ def test_data_bad_inputs(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_data_cli_bad_input_is_one_line(tmp_path):
+def test_dataloader_cli_bad_input_is_one_line(tmp_path):
     for arg, msg in ((f"--data={tmp_path / 'missing.txt'}", "missing.txt"), ("--batch_size=0", "batch_size"),
                      ("--sampler=nope", "sampler")):
         r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"],
@@ -2103,7 +2161,7 @@ def test_data_cli_bad_input_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before prepare() built anything
 
 
-def test_data_prepare_with_bpe(tmp_path):
+def test_dataloader_prepare_with_bpe(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     texts = [f"The {w} sat on the mat, number {i}." for i, w in enumerate(["cat", "dog", "cow", "hen"] * 5)]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -2122,7 +2180,7 @@ def test_data_prepare_with_bpe(tmp_path):
     assert again.meta["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]
 
 
-def test_data_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
+def test_dataloader_prepare_counts_utf8_bytes_and_keys_its_inputs(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("café — naïve 中文 😀 résumé\n" * 40, encoding="utf-8")
     text, out = path.read_text(encoding="utf-8"), tmp_path / "out"
@@ -2185,7 +2243,7 @@ def all_bytes(folder):
 
 
 @needs_data
-def test_data_streaming_shards_equal_tiktoken_in_one_go(tmp_path):
+def test_dataloader_streaming_shards_equal_tiktoken_in_one_go(tmp_path):
     texts = corpus_texts(240)
     docs = sum(write_corpus_files(tmp_path / "corpus", texts), [])
     enc = tiktoken_gpt2(tmp_path)
@@ -2219,7 +2277,7 @@ def test_data_streaming_shards_equal_tiktoken_in_one_go(tmp_path):
             == enc.encode("<|endoftext|>".join(val_docs), allowed_special="all"))
 
 
-def test_data_text_separators_across_block_edges(tmp_path):
+def test_dataloader_text_separators_across_block_edges(tmp_path):
     edge = 1 << 20  # text_blocks reads 1 MiB at a time
     for cut in (2, 5, 13):  # the separator (13 bytes) starts `cut` bytes before a block edge
         text = "a" * (edge - cut - 2) + "é" + "<|endoftext|>" + "ü" * 10 + "\n<|endoftext|>\n  \n<|endoftext|>tail"
@@ -2232,7 +2290,7 @@ def test_data_text_separators_across_block_edges(tmp_path):
     assert corpora.read_documents(tmp_path / "one.txt") == [one]
 
 
-def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
+def test_dataloader_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
     import tracemalloc
     tok = dl.CharTokenizer.train(["abcdefghij \n"])
     tok.save(tmp_path / "tok.json")
@@ -2253,7 +2311,7 @@ def test_data_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data (GPT-2's files)")
-def test_data_long_document_pieces_keep_tiktokens_ids(tmp_path):
+def test_dataloader_long_document_pieces_keep_tiktokens_ids(tmp_path):
     """dataloader.pieces cuts a long document only before a space between two non-spaces, where
     GPT-2's and GPT-4's pre-tokenizers split anyway: tiktoken's ids of the pieces, laid end to
     end, are its ids of the whole text (GPT-4's pattern is checked with GPT-2's merges)."""
@@ -2297,7 +2355,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # byt
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
-def test_data_long_document_peak_rss_bounded_by_the_piece(tmp_path):
+def test_dataloader_long_document_peak_rss_bounded_by_the_piece(tmp_path):
     """A single-line document 20x dataloader.PIECE_CHARS: the peak RSS grows by little more than
     the document's own text (it was a Python list of its ids: 117 MiB for these 5 M characters)."""
     dl.CharTokenizer.train(["abcdefgh \n"]).save(tmp_path / "tok.json")
@@ -2313,7 +2371,7 @@ def test_data_long_document_peak_rss_bounded_by_the_piece(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_data_corpus_must_be_a_regular_file(tmp_path):
+def test_dataloader_corpus_must_be_a_regular_file(tmp_path):
     """/dev/zero (endless, no separator: it grew 400 MB/s) and a FIFO (open() blocked, no word)
     as --data: one line, exit 1, at once."""
     os.mkfifo(tmp_path / "fifo.txt")
@@ -2335,7 +2393,7 @@ dl.prepare(sys.argv[1], sys.argv[2], out_dir=sys.argv[3], workers=1, shard_token
 """
 
 
-def test_data_resume_after_kill_equals_a_straight_run(tmp_path):
+def test_dataloader_resume_after_kill_equals_a_straight_run(tmp_path):
     corpus, tok = tmp_path / "c.jsonl", dl.CharTokenizer.train(["abcdefgh \n"])
     tok.save(tmp_path / "tok.json")
     rng = random.Random(0)
@@ -2384,7 +2442,7 @@ def alive(pid):
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers in /proc (Linux)")
 @pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_data_ctrl_c_or_sigterm_with_worker_processes_ends_them(tmp_path, sig, code, last):
+def test_dataloader_ctrl_c_or_sigterm_with_worker_processes_ends_them(tmp_path, sig, code, last):
     tok = dl.CharTokenizer.train(["abcdefgh \n"])
     tok.save(tmp_path / "tok.json")
     line = json.dumps({"text": "abcdefgh " * 100}) + "\n"
@@ -2405,7 +2463,7 @@ def test_data_ctrl_c_or_sigterm_with_worker_processes_ends_them(tmp_path, sig, c
     assert not [w for w in workers if alive(w)], "workers outlived the prepare they worked for"
 
 
-def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
+def test_dataloader_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
     import errno
     tok = dl.CharTokenizer.train(["abc \n"])
     tok.save(tmp_path / "tok.json")
@@ -2433,7 +2491,7 @@ def test_data_full_disk_leaves_no_half_shard_and_resumes(tmp_path, monkeypatch):
     assert again.meta == straight.meta
 
 
-def test_data_prepared_folder_is_used_as_data(tmp_path):
+def test_dataloader_prepared_folder_is_used_as_data(tmp_path):
     (tmp_path / "c.txt").write_text("hello there\n" * 50)
     first = dl.prepare(str(tmp_path / "c.txt"), "char", out_dir=tmp_path / "out")
     folder = Path(first.train).parent
@@ -2452,7 +2510,7 @@ def test_data_prepared_folder_is_used_as_data(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_data_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatch):
+def test_dataloader_bad_corpus_files_are_one_line_naming_the_file(tmp_path, monkeypatch):
     import gzip
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -2498,7 +2556,7 @@ CORPORA_NAMES = {"EOT", "SUFFIXES", "GPT2_FILES", "GPT2_URL", "SPEAKER", "ASIDE"
                  "fineweb_rows", "DOWNLOADS", "select_files", "files_to_fetch", "download_fineweb"}
 
 
-def test_data_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
+def test_dataloader_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
     """Every JSON file prepare reads goes through cli.parse_json: a 100,000-deep corpus line (also
     inside "text"), meta.json, progress.json, tokenizer.json. Through the command line: one line,
     exit 1, nothing written; a lone surrogate escape in a document names file:line too."""
@@ -2531,7 +2589,7 @@ def test_data_deep_or_damaged_json_is_one_line_naming_the_file(tmp_path):
         dl.read_prepared(folder)
 
 
-def test_data_corpora_is_the_one_home_of_the_readers():
+def test_corpora_corpora_is_the_one_home_of_the_readers():
     """corpora.py defines the plays, readers and downloads; no other file defines or imports one
     under its own name (no second copy, no alias), and corpora imports no project file but cli."""
     import ast
@@ -2550,7 +2608,7 @@ def test_data_corpora_is_the_one_home_of_the_readers():
     assert top - set(sys.stdlib_module_names) == {"cli"}, top
 
 
-def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
+def test_corpora_download_selects_and_skips_offline(tmp_path, monkeypatch):
     listing = [("sample/10BT/001_00000.parquet", 20), ("sample/10BT/000_00000.parquet", 10),
                ("sample/100BT/000_00000.parquet", 5), ("README.md", 3), ("sample/10BT/notes.json", 1)]
     assert corpora.select_files(listing, "fineweb-edu-10B") == [("sample/10BT/000_00000.parquet", 10),
@@ -2571,7 +2629,7 @@ def test_data_download_selects_and_skips_offline(tmp_path, monkeypatch):
         corpora.download_fineweb("fineweb-edu-sample", tmp_path)
 
 
-def test_data_reference_fetch_checks_each_file_offline(tmp_path, monkeypatch, capsys):
+def test_corpora_reference_fetch_checks_each_file_offline(tmp_path, monkeypatch, capsys):
     """python corpora.py --fetch=true, with urlopen answered by the test (no network): a file
     already right is not fetched, the merges lose their #version line, a wrong sha256 saves
     nothing and is one ValueError naming the file; `python corpora.py` reports each file."""
@@ -2608,7 +2666,7 @@ def test_data_reference_fetch_checks_each_file_offline(tmp_path, monkeypatch, ca
 
 
 @needs_data
-def test_data_reference_hashes_are_the_reference_files():
+def test_corpora_reference_hashes_are_the_reference_files():
     """The sha256 the fetch checks are those of the files the tests compare against."""
     assert set(corpora.reference_status(DATA).values()) == {"ok"}
 
@@ -2638,7 +2696,7 @@ def run_dataloader(monkeypatch, capsys, argv):
     ("--data=MISSING", 1, "MISSING"), ("--data=BAD", 1, "bad.jsonl:1: not valid JSON"),
     ("--tokenizer=MISSING", 1, "unknown tokenizer 'MISSING"), ("--tokenizer=gtp2", 1, "valid tokenizers: bpe, char, gpt2"),
     ("--tokenizer=BAD", 1, "bad.jsonl")])
-def test_data_cli_bad_options_table(option, code, message, tmp_path, monkeypatch, capsys):
+def test_dataloader_cli_bad_options_table(option, code, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.jsonl").write_text("{nope\n")
     (tmp_path / "out" / "old").mkdir(parents=True)
     (tmp_path / "out" / "old" / "x.bin").write_bytes(b"keep me")
@@ -2650,8 +2708,8 @@ def test_data_cli_bad_options_table(option, code, message, tmp_path, monkeypatch
     assert all_bytes(tmp_path) == before and sorted(os.listdir(tmp_path / "out")) == ["old"]
 
 
-def test_data_cli_bad_option_as_a_real_process(tmp_path):
-    for arg, code in (("--workers=x", 2),):  # exit 1 as a real process: test_data_cli_bad_input_is_one_line
+def test_dataloader_cli_bad_option_as_a_real_process(tmp_path):
+    for arg, code in (("--workers=x", 2),):  # exit 1 as a real process: test_dataloader_cli_bad_input_is_one_line
         r = subprocess.run([sys.executable, "dataloader.py", arg, f"--out_dir={tmp_path}"], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == code and r.stdout == "" and r.stderr.count("\n") == 1 and "error: " in r.stderr
@@ -2659,7 +2717,7 @@ def test_data_cli_bad_option_as_a_real_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_data_cuda_batches_match_cpu(tmp_path):
+def test_dataloader_cuda_batches_match_cpu(tmp_path):
     folder = make_shards(tmp_path / "s", [500])
     cpu = dl.DataLoader(folder, 4, 16, seed=2)
     gpu = dl.DataLoader(folder, 4, 16, seed=2, device="cuda")
@@ -2669,7 +2727,7 @@ def test_data_cuda_batches_match_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("split", ["docs", "hash"])
-def test_data_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path):
+def test_dataloader_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path):
     """prepare() trains its bpe vocabulary on the train split: the merges equal training on the
     documents the train shards hold, and differ from training on every document (each document
     repeats its own word, so a val document in training would leave merges of its word)."""
@@ -2693,7 +2751,7 @@ def test_data_bpe_vocabulary_is_trained_on_train_documents_only(split, tmp_path)
     assert Tokenizer.train(texts, 300, special_tokens=(corpora.EOT,)).merges != want.merges
 
 
-def test_data_last_separator_cut_by_a_block_edge(tmp_path):
+def test_dataloader_last_separator_cut_by_a_block_edge(tmp_path):
     """The file's last separator split by the 1 MiB block edge, at every cut (1 to 12 of its 13
     bytes before the edge; 0 and 13: whole in one block): 3 documents, as str.split finds."""
     edge, sep = 1 << 20, corpora.EOT
@@ -3975,7 +4033,7 @@ def test_train_peak_flops_lookup_and_mfu():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def test_train_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
+def test_resume_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     model = tiny_model(50)
     for step in (1, 2, 3, 4):
         resume.save_run(tmp_path, step, model, keep=2, w=torch.ones(3) * step)
@@ -3995,7 +4053,7 @@ def test_train_checkpoint_is_atomic_and_keeps_last_k(tmp_path, monkeypatch):
     assert torch.equal(gpt.read_checkpoint(tmp_path / "ckpt_0000004.pt")["w"], torch.ones(3) * 4)
 
 
-def test_train_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
+def test_resume_load_checkpoint_refuses_corrupt_and_foreign(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(200))
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         resume.load_run(str(tmp_path / "garbage.pt"))
@@ -4115,7 +4173,7 @@ def test_train_samples_at_each_evaluation_leave_training_unchanged(corpus, tmp_p
     assert "sample" not in plain and len(sampled["sample"]) > 0
 
 
-def test_train_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
+def test_resume_exact_resume_after_sigint(corpus, tmp_path, monkeypatch):
     """20 steps straight == 10 steps, Ctrl-C (checkpoint), resume, 10 more: identical weights.
     Dropout and random windows make every RNG and the data position matter."""
     kw = dict(max_iters=20, dropout=0.1, sampler="random", save_interval=20)
@@ -4296,7 +4354,7 @@ def test_train_evaluate_whole_val_split_equals_a_plain_mean(corpus, tmp_path):
     assert run["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
-def test_train_resume_rewrites_the_log(corpus, tmp_path):
+def test_resume_resume_rewrites_the_log(corpus, tmp_path):
     """The log holds each step once: running a finished run again adds nothing, and a resume
     from an older checkpoint drops the later rows (and a half-written last line)."""
     kw = dict(max_iters=8, save_interval=4, eval_interval=4)
@@ -4477,7 +4535,7 @@ def test_train_signal_during_the_imports_is_one_line(tmp_path, script, sig, code
 
 
 @pytest.mark.parametrize("cheaper", [{}, dict(muon_ns_dtype="float32", muon_adamw_fused=True)])
-def test_train_muon_resume_is_bit_exact(corpus, tmp_path, cheaper):
+def test_resume_muon_resume_is_bit_exact(corpus, tmp_path, cheaper):
     """--optimizer=muon: 20 steps straight == its checkpoint at step 10, resumed, 10 more; also
     with the speedrun preset's cheaper step (float32 Newton-Schulz, fused AdamW groups)."""
     kw = dict(max_iters=20, save_interval=10, optimizer="muon", muon_lr=0.02, dropout=0.1,
@@ -4497,7 +4555,7 @@ def test_train_muon_resume_is_bit_exact(corpus, tmp_path, cheaper):
     assert any("momentum_buffer" in s for s in opt["state"].values())
 
 
-def test_train_resume_checks_the_values_a_checkpoint_holds(corpus, tmp_path, capsys):
+def test_resume_resume_checks_the_values_a_checkpoint_holds(corpus, tmp_path, capsys):
     """What a checkpoint says is range-checked like the command line, naming the file: a Muon
     ns_steps=10**12 (ran forever), ns_dtype="nope" (AttributeError at the first step), a numpy
     key of -1 or a zeroed torch RNG state, data.pos=2**70 (tracebacks). The run folder stays
@@ -4659,7 +4717,7 @@ def test_train_make_config_checks_types(field, value, message):
     assert train.make_config(lr=1).lr == 1  # an int is a float
 
 
-def test_train_resume_accepts_an_int_where_a_float_was(corpus, tmp_path):
+def test_resume_resume_accepts_an_int_where_a_float_was(corpus, tmp_path):
     """make_config takes an int for a float constant; the resume checks must take it too."""
     train.train(tiny(corpus, tmp_path, max_iters=2, save_interval=2, weight_decay=0.1))
     assert train.train(tiny(corpus, tmp_path, max_iters=3, weight_decay=0))["step"] == 3
@@ -4704,7 +4762,7 @@ def run_checkpoint(corpus, out, change):
     ({"model": {"wte.weight": "x"}}, '"model" is not a dict of named tensors'),
     ({"model/wte.weight": torch.zeros(3)}, "state dict shapes do not fit the model"),
 ])
-def test_train_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, capsys, change,
+def test_resume_checkpoint_with_wrong_contents_is_one_line(corpus, tmp_path, capsys, change,
                                                           message):
     """Right format, wrong contents: one line naming the file and what is wrong, exit 1."""
     path = run_checkpoint(corpus, tmp_path / "run", change)
@@ -5631,13 +5689,13 @@ def test_finetune_dpo_starts_at_log_2_with_dropout_configured(one_thread, monkey
 
 
 # ======================================================================
-# primer: tests for cuda_primer.py: op costs and README figures by hand, kernels vs torch, timers
+# cuda_primer: tests for cuda_primer.py: op costs and README figures by hand, kernels vs torch, timers
 # ======================================================================
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
+def test_cuda_primer_tiled_matmul_equals_numpy_and_counts_loads():
     rng = np.random.default_rng(0)
     for M, K, N in [(32, 32, 32), (37, 29, 45)]:
         A, B = rng.standard_normal((M, K)), rng.standard_normal((K, N))
@@ -5658,7 +5716,7 @@ def test_primer_tiled_matmul_equals_numpy_and_counts_loads():
         cuda_primer.tiled_matmul(np.ones((3, 4)), np.ones((5, 2)), 2)
 
 
-def test_primer_online_softmax_equals_torch():
+def test_cuda_primer_online_softmax_equals_torch():
     x = np.random.default_rng(1).standard_normal((5, 300)) * 20
     ref = torch.softmax(torch.from_numpy(x), -1).numpy()
     for size in [1, 7, 128, 300, 1000]:
@@ -5666,7 +5724,7 @@ def test_primer_online_softmax_equals_torch():
                                    atol=1e-15)
 
 
-def test_primer_flash_and_naive_attention_equal_torch():
+def test_cuda_primer_flash_and_naive_attention_equal_torch():
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((2, 3, 50, 16)) for _ in range(3))
     ref = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
@@ -5677,7 +5735,7 @@ def test_primer_flash_and_naive_attention_equal_torch():
         np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_primer_intensity_equals_hand_computation():
+def test_cuda_primer_intensity_equals_hand_computation():
     rows = {name: (count, f, b) for name, count, f, b in
             cuda_primer.op_costs(PRESETS["gpt2"], batch=2, nbytes=2)}
     # GPT-2 124M c_fc: (2 * 1024 tokens, 768) @ (768, 3072) in bf16, once per layer
@@ -5693,7 +5751,7 @@ def test_primer_intensity_equals_hand_computation():
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama"])
-def test_primer_matmul_flops_match_the_models_count(name):
+def test_cuda_primer_matmul_flops_match_the_models_count(name):
     # every matmul in the table, x3 for forward + backward, equals gpt.py's own FLOP count
     cfg = PRESETS[name]
     batch = 3
@@ -5703,12 +5761,12 @@ def test_primer_matmul_flops_match_the_models_count(name):
     assert 3 * fwd == GPT(cfg).flops_per_token() * batch * cfg.block_size
 
 
-def test_primer_gpu_sections_skip_cleanly_without_cuda(capsys):
+def test_cuda_primer_gpu_sections_skip_cleanly_without_cuda(capsys):
     cuda_primer.kernels_demo(torch.device("cpu"))
     assert "skipped" in capsys.readouterr().out
 
 
-def test_primer_cli_runs_and_rejects_bad_input():
+def test_cuda_primer_cli_runs_and_rejects_bad_input():
     root = Path(cuda_primer.__file__).parent
     cmd = [sys.executable, "cuda_primer.py", "--device=cpu", "--sections=tiling,flash,kernels",
            "--tile_n=16", "--attn_t=40", "--block_q=8", "--block_k=16"]
@@ -5724,7 +5782,7 @@ def test_primer_cli_runs_and_rejects_bad_input():
                                              "profile"]
 
 
-def test_primer_op_table_rows_by_hand():
+def test_cuda_primer_op_table_rows_by_hand():
     # GPT-2 124M at batch 8 x 1024 tokens in bf16: M = 8192 tokens, C = 768, 12 heads of 64,
     # MLP width H = 3072, vocabulary padded to 50304. Bytes: each input read once, each
     # output written once, 2 bytes an element.
@@ -5749,7 +5807,7 @@ def test_primer_op_table_rows_by_hand():
     }
 
 
-def test_primer_roofline_plot_is_a_png_with_each_op_where_the_table_puts_it(tmp_path):
+def test_cuda_primer_roofline_plot_is_a_png_with_each_op_where_the_table_puts_it(tmp_path):
     """out_dir/roofline.png: a PNG, one point per op of the table at (intensity, the roofline
     there), read back from the points drawn."""
     costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
@@ -5761,7 +5819,7 @@ def test_primer_roofline_plot_is_a_png_with_each_op_where_the_table_puts_it(tmp_
         assert drawn[name] == pytest.approx((f / b, min(flops, f / b * bw) / 1e12), rel=1e-12)
 
 
-def test_primer_roofline_table_gives_the_readme_figures(capsys):
+def test_cuda_primer_roofline_table_gives_the_readme_figures(capsys):
     # the H100 of the README: 765 TFLOP/s bf16 matmul and 2,981 GB/s copy, measured
     flops, bw = 765e12, 2981e9
     costs = cuda_primer.op_costs(PRESETS["gpt2"], 8, 2)
@@ -5801,7 +5859,7 @@ def fake_clock(monkeypatch):
     return now
 
 
-def test_primer_timed_takes_turns_and_reports_medians(monkeypatch):
+def test_cuda_primer_timed_takes_turns_and_reports_medians(monkeypatch):
     import gc
     now, calls = fake_clock(monkeypatch), []
 
@@ -5822,7 +5880,7 @@ def test_primer_timed_takes_turns_and_reports_medians(monkeypatch):
     assert times == [1.0] and calls[-1] == ("c", True)
 
 
-def test_primer_bandwidth_counts_read_and_write(monkeypatch):
+def test_cuda_primer_bandwidth_counts_read_and_write(monkeypatch):
     monkeypatch.setattr(cuda_primer, "bench", lambda fns, dev: ([0.25], [fn() for fn in fns]))
     dev = torch.device("cpu")
     # a copy of 2 MiB reads 2 MiB and writes 2 MiB: 4 MiB in 0.25 s
@@ -5831,7 +5889,7 @@ def test_primer_bandwidth_counts_read_and_write(monkeypatch):
         (8, 2 * 8**3 / 0.25), (16, 2 * 16**3 / 0.25)]
 
 
-def test_primer_compare_times_variants_in_turns(monkeypatch, capsys):
+def test_cuda_primer_compare_times_variants_in_turns(monkeypatch, capsys):
     now = fake_clock(monkeypatch)
     order = []
 
@@ -5850,7 +5908,7 @@ def test_primer_compare_times_variants_in_turns(monkeypatch, capsys):
     assert "0.5 GB/s" in capsys.readouterr().out                 # 1 GB / 2 s
 
 
-def test_primer_flash_memory_by_hand(monkeypatch, capsys):
+def test_cuda_primer_flash_memory_by_hand(monkeypatch, capsys):
     monkeypatch.setattr(cuda_primer, "block_q", 64)
     monkeypatch.setattr(cuda_primer, "block_k", 64)
     cuda_primer.flash_demo()
@@ -5867,7 +5925,7 @@ def test_primer_flash_memory_by_hand(monkeypatch, capsys):
 
 @pytest.mark.parametrize("option, value", [("copy_mb", -5), ("fusion_tokens", -1),
                                            ("repeat", 0)])
-def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
+def test_cuda_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     monkeypatch.setattr(cuda_primer, option, value)
     with pytest.raises(ValueError, match=f"^--{option}={value}: must be "):
         cuda_primer.main()
@@ -5892,7 +5950,7 @@ def test_primer_bad_sizes_are_one_error(monkeypatch, option, value):
     ("matmul_sizes", "512,100000", "--matmul_sizes=100000 would need "),
     ("fusion_tokens", 10**8, "--fusion_tokens=100000000 would need "),
     ("batch_size", 10**6, "--batch_size=1000000 would need ")])
-def test_primer_every_option_has_a_range(monkeypatch, capsys, option, value, message):
+def test_cuda_primer_every_option_has_a_range(monkeypatch, capsys, option, value, message):
     monkeypatch.setattr(cli, "available_memory", lambda: 8 * 2**30)
     monkeypatch.setattr(cuda_primer, "device", "cpu")
     monkeypatch.setattr(cuda_primer, option, value)
@@ -5903,7 +5961,7 @@ def test_primer_every_option_has_a_range(monkeypatch, capsys, option, value, mes
     assert capsys.readouterr().out == ""  # refused before any section ran
 
 
-def test_primer_attention_bytes_bound_what_numpy_allocates():
+def test_cuda_primer_attention_bytes_bound_what_numpy_allocates():
     """The estimate --attn_t is refused with vs the peak numpy allocation (tracemalloc) of the
     flash section's naive and tiled attention: at least it, at most twice it."""
     import tracemalloc
@@ -5919,7 +5977,7 @@ def test_primer_attention_bytes_bound_what_numpy_allocates():
         assert peak <= cuda_primer.attention_bytes(T) <= 2 * peak, T
 
 
-def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
+def test_cuda_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
     (tmp_path / "roofline.png").write_bytes(b"an old plot")
     table = [("--nope=1", 2, "error: unknown option --nope; valid names: "),
              ("--tile_n=100000", 1, "error: --tile_n=100000: must be between 1 and 128"),
@@ -5935,7 +5993,7 @@ def test_primer_cli_bad_options_are_one_line_and_change_nothing(tmp_path):
 
 
 @needs_cuda
-def test_primer_cuda_kernel_equals_torch():
+def test_cuda_primer_cuda_kernel_equals_torch():
     fn = cuda_primer.cuda_bias_gelu()
     for rows, cols in [(1000, 771), (64, 3072), (1, 1)]:
         x = torch.randn(rows, cols, device="cuda")
@@ -5948,7 +6006,7 @@ def test_primer_cuda_kernel_equals_torch():
 
 
 @needs_cuda
-def test_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
+def test_cuda_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
     ext = cuda_primer.cuda_extension()
     x = torch.randn(64, 3072, device="cuda").bfloat16()
     b = torch.randn(3072, device="cuda").bfloat16()
@@ -5969,7 +6027,7 @@ def test_primer_cuda_bf16_gelu_and_matmuls_equal_torch():
 
 
 @needs_cuda
-def test_primer_triton_softmax_equals_torch():
+def test_cuda_primer_triton_softmax_equals_torch():
     for rows, cols in [(300, 1000), (64, 4096), (7, 33)]:
         x = torch.randn(rows, cols, device="cuda") * 5
         torch.testing.assert_close(cuda_primer.triton_softmax(x), torch.softmax(x, -1),

@@ -132,56 +132,6 @@ eval_only = False        # score --init's checkpoint on --hellaswag and stop (no
 # (hours for a large one). Only that wait: the training collectives keep the backend's timeout
 PREPARE_HOURS = 24
 
-# GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
-# 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
-GPU_16GB = dict(
-    n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
-    batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
-    beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
-    log_interval=10, save_interval=1000, optimizer="fused", out_dir="out/gpu-16gb")
-
-# nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
-SHAKESPEARE_BASELINE = dict(
-    tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-    batch_size=12, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-    schedule="cosine", beta2=0.99, weight_decay=0.1, sampler="random", optimizer="torch",
-    dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
-    save_interval=2000, out_dir="out/shakespeare-char-baseline")
-
-# Named presets; the defaults above are "cpu" (a test holds them equal, so --help is true). The GPU ones need --gpt2_dir (GPT-2's vocab
-# and merges files) and, for a real run, --data with a few GB of text.
-PRESETS_TRAIN = {
-    # the plays, char-level, 4 x 128: Muon for the hidden matrices (optim.py). In the wall
-    # time of 1,500 AdamW steps (189 s on 2 cores) it takes 1,180 steps (176 s) and ends at
-    # val 1.54 instead of 1.71 (docs/speedrun.md)
-    "cpu": dict(optimizer="muon", max_iters=1180),
-    "laptop-8gb": dict(  # 11.5M parameters; peak RSS 1.5 GiB measured, BPE training included
-        n_layer=6, n_head=6, n_embd=384, block_size=256, tokenizer="bpe", vocab_size=2048,
-        batch_size=8, grad_accum=2, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-        dropout=0.1, eval_interval=250, save_interval=250, log_interval=10, optimizer="fused",
-        out_dir="out/laptop-8gb"),
-    "gpu-16gb": GPU_16GB,
-    "gpu-80gb": dict(GPU_16GB, batch_size=32, grad_accum=16, out_dir="out/gpu-80gb"),  # 24.7 GiB
-    "shakespeare-char-baseline": SHAKESPEARE_BASELINE,
-    # ours on the same data and model size: 4x the peak lr, warmup-stable-decay to ~0,
-    # every window once per epoch, fused AdamW: 1,100 steps instead of 2,000
-    "shakespeare-char": dict(
-        SHAKESPEARE_BASELINE, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
-        schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
-        eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
-    # shakespeare-char plus the speedrun ideas that pay at this size (docs/speedrun.md): Muon
-    # for the hidden matrices, its Newton-Schulz in float32 (bf16 matmuls are slow on a CPU)
-    # and its AdamW groups fused; no warmup, 2x the AdamW lr, 1.5x Muon's, a longer decay
-    # (--muon_split_qkv: 1.816 vs 1.847 at 600 steps of the old preset, docs/speedrun.md)
-    "shakespeare-char-speedrun": dict(
-        SHAKESPEARE_BASELINE, max_iters=510, lr=8e-3, min_lr=1e-5, warmup_iters=0,
-        schedule="wsd", decay_frac=0.6, sampler="epoch", optimizer="muon", muon_lr=0.03,
-        muon_ns_dtype="float32", muon_adamw_fused=True,
-        eval_interval=510, log_interval=50, save_interval=510,
-        out_dir="out/shakespeare-char-speedrun"),
-}
-SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char", "shakespeare-char-speedrun")
-
 
 # ----------------------------------------------------------------------------- the loop
 def train(c):
@@ -574,6 +524,60 @@ def mfu(flops_per_token, tokens_per_s, peak_flops):
     not counted, so activation checkpointing lowers MFU even though the chip is as busy."""
     return flops_per_token * tokens_per_s / peak_flops if peak_flops else None
 
+
+
+# ----------------------------------------------------------------------------- presets
+# GPT-2 small, 124M: 8 x 1024 tokens x 64 micro-batches = 524,288 tokens a step. Peak memory
+# 7.8 GiB on an H100 (micro-batch 16: 13.4 GiB, too close to 15 GB for comfort).
+GPU_16GB = dict(
+    n_layer=12, n_head=12, n_embd=768, block_size=1024, tokenizer="gpt2", pad_vocab=64,
+    batch_size=8, grad_accum=64, max_iters=19073, lr=6e-4, min_lr=6e-5, warmup_iters=700,
+    beta2=0.95, dtype="bfloat16", compile=True, eval_interval=250, eval_iters=20,
+    log_interval=10, save_interval=1000, optimizer="fused", out_dir="out/gpu-16gb")
+
+# nanoGPT's config/train_shakespeare_char.py as run on a CPU, reproduced plainly
+SHAKESPEARE_BASELINE = dict(
+    tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+    batch_size=12, grad_accum=1, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+    schedule="cosine", beta2=0.99, weight_decay=0.1, sampler="random", optimizer="torch",
+    dtype="float32", compile=False, eval_interval=2000, eval_iters=0, log_interval=250,
+    save_interval=2000, out_dir="out/shakespeare-char-baseline")
+
+# Named presets; the constants at the top are "cpu" (a test holds them equal, so --help is
+# true). The GPU ones need --gpt2_dir (GPT-2's vocab and merges files) and, for a real run,
+# --data with a few GB of text.
+PRESETS_TRAIN = {
+    # the plays, char-level, 4 x 128: Muon for the hidden matrices (optim.py). In the wall
+    # time of 1,500 AdamW steps (189 s on 2 cores) it takes 1,180 steps (176 s) and ends at
+    # val 1.54 instead of 1.71 (docs/speedrun.md)
+    "cpu": dict(optimizer="muon", max_iters=1180),
+    "laptop-8gb": dict(  # 11.5M parameters; peak RSS 1.5 GiB measured, BPE training included
+        n_layer=6, n_head=6, n_embd=384, block_size=256, tokenizer="bpe", vocab_size=2048,
+        batch_size=8, grad_accum=2, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+        dropout=0.1, eval_interval=250, save_interval=250, log_interval=10, optimizer="fused",
+        out_dir="out/laptop-8gb"),
+    "gpu-16gb": GPU_16GB,
+    "gpu-80gb": dict(GPU_16GB, batch_size=32, grad_accum=16, out_dir="out/gpu-80gb"),  # 24.7 GiB
+    "shakespeare-char-baseline": SHAKESPEARE_BASELINE,
+    # ours on the same data and model size: 4x the peak lr, warmup-stable-decay to ~0,
+    # every window once per epoch, fused AdamW: 1,100 steps instead of 2,000
+    "shakespeare-char": dict(
+        SHAKESPEARE_BASELINE, max_iters=1100, lr=4e-3, min_lr=1e-5, warmup_iters=50,
+        schedule="wsd", decay_frac=0.4, sampler="epoch", optimizer="fused",
+        eval_interval=1100, log_interval=100, save_interval=1100, out_dir="out/shakespeare-char"),
+    # shakespeare-char plus the speedrun ideas that pay at this size (docs/speedrun.md): Muon
+    # for the hidden matrices, its Newton-Schulz in float32 (bf16 matmuls are slow on a CPU)
+    # and its AdamW groups fused; no warmup, 2x the AdamW lr, 1.5x Muon's, a longer decay
+    # (--muon_split_qkv: 1.816 vs 1.847 at 600 steps of the old preset, docs/speedrun.md).
+    # Val at 510 steps: 1.8763 (seed 1337), 1.8556 (seed 1338)
+    "shakespeare-char-speedrun": dict(
+        SHAKESPEARE_BASELINE, max_iters=510, lr=8e-3, min_lr=1e-5, warmup_iters=0,
+        schedule="wsd", decay_frac=0.6, sampler="epoch", optimizer="muon", muon_lr=0.03,
+        muon_ns_dtype="float32", muon_adamw_fused=True,
+        eval_interval=510, log_interval=50, save_interval=510,
+        out_dir="out/shakespeare-char-speedrun"),
+}
+SHAKESPEARE = ("shakespeare-char-baseline", "shakespeare-char", "shakespeare-char-speedrun")
 
 
 # ----------------------------------------------------------------------------- options
