@@ -2310,7 +2310,7 @@ def test_dataloader_memory_bounded_by_the_chunk_not_the_corpus(tmp_path):
     assert peaks[20] < corpus_bytes / 3, peaks
 
 
-@pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason="needs ../shared/data (GPT-2's files)")
+@pytest.mark.skipif(not (DATA / "gpt2_vocab.json").exists(), reason=NO_DATA)
 def test_dataloader_long_document_pieces_keep_tiktokens_ids(tmp_path):
     """dataloader.pieces cuts a long document only before a space between two non-spaces, where
     GPT-2's and GPT-4's pre-tokenizers split anyway: tiktoken's ids of the pieces, laid end to
