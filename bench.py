@@ -25,8 +25,8 @@ scoring vs transformers), kernels (kernels.py's Triton FlashAttention-2, norms a
 / eager / torch.compile, and the 124M step with and without them; GPU only). Rows also go to
 out/bench.json.
 """
-import cli  # first: quiet_startup covers the heavy imports below
-cli.quiet_startup(__name__)  # Ctrl-C while torch loads: one line, exit 130
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.start(__name__, __file__)
 
 import contextlib
 import importlib
@@ -46,8 +46,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # our micrograd.py must win over the PyPI `micrograd` package
-import cli  # noqa: E402 (first: --help is answered from this file's text, before torch loads)
-cli.help_if_asked(__name__, __file__)
 
 import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402

@@ -24,8 +24,7 @@ counter), the largest difference between readable, fast and numpy paths, and the
 forward+backward time of each.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import math
 import time

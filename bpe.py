@@ -25,8 +25,7 @@ dataloader.py gives them to the model), saves the tokenizer to ./out, splits a s
 visible tokens and compares bytes per token with GPT-2 on the held-out play.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import heapq
 import json

@@ -28,8 +28,7 @@ prompts are echoed to stdout after the prompt sign ("> " or "you> "), as a termi
 them, so that one answer does not run into the next.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import codecs
 import glob

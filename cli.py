@@ -272,6 +272,14 @@ def quiet_startup(name):
             signal.signal(s, _quit_now)
 
 
+def start(name, source):
+    """The first call of every script, before its heavy imports: a Ctrl-C or SIGTERM while torch
+    loads is one line (quiet_startup), and --help is answered from the file's text without
+    loading torch at all (help_if_asked). `cli.start(__name__, __file__)`."""
+    quiet_startup(name)
+    help_if_asked(name, source)
+
+
 def run(main, g, presets=None, errors=(ValueError, OSError, ImportError), argv=None,
         source=None):
     """Apply the overrides (argv, default sys.argv[1:]) to g, then run main(); expected errors

@@ -23,8 +23,7 @@ Run it
   python cuda_primer.py --out_dir=out                # plot: out/roofline.png (needs matplotlib)
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import gc
 import math

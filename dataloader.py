@@ -27,8 +27,7 @@ From another file (gpt.py, train.py do this):
 More data: corpora.py (download_fineweb(), download_tinystories(), download_gpt2_tokenizer()).
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import contextlib
 import hashlib

@@ -31,8 +31,7 @@ per example to out_dir/hellaswag.jsonl (ids, log-likelihoods, lengths, predictio
 score can be re-checked by hand.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import json
 import math

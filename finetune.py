@@ -27,8 +27,7 @@ Run it
 It writes out_dir/finetune/ckpt.pt (gpt.py's checkpoint format) and tokenizer.json beside it.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import copy
 import filecmp

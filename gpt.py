@@ -31,8 +31,7 @@ What it writes (under --out_dir, default ./out)
 A run whose loss or weights stop being finite ends with one line and writes nothing.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import json
 import math

@@ -14,8 +14,7 @@ Run it
 Every value and gradient here is checked against torch autograd in test_all.py.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import math
 import numbers

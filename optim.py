@@ -18,8 +18,8 @@ Run it
 train.py uses it (`python train.py --optimizer=muon`); the checks are
 `python -m pytest test_all.py -k test_optim_`.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
-cli.help_if_asked(__name__, __file__)
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.start(__name__, __file__)
 
 import math
 

@@ -17,8 +17,8 @@ Run it
 train.py uses it (save_run after a step, resume before the loop); test_all.py checks an
 interrupted and resumed train.py run against one that never stopped.
 """
-import cli  # first: --help is answered from this file's text, before torch loads
-cli.help_if_asked(__name__, __file__)
+import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
+cli.start(__name__, __file__)
 
 import contextlib
 import dataclasses

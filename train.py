@@ -27,8 +27,7 @@ again and it resumes from the newest checkpoint (--init=scratch refuses to overw
 One run per out_dir: a second one started on the same folder refuses, naming the first's pid.
 """
 import cli  # first: a Ctrl-C while torch loads is one line, and --help needs no torch
-cli.quiet_startup(__name__)
-cli.help_if_asked(__name__, __file__)
+cli.start(__name__, __file__)
 
 import contextlib
 import dataclasses
