@@ -300,8 +300,8 @@ def download_fineweb_edu(out="out/data/fineweb-edu-sample.jsonl", rows=10_000):
         lines = []
         for offset in range(0, rows, 100):
             with urllib.request.urlopen(FINEWEB_URL.format(offset, min(100, rows - offset)), timeout=60) as r:
-                rows = fineweb_rows(cli.parse_json(r.read(), "the fineweb-edu rows API"))
-                lines += [json.dumps({"text": t}) + "\n" for t in rows]
+                texts = fineweb_rows(cli.parse_json(r.read(), "the fineweb-edu rows API"))
+                lines += [json.dumps({"text": t}) + "\n" for t in texts]
         with atomic_open(out) as f:
             f.write("".join(lines).encode())
     return out
